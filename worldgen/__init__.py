@@ -1,0 +1,44 @@
+"""worldgen: compose generative models into worlds (graphs of task nodes → pipelines → stages → worlds)."""
+
+from worldgen.block import Block, BlockConfig, ModelBlock, ModelRef
+from worldgen.engine import Edge, Loop, Problem
+from worldgen.errors import (
+    ConfigError,
+    ExecutionError,
+    GraphError,
+    ModelLoadError,
+    UnknownBlockTypeError,
+    WorldgenError,
+)
+from worldgen.graph import Graph
+from worldgen.ports import Aggregation, Port, PortKind
+from worldgen.registry import block_class, block_types, create_block, register_block
+from worldgen.templates import register_template, templates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregation",
+    "Block",
+    "BlockConfig",
+    "ConfigError",
+    "Edge",
+    "ExecutionError",
+    "Graph",
+    "GraphError",
+    "Loop",
+    "ModelBlock",
+    "ModelLoadError",
+    "ModelRef",
+    "Port",
+    "PortKind",
+    "Problem",
+    "UnknownBlockTypeError",
+    "WorldgenError",
+    "block_class",
+    "block_types",
+    "create_block",
+    "register_block",
+    "register_template",
+    "templates",
+]

@@ -1,0 +1,182 @@
+"""Block base class and the model reference (whose identity key drives model reuse)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from worldgen.errors import ConfigError, format_validation_error
+from worldgen.ports import Port
+
+
+class ModelRef(BaseModel):
+    """Where a block's model comes from: a local diffusers/transformers directory, a hub id, or `preset:<name>`.
+
+    Two references with the same identity key are the same model: it is loaded once and stored once.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="local directory, hub id, or 'preset:<name>' for built-in tiny models")
+    revision: str | None = None
+    subfolder: str | None = None
+    dtype: str = "float32"
+    variant: str | None = None
+    reuse: bool = Field(True, description="share one instance with every other user of the same model")
+
+    def identity_key(self) -> str:
+        """Readable, stable identity of the loaded model (everything that changes what gets loaded)."""
+        return "|".join(
+            [self.source, self.revision or "main", self.subfolder or "", self.dtype, self.variant or ""]
+        )
+
+    def slug(self) -> str:
+        """Short name-safe form of the identity key (for actor names, directories)."""
+        digest = hashlib.sha1(self.identity_key().encode()).hexdigest()[:12]
+        tail = (self.subfolder or self.source.rstrip("/").split("/")[-1] or "model").replace(":", "-")
+        return f"{tail}-{digest}"
+
+
+class BlockConfig(BaseModel):
+    """Typed config of a block type. Subclass it per block type and set it as the block's `Config`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Block:
+    """A Lego piece: config + optional weights + typed ports; computes `forward(**inputs) -> {port: value}`.
+
+    Subclasses set `block_type` ("role/impl"), `Config`, and `INPUTS`/`OUTPUTS` (or override
+    `input_ports`/`output_ports` when ports depend on the config). `forward` must not mutate its inputs and
+    must not keep per-call state on the block: anything that changes between calls travels through ports, so
+    the same block can run in any process (or in several nodes at once).
+    """
+
+    block_type: ClassVar[str] = ""
+    Config: ClassVar[type[BlockConfig]] = BlockConfig
+    INPUTS: ClassVar[tuple[Port, ...]] = ()
+    OUTPUTS: ClassVar[tuple[Port, ...]] = ()
+
+    def __init__(self, config: BlockConfig | Mapping[str, Any] | None = None, **overrides: Any):
+        if isinstance(config, BlockConfig) and not overrides:
+            self.config = config
+        else:
+            data = config.model_dump() if isinstance(config, BaseModel) else dict(config or {})
+            data.update(overrides)
+            try:
+                self.config = self.Config.model_validate(data)
+            except ValidationError as err:
+                raise ConfigError(format_validation_error(err, "config"), path=self.block_type) from None
+
+    @property
+    def role(self) -> str:
+        return self.block_type.split("/", 1)[0]
+
+    def input_ports(self) -> dict[str, Port]:
+        return {p.name: p for p in self.INPUTS}
+
+    def output_ports(self) -> dict[str, Port]:
+        return {p.name: p for p in self.OUTPUTS}
+
+    def forward(self, **inputs: Any) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def __call__(self, **inputs: Any) -> dict[str, Any]:
+        return self.forward(**inputs)
+
+    def loop_iterations(self, inputs: Mapping[str, Any]) -> int | None:
+        """How many iterations a loop containing this block runs, given the values entering it (or None)."""
+        return None
+
+    def model_refs(self) -> dict[str, ModelRef]:
+        """The models this block holds, by name (empty for light blocks)."""
+        return {}
+
+    def modules(self) -> dict[str, Any]:
+        """The loaded models by name (loads them). Torch modules among them are checkpointed."""
+        return {}
+
+    def save_assets(self, directory: Path) -> None:
+        """Write what rebuilding this block needs besides its config and weights (architectures, vocab)."""
+
+    def load_assets(self, directory: Path) -> None:
+        """Counterpart of `save_assets`: called before the checkpoint's weights are loaded."""
+
+    def config_dict(self) -> dict[str, Any]:
+        """The config as plain data, without values equal to the defaults."""
+        return self.config.model_dump(mode="json", exclude_defaults=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.block_type!r})"
+
+
+class ModelConfig(BlockConfig):
+    """Config of a block that holds one model."""
+
+    model: ModelRef
+
+
+class ModelBlock(Block):
+    """A block holding one model (weights, a tokenizer or a scheduler config), loaded lazily through the pool.
+
+    `model: "<source>"` in a config is short for `{source: ..., subfolder: <default_subfolder>}`.
+    Building and validating a graph never loads weights; the first call (or `.model`) does.
+    """
+
+    Config: ClassVar[type[BlockConfig]] = ModelConfig
+    default_subfolder: ClassVar[str | None] = None
+
+    def __init__(self, config: BlockConfig | Mapping[str, Any] | None = None, **overrides: Any):
+        if not isinstance(config, BlockConfig):
+            data = {**dict(config or {}), **overrides}
+            if isinstance(data.get("model"), str):
+                data["model"] = {"source": data["model"], "subfolder": self.default_subfolder}
+            config, overrides = data, {}
+        super().__init__(config, **overrides)
+        self._model: Any = None
+
+    def model_class(self) -> type:
+        """The class the model is loaded as (imported lazily so building graphs stays light)."""
+        raise NotImplementedError
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from worldgen.models.pool import default_pool
+
+            self._model = default_pool().get(self.config.model, self.model_class())
+        return self._model
+
+    def set_model(self, model: Any) -> None:
+        """Use this already-loaded model (graph loading, tests)."""
+        self._model = model
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
+
+    def model_refs(self) -> dict[str, ModelRef]:
+        return {"model": self.config.model}
+
+    def save_assets(self, directory: Path) -> None:
+        from worldgen.models.loading import save_architecture
+
+        save_architecture(self.model, directory)
+
+    def load_assets(self, directory: Path) -> None:
+        if not directory.exists():
+            return  # nothing saved: the model reference is loaded as usual
+        from worldgen.models.loading import build_from_architecture, dtype_from_name
+
+        model = build_from_architecture(self.model_class(), directory)
+        dtype = dtype_from_name(self.config.model.dtype)
+        if getattr(model, "dtype", dtype) != dtype:
+            model = model.to(dtype)
+        self.set_model(model)
+
+    def modules(self) -> dict[str, Any]:
+        return {"model": self.model}

@@ -1,0 +1,56 @@
+"""Errors worldgen raises on bad input: each one says what is wrong, where, and what was expected."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class WorldgenError(Exception):
+    """Base class of every error worldgen raises on purpose (the CLI prints these without a traceback)."""
+
+
+class ConfigError(WorldgenError):
+    """A config file or mapping is malformed; the message names the file and the YAML path."""
+
+    def __init__(self, message: str, *, file: str | None = None, path: str | None = None):
+        self.file, self.path, self.detail = file, path, message
+        where = ", ".join(p for p in (str(file) if file else None, f"at {path}" if path else None) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class UnknownBlockTypeError(ConfigError):
+    """No block is registered under the requested `role/impl` type."""
+
+
+class GraphError(WorldgenError):
+    """A graph (or pipeline) is malformed: unknown node or port, kind mismatch, missing input, bad loop."""
+
+    def __init__(self, message: str, problems: list | None = None):
+        self.problems = problems or []
+        super().__init__(message)
+
+
+class ModelLoadError(WorldgenError):
+    """A model reference could not be resolved to weights/configs."""
+
+
+class ExecutionError(WorldgenError):
+    """A node failed while a graph ran; the message names the node (and loop iteration)."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' when a close match exists, else ''."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def format_validation_error(err, prefix: str = "") -> str:
+    """One line per pydantic error: 'prefix.field.sub: message (got value)'."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        path = ".".join(p for p in (prefix, loc) if p) or "(root)"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"{path}: {e['msg']}{got}")
+    return "; ".join(lines)

@@ -1,0 +1,109 @@
+"""The local executor: reference semantics for every level, and what runs inside a fused Ray loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from worldgen.engine import Engine, Loop, gather_inputs
+from worldgen.errors import ExecutionError, GraphError, WorldgenError, did_you_mean
+from worldgen.execution.callbacks import RunCallback
+
+
+def check_inputs(engine: Engine, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run's inputs with defaults filled in; unknown or missing names are errors that say which."""
+    inputs = dict(inputs or {})
+    exposed = engine.exposed_inputs
+    for name in inputs:
+        if name not in exposed:
+            raise GraphError(
+                f"{engine.level} '{engine.name}' has no input '{name}'{did_you_mean(name, exposed)}; "
+                f"its inputs are: {', '.join(exposed) or '(none)'}"
+            )
+    ports = engine.input_ports()
+    for name, ex in exposed.items():
+        if name in inputs:
+            continue
+        if ex.optional:
+            inputs[name] = ex.default
+        elif not ports[name].optional:
+            raise GraphError(
+                f"{engine.level} '{engine.name}' needs input '{name}' ({ports[name].kind.value})"
+            )
+    return inputs
+
+
+def loop_iterations(engine: Engine, loop: Loop, values: Mapping, inputs: Mapping, override: int | None) -> int:
+    """N for one loop: the run's override, else what a block in the loop says (e.g. the solver's schedule)."""
+    if override is not None:
+        return int(override)
+    for node_id in loop.order:
+        entering = gather_inputs(engine, node_id, values, inputs, loop=loop, outside_only=True)
+        n = engine.item(node_id).loop_iterations(entering)
+        if n is not None:
+            return int(n)
+    raise GraphError(
+        f"loop {', '.join(loop.order)} in {engine.level} '{engine.name}' needs an iteration count: pass "
+        "iterations=N to run(), or put a block that defines it (a solver) in the loop"
+    )
+
+
+def call_node(engine: Engine, node_id: str, kwargs: dict[str, Any], iteration: int | None) -> dict[str, Any]:
+    """Call one node's item, turning failures into errors that name the node (and iteration)."""
+    item = engine.item(node_id)
+    where = f"node '{node_id}'" + (f" (loop iteration {iteration})" if iteration is not None else "")
+    try:
+        outputs = item(**kwargs)
+    except WorldgenError as err:
+        raise type(err)(f"{where}: {err}") if type(err) in (GraphError, ExecutionError) else err
+    except Exception as err:
+        raise ExecutionError(f"{where} of {engine.level} '{engine.name}' failed: {type(err).__name__}: {err}") from err
+    missing = set(item.output_ports()) - set(outputs)
+    if missing:
+        raise ExecutionError(f"{where} returned no value for output(s) {sorted(missing)}")
+    return outputs
+
+
+def run_local(
+    engine: Engine,
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    seed: int | None = None,
+    iterations: int | None = None,
+    callbacks: Iterable[RunCallback] = (),
+) -> dict[str, Any]:
+    """Run an engine in-process in plan order and return its exposed outputs."""
+    plan = engine.plan()
+    run_inputs = check_inputs(engine, inputs)
+    callbacks = list(callbacks)
+    unfed_rng = None
+    if seed is not None:
+        from worldgen.rng import RngState
+
+        def unfed_rng():
+            return RngState.seeded(seed)
+
+    values: dict[str, dict[str, Any]] = {}
+    for step in plan.steps:
+        if step.loop is None:
+            (node_id,) = step.nodes
+            kwargs = gather_inputs(engine, node_id, values, run_inputs, unfed_rng=unfed_rng)
+            values[node_id] = call_node(engine, node_id, kwargs, None)
+            for cb in callbacks:
+                cb.on_node_end(node_id, None, values[node_id])
+            continue
+        loop = step.loop
+        n = loop_iterations(engine, loop, values, run_inputs, iterations)
+        for cb in callbacks:
+            cb.on_loop_start(loop, n)
+        for i in range(n):
+            for node_id in loop.order:
+                kwargs = gather_inputs(
+                    engine, node_id, values, run_inputs, loop=loop, iteration=i, unfed_rng=unfed_rng
+                )
+                values[node_id] = call_node(engine, node_id, kwargs, i)
+                for cb in callbacks:
+                    cb.on_node_end(node_id, i, values[node_id])
+            for cb in callbacks:
+                cb.on_loop_iteration(loop, i, n)
+    return {name: values[node][port] for name, (node, port) in engine.exposed_outputs.items()}

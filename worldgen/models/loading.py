@@ -1,0 +1,177 @@
+"""Loading diffusers/transformers components from a preset, a local directory or a hub id, and rebuilding
+a component's architecture (without weights) for graph save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worldgen.block import ModelRef
+from worldgen.errors import ModelLoadError, did_you_mean
+from worldgen.models.tiny import build_preset_component
+
+PRESET_PREFIX = "preset:"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+# Written next to the component's own config so a rebuilt model gets the dtype it was saved with.
+_ARCH_META = "worldgen_architecture.json"
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Torch dtype for a name such as 'float32', 'fp16'/'float16', 'bfloat16'/'bf16'."""
+    key = str(name).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ModelLoadError(
+            f"unknown dtype '{name}'{did_you_mean(key, _DTYPES)}; expected one of: {', '.join(_DTYPES)}"
+        )
+    return _DTYPES[key]
+
+
+def _kind(cls: type) -> str:
+    """'diffusers_model', 'scheduler', 'transformers_model' or 'tokenizer' (anything else loads like a tokenizer)."""
+    from diffusers import ModelMixin
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from transformers import PreTrainedModel
+
+    if isinstance(cls, type) and issubclass(cls, ModelMixin):
+        return "diffusers_model"
+    if isinstance(cls, type) and issubclass(cls, SchedulerMixin):
+        return "scheduler"
+    if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+        return "transformers_model"
+    return "tokenizer"
+
+
+def _where(ref: ModelRef, cls: type) -> str:
+    sub = f", subfolder '{ref.subfolder}'" if ref.subfolder else ""
+    return f"model '{ref.source}'{sub} as {getattr(cls, '__name__', cls)}"
+
+
+def _finish(obj: Any, kind: str, dtype: torch.dtype) -> Any:
+    """Cast models to the requested dtype and put them in eval mode (inference is the default use)."""
+    if kind in ("diffusers_model", "transformers_model"):
+        # Cast only when needed: diffusers warns on every `.to(dtype)` call, even a no-op one.
+        if obj.dtype != dtype:
+            obj = obj.to(dtype)
+        obj.eval()
+    return obj
+
+
+def _load_preset(ref: ModelRef, cls: type, kind: str, dtype: torch.dtype) -> Any:
+    name = ref.source[len(PRESET_PREFIX):]
+    if not ref.subfolder:
+        raise ModelLoadError(f"{_where(ref, cls)}: a preset reference needs a subfolder "
+                             "('unet', 'vae', 'text_encoder', 'tokenizer' or 'scheduler')")
+    obj = build_preset_component(name, ref.subfolder)
+    if kind == "scheduler":
+        # Like diffusers users do: the preset's (DDIM) config becomes whatever scheduler class was asked for.
+        return cls.from_config(obj.config)
+    # Auto* classes cannot be isinstance-checked; any built component satisfies them.
+    if not cls.__name__.startswith("Auto") and not isinstance(obj, cls):
+        raise ModelLoadError(f"{_where(ref, cls)}: the preset's '{ref.subfolder}' is a "
+                             f"{type(obj).__name__}, not a {cls.__name__}")
+    return obj
+
+
+def _check_local(ref: ModelRef, cls: type) -> None:
+    """Clear errors for the common local-directory mistakes before diffusers/transformers give obscure ones."""
+    root = Path(ref.source)
+    if ref.subfolder and not (root / ref.subfolder).is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise ModelLoadError(
+            f"cannot load {_where(ref, cls)}: directory '{root}' has no subfolder '{ref.subfolder}'"
+            f"{did_you_mean(ref.subfolder, found)} (found: {', '.join(found) or 'no subfolders'})"
+        )
+
+
+def load_component(ref: ModelRef, cls: type) -> Any:
+    """Load the component of class `cls` that `ref` points to (preset, local directory or hub id).
+
+    `cls` is a diffusers model or scheduler class, a transformers model class, or a tokenizer class.
+    Models come back cast to `ref.dtype` and in eval mode; schedulers are built from the stored config with
+    `cls.from_config`, so any compatible scheduler class can be asked for.
+    """
+    dtype = dtype_from_name(ref.dtype)
+    kind = _kind(cls)
+    if ref.source.startswith(PRESET_PREFIX):
+        try:
+            return _finish(_load_preset(ref, cls, kind, dtype), kind, dtype)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"cannot build {_where(ref, cls)}: {exc}") from exc
+
+    local = Path(ref.source).is_dir()
+    if local:
+        _check_local(ref, cls)
+    # Hub ids only resolve where the hub cache (or network) has them; local directories need no revision.
+    extra: dict[str, Any] = {} if local else {"revision": ref.revision}
+    sub: dict[str, Any] = {"subfolder": ref.subfolder} if ref.subfolder else {}
+    try:
+        if kind == "scheduler":
+            config = cls.load_config(ref.source, **sub, **extra)
+            obj = cls.from_config(config)
+        elif kind == "diffusers_model":
+            obj = cls.from_pretrained(ref.source, **sub, **extra, torch_dtype=dtype, variant=ref.variant)
+        elif kind == "transformers_model":
+            variant = {"variant": ref.variant} if ref.variant else {}
+            obj = cls.from_pretrained(ref.source, **sub, **extra, dtype=dtype, **variant)
+        else:
+            obj = cls.from_pretrained(ref.source, **sub, **extra)
+    except Exception as exc:
+        what = "a local directory" if local else "a hub id (no local directory of that name)"
+        raise ModelLoadError(
+            f"cannot load {_where(ref, cls)} from {what}: expected a diffusers/transformers "
+            f"{'scheduler config' if kind == 'scheduler' else 'checkpoint'} there "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    return _finish(obj, kind, dtype)
+
+
+def save_architecture(obj: Any, directory: str | Path) -> None:
+    """Write what is needed to rebuild `obj` without its weights (its config, or a tokenizer's files)."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    kind = _kind(type(obj))
+    if kind in ("diffusers_model", "scheduler"):
+        obj.save_config(path)
+    elif kind == "transformers_model":
+        obj.config.save_pretrained(path)
+    else:
+        obj.save_pretrained(path)
+    meta: dict[str, Any] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", "kind": kind}
+    if kind in ("diffusers_model", "transformers_model"):
+        meta["dtype"] = str(obj.dtype).removeprefix("torch.")
+    (path / _ARCH_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def build_from_architecture(cls: type, directory: str | Path) -> Any:
+    """Rebuild a component of class `cls` from `save_architecture` output: models get fresh (random) weights."""
+    path = Path(directory)
+    kind = _kind(cls)
+    try:
+        meta_file = path / _ARCH_META
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if kind in ("diffusers_model", "scheduler"):
+            obj = cls.from_config(cls.load_config(path))
+        elif kind == "transformers_model":
+            obj = cls._from_config(cls.config_class.from_pretrained(path))
+        else:
+            return cls.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot rebuild {getattr(cls, '__name__', cls)} from '{path}': expected the output of "
+            f"save_architecture there ({type(exc).__name__}: {exc})"
+        ) from exc
+    if kind == "scheduler":
+        return obj
+    return _finish(obj, kind, dtype_from_name(meta.get("dtype", "float32")))

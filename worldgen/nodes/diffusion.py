@@ -1,0 +1,462 @@
+"""Diffusion task nodes backed by diffusers/transformers: tokenizer, text conditioner, UNet backbone,
+classifier-free guidance, latent noise, solvers (diffusers schedulers, one step per call) and the VAE codec.
+
+Together they reproduce `StableDiffusionPipeline` / `StableDiffusionImg2ImgPipeline` step for step, so a graph
+built from them gives the same image as the pipeline for the same components, seed and settings.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, ModelRef
+from worldgen.errors import ConfigError
+from worldgen.ports import Port, PortKind
+from worldgen.registry import register_block
+from worldgen.rng import RngState, generator_or_none
+
+K = PortKind
+
+
+def _on_model(value: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    return value.to(device=model.device, dtype=model.dtype)
+
+
+# ---- text ----------------------------------------------------------------------------------------------
+class TokenizerConfig(ModelConfig):
+    max_length: int | None = Field(None, description="pad/truncate to this many tokens (default: the model's)")
+
+
+@register_block
+class CLIPTokenizerBlock(ModelBlock):
+    """Text → padded token ids, as Stable Diffusion pipelines tokenize prompts."""
+
+    block_type = "tokenizer/clip"
+    Config = TokenizerConfig
+    default_subfolder = "tokenizer"
+    INPUTS = (Port("text", K.TEXT, doc="a prompt or a list of prompts"),)
+    OUTPUTS = (Port("token_ids", K.TOKENS), Port("attention_mask", K.MASK))
+
+    def model_class(self) -> type:
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer
+
+    def forward(self, text: str | list[str]) -> dict[str, Any]:
+        tokenizer = self.model
+        encoded = tokenizer(
+            text,
+            padding="max_length",
+            max_length=self.config.max_length or tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return {"token_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
+
+
+class TextEncoderConfig(ModelConfig):
+    clip_skip: int | None = Field(None, ge=1, description="use the hidden state this many layers before the last")
+
+
+@register_block
+class CLIPTextConditionerBlock(ModelBlock):
+    """Token ids → per-token embeddings (the UNet's cross-attention condition) and the pooled embedding."""
+
+    block_type = "conditioner/clip_text"
+    Config = TextEncoderConfig
+    default_subfolder = "text_encoder"
+    INPUTS = (Port("token_ids", K.TOKENS), Port("attention_mask", K.MASK, optional=True))
+    OUTPUTS = (Port("embedding", K.EMBEDDING), Port("pooled", K.EMBEDDING))
+
+    def model_class(self) -> type:
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel
+
+    @torch.no_grad()
+    def forward(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        encoder = self.model
+        # Like the pipelines: the mask is only passed to encoders configured to use it.
+        mask = attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
+        mask = mask.to(encoder.device) if mask is not None else None
+        clip_skip = self.config.clip_skip
+        out = encoder(token_ids.to(encoder.device), attention_mask=mask, output_hidden_states=clip_skip is not None)
+        if clip_skip is None:
+            embedding = out[0]
+        else:
+            embedding = encoder.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+        return {"embedding": embedding.to(dtype=encoder.dtype), "pooled": out[1]}
+
+
+# ---- backbone and guidance -----------------------------------------------------------------------------
+@register_block
+class UNet2DBackboneBlock(ModelBlock):
+    """One UNet prediction. With `condition_uncond` it predicts both branches of classifier-free guidance in
+    one batched call, exactly as the diffusers pipelines do."""
+
+    block_type = "backbone/unet2d"
+    default_subfolder = "unet"
+    INPUTS = (
+        Port("sample", K.LATENT, doc="the (solver-scaled) latent model input"),
+        Port("timestep", K.TIMESTEP),
+        Port("condition", K.EMBEDDING),
+        Port("condition_uncond", K.EMBEDDING, optional=True, doc="negative-prompt embedding for guidance"),
+    )
+    OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT))
+
+    def model_class(self) -> type:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+
+    @torch.no_grad()
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        condition: torch.Tensor,
+        condition_uncond: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        unet = self.model
+        sample, condition = _on_model(sample, unet), _on_model(condition, unet)
+        if condition_uncond is None:
+            pred = unet(sample, timestep, encoder_hidden_states=condition, return_dict=False)[0]
+            return {"pred": pred, "pred_uncond": None}
+        uncond = _on_model(condition_uncond, unet)
+        if uncond.shape[0] != condition.shape[0]:
+            uncond = uncond.expand(condition.shape[0], *uncond.shape[1:])
+        batch = torch.cat([sample] * 2)
+        pred = unet(batch, timestep, encoder_hidden_states=torch.cat([uncond, condition]), return_dict=False)[0]
+        pred_uncond, pred_cond = pred.chunk(2)
+        return {"pred": pred_cond, "pred_uncond": pred_uncond}
+
+
+class CFGConfig(BlockConfig):
+    scale: float = Field(7.5, description="guidance scale used when the `scale` input is not connected")
+    rescale: float = Field(0.0, ge=0.0, le=1.0, description="guidance rescale (Lin et al. 2023), 0 = off")
+
+
+@register_block
+class ClassifierFreeGuidanceBlock(Block):
+    """pred = uncond + scale · (cond − uncond), optionally rescaled; passes `pred_cond` through without uncond."""
+
+    block_type = "guidance/cfg"
+    Config = CFGConfig
+    INPUTS = (
+        Port("pred_cond", K.LATENT),
+        Port("pred_uncond", K.LATENT, optional=True),
+        Port("scale", K.SCALAR, optional=True),
+    )
+    OUTPUTS = (Port("pred", K.LATENT),)
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None, scale: float | None = None):
+        if pred_uncond is None:
+            return {"pred": pred_cond}
+        scale = self.config.scale if scale is None else float(scale)
+        pred = pred_uncond + scale * (pred_cond - pred_uncond)
+        if self.config.rescale > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale=self.config.rescale)
+        return {"pred": pred}
+
+
+# ---- latents -------------------------------------------------------------------------------------------
+class NoiseConfig(BlockConfig):
+    channels: int = Field(4, ge=1, description="latent channels (the backbone's in_channels)")
+    scale_factor: int = Field(8, ge=1, description="image pixels per latent pixel (the VAE's downsampling)")
+    height: int = Field(512, ge=8, description="default image height in pixels")
+    width: int = Field(512, ge=8, description="default image width in pixels")
+    dtype: str = "float32"
+
+
+@register_block
+class GaussianNoiseBlock(Block):
+    """Seeded standard-normal latents: shaped by image size (or like another latent), drawn from `rng`."""
+
+    block_type = "latent/noise"
+    Config = NoiseConfig
+    INPUTS = (
+        Port("height", K.INT, optional=True),
+        Port("width", K.INT, optional=True),
+        Port("batch_size", K.INT, optional=True, default=1),
+        Port("like", K.LATENT, optional=True, doc="take the shape of this latent instead of the image size"),
+        Port("rng", K.RNG, optional=True),
+    )
+    OUTPUTS = (Port("latent", K.LATENT), Port("rng", K.RNG))
+
+    def forward(self, height=None, width=None, batch_size=1, like=None, rng: RngState | None = None):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from worldgen.models.loading import dtype_from_name
+
+        if like is not None:
+            shape, dtype = tuple(like.shape), like.dtype
+        else:
+            height, width = int(height or self.config.height), int(width or self.config.width)
+            f = self.config.scale_factor
+            if height % f or width % f:
+                raise ConfigError(f"height and width must be multiples of {f}, got {height}x{width}")
+            shape = (int(batch_size or 1), self.config.channels, height // f, width // f)
+            dtype = dtype_from_name(self.config.dtype)
+        generator = generator_or_none(rng)
+        latent = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype)
+        return {"latent": latent, "rng": RngState.of(generator) if generator is not None else None}
+
+
+# ---- solvers -------------------------------------------------------------------------------------------
+@dataclass
+class SolverState:
+    """Everything a scheduler changes while it steps, so each step can be a separate (remote) call."""
+
+    scheduler: dict[str, Any]
+    timesteps: torch.Tensor
+    step: int
+    rng: RngState | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.timesteps) - self.step
+
+
+class SolverConfig(BlockConfig):
+    model: ModelRef | None = Field(None, description="where the scheduler config comes from (e.g. <dir>/scheduler)")
+    scheduler: dict[str, Any] = Field(default_factory=dict, description="overrides of the scheduler config")
+    num_inference_steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0.0, description="DDIM-style stochasticity (for schedulers that accept it)")
+
+
+class SchedulerSolver(Block):
+    """A diffusers scheduler as a solver block. It is called once to set up the schedule (no `state` input:
+    scales or noises the entering latent) and then once per step (with `state` and `pred`). The scheduler's
+    changing internals travel in the `state` port, so a stateful multistep solver stays correct when every
+    step is a separate call, in any process."""
+
+    Config = SolverConfig
+    scheduler_class_name: ClassVar[str]
+    scheduler_defaults: ClassVar[Mapping[str, Any]] = {}
+    INPUTS = (
+        Port("latent", K.LATENT, doc="setup: the initial latent (noise, or the encoded image); step: x_t"),
+        Port("pred", K.LATENT, optional=True, doc="the guided model prediction for the current step"),
+        Port("state", K.SOLVER_STATE, optional=True, doc="absent on the setup call"),
+        Port("noise", K.LATENT, optional=True, doc="setup for image-to-image: noise added to `latent`"),
+        Port("strength", K.SCALAR, optional=True, default=1.0, doc="image-to-image: how much to re-noise"),
+        Port("num_steps", K.INT, optional=True),
+        Port("rng", K.RNG, optional=True, doc="setup: generator state for stochastic solvers"),
+    )
+    OUTPUTS = (
+        Port("latent", K.LATENT),
+        Port("model_input", K.LATENT, doc="latent scaled for the backbone at `timestep`"),
+        Port("timestep", K.TIMESTEP),
+        Port("state", K.SOLVER_STATE),
+    )
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        self._template = None
+
+    @property
+    def scheduler(self) -> Any:
+        """The configured scheduler template (never stepped itself)."""
+        if self._template is None:
+            import diffusers
+
+            cls = getattr(diffusers, self.scheduler_class_name)
+            if self.config.model is not None:
+                from worldgen.models.loading import load_component
+
+                base = dict(load_component(self.config.model, cls).config)
+            else:
+                base = {}
+            self._template = cls.from_config({**base, **self.scheduler_defaults, **self.config.scheduler})
+        return self._template
+
+    def save_assets(self, directory) -> None:
+        self.scheduler.save_config(directory)
+
+    def load_assets(self, directory) -> None:
+        if (directory / "scheduler_config.json").exists():
+            import diffusers
+
+            cls = getattr(diffusers, self.scheduler_class_name)
+            self._template = cls.from_config(cls.load_config(directory))
+
+    def loop_iterations(self, inputs: Mapping[str, Any]) -> int | None:
+        state = inputs.get("state")
+        return state.remaining if isinstance(state, SolverState) else None
+
+    def _restore(self, state: SolverState) -> Any:
+        scheduler = object.__new__(type(self.scheduler))
+        # Schedulers replace their tensors rather than modifying them, so copying containers is enough.
+        for source in (self.scheduler.__dict__, state.scheduler):
+            scheduler.__dict__.update({k: _copy_container(v) for k, v in source.items()})
+        return scheduler
+
+    @staticmethod
+    def _snapshot(scheduler: Any) -> dict[str, Any]:
+        return {k: _copy_container(v) for k, v in scheduler.__dict__.items() if k != "_internal_dict"}
+
+    def forward(self, latent, pred=None, state=None, noise=None, strength=1.0, num_steps=None, rng=None):
+        if state is None:
+            return self._setup(latent, noise, 1.0 if strength is None else float(strength), num_steps, rng)
+        if pred is None:
+            raise ConfigError(f"{self.block_type}: a step call needs `pred` (the model prediction)")
+        return self._step(latent, pred, state)
+
+    def _setup(self, latent, noise, strength, num_steps, rng):
+        scheduler = self._restore(SolverState({}, torch.empty(0), 0))
+        steps = int(num_steps or self.config.num_inference_steps)
+        scheduler.set_timesteps(steps, device=latent.device)
+        timesteps = scheduler.timesteps
+        if noise is not None:  # image-to-image: start part-way down the schedule (as get_timesteps does)
+            init_timestep = min(int(steps * strength), steps)
+            t_start = max(steps - init_timestep, 0)
+            timesteps = scheduler.timesteps[t_start * scheduler.order :]
+            if len(timesteps) == 0:
+                raise ConfigError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(t_start * scheduler.order)
+            latent = scheduler.add_noise(latent, noise, timesteps[:1].repeat(latent.shape[0]))
+        else:
+            latent = latent * scheduler.init_noise_sigma
+        model_input = scheduler.scale_model_input(latent, timesteps[0])
+        state = SolverState(self._snapshot(scheduler), timesteps, 0, rng)
+        return {"latent": latent, "model_input": model_input, "timestep": timesteps[0], "state": state}
+
+    def _step(self, latent, pred, state: SolverState):
+        scheduler = self._restore(state)
+        t = state.timesteps[state.step]
+        generator = generator_or_none(state.rng)
+        params = inspect.signature(scheduler.step).parameters
+        kwargs = {}
+        if "generator" in params:
+            kwargs["generator"] = generator
+        if "eta" in params:
+            kwargs["eta"] = self.config.eta
+        latent = scheduler.step(pred, t, latent, **kwargs, return_dict=False)[0]
+        step = state.step + 1
+        done = step >= len(state.timesteps)
+        t_next = state.timesteps[-1] if done else state.timesteps[step]
+        model_input = latent if done else scheduler.scale_model_input(latent, t_next)
+        new_rng = RngState.of(generator) if generator is not None else None
+        new_state = SolverState(self._snapshot(scheduler), state.timesteps, step, new_rng)
+        return {"latent": latent, "model_input": model_input, "timestep": t_next, "state": new_state}
+
+
+def _copy_container(value: Any) -> Any:
+    if type(value) in (list, dict):  # exact types: a scheduler's FrozenDict config stays as it is
+        return type(value)(value)
+    return value
+
+
+def _solver(block_type: str, class_name: str, doc: str, **defaults: Any) -> type[SchedulerSolver]:
+    cls = type(
+        class_name.replace("Scheduler", "Solver"),
+        (SchedulerSolver,),
+        {
+            "block_type": block_type,
+            "scheduler_class_name": class_name,
+            "scheduler_defaults": defaults,
+            "__doc__": doc,
+            "__module__": __name__,
+        },
+    )
+    return register_block(cls)
+
+
+DDIMSolver = _solver("solver/ddim", "DDIMScheduler", "DDIM (deterministic with eta=0).")
+PNDMSolver = _solver("solver/pndm", "PNDMScheduler", "PNDM/PLMS, Stable Diffusion's original default.")
+EulerSolver = _solver("solver/euler", "EulerDiscreteScheduler", "Euler (k-diffusion sigmas).")
+EulerAncestralSolver = _solver(
+    "solver/euler_ancestral", "EulerAncestralDiscreteScheduler", "Euler ancestral (adds seeded noise each step)."
+)
+HeunSolver = _solver("solver/heun", "HeunDiscreteScheduler", "Heun, second order (two model calls per step).")
+DPMSolverPP2M = _solver(
+    "solver/dpmpp_2m",
+    "DPMSolverMultistepScheduler",
+    "DPM-Solver++(2M), multistep: keeps the last model outputs in its state.",
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+)
+UniPCSolver = _solver("solver/unipc", "UniPCMultistepScheduler", "UniPC multistep.")
+
+SOLVERS = {
+    "ddim": "solver/ddim",
+    "pndm": "solver/pndm",
+    "euler": "solver/euler",
+    "euler_ancestral": "solver/euler_ancestral",
+    "heun": "solver/heun",
+    "dpmpp_2m": "solver/dpmpp_2m",
+    "unipc": "solver/unipc",
+}
+
+
+# ---- codec ---------------------------------------------------------------------------------------------
+class VAEConfig(ModelConfig):
+    mode: Literal["encode", "decode"] = "decode"
+    sample: bool = Field(True, description="encode: sample the latent distribution (else take its mode)")
+
+
+@register_block
+class VAECodecBlock(ModelBlock):
+    """AutoencoderKL: images in [0, 1] (B, 3, H, W) ↔ scaled latents. `mode` picks the direction."""
+
+    block_type = "codec/vae"
+    Config = VAEConfig
+    default_subfolder = "vae"
+
+    def model_class(self) -> type:
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL
+
+    def input_ports(self) -> dict[str, Port]:
+        if self.config.mode == "decode":
+            return {"latent": Port("latent", K.LATENT)}
+        return {
+            "image": Port("image", K.IMAGE, doc="tensor in [0, 1] (B, 3, H, W), or PIL image(s)"),
+            "rng": Port("rng", K.RNG, optional=True),
+        }
+
+    def output_ports(self) -> dict[str, Port]:
+        if self.config.mode == "decode":
+            return {"image": Port("image", K.IMAGE, doc="tensor in [0, 1] (B, 3, H, W)")}
+        return {"latent": Port("latent", K.LATENT), "rng": Port("rng", K.RNG)}
+
+    @property
+    def scale_factor(self) -> int:
+        return 2 ** (len(self.model.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def forward(self, **inputs: Any) -> dict[str, Any]:
+        return self._decode(**inputs) if self.config.mode == "decode" else self._encode(**inputs)
+
+    def _decode(self, latent: torch.Tensor) -> dict[str, Any]:
+        vae = self.model
+        z = _on_model(latent, vae) / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):
+            z = z + vae.config.shift_factor
+        image = vae.decode(z, return_dict=False)[0]
+        return {"image": (image / 2 + 0.5).clamp(0, 1)}
+
+    def _encode(self, image: Any, rng: RngState | None = None) -> dict[str, Any]:
+        from diffusers.image_processor import VaeImageProcessor
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+
+        vae = self.model
+        pixels = VaeImageProcessor(vae_scale_factor=self.scale_factor).preprocess(image)
+        pixels = _on_model(pixels, vae)
+        generator = generator_or_none(rng)
+        mode = "sample" if self.config.sample else "argmax"
+        latent = retrieve_latents(vae.encode(pixels), generator=generator, sample_mode=mode)
+        if getattr(vae.config, "shift_factor", None):
+            latent = latent - vae.config.shift_factor
+        latent = vae.config.scaling_factor * latent
+        return {"latent": latent, "rng": RngState.of(generator) if generator is not None else rng}

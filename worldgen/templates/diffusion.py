@@ -1,0 +1,172 @@
+"""Stable-Diffusion-family graph templates: text_to_image and image_to_image.
+
+The graphs are the diffusers pipelines written out as task nodes:
+
+    prompt -> tok -> te ----------------------------.
+    negative_prompt -> tok_neg -> te_neg ----------.|
+    [image -> vae_enc ->] noise -> schedule -> unet -> cfg -> solver -> vae -> image
+                                              ^______________|  (the denoising loop)
+
+`schedule` and `solver` hold the same solver block: its first call sets up the schedule, the loop steps it.
+`tok_neg`/`te_neg` share the blocks of `tok`/`te`, so each model is loaded and stored once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worldgen.block import ModelRef
+from worldgen.errors import ConfigError, did_you_mean
+from worldgen.graph import Graph
+from worldgen.templates import register_template
+
+
+def _source(model: str | None, preset: str | None) -> str:
+    if (model is None) == (preset is None):
+        raise ConfigError("give exactly one of `model` (a local diffusers directory or hub id) or `preset` (e.g. 'tiny')")
+    return model if model is not None else f"preset:{preset}"
+
+
+def _component_config(source: str, subfolder: str, revision: str | None) -> dict[str, Any]:
+    """A component's config without loading its weights."""
+    if source.startswith("preset:"):
+        from worldgen.models.tiny import PRESETS
+
+        name = source.split(":", 1)[1]
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset '{name}'{did_you_mean(name, PRESETS)}; available: {', '.join(PRESETS)}")
+        return PRESETS[name][subfolder]
+    from diffusers import ConfigMixin
+
+    try:
+        return dict(ConfigMixin.load_config.__func__(_AnyConfig, source, subfolder=subfolder, revision=revision))
+    except Exception as err:  # noqa: BLE001 - reported as a config error naming the source
+        raise ConfigError(f"cannot read {subfolder}/config.json of '{source}': {err}") from None
+
+
+class _AnyConfig:
+    config_name = "config.json"
+
+
+def _add_text_nodes(g: Graph, ref: dict[str, Any]) -> None:
+    g.add_node("tokenizer/clip", id="tok", config={"model": {**ref, "subfolder": "tokenizer"}}, auto_connect=False)
+    g.add_node("conditioner/clip_text", id="te", config={"model": {**ref, "subfolder": "text_encoder"}}, auto_connect=False)
+    g.add_node(g.block("tok"), id="tok_neg", auto_connect=False)
+    g.add_node(g.block("te"), id="te_neg", auto_connect=False)
+    g.add_edge("tok.token_ids", "te.token_ids")
+    g.add_edge("tok_neg.token_ids", "te_neg.token_ids")
+    g.expose_input("prompt", "tok.text")
+    g.expose_input("negative_prompt", "tok_neg.text", default="")
+
+
+def _add_denoising_loop(g: Graph, ref: dict[str, Any], solver: str, steps: int, guidance_scale: float) -> None:
+    from worldgen.nodes.diffusion import SOLVERS
+
+    if solver not in SOLVERS:
+        raise ConfigError(f"unknown solver '{solver}'{did_you_mean(solver, SOLVERS)}; available: {', '.join(SOLVERS)}")
+    g.add_node(
+        SOLVERS[solver],
+        id="schedule",
+        config={"model": {**ref, "subfolder": "scheduler"}, "num_inference_steps": steps},
+        auto_connect=False,
+    )
+    g.add_node("backbone/unet2d", id="unet", config={"model": {**ref, "subfolder": "unet"}}, auto_connect=False)
+    g.add_node("guidance/cfg", id="cfg", config={"scale": guidance_scale}, auto_connect=False)
+    g.add_node(g.block("schedule"), id="solver", auto_connect=False)
+    for source, target in [
+        ("te.embedding", "unet.condition"),
+        ("te_neg.embedding", "unet.condition_uncond"),
+        ("schedule.model_input", "unet.sample"),
+        ("schedule.timestep", "unet.timestep"),
+        ("schedule.latent", "solver.latent"),
+        ("schedule.state", "solver.state"),
+        ("unet.pred", "cfg.pred_cond"),
+        ("unet.pred_uncond", "cfg.pred_uncond"),
+        ("cfg.pred", "solver.pred"),
+        # Feedback edges (they close the loop; at iteration 0 the schedule's values are used instead):
+        ("solver.model_input", "unet.sample"),
+        ("solver.timestep", "unet.timestep"),
+        ("solver.latent", "solver.latent"),
+        ("solver.state", "solver.state"),
+    ]:
+        g.add_edge(source, target)
+    g.add_node("codec/vae", id="vae", config={"model": {**ref, "subfolder": "vae"}, "mode": "decode"}, auto_connect=False)
+    g.add_edge("solver.latent", "vae.latent")
+    g.expose_input("steps", "schedule.num_steps", default=None)
+    g.expose_input("guidance_scale", "cfg.scale", default=guidance_scale)
+    g.expose_output("image", "vae.image")
+
+
+def _model_ref(model: str | None, preset: str | None, revision: str | None, dtype: str) -> dict[str, Any]:
+    ref = ModelRef(source=_source(model, preset), revision=revision, dtype=dtype)
+    return ref.model_dump(exclude_defaults=True, exclude={"subfolder"}) | {"source": ref.source}
+
+
+@register_template("text_to_image")
+def text_to_image(
+    model: str | None = None,
+    preset: str | None = None,
+    solver: str = "ddim",
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+) -> Graph:
+    """Text to image (Stable-Diffusion family): prompt, negative_prompt, steps, guidance_scale -> image."""
+    ref = _model_ref(model, preset, revision, dtype)
+    unet = _component_config(ref["source"], "unet", revision)
+    vae = _component_config(ref["source"], "vae", revision)
+    scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    default_size = unet["sample_size"] * scale_factor
+    g = Graph("text_to_image")
+    _add_text_nodes(g, ref)
+    g.add_node(
+        "latent/noise",
+        id="noise",
+        config={
+            "channels": unet["in_channels"],
+            "scale_factor": scale_factor,
+            "height": height or default_size,
+            "width": width or default_size,
+            "dtype": dtype,
+        },
+        auto_connect=False,
+    )
+    g.expose_input("height", "noise.height", default=None)
+    g.expose_input("width", "noise.width", default=None)
+    _add_denoising_loop(g, ref, solver, steps, guidance_scale)
+    g.add_edge("noise.latent", "schedule.latent")
+    g.add_edge("noise.rng", "schedule.rng")
+    return g
+
+
+@register_template("image_to_image")
+def image_to_image(
+    model: str | None = None,
+    preset: str | None = None,
+    solver: str = "ddim",
+    steps: int = 50,
+    strength: float = 0.8,
+    guidance_scale: float = 7.5,
+    revision: str | None = None,
+    dtype: str = "float32",
+) -> Graph:
+    """Image to image (Stable-Diffusion family): image, prompt, negative_prompt, strength, steps -> image."""
+    ref = _model_ref(model, preset, revision, dtype)
+    g = Graph("image_to_image")
+    _add_text_nodes(g, ref)
+    g.add_node(
+        "codec/vae", id="vae_enc", config={"model": {**ref, "subfolder": "vae"}, "mode": "encode"}, auto_connect=False
+    )
+    g.add_node("latent/noise", id="noise", config={"dtype": dtype}, auto_connect=False)
+    g.add_edge("vae_enc.latent", "noise.like")
+    g.add_edge("vae_enc.rng", "noise.rng")
+    g.expose_input("image", "vae_enc.image")
+    _add_denoising_loop(g, ref, solver, steps, guidance_scale)
+    g.add_edge("vae_enc.latent", "schedule.latent")
+    g.add_edge("noise.latent", "schedule.noise")
+    g.add_edge("noise.rng", "schedule.rng")
+    g.expose_input("strength", "schedule.strength", default=strength)
+    return g
