@@ -60,7 +60,10 @@ def test_tokenizer_matches_text_encoder():
     te = build_preset_component("tiny", "text_encoder")
     assert te.config.vocab_size > len(tok)
     assert (te.config.bos_token_id, te.config.eos_token_id, te.config.pad_token_id) == (
-        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
     ids = tok("a photo of the harbor at dawn").input_ids
     assert len(ids) == 2 + 7  # common words are single tokens, plus BOS/EOS
     with torch.no_grad():
@@ -80,7 +83,9 @@ def test_save_then_load_gives_equal_weights(tiny_dir):
 def test_dtype_cast(tiny_dir):
     vae = load_component(ModelRef(source=str(tiny_dir), subfolder="vae", dtype="bf16"), AutoencoderKL)
     assert vae.dtype == torch.bfloat16
-    te = load_component(ModelRef(source="preset:tiny", subfolder="text_encoder", dtype="float16"), CLIPTextModel)
+    te = load_component(
+        ModelRef(source="preset:tiny", subfolder="text_encoder", dtype="float16"), CLIPTextModel
+    )
     assert te.dtype == torch.float16
 
 
@@ -97,10 +102,22 @@ def test_missing_subfolder_names_it(tiny_dir):
     assert str(tiny_dir) in str(info.value)
 
 
-def test_wrong_class_for_directory_is_model_load_error(tiny_dir):
-    with pytest.raises(ModelLoadError, match="subfolder 'tokenizer'") as info:
+def test_wrong_class_or_variant_for_directory_is_model_load_error(tiny_dir):
+    with pytest.raises(
+        ModelLoadError, match=r"tokenizer' has no config.json, so it holds no UNet2DConditionModel"
+    ):
         load_component(ModelRef(source=str(tiny_dir), subfolder="tokenizer"), UNet2DConditionModel)
-    assert info.value.__cause__ is not None
+    with pytest.raises(ModelLoadError, match="subfolder 'text_encoder' as CLIPTextModel") as info:
+        load_component(
+            ModelRef(source=str(tiny_dir), subfolder="text_encoder", variant="fp16"), CLIPTextModel
+        )
+    assert info.value.__cause__ is not None  # the library's own error stays reachable
+
+
+def test_missing_directory_does_not_go_to_the_hub(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ModelLoadError, match=f"directory '{missing}' does not exist"):
+        load_component(ModelRef(source=str(missing), subfolder="scheduler"), EulerDiscreteScheduler)
 
 
 def test_unknown_preset_and_component():
@@ -118,7 +135,9 @@ def test_bad_dtype():
 
 def _public_config(obj) -> dict:
     config = obj.config.to_dict() if hasattr(obj.config, "to_dict") else dict(obj.config)
-    return {k: v for k, v in config.items() if not k.startswith("_")}  # `_use_default_values` etc. are bookkeeping
+    return {
+        k: v for k, v in config.items() if not k.startswith("_")
+    }  # `_use_default_values` etc. are bookkeeping
 
 
 @pytest.mark.parametrize("sub", ["unet", "vae", "text_encoder", "tokenizer", "scheduler"])

@@ -13,7 +13,7 @@ from worldgen.errors import (
 from worldgen.graph import Graph
 from worldgen.ports import Aggregation, Port, PortKind
 from worldgen.registry import block_class, block_types, create_block, register_block
-from worldgen.templates import register_template, templates
+from worldgen.templates import list_templates, register_template, template_params
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "block_types",
     "create_block",
     "register_block",
+    "list_templates",
     "register_template",
-    "templates",
+    "template_params",
 ]

@@ -65,7 +65,7 @@ def load_checkpoint(blocks: Iterable[tuple[str, Block]], path: str | Path) -> No
     path = Path(path)
     with safe_open(str(path), framework="pt") as fh:
         metadata = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors = {k: fh.get_tensor(k) for k in fh}
     aliases = json.loads(metadata.get("aliases", "{}"))
     loaded: set[int] = set()
     for node_id, block in blocks:
@@ -76,9 +76,13 @@ def load_checkpoint(blocks: Iterable[tuple[str, Block]], path: str | Path) -> No
             prefix = aliases.get(prefix, prefix)
             state = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
             if not state:
-                raise ConfigError(f"checkpoint has no weights for node '{node_id}' (prefix '{prefix}.')", file=str(path))
+                raise ConfigError(
+                    f"checkpoint has no weights for node '{node_id}' (prefix '{prefix}.')", file=str(path)
+                )
             try:
                 module.load_state_dict(state, strict=True)
             except RuntimeError as err:
-                raise ConfigError(f"weights for node '{node_id}' do not fit its model: {err}", file=str(path)) from None
+                raise ConfigError(
+                    f"weights for node '{node_id}' do not fit its model: {err}", file=str(path)
+                ) from None
             loaded.add(id(module))

@@ -45,9 +45,14 @@ def resolve_refs(data: Any, *, base: Path, file: str | None = None, path: str = 
         if set(data) == {"ref"} and isinstance(data["ref"], str):
             target = (base / data["ref"]).resolve()
             if not target.exists():
-                raise ConfigError(f"ref: file '{data['ref']}' does not exist (looked at {target})", file=file, path=path)
+                raise ConfigError(
+                    f"ref: file '{data['ref']}' does not exist (looked at {target})", file=file, path=path
+                )
             return load_config_file(target)
-        return {k: resolve_refs(v, base=base, file=file, path=f"{path}.{k}" if path else str(k)) for k, v in data.items()}
+        return {
+            k: resolve_refs(v, base=base, file=file, path=f"{path}.{k}" if path else str(k))
+            for k, v in data.items()
+        }
     if isinstance(data, list):
         return [resolve_refs(v, base=base, file=file, path=f"{path}[{i}]") for i, v in enumerate(data)]
     return data
@@ -60,7 +65,11 @@ def resolve_env(data: Any, *, file: str | None = None, path: str = "") -> Any:
         def lookup(match: re.Match) -> str:
             name = match.group(1)
             if name not in os.environ:
-                raise ConfigError(f"environment variable {name} is not set (needed by ${{env:{name}}})", file=file, path=path)
+                raise ConfigError(
+                    f"environment variable {name} is not set (needed by ${{env:{name}}})",
+                    file=file,
+                    path=path,
+                )
             return os.environ[name]
 
         return _ENV.sub(lookup, data)
@@ -78,7 +87,9 @@ def check_schema(data: Mapping[str, Any], kind: str, *, file: str | None = None)
         raise ConfigError(f"expected a {kind} config, found kind '{found_kind}'", file=file, path="kind")
     version = data.get("schema_version", SCHEMA_VERSION)
     if not isinstance(version, int) or version < 1:
-        raise ConfigError(f"schema_version must be a positive integer, got {version!r}", file=file, path="schema_version")
+        raise ConfigError(
+            f"schema_version must be a positive integer, got {version!r}", file=file, path="schema_version"
+        )
     if version > SCHEMA_VERSION:
         raise ConfigError(
             f"schema_version {version} is newer than this worldgen supports ({SCHEMA_VERSION}); upgrade worldgen",

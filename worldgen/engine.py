@@ -208,9 +208,7 @@ class Engine:
         for name, exposed in self._inputs.items():
             kinds = {self._port(n, p, "input").kind for n, p in exposed.targets}
             kind = kinds.pop() if len(kinds) == 1 else PortKind.ANY
-            optional = exposed.optional or all(
-                self._port(n, p, "input").optional for n, p in exposed.targets
-            )
+            optional = exposed.optional or all(self._port(n, p, "input").optional for n, p in exposed.targets)
             default = exposed.default if exposed.optional else None
             ports[name] = Port(name, kind, optional=optional, default=default)
         return ports
@@ -336,9 +334,7 @@ class Engine:
                 for e in inner
                 if e.feedback
                 or e.source == e.target
-                or any(
-                    o.source not in members for o in incoming[(e.target, e.target_port)] if o is not e
-                )
+                or any(o.source not in members for o in incoming[(e.target, e.target_port)] if o is not e)
                 or (e.target, e.target_port) in exposed
             }
             order = _topological(component, [e for e in inner if e not in feedback])
@@ -376,7 +372,9 @@ def _components_in_order(nodes: list[str], edges: list[Edge]) -> list[list[str]]
     on_stack: set[str] = set()
     components: list[list[str]] = []
 
-    def visit(root: str) -> None:  # iterative Tarjan: graphs of a few hundred nodes must not hit recursion limits
+    def visit(
+        root: str,
+    ) -> None:  # iterative Tarjan: graphs of a few hundred nodes must not hit recursion limits
         work = [(root, iter(successors[root]))]
         index[root] = low[root] = len(index)
         stack.append(root)
@@ -469,10 +467,7 @@ def gather_inputs(
     for port_name, port in engine.item(node_id).input_ports().items():
         edges = plan.incoming.get((node_id, port_name), [])
         feedback = [e for e in edges if loop is not None and e in loop.feedback]
-        if feedback and iteration > 0:
-            sources = feedback
-        else:
-            sources = [e for e in edges if e not in feedback]
+        sources = feedback if feedback and iteration > 0 else [e for e in edges if e not in feedback]
         if outside_only and loop is not None:
             sources = [e for e in sources if e.source not in loop.nodes]
         found = [values[e.source][e.source_port] for e in sources if e.source in values]

@@ -8,7 +8,7 @@ from typing import Any
 
 from worldgen.block import Block, ModelBlock
 from worldgen.config import SCHEMA_VERSION, check_schema, dump_config, load_config_file
-from worldgen.engine import _MISSING, Engine, parse_endpoint
+from worldgen.engine import _MISSING, Engine
 from worldgen.errors import ConfigError, GraphError, WorldgenError
 from worldgen.execution.callbacks import RunCallback
 from worldgen.nodes.roles import ROLE_RULES
@@ -73,7 +73,9 @@ class Graph(Engine):
         for rule in ROLE_RULES:
             if block.role == rule.target_role and rule.target_port in block.input_ports():
                 candidates = [
-                    n for n, b in self._items.items() if b.role == rule.source_role and rule.source_port in b.output_ports()
+                    n
+                    for n, b in self._items.items()
+                    if b.role == rule.source_role and rule.source_port in b.output_ports()
                 ]
                 if len(candidates) > 1:
                     raise GraphError(
@@ -86,7 +88,9 @@ class Graph(Engine):
                 candidates = [
                     n
                     for n, b in self._items.items()
-                    if b.role == rule.target_role and rule.target_port in b.input_ports() and (n, rule.target_port) not in fed
+                    if b.role == rule.target_role
+                    and rule.target_port in b.input_ports()
+                    and (n, rule.target_port) not in fed
                 ]
                 if len(candidates) > 1:
                     raise GraphError(
@@ -262,7 +266,11 @@ class Graph(Engine):
             if id(block) in seen:
                 continue
             seen.add(id(block))
-            key = block.config.model.identity_key() if isinstance(block, ModelBlock) and block.config.model.reuse else None
+            key = (
+                block.config.model.identity_key()
+                if isinstance(block, ModelBlock) and block.config.model.reuse
+                else None
+            )
             if key in by_identity:
                 block.set_model(by_identity[key])
                 continue

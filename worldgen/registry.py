@@ -40,8 +40,24 @@ def _ensure_loaded() -> None:
     _loaded = True
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
+    load_plugins()
+
+
+def load_plugins() -> list[str]:
+    """Import every installed plugin of the `worldgen.blocks` entry-point group; returns their names.
+
+    An entry point names a module (importing it runs its `@register_block` decorators) or a Block class.
+    """
+    names = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()  # importing the plugin module runs its @register_block decorators
+        try:
+            loaded = ep.load()
+        except Exception as err:  # a broken plugin must say which one it is
+            raise WorldgenError(f"block plugin '{ep.name}' ({ep.value}) failed to load: {err}") from err
+        if isinstance(loaded, type) and issubclass(loaded, Block) and loaded.block_type not in _blocks:
+            register_block(loaded)
+        names.append(ep.name)
+    return names
 
 
 def block_types() -> list[str]:

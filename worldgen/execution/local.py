@@ -33,7 +33,9 @@ def check_inputs(engine: Engine, inputs: Mapping[str, Any] | None) -> dict[str, 
     return inputs
 
 
-def loop_iterations(engine: Engine, loop: Loop, values: Mapping, inputs: Mapping, override: int | None) -> int:
+def loop_iterations(
+    engine: Engine, loop: Loop, values: Mapping, inputs: Mapping, override: int | None
+) -> int:
     """N for one loop: the run's override, else what a block in the loop says (e.g. the solver's schedule)."""
     if override is not None:
         return int(override)
@@ -55,9 +57,12 @@ def call_node(engine: Engine, node_id: str, kwargs: dict[str, Any], iteration: i
     try:
         outputs = item(**kwargs)
     except WorldgenError as err:
-        raise type(err)(f"{where}: {err}") if type(err) in (GraphError, ExecutionError) else err
+        err.args = (f"{where}: {err}",)  # keep the error's type; say where it happened
+        raise
     except Exception as err:
-        raise ExecutionError(f"{where} of {engine.level} '{engine.name}' failed: {type(err).__name__}: {err}") from err
+        raise ExecutionError(
+            f"{where} of {engine.level} '{engine.name}' failed: {type(err).__name__}: {err}"
+        ) from err
     missing = set(item.output_ports()) - set(outputs)
     if missing:
         raise ExecutionError(f"{where} returned no value for output(s) {sorted(missing)}")

@@ -16,10 +16,17 @@ from worldgen.models.tiny import build_preset_component
 PRESET_PREFIX = "preset:"
 
 _DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
 }
 
 # Written next to the component's own config so a rebuilt model gets the dtype it was saved with.
@@ -67,22 +74,31 @@ def _finish(obj: Any, kind: str, dtype: torch.dtype) -> Any:
 
 
 def _load_preset(ref: ModelRef, cls: type, kind: str, dtype: torch.dtype) -> Any:
-    name = ref.source[len(PRESET_PREFIX):]
+    name = ref.source[len(PRESET_PREFIX) :]
     if not ref.subfolder:
-        raise ModelLoadError(f"{_where(ref, cls)}: a preset reference needs a subfolder "
-                             "('unet', 'vae', 'text_encoder', 'tokenizer' or 'scheduler')")
+        raise ModelLoadError(
+            f"{_where(ref, cls)}: a preset reference needs a subfolder "
+            "('unet', 'vae', 'text_encoder', 'tokenizer' or 'scheduler')"
+        )
     obj = build_preset_component(name, ref.subfolder)
     if kind == "scheduler":
         # Like diffusers users do: the preset's (DDIM) config becomes whatever scheduler class was asked for.
         return cls.from_config(obj.config)
     # Auto* classes cannot be isinstance-checked; any built component satisfies them.
     if not cls.__name__.startswith("Auto") and not isinstance(obj, cls):
-        raise ModelLoadError(f"{_where(ref, cls)}: the preset's '{ref.subfolder}' is a "
-                             f"{type(obj).__name__}, not a {cls.__name__}")
+        raise ModelLoadError(
+            f"{_where(ref, cls)}: the preset's '{ref.subfolder}' is a "
+            f"{type(obj).__name__}, not a {cls.__name__}"
+        )
     return obj
 
 
-def _check_local(ref: ModelRef, cls: type) -> None:
+def _looks_like_path(source: str) -> bool:
+    """True for filesystem paths; hub ids are 'name' or 'owner/name' (a missing path must not go to the hub)."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def _check_local(ref: ModelRef, cls: type, kind: str) -> None:
     """Clear errors for the common local-directory mistakes before diffusers/transformers give obscure ones."""
     root = Path(ref.source)
     if ref.subfolder and not (root / ref.subfolder).is_dir():
@@ -90,6 +106,18 @@ def _check_local(ref: ModelRef, cls: type) -> None:
         raise ModelLoadError(
             f"cannot load {_where(ref, cls)}: directory '{root}' has no subfolder '{ref.subfolder}'"
             f"{did_you_mean(ref.subfolder, found)} (found: {', '.join(found) or 'no subfolders'})"
+        )
+    config = {
+        "scheduler": "scheduler_config.json",
+        "diffusers_model": "config.json",
+        "transformers_model": "config.json",
+    }.get(kind)
+    where = root / ref.subfolder if ref.subfolder else root
+    if config and not (where / config).is_file():
+        found = sorted(p.name for p in where.iterdir() if not p.name.startswith("."))
+        raise ModelLoadError(
+            f"cannot load {_where(ref, cls)}: directory '{where}' has no {config}, so it holds no "
+            f"{cls.__name__} (found: {', '.join(found) or 'nothing'})"
         )
 
 
@@ -110,9 +138,15 @@ def load_component(ref: ModelRef, cls: type) -> Any:
         except Exception as exc:
             raise ModelLoadError(f"cannot build {_where(ref, cls)}: {exc}") from exc
 
-    local = Path(ref.source).is_dir()
+    local = Path(ref.source).expanduser().is_dir()
     if local:
-        _check_local(ref, cls)
+        ref = ref.model_copy(update={"source": str(Path(ref.source).expanduser())})
+        _check_local(ref, cls, kind)
+    elif _looks_like_path(ref.source):
+        raise ModelLoadError(
+            f"cannot load {_where(ref, cls)}: directory '{ref.source}' does not exist "
+            "(expected a local diffusers/transformers directory, a hub id or 'preset:<name>')"
+        )
     # Hub ids only resolve where the hub cache (or network) has them; local directories need no revision.
     extra: dict[str, Any] = {} if local else {"revision": ref.revision}
     sub: dict[str, Any] = {"subfolder": ref.subfolder} if ref.subfolder else {}

@@ -52,12 +52,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For unit tests: as small as diffusers' own pipeline tests (32x32 images, 16x16 latents).
     "tiny": {
         "description": "test-sized SD-family model: 32x32 images, UNet (32, 64), CLIP hidden 32",
-        "unet": {**_SD_UNET_BLOCKS, "block_out_channels": [32, 64], "sample_size": 16, "cross_attention_dim": 32,
-                 "norm_num_groups": 32, "attention_head_dim": 8},
+        "unet": {
+            **_SD_UNET_BLOCKS,
+            "block_out_channels": [32, 64],
+            "sample_size": 16,
+            "cross_attention_dim": 32,
+            "norm_num_groups": 32,
+            "attention_head_dim": 8,
+        },
         "vae": {**_SD_VAE_BLOCKS, "block_out_channels": [32, 64], "sample_size": 32, "norm_num_groups": 32},
-        "text_encoder": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5,
-                         "num_attention_heads": 4, "vocab_size": 1000, "max_position_embeddings": 77,
-                         "projection_dim": 32, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"},
+        "text_encoder": {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 5,
+            "num_attention_heads": 4,
+            "vocab_size": 1000,
+            "max_position_embeddings": 77,
+            "projection_dim": 32,
+            "layer_norm_eps": 1e-5,
+            "hidden_act": "quick_gelu",
+        },
         "scheduler": {"class": "DDIMScheduler", **_SD_SCHEDULER},
     },
     # For benchmarks: tiny but not trivial (64x64 images, 32x32 latents; one UNet call is tens of ms on CPU).
@@ -65,29 +79,45 @@ PRESETS: dict[str, dict[str, Any]] = {
         "description": "benchmark-sized SD-family model: 64x64 images, UNet (32, 64) with 2 layers, CLIP hidden 64",
         # Measured: (64, 128) costs ~85 ms per call (batch 2, 32x32 latents, 2 CPU threads), (32, 64) ~35 ms;
         # the benchmarks want tens of ms, so the width goes into the text side and the latent size instead.
-        "unet": {**_SD_UNET_BLOCKS, "block_out_channels": [32, 64], "sample_size": 32, "cross_attention_dim": 64,
-                 "norm_num_groups": 32, "attention_head_dim": 8},
+        "unet": {
+            **_SD_UNET_BLOCKS,
+            "block_out_channels": [32, 64],
+            "sample_size": 32,
+            "cross_attention_dim": 64,
+            "norm_num_groups": 32,
+            "attention_head_dim": 8,
+        },
         "vae": {**_SD_VAE_BLOCKS, "block_out_channels": [32, 64], "sample_size": 64, "norm_num_groups": 32},
-        "text_encoder": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 5,
-                         "num_attention_heads": 4, "vocab_size": 1000, "max_position_embeddings": 77,
-                         "projection_dim": 64, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"},
+        "text_encoder": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 5,
+            "num_attention_heads": 4,
+            "vocab_size": 1000,
+            "max_position_embeddings": 77,
+            "projection_dim": 64,
+            "layer_norm_eps": 1e-5,
+            "hidden_act": "quick_gelu",
+        },
         "scheduler": {"class": "DDIMScheduler", **_SD_SCHEDULER},
     },
 }
 
 # Words merged into single tokens so ordinary prompts do not tokenize to characters only.
-_WORDS: tuple[str, ...] = (
-    "a", "an", "the", "of", "at", "in", "on", "and", "with", "to", "by", "photo", "painting", "image",
-    "city", "harbor", "dawn", "dusk", "night", "forest", "mountain", "river", "sea", "sky", "cat", "dog",
-    "house", "red", "blue", "green", "world", "light", "old", "small", "big", "man", "woman", "tree",
-    "castle", "street", "sun", "moon", "snow", "rain", "village", "ship", "boat",
-)
+_WORD_TEXT = """a an the of at in on and with to by photo painting image city harbor dawn dusk night forest
+mountain river sea sky cat dog house red blue green world light old small big man woman tree castle street
+sun moon snow rain village ship boat"""
+_WORDS: tuple[str, ...] = tuple(_WORD_TEXT.split())
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP's reversible byte -> printable character table (the 256 base symbols of byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -95,7 +125,7 @@ def _bytes_to_unicode() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
+    return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
 
 
 def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -125,8 +155,15 @@ def build_tokenizer() -> Any:
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, bos_token=_BOS, eos_token=_EOS,
-                         unk_token=_EOS, pad_token=_EOS)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=77,
+        bos_token=_BOS,
+        eos_token=_EOS,
+        unk_token=_EOS,
+        pad_token=_EOS,
+    )
 
 
 def _preset(preset: str) -> dict[str, Any]:
@@ -173,10 +210,16 @@ def build_preset_component(preset: str, subfolder: str) -> Any:
 
         tok = build_tokenizer()
         # The text encoder must agree with the tokenizer on special ids (the pooled output is taken at EOS).
-        config = CLIPTextConfig(**cfg["text_encoder"], bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        config = CLIPTextConfig(
+            **cfg["text_encoder"],
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         if config.vocab_size <= len(tok):
-            raise ModelLoadError(f"preset '{preset}': text encoder vocab {config.vocab_size} <= tokenizer size {len(tok)}")
+            raise ModelLoadError(
+                f"preset '{preset}': text encoder vocab {config.vocab_size} <= tokenizer size {len(tok)}"
+            )
         model = _seeded(_SEEDS["text_encoder"], lambda: CLIPTextModel(config))
     return model.eval()
 
@@ -191,8 +234,12 @@ def save_preset_pipeline(preset: str, directory: str | Path) -> Path:
     """Write a preset as a diffusers-format Stable Diffusion directory (safetensors) and return its path."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(**preset_pipeline_components(preset), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        **preset_pipeline_components(preset),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     path = Path(directory)
     pipe.save_pretrained(path, safe_serialization=True)
     return path

@@ -30,7 +30,9 @@ def _on_model(value: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
 
 # ---- text ----------------------------------------------------------------------------------------------
 class TokenizerConfig(ModelConfig):
-    max_length: int | None = Field(None, description="pad/truncate to this many tokens (default: the model's)")
+    max_length: int | None = Field(
+        None, description="pad/truncate to this many tokens (default: the model's)"
+    )
 
 
 @register_block
@@ -61,7 +63,9 @@ class CLIPTokenizerBlock(ModelBlock):
 
 
 class TextEncoderConfig(ModelConfig):
-    clip_skip: int | None = Field(None, ge=1, description="use the hidden state this many layers before the last")
+    clip_skip: int | None = Field(
+        None, ge=1, description="use the hidden state this many layers before the last"
+    )
 
 
 @register_block
@@ -86,7 +90,9 @@ class CLIPTextConditionerBlock(ModelBlock):
         mask = attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
         mask = mask.to(encoder.device) if mask is not None else None
         clip_skip = self.config.clip_skip
-        out = encoder(token_ids.to(encoder.device), attention_mask=mask, output_hidden_states=clip_skip is not None)
+        out = encoder(
+            token_ids.to(encoder.device), attention_mask=mask, output_hidden_states=clip_skip is not None
+        )
         if clip_skip is None:
             embedding = out[0]
         else:
@@ -132,7 +138,9 @@ class UNet2DBackboneBlock(ModelBlock):
         if uncond.shape[0] != condition.shape[0]:
             uncond = uncond.expand(condition.shape[0], *uncond.shape[1:])
         batch = torch.cat([sample] * 2)
-        pred = unet(batch, timestep, encoder_hidden_states=torch.cat([uncond, condition]), return_dict=False)[0]
+        pred = unet(batch, timestep, encoder_hidden_states=torch.cat([uncond, condition]), return_dict=False)[
+            0
+        ]
         pred_uncond, pred_cond = pred.chunk(2)
         return {"pred": pred_cond, "pred_uncond": pred_uncond}
 
@@ -155,7 +163,9 @@ class ClassifierFreeGuidanceBlock(Block):
     )
     OUTPUTS = (Port("pred", K.LATENT),)
 
-    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None, scale: float | None = None):
+    def forward(
+        self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None, scale: float | None = None
+    ):
         if pred_uncond is None:
             return {"pred": pred_cond}
         scale = self.config.scale if scale is None else float(scale)
@@ -227,7 +237,9 @@ class SolverState:
 
 
 class SolverConfig(BlockConfig):
-    model: ModelRef | None = Field(None, description="where the scheduler config comes from (e.g. <dir>/scheduler)")
+    model: ModelRef | None = Field(
+        None, description="where the scheduler config comes from (e.g. <dir>/scheduler)"
+    )
     scheduler: dict[str, Any] = Field(default_factory=dict, description="overrides of the scheduler config")
     num_inference_steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0, description="DDIM-style stochasticity (for schedulers that accept it)")
@@ -320,7 +332,9 @@ class SchedulerSolver(Block):
             t_start = max(steps - init_timestep, 0)
             timesteps = scheduler.timesteps[t_start * scheduler.order :]
             if len(timesteps) == 0:
-                raise ConfigError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
+                raise ConfigError(
+                    f"strength {strength} with {steps} steps leaves no denoising step; raise either"
+                )
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(t_start * scheduler.order)
             latent = scheduler.add_noise(latent, noise, timesteps[:1].repeat(latent.shape[0]))
@@ -375,7 +389,9 @@ DDIMSolver = _solver("solver/ddim", "DDIMScheduler", "DDIM (deterministic with e
 PNDMSolver = _solver("solver/pndm", "PNDMScheduler", "PNDM/PLMS, Stable Diffusion's original default.")
 EulerSolver = _solver("solver/euler", "EulerDiscreteScheduler", "Euler (k-diffusion sigmas).")
 EulerAncestralSolver = _solver(
-    "solver/euler_ancestral", "EulerAncestralDiscreteScheduler", "Euler ancestral (adds seeded noise each step)."
+    "solver/euler_ancestral",
+    "EulerAncestralDiscreteScheduler",
+    "Euler ancestral (adds seeded noise each step).",
 )
 HeunSolver = _solver("solver/heun", "HeunDiscreteScheduler", "Heun, second order (two model calls per step).")
 DPMSolverPP2M = _solver(

@@ -33,7 +33,15 @@ def _ensure_loaded() -> None:
             importlib.import_module(module)
 
 
-def templates() -> dict[str, str]:
+def template_params(name: str) -> list[str]:
+    """The keyword parameters a template accepts."""
+    _ensure_loaded()
+    if name not in _TEMPLATES:
+        raise ConfigError(f"unknown template '{name}'{did_you_mean(name, _TEMPLATES)}")
+    return list(inspect.signature(_TEMPLATES[name]).parameters)
+
+
+def list_templates() -> dict[str, str]:
     """Template name -> first line of its description."""
     _ensure_loaded()
     return {name: (inspect.getdoc(fn) or "").splitlines()[0] for name, fn in sorted(_TEMPLATES.items())}

@@ -23,7 +23,9 @@ from worldgen.templates import register_template
 
 def _source(model: str | None, preset: str | None) -> str:
     if (model is None) == (preset is None):
-        raise ConfigError("give exactly one of `model` (a local diffusers directory or hub id) or `preset` (e.g. 'tiny')")
+        raise ConfigError(
+            "give exactly one of `model` (a local diffusers directory or hub id) or `preset` (e.g. 'tiny')"
+        )
     return model if model is not None else f"preset:{preset}"
 
 
@@ -34,23 +36,29 @@ def _component_config(source: str, subfolder: str, revision: str | None) -> dict
 
         name = source.split(":", 1)[1]
         if name not in PRESETS:
-            raise ConfigError(f"unknown preset '{name}'{did_you_mean(name, PRESETS)}; available: {', '.join(PRESETS)}")
+            raise ConfigError(
+                f"unknown preset '{name}'{did_you_mean(name, PRESETS)}; available: {', '.join(PRESETS)}"
+            )
         return PRESETS[name][subfolder]
-    from diffusers import ConfigMixin
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[subfolder]
     try:
-        return dict(ConfigMixin.load_config.__func__(_AnyConfig, source, subfolder=subfolder, revision=revision))
-    except Exception as err:  # noqa: BLE001 - reported as a config error naming the source
+        return dict(cls.load_config(source, subfolder=subfolder, revision=revision))
+    except Exception as err:  # reported as a config error naming the source
         raise ConfigError(f"cannot read {subfolder}/config.json of '{source}': {err}") from None
 
 
-class _AnyConfig:
-    config_name = "config.json"
-
-
 def _add_text_nodes(g: Graph, ref: dict[str, Any]) -> None:
-    g.add_node("tokenizer/clip", id="tok", config={"model": {**ref, "subfolder": "tokenizer"}}, auto_connect=False)
-    g.add_node("conditioner/clip_text", id="te", config={"model": {**ref, "subfolder": "text_encoder"}}, auto_connect=False)
+    g.add_node(
+        "tokenizer/clip", id="tok", config={"model": {**ref, "subfolder": "tokenizer"}}, auto_connect=False
+    )
+    g.add_node(
+        "conditioner/clip_text",
+        id="te",
+        config={"model": {**ref, "subfolder": "text_encoder"}},
+        auto_connect=False,
+    )
     g.add_node(g.block("tok"), id="tok_neg", auto_connect=False)
     g.add_node(g.block("te"), id="te_neg", auto_connect=False)
     g.add_edge("tok.token_ids", "te.token_ids")
@@ -59,18 +67,24 @@ def _add_text_nodes(g: Graph, ref: dict[str, Any]) -> None:
     g.expose_input("negative_prompt", "tok_neg.text", default="")
 
 
-def _add_denoising_loop(g: Graph, ref: dict[str, Any], solver: str, steps: int, guidance_scale: float) -> None:
+def _add_denoising_loop(
+    g: Graph, ref: dict[str, Any], solver: str, steps: int, guidance_scale: float
+) -> None:
     from worldgen.nodes.diffusion import SOLVERS
 
     if solver not in SOLVERS:
-        raise ConfigError(f"unknown solver '{solver}'{did_you_mean(solver, SOLVERS)}; available: {', '.join(SOLVERS)}")
+        raise ConfigError(
+            f"unknown solver '{solver}'{did_you_mean(solver, SOLVERS)}; available: {', '.join(SOLVERS)}"
+        )
     g.add_node(
         SOLVERS[solver],
         id="schedule",
         config={"model": {**ref, "subfolder": "scheduler"}, "num_inference_steps": steps},
         auto_connect=False,
     )
-    g.add_node("backbone/unet2d", id="unet", config={"model": {**ref, "subfolder": "unet"}}, auto_connect=False)
+    g.add_node(
+        "backbone/unet2d", id="unet", config={"model": {**ref, "subfolder": "unet"}}, auto_connect=False
+    )
     g.add_node("guidance/cfg", id="cfg", config={"scale": guidance_scale}, auto_connect=False)
     g.add_node(g.block("schedule"), id="solver", auto_connect=False)
     for source, target in [
@@ -90,7 +104,12 @@ def _add_denoising_loop(g: Graph, ref: dict[str, Any], solver: str, steps: int, 
         ("solver.state", "solver.state"),
     ]:
         g.add_edge(source, target)
-    g.add_node("codec/vae", id="vae", config={"model": {**ref, "subfolder": "vae"}, "mode": "decode"}, auto_connect=False)
+    g.add_node(
+        "codec/vae",
+        id="vae",
+        config={"model": {**ref, "subfolder": "vae"}, "mode": "decode"},
+        auto_connect=False,
+    )
     g.add_edge("solver.latent", "vae.latent")
     g.expose_input("steps", "schedule.num_steps", default=None)
     g.expose_input("guidance_scale", "cfg.scale", default=guidance_scale)
@@ -158,7 +177,10 @@ def image_to_image(
     g = Graph("image_to_image")
     _add_text_nodes(g, ref)
     g.add_node(
-        "codec/vae", id="vae_enc", config={"model": {**ref, "subfolder": "vae"}, "mode": "encode"}, auto_connect=False
+        "codec/vae",
+        id="vae_enc",
+        config={"model": {**ref, "subfolder": "vae"}, "mode": "encode"},
+        auto_connect=False,
     )
     g.add_node("latent/noise", id="noise", config={"dtype": dtype}, auto_connect=False)
     g.add_edge("vae_enc.latent", "noise.like")

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny Stable-Diffusion components (seeded, no network) and matching diffusers pipelines."""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+
+from worldgen.models.tiny import preset_pipeline_components, save_preset_pipeline
+
+PROMPT = "a harbor at dawn"
+
+# worldgen solver name -> (diffusers scheduler class, extra config) as a diffusers user would set it up
+SOLVER_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+
+def diffusers_pipeline(kind: str, solver: str, components: dict | None = None):
+    """The diffusers pipeline a worldgen template must match, on the tiny preset's components."""
+    components = dict(components or preset_pipeline_components("tiny"))
+    cls_name, extra = SOLVER_SCHEDULERS[solver]
+    components["scheduler"] = getattr(diffusers, cls_name).from_config(
+        components["scheduler"].config, **extra
+    )
+    cls = (
+        diffusers.StableDiffusionPipeline
+        if kind == "text_to_image"
+        else diffusers.StableDiffusionImg2ImgPipeline
+    )
+    pipe = cls(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A diffusers-format Stable Diffusion directory written by `save_pretrained` (tiny preset)."""
+    return save_preset_pipeline("tiny", tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def init_image():
+    return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))

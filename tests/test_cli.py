@@ -1,0 +1,254 @@
+"""The `worldgen` command (validate, show, templates, run) and the renderers behind `show`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import worldgen as wg
+from worldgen.cli import main
+from worldgen.render import to_dot, to_json, to_mermaid
+
+LOOP = ["unet", "cfg", "solver"]
+FEEDBACK = {
+    "solver.model_input -> unet.sample",
+    "solver.timestep -> unet.timestep",
+    "solver.latent -> solver.latent",
+    "solver.state -> solver.state",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_config() -> dict:
+    return wg.Graph.from_template("text_to_image", preset="tiny", steps=2).to_config()
+
+
+def _write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def graph_file(tmp_path, tiny_config) -> Path:
+    return _write(tmp_path / "t2i.yaml", tiny_config)
+
+
+def _error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert captured.err.startswith("worldgen: error: "), captured.err
+    assert "\n\n" not in captured.err.strip()
+    return captured.err
+
+
+# ---- validate -------------------------------------------------------------------------------------------------
+def test_validate_ok(graph_file, capsys):
+    assert main(["validate", str(graph_file)]) == 0
+    assert capsys.readouterr().out.strip() == "ok: graph 'text_to_image' (10 nodes, 18 edges, 1 loop)"
+
+
+def test_validate_saved_graph_directory_reads_only_the_config(tmp_path, tiny_config, capsys):
+    _write(tmp_path / "graph.yaml", tiny_config)  # no checkpoint needed: validate loads no weights
+    assert main(["validate", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("ok: graph 'text_to_image'")
+
+
+def test_validate_template(capsys):
+    assert main(["validate", "template:text_to_image"]) == 0
+    assert "ok: graph 'text_to_image'" in capsys.readouterr().out
+
+
+def test_validate_reports_problems_with_exit_1(tmp_path, tiny_config, capsys):
+    config = dict(tiny_config, inputs={k: v for k, v in tiny_config["inputs"].items() if k != "prompt"})
+    assert main(["validate", str(_write(tmp_path / "g.yaml", config))]) == 1
+    out = capsys.readouterr().out
+    assert "1 problem" in out and "tok.text" in out and "required input has no source" in out
+
+
+def _misspelt_port(config: dict) -> dict:
+    return dict(config, edges=["tok.token_idz -> te.token_ids", *config["edges"][1:]])
+
+
+def _unknown_type(config: dict) -> dict:
+    return dict(config, nodes={**config["nodes"], "cfg": {"type": "guidance/cgf"}})
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (_misspelt_port, ["at edges[0]", "token_idz", "did you mean 'token_ids'"]),
+        (_unknown_type, ["at nodes.cfg.type", "guidance/cgf", "did you mean 'guidance/cfg'"]),
+    ],
+    ids=["misspelt-port", "unknown-block-type"],
+)
+def test_validate_bad_config_is_one_clear_error(tmp_path, tiny_config, capsys, edit, expected):
+    path = _write(tmp_path / "bad.yaml", edit(tiny_config))
+    assert main(["validate", str(path)]) == 2
+    err = _error_line(capsys)
+    assert str(path) in err
+    for text in expected:
+        assert text in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_validate_malformed_yaml(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nnodes:\n  a: [1, 2\n  b: 3\n")
+    assert main(["validate", str(path)]) == 2
+    err = _error_line(capsys)
+    assert str(path) in err and "line 4" in err and "malformed YAML" in err
+
+
+def test_missing_file(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: no such file or directory" in _error_line(capsys)
+
+
+def test_debug_reraises(tmp_path, tiny_config):
+    path = _write(tmp_path / "bad.yaml", _unknown_type(tiny_config))
+    with pytest.raises(wg.ConfigError):
+        main(["--debug", "validate", str(path)])
+    with pytest.raises(wg.ConfigError):
+        main(["validate", str(path), "--debug"])
+
+
+def test_console_script_entry_point(tmp_path):
+    script = Path(sys.executable).with_name("worldgen")
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == f"worldgen {wg.__version__}"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("nodes: {a: [\n")
+    result = subprocess.run(
+        [str(script), "validate", str(broken)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("worldgen: error: ") and "Traceback" not in result.stderr
+
+
+def test_import_is_light():
+    code = (
+        "import sys, worldgen.cli; print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "[]"
+
+
+# ---- show -----------------------------------------------------------------------------------------------------
+def test_show_mermaid(graph_file, capsys):
+    assert main(["show", str(graph_file), "--format", "mermaid"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("flowchart")
+    assert text.count("-.->") == len(FEEDBACK)
+    assert '-.->|"feedback: latent → latent"| node_solver' in text
+    assert 'subgraph loop_unet_cfg_solver["loop: unet → cfg → solver"]' in text
+    assert 'node_unet["unet<br/>backbone/unet2d"]' in text
+    assert 'in_prompt(["input: prompt<br/>(text)"])' in text and "out_image" in text
+    assert '-->|"token_ids → token_ids"|' in text
+    assert "(same block as schedule)" in text  # solver shares the schedule's block
+
+
+def test_show_dot(graph_file, capsys):
+    assert main(["show", str(graph_file), "--format", "dot"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("digraph ")
+    assert text.count("{") == text.count("}") and text.rstrip().endswith("}")
+    assert "subgraph cluster_loop_unet_cfg_solver {" in text
+    assert text.count("style=dashed") == len(FEEDBACK)
+    assert 'label="feedback: state → state"' in text
+
+
+def test_show_json(graph_file, capsys):
+    assert main(["show", str(graph_file), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["name"] == "text_to_image" and data["level"] == "graph"
+    assert data["loops"][0]["nodes"] == LOOP and set(data["loops"][0]["feedback"]) == FEEDBACK
+    assert {f"{e['from']} -> {e['to']}" for e in data["edges"] if e["feedback"]} == FEEDBACK
+    assert not any(e["declared_feedback"] for e in data["edges"])  # all four are inferred by loops()
+    unet = next(n for n in data["nodes"] if n["id"] == "unet")
+    assert unet["type"] == "backbone/unet2d" and unet["inputs"]["sample"]["kind"] == "latent"
+    assert data["inputs"]["prompt"] == {"kind": "text", "to": ["tok.text"]}
+    assert data["outputs"]["image"] == {"kind": "image", "from": "vae.image"}
+    assert data["valid"] is True and data["problems"] == []
+
+
+def test_show_template_to_file(tmp_path, capsys):
+    out = tmp_path / "t2i.mmd"
+    assert main(["show", "template:text_to_image", "--format", "mermaid", "-o", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert out.read_text().startswith("flowchart")
+
+
+def test_show_unknown_template(capsys):
+    assert main(["show", "template:text_to_imag"]) == 2
+    assert "did you mean 'text_to_image'" in _error_line(capsys)
+
+
+def test_renderers_escape_awkward_node_ids():
+    g = wg.Graph('odd "name" {x}')
+    g.add_node("guidance/cfg", id='end "a" <b>', auto_connect=False)
+    g.add_node("guidance/cfg", id="x y#1", auto_connect=False)
+    g.add_edge('end "a" <b>.pred', "x y#1.pred_cond")
+    g.add_edge("x y#1.pred", "x y#1.pred_uncond")  # a self loop: its edge is a feedback edge
+    g.expose_input("p", ['end "a" <b>.pred_cond', 'end "a" <b>.pred_uncond'])
+    g.expose_output("out", "x y#1.pred")
+    mermaid = to_mermaid(g)
+    for line in mermaid.splitlines()[2:]:
+        head = line.strip().split("[", 1)[0].split("(", 1)[0].split(" ", 1)[0]
+        assert head.replace("_", "").isalnum() or head in {"subgraph", "end", "classDef"}, line
+    assert "#quot;a#quot; #lt;b#gt;" in mermaid
+    dot = to_dot(g)
+    assert dot.startswith('digraph "odd \\"name\\" {x}" {')
+    assert 'label="end \\"a\\" <b>\\nguidance/cfg"' in dot
+    data = json.loads(json.dumps(to_json(g)))
+    assert [n["id"] for n in data["nodes"]] == ['end "a" <b>', "x y#1"]
+    assert data["loops"][0]["nodes"] == ["x y#1"]
+
+
+# ---- templates --------------------------------------------------------------------------------------------------
+def test_templates_listing(capsys):
+    assert main(["templates"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert {"text_to_image", "image_to_image"} <= set(names)
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)  # every template has a description
+
+
+# ---- run --------------------------------------------------------------------------------------------------------
+def test_run_writes_png_and_diagram(tmp_path, capsys):
+    from PIL import Image
+
+    code = main(["run", "--preset", "tiny", "--steps", "2", "--prompt", "a red boat", "--out", str(tmp_path)])
+    assert code == 0
+    captured = capsys.readouterr()
+    png = Path(captured.out.strip())
+    assert png == tmp_path / "text_to_image_seed0.png"
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (32, 32) and image.mode == "RGB"
+    assert (tmp_path / "graph.mmd").read_text().startswith("flowchart")
+    assert "running graph 'text_to_image'" in captured.err
+
+
+def test_run_rejects_preset_with_file(graph_file, tmp_path, capsys):
+    assert main(["run", str(graph_file), "--preset", "tiny", "--out", str(tmp_path)]) == 2
+    assert "--preset applies only to a template" in _error_line(capsys)
+    assert not any(tmp_path.glob("*.png"))
+
+
+def test_images_save_png_batch(tmp_path):
+    import torch
+    from PIL import Image
+
+    from worldgen.images import save_png, to_pil
+
+    batch = torch.rand(2, 3, 8, 12)
+    paths = save_png(batch, tmp_path / "sub", "img")
+    assert [p.name for p in paths] == ["img_0.png", "img_1.png"]
+    with Image.open(paths[1]) as image:
+        assert image.size == (12, 8)
+    assert to_pil(batch[0])[0].size == (12, 8)
+    assert not list((tmp_path / "sub").glob(".*.tmp"))

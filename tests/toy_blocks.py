@@ -1,0 +1,75 @@
+"""Small pure-Python blocks for engine tests (registered under the `toy` role)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+import worldgen as wg
+from worldgen.ports import Aggregation, Port, PortKind
+
+K = PortKind
+
+
+class ScaleConfig(wg.BlockConfig):
+    factor: float = Field(2.0, description="multiplier")
+
+
+@wg.register_block
+class Scale(wg.Block):
+    block_type = "toy/scale"
+    Config = ScaleConfig
+    INPUTS = (Port("x", K.SCALAR),)
+    OUTPUTS = (Port("y", K.SCALAR),)
+
+    def forward(self, x):
+        return {"y": x * self.config.factor}
+
+
+@wg.register_block
+class Add(wg.Block):
+    block_type = "toy/add"
+    INPUTS = (Port("a", K.SCALAR), Port("b", K.SCALAR, optional=True, default=0.0))
+    OUTPUTS = (Port("y", K.SCALAR),)
+
+    def forward(self, a, b=0.0):
+        return {"y": a + b}
+
+
+@wg.register_block
+class Sum(wg.Block):
+    block_type = "toy/sum"
+    INPUTS = (Port("values", K.SCALAR, aggregate=Aggregation.LIST),)
+    OUTPUTS = (Port("y", K.SCALAR),)
+
+    def forward(self, values):
+        return {"y": sum(values) if isinstance(values, list) else values}
+
+
+@wg.register_block
+class Text(wg.Block):
+    block_type = "toy/text"
+    INPUTS = (Port("text", K.TEXT),)
+    OUTPUTS = (Port("text", K.TEXT),)
+
+    def forward(self, text):
+        return {"text": text.upper()}
+
+
+class CountdownConfig(wg.BlockConfig):
+    steps: int = 3
+
+
+@wg.register_block
+class Countdown(wg.Block):
+    """A loop controller: says how many iterations its loop runs (like a solver)."""
+
+    block_type = "toy/countdown"
+    Config = CountdownConfig
+    INPUTS = (Port("x", K.SCALAR),)
+    OUTPUTS = (Port("x", K.SCALAR),)
+
+    def forward(self, x):
+        return {"x": x}
+
+    def loop_iterations(self, inputs):
+        return self.config.steps
