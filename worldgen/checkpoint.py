@@ -65,7 +65,7 @@ def load_checkpoint(blocks: Iterable[tuple[str, Block]], path: str | Path) -> No
     path = Path(path)
     with safe_open(str(path), framework="pt") as fh:
         metadata = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is not iterable
     aliases = json.loads(metadata.get("aliases", "{}"))
     loaded: set[int] = set()
     for node_id, block in blocks:
