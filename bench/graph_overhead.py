@@ -12,11 +12,8 @@ that drift (thermal, other processes) hits both sides equally; medians are compa
     .venv/bin/python bench/graph_overhead.py                      # DDIM, 7 repeats
     .venv/bin/python bench/graph_overhead.py --solver dpmpp_2m --repeats 11 --profile
     .venv/bin/python bench/graph_overhead.py --json               # figures as JSON on stdout
-    .venv/bin/python bench/graph_overhead.py --profile --what-if  # where the executor's time goes
 
-`--profile` cProfiles both sides (rows for the executor's pieces, model calls for scale) and times the
-executor-side pieces alone without a profiler; `--what-if` re-measures with one suspected cost patched out
-in memory (no file is changed) to confirm the attribution.
+`--profile` cProfiles both sides (rows for the executor's pieces, model calls for scale).
 
 Exit status: 0 (also when the ratio misses its target, unless --strict), 2 when the outputs differ.
 """
@@ -31,7 +28,6 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import gc  # noqa: E402
-import inspect  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -190,7 +186,7 @@ _EXECUTOR_ROWS = (
     ("  output_ports() dict building", "worldgen/block.py", "output_ports", None),
     ("loop_iterations", "worldgen/execution/local.py", "loop_iterations", None),
     ("check_inputs", "worldgen/execution/local.py", "check_inputs", None),
-    ("_on_model (model.device + model.dtype)", "worldgen/nodes/diffusion.py", "_on_model", None),
+    ("ModelBlock.placement (device/dtype)", "worldgen/block.py", "placement", None),
     ("CFG block forward", "worldgen/nodes/diffusion.py", "forward", "worldgen/engine.py"),
     ("SchedulerSolver._step (incl. step math)", "worldgen/nodes/diffusion.py", "_step", None),
     ("  _restore (state -> scheduler)", "worldgen/nodes/diffusion.py", "_restore", None),
@@ -287,106 +283,6 @@ def _trim_pstats(text: str) -> str:
     return "\n".join(line.replace(sys.prefix, "<venv>") for line in lines[start:] if line.strip())
 
 
-def microbench_executor(g: Any, steps: int, reps: int = 200) -> dict[str, float]:
-    """Per-step cost of each executor-side piece timed in isolation, without a profiler (µs per step).
-
-    Replays one real run's values through `gather_inputs` for the loop's nodes, and the blocks' per-call
-    bookkeeping (device/dtype lookups, solver state restore/snapshot, `inspect.signature`, RNG state) on
-    real mid-schedule values.
-    """
-    from worldgen.engine import gather_inputs
-    from worldgen.execution import RunCallback
-    from worldgen.execution.local import check_inputs
-    from worldgen.nodes.diffusion import _on_model
-    from worldgen.rng import RngState
-
-    class Record(RunCallback):
-        def __init__(self) -> None:
-            self.values: dict[str, dict[str, Any]] = {}
-
-        def on_node_end(self, node_id: str, iteration: int | None, outputs: dict[str, Any]) -> None:
-            if iteration is None or iteration <= steps // 2:
-                self.values[node_id] = outputs
-
-    rec = Record()
-    inputs = check_inputs(g, {"prompt": PROMPT, "height": SIZE, "width": SIZE, "guidance_scale": GUIDANCE})
-    g.run(inputs, seed=0, callbacks=[rec])
-    values = rec.values
-    (loop,) = g.plan().loops
-
-    def per_call_us(fn: Any) -> float:
-        for _ in range(5):
-            fn()
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - start) / reps * 1e6
-
-    def unfed() -> RngState:
-        return RngState.seeded(0)
-
-    unet = g.block("unet").model
-    sample = values["solver"]["model_input"]
-    solver = g.block("solver")
-    state = values["solver"]["state"]
-    sched = solver._restore(state)
-    out: dict[str, float] = {}
-    out["_on_model x3 in the UNet block (device+dtype)"] = 3 * per_call_us(lambda: _on_model(sample, unet))
-    out["gather_inputs (unet, cfg, solver)"] = sum(
-        per_call_us(lambda n=n: gather_inputs(g, n, values, inputs, loop=loop, iteration=1, unfed_rng=unfed))
-        for n in loop.order
-    )
-    out["  of which input_ports() x3"] = sum(per_call_us(g.block(n).input_ports) for n in loop.order)
-    out["  of which RngState.seeded (unfed solver.rng)"] = per_call_us(unfed)
-    out["output_ports() x3 (call_node's check)"] = sum(
-        per_call_us(g.block(n).output_ports) for n in loop.order
-    )
-    out["solver _restore"] = per_call_us(lambda: solver._restore(state))
-    out["solver _snapshot"] = per_call_us(lambda: solver._snapshot(sched))
-    out["inspect.signature(scheduler.step)"] = per_call_us(lambda: inspect.signature(sched.step).parameters)
-    if state.rng is not None:
-        out["RngState .generator() + .of()"] = per_call_us(lambda: RngState.of(state.rng.generator()))
-    return out
-
-
-def _fast_on_model(value: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    """What-if: the first parameter's device/dtype when the tensor already matches it (no hooks to honour);
-    otherwise the model's own (slow, hook-aware) `.device`/`.dtype`."""
-    first = next(model.parameters(), None)
-    if (
-        first is not None
-        and value.device == first.device
-        and value.dtype == first.dtype
-        and not getattr(model, "_keep_in_fp32_modules", None)
-    ):
-        return value
-    return value.to(device=model.device, dtype=model.dtype)
-
-
-def what_if(
-    run_wg: Any, run_df: Any, image_df: torch.Tensor, repeats: int, warmup: int, steps: int
-) -> dict[str, Any]:
-    """Re-measure with `worldgen.nodes.diffusion._on_model` patched in memory (no file is changed)."""
-    import worldgen.nodes.diffusion as nodes
-
-    original = nodes._on_model
-    nodes._on_model = _fast_on_model
-    try:
-        diff = (run_wg().float() - image_df.float()).abs().max().item()
-        wg_times, df_times = measure(run_wg, run_df, repeats, warmup)
-    finally:
-        nodes._on_model = original
-    med_wg, med_df = statistics.median(wg_times), statistics.median(df_times)
-    return {
-        "max_abs_diff": diff,
-        "median_worldgen_ms": med_wg * 1e3,
-        "median_diffusers_ms": med_df * 1e3,
-        "ratio": med_wg / med_df,
-        "median_paired_ratio": statistics.median(a / b for a, b in zip(wg_times, df_times, strict=True)),
-        "overhead_ms_per_step": (med_wg - med_df) / steps * 1e3,
-    }
-
-
 # ---- main ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -395,12 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per side (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per side first")
     parser.add_argument(
-        "--profile", action="store_true", help="cProfile both sides and time executor pieces alone"
-    )
-    parser.add_argument(
-        "--what-if",
-        action="store_true",
-        help="also re-measure with the UNet block's device/dtype lookups made cheap (patched in memory only)",
+        "--profile", action="store_true", help="cProfile both sides (where the executor's time goes)"
     )
     parser.add_argument("--top", type=int, default=15, help="rows of the cProfile listings")
     parser.add_argument(
@@ -503,29 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         prof = profile_sides(run_wg, run_df)
         print_profile(prof, args.steps, args.top)
-        micro = microbench_executor(g, args.steps)
-        print("\nExecutor-side pieces timed alone (no profiler), per denoising step:")
-        for label, us in micro.items():
-            print(f"  {label:48s} {us:9.1f} us")
-        total_us = sum(us for label, us in micro.items() if not label.startswith("  "))
-        print(f"  {'sum':48s} {total_us:9.1f} us   (measured overhead: {per_step_ms * 1e3:+.1f} us per step)")
         figures["profile"] = {
             s: {"total_ms_per_run": p["total_ms_per_run"], "rows": p["rows"]} for s, p in prof.items()
         }
-        figures["executor_pieces_us_per_step"] = micro
-
-    if args.what_if:
-        wi = what_if(run_wg, run_df, image_df, args.repeats, 1, args.steps)
-        print(
-            "\nWhat-if (in memory only): the UNet block's _on_model() skips model.device/model.dtype when the "
-            "tensor already matches the first parameter:"
-        )
-        print(
-            f"  max abs diff {wi['max_abs_diff']:.3g}; worldgen {wi['median_worldgen_ms']:.1f} ms vs diffusers "
-            f"{wi['median_diffusers_ms']:.1f} ms: ratio {wi['ratio']:.3f} (paired {wi['median_paired_ratio']:.3f}), "
-            f"{wi['overhead_ms_per_step']:+.3f} ms per step"
-        )
-        figures["what_if_fast_on_model"] = wi
 
     print(f"\nratio worldgen/diffusers = {ratio:.3f} (target <= {TARGET})")
     if args.json:

@@ -85,8 +85,10 @@ def run_local(
     if seed is not None:
         from worldgen.rng import RngState
 
+        seeded = RngState.seeded(seed)  # immutable: every unfed rng input may share it
+
         def unfed_rng():
-            return RngState.seeded(seed)
+            return seeded
 
     values: dict[str, dict[str, Any]] = {}
     for step in plan.steps:

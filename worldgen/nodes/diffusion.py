@@ -24,8 +24,9 @@ from worldgen.rng import RngState, generator_or_none
 K = PortKind
 
 
-def _on_model(value: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    return value.to(device=model.device, dtype=model.dtype)
+def _on_model(value: torch.Tensor, block: ModelBlock) -> torch.Tensor:
+    device, dtype = block.placement()
+    return value.to(device=device, dtype=dtype)
 
 
 # ---- text ----------------------------------------------------------------------------------------------
@@ -130,11 +131,11 @@ class UNet2DBackboneBlock(ModelBlock):
         condition_uncond: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         unet = self.model
-        sample, condition = _on_model(sample, unet), _on_model(condition, unet)
+        sample, condition = _on_model(sample, self), _on_model(condition, self)
         if condition_uncond is None:
             pred = unet(sample, timestep, encoder_hidden_states=condition, return_dict=False)[0]
             return {"pred": pred, "pred_uncond": None}
-        uncond = _on_model(condition_uncond, unet)
+        uncond = _on_model(condition_uncond, self)
         if uncond.shape[0] != condition.shape[0]:
             uncond = uncond.expand(condition.shape[0], *uncond.shape[1:])
         batch = torch.cat([sample] * 2)
@@ -273,6 +274,7 @@ class SchedulerSolver(Block):
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
         self._template = None
+        self._step_param_names: frozenset[str] | None = None
 
     @property
     def scheduler(self) -> Any:
@@ -289,6 +291,12 @@ class SchedulerSolver(Block):
                 base = {}
             self._template = cls.from_config({**base, **self.scheduler_defaults, **self.config.scheduler})
         return self._template
+
+    def _step_params(self) -> frozenset[str]:
+        """Keyword arguments the scheduler's `step` accepts (looked up once: it is on the per-step path)."""
+        if self._step_param_names is None:
+            self._step_param_names = frozenset(inspect.signature(self.scheduler.step).parameters)
+        return self._step_param_names
 
     def save_assets(self, directory) -> None:
         self.scheduler.save_config(directory)
@@ -348,7 +356,7 @@ class SchedulerSolver(Block):
         scheduler = self._restore(state)
         t = state.timesteps[state.step]
         generator = generator_or_none(state.rng)
-        params = inspect.signature(scheduler.step).parameters
+        params = self._step_params()
         kwargs = {}
         if "generator" in params:
             kwargs["generator"] = generator
@@ -456,7 +464,7 @@ class VAECodecBlock(ModelBlock):
 
     def _decode(self, latent: torch.Tensor) -> dict[str, Any]:
         vae = self.model
-        z = _on_model(latent, vae) / vae.config.scaling_factor
+        z = _on_model(latent, self) / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             z = z + vae.config.shift_factor
         image = vae.decode(z, return_dict=False)[0]
@@ -468,7 +476,7 @@ class VAECodecBlock(ModelBlock):
 
         vae = self.model
         pixels = VaeImageProcessor(vae_scale_factor=self.scale_factor).preprocess(image)
-        pixels = _on_model(pixels, vae)
+        pixels = _on_model(pixels, self)
         generator = generator_or_none(rng)
         mode = "sample" if self.config.sample else "argmax"
         latent = retrieve_latents(vae.encode(pixels), generator=generator, sample_mode=mode)
