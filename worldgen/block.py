@@ -13,6 +13,17 @@ from worldgen.errors import ConfigError, format_validation_error
 from worldgen.ports import Port
 
 
+class Placement(BaseModel):
+    """Where the model's host actor runs on Ray (resources it reserves, restarts). Not part of its identity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved by the host actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the host actor (fractions share a GPU)")
+    memory: int | None = Field(None, ge=0, description="bytes of memory reserved by the host actor")
+    max_restarts: int = Field(3, ge=-1, description="restarts of a failed host actor (-1: unlimited)")
+
+
 class ModelRef(BaseModel):
     """Where a block's model comes from: a local diffusers/transformers directory, a hub id, or `preset:<name>`.
 
@@ -26,13 +37,14 @@ class ModelRef(BaseModel):
     subfolder: str | None = None
     dtype: str = "float32"
     variant: str | None = None
+    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'…; default: a GPU when there is one")
     reuse: bool = Field(True, description="share one instance with every other user of the same model")
+    placement: Placement = Field(default_factory=Placement, description="host-actor resources on Ray")
 
     def identity_key(self) -> str:
         """Readable, stable identity of the loaded model (everything that changes what gets loaded)."""
-        return "|".join(
-            [self.source, self.revision or "main", self.subfolder or "", self.dtype, self.variant or ""]
-        )
+        parts = [self.source, self.revision or "main", self.subfolder or "", self.dtype, self.variant or ""]
+        return "|".join(parts + ([self.device] if self.device else []))
 
     def slug(self) -> str:
         """Short name-safe form of the identity key (for actor names, directories)."""
@@ -139,6 +151,7 @@ class ModelBlock(Block):
         super().__init__(config, **overrides)
         self._model: Any = None
         self._placement: tuple | None = None
+        self.model_origin: str | None = None  # None: the weights are the model reference's own
 
     def model_class(self) -> type:
         """The class the model is loaded as (imported lazily so building graphs stays light)."""
@@ -152,10 +165,12 @@ class ModelBlock(Block):
             self._model = default_pool().get(self.config.model, self.model_class())
         return self._model
 
-    def set_model(self, model: Any) -> None:
-        """Use this already-loaded model (graph loading, tests)."""
+    def set_model(self, model: Any, origin: str | None = None) -> None:
+        """Use this already-loaded model (graph loading, tests). `origin` names where its weights come from
+        when that is not the model reference (e.g. a saved checkpoint), so Ray hosts it separately."""
         self._model = model
         self._placement = None
+        self.model_origin = origin
 
     def placement(self) -> tuple[Any, Any]:
         """(device, dtype) inputs must be moved to for the model.
@@ -191,7 +206,7 @@ class ModelBlock(Block):
         dtype = dtype_from_name(self.config.model.dtype)
         if getattr(model, "dtype", dtype) != dtype:
             model = model.to(dtype)
-        self.set_model(model)
+        self.set_model(model, origin=str(directory))
 
     def modules(self) -> dict[str, Any]:
         return {"model": self.model}

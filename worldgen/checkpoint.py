@@ -86,3 +86,42 @@ def load_checkpoint(blocks: Iterable[tuple[str, Block]], path: str | Path) -> No
                     f"weights for node '{node_id}' do not fit its model: {err}", file=str(path)
                 ) from None
             loaded.add(id(module))
+
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+ASSETS_DIR = "assets"
+
+
+def save_weights(blocks: list[tuple[str, Block]], directory: Path) -> None:
+    """Each block's assets (once per block) under `assets/<node>/`, and every weight once in the checkpoint."""
+    seen: set[int] = set()
+    for node_id, block in blocks:
+        if id(block) not in seen:
+            seen.add(id(block))
+            block.save_assets(directory / ASSETS_DIR / node_id)
+    save_checkpoint(blocks, directory / CHECKPOINT_FILE)
+
+
+def load_weights(blocks: list[tuple[str, Block]], directory: Path) -> None:
+    """Counterpart of `save_weights`: rebuild models from their assets, then fill in the checkpoint's weights.
+
+    Blocks whose model references are the same model share one rebuilt instance, as they did when saved.
+    """
+    from worldgen.block import ModelBlock
+
+    rebuilt: dict[str, ModelBlock] = {}  # identity key -> the block that rebuilt that model
+    seen: set[int] = set()
+    for node_id, block in blocks:
+        if id(block) in seen:
+            continue
+        seen.add(id(block))
+        ref = block.config.model if isinstance(block, ModelBlock) else None
+        key = ref.identity_key() if ref is not None and ref.reuse else None
+        if key in rebuilt:
+            block.set_model(rebuilt[key].model, origin=rebuilt[key].model_origin)
+            continue
+        block.load_assets(directory / ASSETS_DIR / node_id)
+        if key is not None and block.model_loaded:
+            rebuilt[key] = block
+    if (directory / CHECKPOINT_FILE).exists():
+        load_checkpoint(blocks, directory / CHECKPOINT_FILE)

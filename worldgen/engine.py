@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from worldgen.errors import GraphError, did_you_mean
+from worldgen.config import SCHEMA_VERSION, check_schema, dump_config, load_config_file
+from worldgen.errors import ConfigError, GraphError, WorldgenError, did_you_mean
 from worldgen.ports import Port, PortKind, compatible
+
+if TYPE_CHECKING:
+    from worldgen.block import Block
+    from worldgen.execution.callbacks import RunCallback
+
+EXECUTORS = ("local", "ray")
 
 _MISSING = object()
 
@@ -87,13 +95,19 @@ def parse_endpoint(text: str, what: str = "port") -> tuple[str, str]:
 
 
 class Engine:
-    """Nodes + edges + exposed ports, with validation and a cached execution plan."""
+    """Nodes + edges + exposed ports, with validation, a cached execution plan, config and checkpoint I/O.
+
+    Subclasses say what a node holds (`_item_config`/`_build_items`) and which blocks they contain
+    (`named_blocks`); everything else — wiring, validation, loops, running, saving — is shared.
+    """
 
     level = "graph"
     allow_cycles = True
+    nodes_key = "nodes"  # the config key listing the nodes
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, *, executor: str = "local"):
         self.name = name
+        self.executor = _check_executor(executor)
         self._items: dict[str, Any] = {}
         self._edges: list[Edge] = []
         self._inputs: dict[str, ExposedInput] = {}
@@ -303,6 +317,158 @@ class Engine:
                     )
         return problems
 
+    # ---- running ---------------------------------------------------------------------------------------
+    def run(
+        self,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        seed: int | None = None,
+        executor: str | None = None,
+        iterations: int | None = None,
+        callbacks: Iterable[RunCallback] = (),
+        progress: bool = False,
+        fuse_loops: bool = True,
+    ) -> dict[str, Any]:
+        """Run on the exposed inputs and return the exposed outputs.
+
+        `seed` seeds every random draw (same seed → same result on either executor); `iterations` overrides
+        loop counts; `executor` is "local" (in-process) or "ray" (nodes as Ray tasks, models on host actors;
+        `fuse_loops` runs a loop whose models share one actor as a single call there). Default: the config's.
+        """
+        from worldgen.execution import ProgressBar
+
+        callbacks = [*callbacks, *([ProgressBar(self.name)] if progress else [])]
+        kind = _check_executor(executor or self.executor)
+        if kind == "ray":
+            from worldgen.execution.ray import run_ray
+
+            return run_ray(self, inputs, seed=seed, iterations=iterations, callbacks=callbacks, fuse_loops=fuse_loops)
+        from worldgen.execution import run_local
+
+        return run_local(self, inputs, seed=seed, iterations=iterations, callbacks=callbacks)
+
+    def named_blocks(self) -> list[tuple[str, Block]]:
+        """Every block with its qualified node id ('node' in a graph, 'graph.node' in a pipeline, …)."""
+        raise NotImplementedError
+
+    # ---- config ----------------------------------------------------------------------------------------
+    def _items_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _build_items(self, items: Mapping[str, Any], fail) -> None:
+        raise NotImplementedError
+
+    def to_config(self) -> dict[str, Any]:
+        """Plain data (YAML/JSON-ready, no weights, no secrets) that `from_config` turns back into this."""
+        inputs: dict[str, Any] = {}
+        for name, ex in self._inputs.items():
+            targets = [f"{n}.{p}" for n, p in ex.targets]
+            target: Any = targets[0] if len(targets) == 1 else targets
+            inputs[name] = {"to": target, "default": ex.default} if ex.optional else target
+        config: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": self.level, "name": self.name}
+        if self.executor != "local":
+            config["executor"] = self.executor
+        return config | {
+            self.nodes_key: self._items_config(),
+            "edges": [
+                {"from": f"{e.source}.{e.source_port}", "to": f"{e.target}.{e.target_port}", "feedback": True}
+                if e.feedback
+                else str(e)
+                for e in self._edges
+            ],
+            "inputs": inputs,
+            "outputs": {name: f"{n}.{p}" for name, (n, p) in self._outputs.items()},
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str | Path):
+        """Build from a config mapping or a YAML/JSON file; every error names the file and YAML path."""
+        file = None
+        if isinstance(config, (str, Path)):
+            file = str(config)
+            config = load_config_file(config)
+        check_schema(config, cls.level, file=file)
+
+        def fail(path: str, message: str) -> ConfigError:
+            return ConfigError(message, file=file, path=path)
+
+        known = {"schema_version", "kind", "name", "executor", cls.nodes_key, "edges", "inputs", "outputs"}
+        for key in config:
+            if key not in known:
+                raise fail(str(key), f"unknown key; expected one of {sorted(known)}")
+        try:
+            engine = cls(str(config.get("name", cls.level)), executor=config.get("executor", "local"))
+        except GraphError as err:
+            raise fail("executor", str(err)) from None
+        items = config.get(cls.nodes_key) or {}
+        if not isinstance(items, Mapping):
+            raise fail(cls.nodes_key, "expected a mapping of id -> definition")
+        try:
+            engine._build_items(items, fail)
+            engine._load_wiring(config, fail)
+        except ConfigError:
+            raise
+        except WorldgenError as err:
+            raise ConfigError(str(err), file=file) from None
+        return engine
+
+    def _load_wiring(self, config: Mapping[str, Any], fail) -> None:
+        for i, edge in enumerate(config.get("edges") or []):
+            try:
+                if isinstance(edge, str):
+                    source, arrow, target = edge.partition("->")
+                    if not arrow:
+                        raise GraphError(f"expected 'node.port -> node.port', got {edge!r}")
+                    self.add_edge(source.strip(), target.strip())
+                elif isinstance(edge, Mapping) and {"from", "to"} <= set(edge):
+                    self.add_edge(edge["from"], edge["to"], feedback=bool(edge.get("feedback", False)))
+                else:
+                    raise GraphError(f"expected 'node.port -> node.port' or {{from, to}}, got {edge!r}")
+            except GraphError as err:
+                raise fail(f"edges[{i}]", str(err)) from None
+        for name, spec in (config.get("inputs") or {}).items():
+            try:
+                if isinstance(spec, Mapping):
+                    if "to" not in spec:
+                        raise GraphError("expected {to: node.port, default: value}")
+                    self.expose_input(name, spec["to"], default=spec.get("default", _MISSING))
+                else:
+                    self.expose_input(name, spec)
+            except GraphError as err:
+                raise fail(f"inputs.{name}", str(err)) from None
+        for name, spec in (config.get("outputs") or {}).items():
+            try:
+                self.expose_output(name, spec)
+            except GraphError as err:
+                raise fail(f"outputs.{name}", str(err)) from None
+
+    # ---- save / load -----------------------------------------------------------------------------------
+    @classmethod
+    def config_file(cls) -> str:
+        return f"{cls.level}.yaml"
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the config, one safetensors checkpoint and the model architectures (`assets/`) to a folder."""
+        from worldgen.checkpoint import save_weights
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dump_config(self.to_config(), directory / self.config_file())
+        save_weights(self.named_blocks(), directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path):
+        """Rebuild what `save` wrote: no network needed, weights from its checkpoint."""
+        from worldgen.checkpoint import load_weights
+
+        directory = Path(directory)
+        if not (directory / cls.config_file()).exists():
+            raise ConfigError(f"not a saved {cls.level}: no {cls.config_file()} in it", file=str(directory))
+        engine = cls.from_config(directory / cls.config_file())
+        load_weights(engine.named_blocks(), directory)
+        return engine
+
     def _analyse(self, check_only_structure: bool = False) -> tuple[ExecutionPlan, list[Problem]]:
         incoming: dict[tuple[str, str], list[Edge]] = {}
         for edge in self._edges:
@@ -350,6 +516,12 @@ class Engine:
                 )
             steps.append(Step(loop.order, loop))
         return ExecutionPlan(steps, incoming, exposed), ([] if check_only_structure else problems)
+
+
+def _check_executor(executor: str) -> str:
+    if executor not in EXECUTORS:
+        raise GraphError(f"unknown executor {executor!r}{did_you_mean(str(executor), EXECUTORS)}; expected one of {EXECUTORS}")
+    return executor
 
 
 def _edge_key(edge: Edge) -> tuple[str, str, str, str, bool]:

@@ -6,17 +6,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from worldgen.block import Block, ModelBlock
-from worldgen.config import SCHEMA_VERSION, check_schema, dump_config, load_config_file
-from worldgen.engine import _MISSING, Engine
-from worldgen.errors import ConfigError, GraphError, WorldgenError
-from worldgen.execution.callbacks import RunCallback
+from worldgen.block import Block
+from worldgen.engine import Engine
+from worldgen.errors import ConfigError, GraphError
 from worldgen.nodes.roles import ROLE_RULES
 from worldgen.registry import create_block
-
-CONFIG_FILE = "graph.yaml"
-CHECKPOINT_FILE = "checkpoint.safetensors"
-ASSETS_DIR = "assets"
 
 
 class Graph(Engine):
@@ -25,8 +19,8 @@ class Graph(Engine):
     level = "graph"
     allow_cycles = True
 
-    def __init__(self, name: str = "graph"):
-        super().__init__(name)
+    def __init__(self, name: str = "graph", *, executor: str = "local"):
+        super().__init__(name, executor=executor)
 
     # ---- building --------------------------------------------------------------------------------------
     def add_node(
@@ -101,33 +95,11 @@ class Graph(Engine):
                     edges.append((f"{node_id}.{rule.source_port}", f"{candidates[0]}.{rule.target_port}"))
         return edges
 
-    # ---- running ---------------------------------------------------------------------------------------
-    def run(
-        self,
-        inputs: Mapping[str, Any] | None = None,
-        *,
-        seed: int | None = None,
-        executor: str = "local",
-        iterations: int | None = None,
-        callbacks: Iterable[RunCallback] = (),
-        progress: bool = False,
-    ) -> dict[str, Any]:
-        """Run the graph on its exposed inputs; returns its exposed outputs.
-
-        `seed` seeds every random draw (same seed → same result); `iterations` overrides the loop count.
-        """
-        from worldgen.execution import ProgressBar, run_local
-
-        callbacks = [*callbacks, *([ProgressBar(self.name)] if progress else [])]
-        if executor != "local":
-            raise GraphError(f"unknown executor {executor!r}; available: 'local'")
-        return run_local(self, inputs, seed=seed, iterations=iterations, callbacks=callbacks)
-
-    __call__ = run
+    def named_blocks(self) -> list[tuple[str, Block]]:
+        return self.blocks()
 
     # ---- config ----------------------------------------------------------------------------------------
-    def to_config(self) -> dict[str, Any]:
-        """Plain data (YAML/JSON-ready, no weights, no secrets) that `from_config` turns back into this graph."""
+    def _items_config(self) -> dict[str, Any]:
         nodes: dict[str, Any] = {}
         first_holder: dict[int, str] = {}
         for node_id, block in self.blocks():
@@ -139,61 +111,16 @@ class Graph(Engine):
             if block.config_dict():
                 entry["config"] = block.config_dict()
             nodes[node_id] = entry
-        inputs: dict[str, Any] = {}
-        for name, ex in self._inputs.items():
-            targets = [f"{n}.{p}" for n, p in ex.targets]
-            target: Any = targets[0] if len(targets) == 1 else targets
-            inputs[name] = {"to": target, "default": ex.default} if ex.optional else target
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "graph",
-            "name": self.name,
-            "nodes": nodes,
-            "edges": [
-                {"from": f"{e.source}.{e.source_port}", "to": f"{e.target}.{e.target_port}", "feedback": True}
-                if e.feedback
-                else str(e)
-                for e in self._edges
-            ],
-            "inputs": inputs,
-            "outputs": {name: f"{n}.{p}" for name, (n, p) in self._outputs.items()},
-        }
+        return nodes
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any] | str | Path) -> Graph:
-        """Build from a config mapping or a YAML/JSON file; every error names the file and YAML path."""
-        file = None
-        if isinstance(config, (str, Path)):
-            file = str(config)
-            config = load_config_file(config)
-        check_schema(config, "graph", file=file)
-        try:
-            return cls._build(config, file)
-        except ConfigError:
-            raise
-        except WorldgenError as err:
-            raise ConfigError(str(err), file=file) from None
-
-    @classmethod
-    def _build(cls, config: Mapping[str, Any], file: str | None) -> Graph:
-        def fail(path: str, message: str) -> ConfigError:
-            return ConfigError(message, file=file, path=path)
-
-        known = {"schema_version", "kind", "name", "nodes", "edges", "inputs", "outputs"}
-        for key in config:
-            if key not in known:
-                raise fail(str(key), f"unknown key; expected one of {sorted(known)}")
-        graph = cls(str(config.get("name", "graph")))
-        nodes = config.get("nodes") or {}
-        if not isinstance(nodes, Mapping):
-            raise fail("nodes", "expected a mapping of node id -> {type, config}")
-        for node_id, spec in nodes.items():
+    def _build_items(self, items: Mapping[str, Any], fail) -> None:
+        for node_id, spec in items.items():
             path = f"nodes.{node_id}"
             if not isinstance(spec, Mapping):
                 raise fail(path, "expected a mapping with 'type' (and optional 'config') or 'block'")
             try:
                 if "block" in spec:
-                    graph.add_node(graph.block(spec["block"]), id=str(node_id), auto_connect=False)
+                    self.add_node(self.block(spec["block"]), id=str(node_id), auto_connect=False)
                     continue
                 if "type" not in spec:
                     raise fail(path, "missing 'type' (a block type such as 'backbone/unet2d')")
@@ -202,84 +129,13 @@ class Graph(Engine):
                     raise fail(path, f"unknown key(s) {sorted(extra)}; expected 'type' and 'config'")
                 block = create_block(spec["type"], spec.get("config"))
             except ConfigError as err:
+                if err.file is not None or err.path == path:
+                    raise
                 sub = "type" if "block type" in err.detail else "config"
                 raise fail(f"{path}.{sub}", err.detail) from None
             except GraphError as err:
                 raise fail(path, str(err)) from None
-            graph.add_node(block, id=str(node_id), auto_connect=False)
-        for i, edge in enumerate(config.get("edges") or []):
-            try:
-                if isinstance(edge, str):
-                    source, arrow, target = edge.partition("->")
-                    if not arrow:
-                        raise GraphError(f"expected 'node.port -> node.port', got {edge!r}")
-                    graph.add_edge(source.strip(), target.strip())
-                elif isinstance(edge, Mapping) and {"from", "to"} <= set(edge):
-                    graph.add_edge(edge["from"], edge["to"], feedback=bool(edge.get("feedback", False)))
-                else:
-                    raise GraphError(f"expected 'node.port -> node.port' or {{from, to}}, got {edge!r}")
-            except GraphError as err:
-                raise fail(f"edges[{i}]", str(err)) from None
-        for name, spec in (config.get("inputs") or {}).items():
-            try:
-                if isinstance(spec, Mapping):
-                    graph.expose_input(name, spec["to"], default=spec.get("default", _MISSING))
-                else:
-                    graph.expose_input(name, spec)
-            except (GraphError, KeyError) as err:
-                raise fail(f"inputs.{name}", str(err)) from None
-        for name, spec in (config.get("outputs") or {}).items():
-            try:
-                graph.expose_output(name, spec)
-            except GraphError as err:
-                raise fail(f"outputs.{name}", str(err)) from None
-        return graph
-
-    # ---- save / load -----------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write `graph.yaml`, `checkpoint.safetensors` and the model architectures (`assets/`) to a folder."""
-        from worldgen.checkpoint import save_checkpoint
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        dump_config(self.to_config(), directory / CONFIG_FILE)
-        seen: set[int] = set()
-        for node_id, block in self.blocks():
-            if id(block) not in seen:
-                seen.add(id(block))
-                block.save_assets(directory / ASSETS_DIR / node_id)
-        save_checkpoint(self.blocks(), directory / CHECKPOINT_FILE)
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path) -> Graph:
-        """Rebuild a graph written by `save`: no network needed, weights from its checkpoint."""
-        from worldgen.checkpoint import load_checkpoint
-
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).exists():
-            raise ConfigError(f"not a saved graph: no {CONFIG_FILE} in {directory}", file=str(directory))
-        graph = cls.from_config(directory / CONFIG_FILE)
-        by_identity: dict[str, Any] = {}
-        seen: set[int] = set()
-        for node_id, block in graph.blocks():
-            if id(block) in seen:
-                continue
-            seen.add(id(block))
-            key = (
-                block.config.model.identity_key()
-                if isinstance(block, ModelBlock) and block.config.model.reuse
-                else None
-            )
-            if key in by_identity:
-                block.set_model(by_identity[key])
-                continue
-            block.load_assets(directory / ASSETS_DIR / node_id)
-            if key is not None:
-                by_identity[key] = block.model
-        if (directory / CHECKPOINT_FILE).exists():
-            load_checkpoint(graph.blocks(), directory / CHECKPOINT_FILE)
-        return graph
+            self.add_node(block, id=str(node_id), auto_connect=False)
 
     @classmethod
     def from_template(cls, name: str, **params: Any) -> Graph:

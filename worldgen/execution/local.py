@@ -50,12 +50,14 @@ def loop_iterations(
     )
 
 
-def call_node(engine: Engine, node_id: str, kwargs: dict[str, Any], iteration: int | None) -> dict[str, Any]:
-    """Call one node's item, turning failures into errors that name the node (and iteration)."""
+def call_node(
+    engine: Engine, node_id: str, kwargs: dict[str, Any], iteration: int | None, run_options: dict[str, Any]
+) -> dict[str, Any]:
+    """Call one node's item (a block, or a whole graph in a pipeline), naming the node in any failure."""
     item = engine.item(node_id)
     where = f"node '{node_id}'" + (f" (loop iteration {iteration})" if iteration is not None else "")
     try:
-        outputs = item(**kwargs)
+        outputs = run_local(item, kwargs, **run_options) if isinstance(item, Engine) else item(**kwargs)
     except WorldgenError as err:
         err.args = (f"{where}: {err}",)  # keep the error's type; say where it happened
         raise
@@ -81,6 +83,7 @@ def run_local(
     plan = engine.plan()
     run_inputs = check_inputs(engine, inputs)
     callbacks = list(callbacks)
+    run_options = {"seed": seed, "iterations": iterations, "callbacks": callbacks}
     unfed_rng = None
     if seed is not None:
         from worldgen.rng import RngState
@@ -95,7 +98,7 @@ def run_local(
         if step.loop is None:
             (node_id,) = step.nodes
             kwargs = gather_inputs(engine, node_id, values, run_inputs, unfed_rng=unfed_rng)
-            values[node_id] = call_node(engine, node_id, kwargs, None)
+            values[node_id] = call_node(engine, node_id, kwargs, None, run_options)
             for cb in callbacks:
                 cb.on_node_end(node_id, None, values[node_id])
             continue
@@ -108,7 +111,7 @@ def run_local(
                 kwargs = gather_inputs(
                     engine, node_id, values, run_inputs, loop=loop, iteration=i, unfed_rng=unfed_rng
                 )
-                values[node_id] = call_node(engine, node_id, kwargs, i)
+                values[node_id] = call_node(engine, node_id, kwargs, i, run_options)
                 for cb in callbacks:
                     cb.on_node_end(node_id, i, values[node_id])
             for cb in callbacks:

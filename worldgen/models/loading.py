@@ -63,12 +63,20 @@ def _where(ref: ModelRef, cls: type) -> str:
     return f"model '{ref.source}'{sub} as {getattr(cls, '__name__', cls)}"
 
 
-def _finish(obj: Any, kind: str, dtype: torch.dtype) -> Any:
-    """Cast models to the requested dtype and put them in eval mode (inference is the default use)."""
+def resolve_device(device: str | None) -> torch.device:
+    """The device a model goes to: the reference's, else the GPU when this process has one."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _finish(obj: Any, kind: str, dtype: torch.dtype, device: str | None = None) -> Any:
+    """Cast models to the requested dtype and device and put them in eval mode (inference is the default)."""
     if kind in ("diffusers_model", "transformers_model"):
         # Cast only when needed: diffusers warns on every `.to(dtype)` call, even a no-op one.
         if obj.dtype != dtype:
             obj = obj.to(dtype)
+        target = resolve_device(device)
+        if obj.device != target:
+            obj = obj.to(target)
         obj.eval()
     return obj
 
@@ -132,7 +140,7 @@ def load_component(ref: ModelRef, cls: type) -> Any:
     kind = _kind(cls)
     if ref.source.startswith(PRESET_PREFIX):
         try:
-            return _finish(_load_preset(ref, cls, kind, dtype), kind, dtype)
+            return _finish(_load_preset(ref, cls, kind, dtype), kind, dtype, ref.device)
         except ModelLoadError:
             raise
         except Exception as exc:
@@ -168,7 +176,7 @@ def load_component(ref: ModelRef, cls: type) -> Any:
             f"{'scheduler config' if kind == 'scheduler' else 'checkpoint'} there "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from exc
-    return _finish(obj, kind, dtype)
+    return _finish(obj, kind, dtype, ref.device)
 
 
 def save_architecture(obj: Any, directory: str | Path) -> None:
