@@ -11,6 +11,7 @@ from worldgen.errors import (
     WorldgenError,
 )
 from worldgen.graph import Graph
+from worldgen.pipeline import Pipeline
 from worldgen.ports import Aggregation, Port, PortKind
 from worldgen.registry import block_class, block_types, create_block, register_block
 from worldgen.templates import list_templates, register_template, template_params
@@ -30,6 +31,7 @@ __all__ = [
     "ModelBlock",
     "ModelLoadError",
     "ModelRef",
+    "Pipeline",
     "Port",
     "PortKind",
     "Problem",

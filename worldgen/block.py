@@ -153,6 +153,13 @@ class ModelBlock(Block):
         self._placement: tuple | None = None
         self.model_origin: str | None = None  # None: the weights are the model reference's own
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Weights never travel with a block (to a Ray worker, a host actor): they are loaded where the block
+        # runs, from its model reference, or handed to its host actor explicitly.
+        state = self.__dict__.copy()
+        state["_model"], state["_placement"] = None, None
+        return state
+
     def model_class(self) -> type:
         """The class the model is loaded as (imported lazily so building graphs stays light)."""
         raise NotImplementedError

@@ -342,7 +342,9 @@ class Engine:
         if kind == "ray":
             from worldgen.execution.ray import run_ray
 
-            return run_ray(self, inputs, seed=seed, iterations=iterations, callbacks=callbacks, fuse_loops=fuse_loops)
+            return run_ray(
+                self, inputs, seed=seed, iterations=iterations, callbacks=callbacks, fuse_loops=fuse_loops
+            )
         from worldgen.execution import run_local
 
         return run_local(self, inputs, seed=seed, iterations=iterations, callbacks=callbacks)
@@ -520,7 +522,9 @@ class Engine:
 
 def _check_executor(executor: str) -> str:
     if executor not in EXECUTORS:
-        raise GraphError(f"unknown executor {executor!r}{did_you_mean(str(executor), EXECUTORS)}; expected one of {EXECUTORS}")
+        raise GraphError(
+            f"unknown executor {executor!r}{did_you_mean(str(executor), EXECUTORS)}; expected one of {EXECUTORS}"
+        )
     return executor
 
 
@@ -625,12 +629,14 @@ def gather_inputs(
     iteration: int = 0,
     outside_only: bool = False,
     unfed_rng: Any = None,
+    combine: Any = None,
 ) -> dict[str, Any]:
     """The keyword arguments for one call of `node_id`: values from edges, exposed inputs and defaults.
 
     Inside a loop, a port fed by a feedback edge takes the fed-back value from iteration 1 on. With
     `outside_only`, only values that exist before the loop starts are gathered (used to size loops).
     An RNG input that nothing feeds gets `unfed_rng()` (the run's seeded generator state) when given.
+    Several values for one port are merged by `combine(port, values)` (default: the port's aggregation).
     """
     from worldgen.ports import AGGREGATORS
 
@@ -655,6 +661,8 @@ def gather_inputs(
             raise GraphError(f"input {node_id}.{port_name} has no value (nothing feeds it)")
         if len(found) == 1 or port.aggregate is None:
             kwargs[port_name] = found[0]
+        elif combine is not None:
+            kwargs[port_name] = combine(port, found)
         else:
             kwargs[port_name] = AGGREGATORS[port.aggregate](found)
     return kwargs

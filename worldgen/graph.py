@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from worldgen.block import Block
@@ -97,6 +96,41 @@ class Graph(Engine):
 
     def named_blocks(self) -> list[tuple[str, Block]]:
         return self.blocks()
+
+    def extract(
+        self, node_ids: list[str]
+    ) -> tuple[Graph, dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+        """A graph of just these nodes (same blocks), with what crosses its boundary exposed.
+
+        Returns (subgraph, entering, leaving): `entering` maps the subgraph's inputs to the (node, port) they
+        feed, `leaving` its outputs to the (node, port) they come from; both are named 'node__port'. Used to
+        run a whole loop in one place (loop fusion on a model host).
+        """
+        inside = set(node_ids)
+        sub = Graph(f"{self.name}[{', '.join(node_ids)}]")
+        for node_id in node_ids:
+            sub._add_item(node_id, self.item(node_id))
+        entering: dict[str, tuple[str, str]] = {}
+        leaving: dict[str, tuple[str, str]] = {}
+        for edge in self._edges:
+            if edge.source in inside and edge.target in inside:
+                sub._edges.append(edge)
+            elif edge.target in inside:
+                entering[f"{edge.target}__{edge.target_port}"] = (edge.target, edge.target_port)
+            elif edge.source in inside:
+                leaving[f"{edge.source}__{edge.source_port}"] = (edge.source, edge.source_port)
+        for exposed in self._inputs.values():
+            for node, port in exposed.targets:
+                if node in inside:
+                    entering[f"{node}__{port}"] = (node, port)
+        for node, port in self._outputs.values():
+            if node in inside:
+                leaving[f"{node}__{port}"] = (node, port)
+        for name, (node, port) in entering.items():
+            sub.expose_input(name, f"{node}.{port}")
+        for name, (node, port) in leaving.items():
+            sub.expose_output(name, f"{node}.{port}")
+        return sub, entering, leaving
 
     # ---- config ----------------------------------------------------------------------------------------
     def _items_config(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 from worldgen.block import ModelRef
 from worldgen.errors import ConfigError, did_you_mean
 from worldgen.graph import Graph
+from worldgen.pipeline import Pipeline
 from worldgen.templates import register_template
 
 
@@ -192,3 +193,38 @@ def image_to_image(
     g.add_edge("noise.rng", "schedule.rng")
     g.expose_input("strength", "schedule.strength", default=strength)
     return g
+
+
+@register_template("generate_and_refine")
+def generate_and_refine(
+    model: str | None = None,
+    preset: str | None = None,
+    solver: str = "ddim",
+    steps: int = 50,
+    refine_steps: int | None = None,
+    strength: float = 0.5,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+) -> Pipeline:
+    """Text to image, then image to image on the result (one checkpoint, each model loaded once)."""
+    common = {
+        "model": model,
+        "preset": preset,
+        "solver": solver,
+        "guidance_scale": guidance_scale,
+        "revision": revision,
+        "dtype": dtype,
+    }
+    p = Pipeline("generate_and_refine")
+    p.add_graph(text_to_image(steps=steps, height=height, width=width, **common), id="generate")
+    p.add_graph(image_to_image(steps=refine_steps or steps, strength=strength, **common), id="refine")
+    p.connect("generate.image", "refine.image")
+    p.expose_input("prompt", ["generate.prompt", "refine.prompt"])
+    p.expose_input("negative_prompt", ["generate.negative_prompt", "refine.negative_prompt"], default="")
+    p.expose_input("strength", "refine.strength", default=strength)
+    p.expose_output("draft", "generate.image")
+    p.expose_output("image", "refine.image")
+    return p

@@ -1,0 +1,248 @@
+"""The Ray executor: light blocks run as Ray tasks, weight-holding blocks on their model host actors, edges
+travel as ObjectRefs (so independent nodes run in parallel), and pipelines unfold into one DAG of Ray tasks
+chained by ObjectRefs. A loop whose models all live on one host runs there as a single call (loop fusion).
+
+Same seed → same result as the local executor: random state travels on `rng` ports, never in a process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from actors.model_host import block_key, forget_host, host_for, host_name
+from worldgen.block import Block, ModelBlock
+from worldgen.engine import Engine, Loop, gather_inputs
+from worldgen.errors import ExecutionError, GraphError, WorldgenError
+from worldgen.execution.callbacks import RunCallback
+from worldgen.execution.local import check_inputs
+from worldgen.graph import Graph
+from worldgen.ports import AGGREGATORS, Aggregation
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to Ray once: `address` (or RAY_ADDRESS), else start a local instance."""
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="warning")
+
+
+# ---- tasks -------------------------------------------------------------------------------------------
+_worker_blocks: dict[str, Block] = {}
+
+
+@dataclass(frozen=True)
+class _Gather:
+    """Several ObjectRefs for one aggregating port: resolved and combined inside the task."""
+
+    policy: Aggregation
+    refs: tuple
+
+
+def _resolve(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: AGGREGATORS[v.policy](ray.get(list(v.refs))) if isinstance(v, _Gather) else v
+        for k, v in kwargs.items()
+    }
+
+
+@ray.remote
+def _run_block(block: Block, node_id: str, ports: tuple[str, ...], **inputs: Any) -> Any:
+    # One instance per block behaviour per worker process: what a block caches (a scheduler config) stays.
+    block = _worker_blocks.setdefault(block_key(block), block)
+    try:
+        outputs = block(**_resolve(inputs))
+    except Exception as err:
+        raise ExecutionError(
+            f"node '{node_id}' ({block.block_type}) failed: {type(err).__name__}: {err}"
+        ) from err
+    values = tuple(outputs[p] for p in ports)
+    return values[0] if len(values) == 1 else values
+
+
+# ---- submission --------------------------------------------------------------------------------------
+@dataclass
+class _Submitted:
+    node_id: str
+    iteration: int | None
+    refs: dict[str, Any]
+
+
+class _Run:
+    """One run's submission state: the ObjectRefs of every node output, in plan order."""
+
+    def __init__(self, seed: int | None, iterations: int | None, fuse_loops: bool):
+        from worldgen.rng import RngState
+
+        self.seed, self.iterations, self.fuse_loops = seed, iterations, fuse_loops
+        self.seeded = RngState.seeded(seed) if seed is not None else None
+        self.submitted: list[_Submitted] = []
+        self.light_refs: dict[int, Any] = {}  # each light block is put in the object store once per run
+
+    def unfed_rng(self):
+        return self.seeded
+
+    def gather(self, engine: Engine, node_id: str, values, inputs, **kw) -> dict[str, Any]:
+        return gather_inputs(
+            engine,
+            node_id,
+            values,
+            inputs,
+            unfed_rng=self.unfed_rng if self.seeded else None,
+            combine=lambda port, found: _Gather(port.aggregate, tuple(found)),
+            **kw,
+        )
+
+    def submit_block(self, node_id: str, block: Block, kwargs: dict[str, Any]) -> dict[str, Any]:
+        ports = tuple(block.output_ports())
+        if isinstance(block, ModelBlock):
+            ref = (
+                host_for(block)
+                .call.options(num_returns=len(ports))
+                .remote(block, node_id, ports, **_resolve_local(kwargs))
+            )
+        else:
+            if id(block) not in self.light_refs:
+                self.light_refs[id(block)] = ray.put(block)
+            ref = _run_block.options(num_returns=len(ports)).remote(
+                self.light_refs[id(block)], node_id, ports, **kwargs
+            )
+        refs = [ref] if len(ports) == 1 else list(ref)
+        return dict(zip(ports, refs, strict=True))
+
+    def submit(self, engine: Engine, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Submit every node of `engine` (recursively for graphs in a pipeline); returns output refs."""
+        plan = engine.plan()
+        inputs = check_inputs(engine, inputs)
+        values: dict[str, dict[str, Any]] = {}
+        for step in plan.steps:
+            if step.loop is None:
+                (node_id,) = step.nodes
+                kwargs = self.gather(engine, node_id, values, inputs)
+                item = engine.item(node_id)
+                if isinstance(item, Engine):
+                    values[node_id] = self.submit(item, kwargs)
+                else:
+                    values[node_id] = self.submit_block(node_id, item, kwargs)
+                self.submitted.append(_Submitted(node_id, None, values[node_id]))
+            elif self.fuse_loops and isinstance(engine, Graph) and (host := _fusion_host(engine, step.loop)):
+                self.submit_fused(engine, step.loop, host, values, inputs)
+            else:
+                n = self.loop_count(engine, step.loop, values, inputs)
+                for i in range(n):
+                    for node_id in step.loop.order:
+                        kwargs = self.gather(engine, node_id, values, inputs, loop=step.loop, iteration=i)
+                        values[node_id] = self.submit_block(node_id, engine.item(node_id), kwargs)
+                        self.submitted.append(_Submitted(node_id, i, values[node_id]))
+        return {name: values[node][port] for name, (node, port) in engine.exposed_outputs.items()}
+
+    def loop_count(self, engine: Engine, loop: Loop, values, inputs) -> int:
+        if self.iterations is not None:
+            return int(self.iterations)
+        for node_id in loop.order:
+            item = engine.item(node_id)
+            if type(item).loop_iterations is Block.loop_iterations:
+                continue  # only fetch entering values for blocks that can size the loop
+            entering = self.gather(engine, node_id, values, inputs, loop=loop, outside_only=True)
+            n = item.loop_iterations(_resolve_local(entering, fetch=True))
+            if n is not None:
+                return int(n)
+        raise GraphError(
+            f"loop {', '.join(loop.order)} needs an iteration count: pass iterations=N or add a solver"
+        )
+
+    def submit_fused(self, graph: Graph, loop: Loop, host: Any, values, inputs) -> None:
+        sub, entering, leaving = graph.extract(loop.order)
+        kwargs: dict[str, Any] = {}
+        for node_id in loop.order:
+            outside = self.gather(graph, node_id, values, inputs, loop=loop, outside_only=True)
+            kwargs |= {name: outside[port] for name, (node, port) in entering.items() if node == node_id}
+        key = hashlib.sha1(repr(sub.to_config()).encode()).hexdigest()
+        ports = tuple(leaving)
+        ref = host.run_subgraph.options(num_returns=len(ports)).remote(
+            key, sub, ports, self.seed, self.iterations, **_resolve_local(kwargs)
+        )
+        refs = [ref] if len(ports) == 1 else list(ref)
+        for name, out in zip(ports, refs, strict=True):
+            node, port = leaving[name]
+            values.setdefault(node, {})[port] = out
+        self.submitted.append(
+            _Submitted(loop.order[-1], None, {name: r for name, r in zip(ports, refs, strict=True)})
+        )
+
+
+def _resolve_local(kwargs: dict[str, Any], fetch: bool = False) -> dict[str, Any]:
+    """Actor methods get aggregated refs resolved here (actors do not run `_resolve`); `fetch` also gets refs."""
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, _Gather):
+            v = AGGREGATORS[v.policy](ray.get(list(v.refs)))
+        elif fetch and isinstance(v, ray.ObjectRef):
+            v = ray.get(v)
+        out[k] = v
+    return out
+
+
+def _fusion_host(graph: Graph, loop: Loop) -> Any:
+    """The one host every weight-holding node of the loop lives on, or None (then the loop runs unfused)."""
+    models = [graph.item(n) for n in loop.order if isinstance(graph.item(n), ModelBlock)]
+    if not models or len({host_name(b) for b in models}) != 1:
+        return None
+    plan = graph.plan()
+    for node_id in loop.order:  # an aggregating port fed from outside cannot become one subgraph input
+        for port_name, port in graph.item(node_id).input_ports().items():
+            outside = [e for e in plan.incoming.get((node_id, port_name), []) if e.source not in loop.nodes]
+            if (
+                port.aggregate is not None
+                and len(outside) + len(plan.exposed.get((node_id, port_name), [])) > 1
+            ):
+                return None
+    return host_for(models[0])
+
+
+# ---- entry point -------------------------------------------------------------------------------------
+def run_ray(
+    engine: Engine,
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    seed: int | None = None,
+    iterations: int | None = None,
+    callbacks: Iterable[RunCallback] = (),
+    fuse_loops: bool = True,
+) -> dict[str, Any]:
+    """Run a graph or pipeline on Ray and return its exposed outputs (fetched to the caller)."""
+    ensure_ray()
+    run = _Run(seed, iterations, fuse_loops)
+    callbacks = list(callbacks)
+    try:
+        outputs = run.submit(engine, dict(inputs or {}))
+        for item in run.submitted if callbacks else ():
+            ray.wait(list(item.refs.values()), num_returns=len(item.refs))
+            for cb in callbacks:
+                cb.on_node_end(item.node_id, item.iteration, item.refs)
+        values = ray.get(list(outputs.values()))
+    except ray.exceptions.ActorDiedError as err:
+        forget_host()  # the next run looks hosts up again (Ray restarts them, or a new one is created)
+        raise ExecutionError(
+            f"{engine.level} '{engine.name}': a model host actor died during the run ({_first_line(err)}); "
+            "it is restarted with its model reloaded, so running again is safe"
+        ) from None
+    except ray.exceptions.ActorUnavailableError as err:
+        raise ExecutionError(
+            f"{engine.level} '{engine.name}': a model host is restarting ({_first_line(err)}); run again"
+        ) from None
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause if isinstance(err.cause, WorldgenError) else None
+        raise (
+            cause or ExecutionError(f"{engine.level} '{engine.name}' failed: {_first_line(err)}")
+        ) from None
+    return dict(zip(outputs, values, strict=True))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

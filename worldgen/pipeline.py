@@ -1,0 +1,85 @@
+"""Pipeline: graphs of graphs (text → image → refine → …), connected by their exposed ports; always a DAG."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from worldgen.block import Block
+from worldgen.engine import Engine
+from worldgen.errors import ConfigError, GraphError, WorldgenError
+from worldgen.graph import Graph
+
+
+class Pipeline(Engine):
+    """A DAG whose nodes are whole graphs; an edge joins one graph's exposed output to another's input.
+
+    Models are shared across its graphs (same model reference → one instance, one host actor on Ray), and
+    its checkpoint stores each shared model once.
+    """
+
+    level = "pipeline"
+    allow_cycles = False
+    nodes_key = "graphs"
+
+    def __init__(self, name: str = "pipeline", *, executor: str = "local"):
+        super().__init__(name, executor=executor)
+
+    def add_graph(self, graph: Graph | Mapping[str, Any] | str | Path, *, id: str | None = None) -> str:  # noqa: A002
+        """Add a graph (instance, config mapping, or path to a config / saved graph; `ref:` prefix allowed)."""
+        if isinstance(graph, (str, Path)):
+            path = Path(str(graph).removeprefix("ref:"))
+            graph = Graph.load(path) if path.is_dir() else Graph.from_config(path)
+        elif isinstance(graph, Mapping):
+            graph = Graph.from_config(graph)
+        if not isinstance(graph, Graph):
+            raise GraphError(
+                f"add_graph takes a Graph, a config mapping or a path, got {type(graph).__name__}"
+            )
+        node_id = id or graph.name
+        self._add_item(node_id, graph)
+        return node_id
+
+    def connect(self, source: str, target: str) -> None:
+        """'graph.output' -> 'graph.input', checked against both graphs' specs."""
+        self.add_edge(source, target)
+
+    def graph(self, graph_id: str) -> Graph:
+        return self.item(graph_id)
+
+    def graphs(self) -> list[tuple[str, Graph]]:
+        return [(g, self._items[g]) for g in self._items]
+
+    def named_blocks(self) -> list[tuple[str, Block]]:
+        return [
+            (f"{gid}.{nid}", block) for gid, graph in self.graphs() for nid, block in graph.named_blocks()
+        ]
+
+    def _items_config(self) -> dict[str, Any]:
+        return {gid: graph.to_config() for gid, graph in self.graphs()}
+
+    def _build_items(self, items: Mapping[str, Any], fail) -> None:
+        for graph_id, spec in items.items():
+            path = f"graphs.{graph_id}"
+            if not isinstance(spec, Mapping):
+                raise fail(path, "expected a graph config (inline, or {ref: file.yaml})")
+            try:
+                graph = Graph.from_config(spec)
+            except ConfigError as err:
+                raise fail(f"{path}.{err.path}" if err.path else path, err.detail) from None
+            except WorldgenError as err:
+                raise fail(path, str(err)) from None
+            self.add_graph(graph, id=str(graph_id))
+
+    @classmethod
+    def from_template(cls, name: str, **params: Any) -> Pipeline:
+        from worldgen.templates import build_template
+
+        pipeline = build_template(name, **params)
+        if not isinstance(pipeline, Pipeline):
+            raise GraphError(f"template '{name}' builds a {type(pipeline).__name__}, not a Pipeline")
+        return pipeline
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r}, graphs={list(self._items)}, edges={len(self._edges)})"
