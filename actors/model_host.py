@@ -179,10 +179,16 @@ def forget_host(name: str | None = None) -> None:
         _handles.pop(name, None)
 
 
+def cluster_address() -> str | None:
+    """The connected cluster's bootstrap address (so the state API never guesses between clusters)."""
+    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+
+
 def list_hosts(address: str | None = None) -> list[dict[str, Any]]:
     """Alive model hosts in the project's namespace, with what each holds (via Ray's state API)."""
     from ray.util.state import list_actors
 
+    address = address or cluster_address()
     actors = list_actors(
         address=address, filters=[("state", "=", "ALIVE"), ("ray_namespace", "=", NAMESPACE)], limit=10_000
     )

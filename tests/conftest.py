@@ -45,3 +45,33 @@ def tiny_sd_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def init_image():
     return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (~5 s to start); no named actor outlives it."""
+    import ray
+
+    from actors.model_host import NAMESPACE, cluster_address, unload_hosts
+
+    ray.init(address="local", num_cpus=2, logging_level="warning", include_dashboard=True)
+    try:
+        yield ray
+    finally:
+        unload_hosts()
+        from ray.util.state import list_actors
+
+        alive = list_actors(address=cluster_address(), filters=[("state", "=", "ALIVE")])
+        leftover = [a.name for a in alive if a.name and a.ray_namespace == NAMESPACE]
+        ray.shutdown()
+        assert not leftover, f"tests left named actors behind: {leftover}"
+
+
+@pytest.fixture
+def clean_hosts(ray_session):
+    """Start a test with no model hosts and leave none behind."""
+    from actors.model_host import unload_hosts
+
+    unload_hosts()
+    yield ray_session
+    unload_hosts()

@@ -4,11 +4,17 @@
     worldgen show FILE --format mermaid|dot|json [-o OUT]
     worldgen templates                           list the built-in templates
     worldgen run [FILE] [--prompt TEXT] [--seed N] [--steps N] [--out DIR]
+                 [--executor local|ray] [--address ADDR]
+    worldgen models list [--address ADDR] [--json]  the model host actors alive on a running Ray cluster
+    worldgen models unload [NAME ...] [--all] [--address ADDR]
 
 FILE is a graph YAML/JSON file, a saved graph directory (holding graph.yaml), or, for `show` and `run`,
 `template:NAME` (built with the tiny preset for `show`). Every deliberate error (`WorldgenError`) and every
 missing file ends as one paragraph on stderr, prefixed `worldgen: error: `, with exit code 2; `--debug`
-re-raises it for a traceback. Heavy imports (torch, diffusers) happen inside the commands only.
+re-raises it for a traceback. Heavy imports (torch, diffusers, ray) happen inside the commands only.
+
+`models` only connects to a Ray cluster that is already running (`--address`, else RAY_ADDRESS, else the local
+one `ray start` recorded); it never starts one, since a fresh cluster holds no model hosts.
 """
 
 from __future__ import annotations
@@ -180,6 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         template_params["height"] = args.height
     if args.width:
         template_params["width"] = args.width
+    if args.address and args.executor == "local":
+        raise _CliError("--address applies only with --executor ray")
     spec = args.file or f"{TEMPLATE_PREFIX}text_to_image"
     if args.preset and not spec.startswith(TEMPLATE_PREFIX):
         raise _CliError("--preset applies only to a template (no FILE, or FILE given as template:NAME)")
@@ -204,11 +212,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         inputs["prompt"] = DEFAULT_PROMPT
 
     out_dir = Path(args.out)
+    executor = args.executor or engine.executor
+    if executor == "ray":
+        import os
+
+        from worldgen.execution.ray import ensure_ray
+
+        target = args.address or os.environ.get("RAY_ADDRESS")
+        if target and target not in ("auto", "local"):
+            _require_cluster(target)
+        ensure_ray(args.address)
+    elif args.address:
+        raise _CliError("--address applies only with --executor ray")
     print(
-        f"{PROG}: running {engine.level} '{engine.name}' ({_counts(engine)}), seed {args.seed}",
+        f"{PROG}: running {engine.level} '{engine.name}' ({_counts(engine)}), seed {args.seed}, "
+        f"executor {executor}",
         file=sys.stderr,
     )
-    outputs = engine.run(inputs, seed=args.seed, progress=True)
+    outputs = engine.run(inputs, seed=args.seed, progress=True, executor=executor)
 
     spec_out = engine.output_spec()
     images = [name for name in outputs if spec_out.get(name, {}).get("kind") == "image"]
@@ -234,6 +255,190 @@ def _summary(value: Any) -> str:
         return f"{type(value).__name__} of shape {tuple(shape)}"
     text = repr(value)
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+# ---- models (model host actors on a running Ray cluster) -----------------------------------------------------
+_PROBE_TIMEOUT_S = 5.0
+_UNLOAD_WAIT_S = 10.0
+_NO_CLUSTER_HINT = "start one with `ray start --head` or pass --address"
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _require_cluster(address: str) -> None:
+    """Fail fast (instead of Ray's minutes of retries) when nothing listens at a host:port address."""
+    import socket
+
+    if "://" in address:  # ray://… client and http://… addresses: left to Ray
+        return
+    target = _host_port(address)
+    if target is None:
+        raise _CliError(f"--address expects HOST:PORT (a Ray cluster's GCS address), got {address!r}")
+    try:
+        socket.create_connection(target, timeout=_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        raise _CliError(
+            f"no Ray cluster is running at {address} ({err.strerror or err}); {_NO_CLUSTER_HINT}"
+        ) from None
+
+
+def _connect_existing(address: str | None) -> str:
+    """Connect to a running cluster (never start one); returns its GCS address."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if target == "local":
+        raise _CliError(f"'local' would start a new, empty Ray instance; {_NO_CLUSTER_HINT}")
+    where = target
+    if target == "auto":
+        try:  # where `ray.init("auto")` will go: a stale record of a stopped cluster would hang it for minutes
+            from ray._private.services import canonicalize_bootstrap_address
+
+            resolved = canonicalize_bootstrap_address("auto")
+        except ConnectionError:
+            raise _CliError(f"no Ray cluster is running on this machine; {_NO_CLUSTER_HINT}") from None
+        except Exception:  # a Ray without this helper: ray.init finds the cluster itself
+            resolved = None
+        if resolved:
+            where = resolved
+            _require_cluster(resolved)
+    else:
+        _require_cluster(target)
+    try:
+        ray.init(address=address or "auto", logging_level="error", log_to_driver=False)
+    except Exception as err:
+        if any(isinstance(e, ray.exceptions.AuthenticationError) for e in _chain(err)):
+            raise _CliError(
+                f"the Ray cluster at {where} rejected the connection: it uses token authentication; make its "
+                "token available as RAY_AUTH_TOKEN (or in ~/.ray/auth_token, or in a file named by "
+                "RAY_AUTH_TOKEN_PATH) and set RAY_AUTH_MODE=token"
+            ) from None
+        if isinstance(err, (ConnectionError, RuntimeError, TimeoutError)):
+            raise _CliError(
+                f"cannot connect to a Ray cluster at {where} ({_first_line(err)}); {_NO_CLUSTER_HINT}"
+            ) from None
+        raise
+    return ray.get_runtime_context().gcs_address
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _hosts(gcs_address: str) -> list[dict[str, Any]]:
+    from actors.model_host import list_hosts
+
+    try:
+        return list_hosts(gcs_address)
+    except Exception as err:  # the state API needs the cluster's dashboard (ray[default], include_dashboard)
+        raise _CliError(
+            f"cannot list the actors of the Ray cluster at {gcs_address}: {_first_line(err)} (listing needs the "
+            "cluster's dashboard, which `ray start --head` runs by default)"
+        ) from None
+
+
+def _short_class(path: str) -> str:
+    return path.rpartition(":")[2] if path else "-"
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    import json
+
+    from actors.model_host import NAMESPACE
+
+    hosts = _hosts(_connect_existing(args.address))
+    if args.json:
+        print(json.dumps(hosts, indent=2))
+        return 0
+    if not hosts:
+        print(f"no model hosts are running (namespace '{NAMESPACE}')")
+        return 0
+    header = ("NAME", "CLASS", "IDENTITY", "PARAMETERS", "LOADS", "CALLS", "PID")
+    rows = [
+        (
+            host["name"],
+            _short_class(host.get("class", "")),
+            host.get("identity", "-"),
+            f"{host['parameters']:,}" if "parameters" in host else "-",
+            str(host.get("loads", "-")),
+            str(host.get("calls", "-")),
+            str(host.get("pid") or "-"),
+        )
+        for host in hosts
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    numeric = {3, 4, 5, 6}
+    for row in (header, *rows):
+        cells = [
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+    for host in hosts:
+        if "error" in host:
+            print(f"{PROG}: {host['name']} did not answer: {host['error']}", file=sys.stderr)
+    return 0
+
+
+def cmd_models_unload(args: argparse.Namespace) -> int:
+    if args.all and args.names:
+        raise _CliError("give host NAMEs or --all, not both")
+    if not args.all and not args.names:
+        raise _CliError("name the model hosts to unload (see `worldgen models list`) or pass --all")
+    import time
+
+    from actors.model_host import NAMESPACE, PREFIX, unload_hosts
+
+    gcs_address = _connect_existing(args.address)
+    existing = [host["name"] for host in _hosts(gcs_address)]
+    if args.all:
+        targets = existing
+    else:
+        targets = []
+        for name in args.names:
+            full = name if name in existing or name.startswith(PREFIX) else PREFIX + name
+            if full not in existing:
+                from worldgen.errors import did_you_mean
+
+                listing = ", ".join(existing) if existing else "(none)"
+                raise _CliError(
+                    f"no model host named '{name}' in namespace '{NAMESPACE}'"
+                    f"{did_you_mean(full, existing)}; running hosts: {listing}"
+                )
+            if full not in targets:
+                targets.append(full)
+    if not targets:
+        print(f"no model hosts are running (namespace '{NAMESPACE}'); nothing to unload")
+        return 0
+    unloaded = unload_hosts(targets)
+    deadline = time.monotonic() + _UNLOAD_WAIT_S  # `ray.kill` is asynchronous: return once they are gone
+    while time.monotonic() < deadline and {h["name"] for h in _hosts(gcs_address)} & set(unloaded):
+        time.sleep(0.2)
+    for name in unloaded:
+        print(f"unloaded {name}")
+    gone = [name for name in targets if name not in unloaded]
+    for name in gone:  # exited between the listing and the kill
+        print(f"{PROG}: {name} was already gone", file=sys.stderr)
+    return 0
 
 
 # ---- parser and entry point ----------------------------------------------------------------------------------
@@ -320,7 +525,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default: {DEFAULT_OUT}/)"
     )
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="run in this process, or on Ray (nodes as tasks, models on host actors); default: the graph's own",
+    )
+    p.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="with --executor ray: the Ray cluster to use (default: RAY_ADDRESS, else the one `ray start` "
+        "started here, else a new local instance)",
+    )
     p.set_defaults(handler=cmd_run)
+
+    address_help = "the Ray cluster, HOST:PORT (default: RAY_ADDRESS, else the one `ray start` started here)"
+    models = sub.add_parser(
+        "models",
+        parents=[common],
+        help="list or unload the model host actors on a running Ray cluster",
+        description="Model hosts are the long-lived Ray actors (one per model identity) that hold model weights "
+        "for every run on a cluster. These commands connect to a running cluster; they never start one.",
+    )
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION")
+    models_sub.required = True
+    p = models_sub.add_parser(
+        "list",
+        parents=[common],
+        help="list the model hosts alive on the cluster",
+        description="One row per model host: name, model class, identity, parameter count, loads, calls, pid.",
+    )
+    p.add_argument("--address", metavar="ADDR", help=address_help)
+    p.add_argument("--json", action="store_true", help="print JSON (every field) instead of a table")
+    p.set_defaults(handler=cmd_models_list)
+    p = models_sub.add_parser(
+        "unload",
+        parents=[common],
+        help="kill model hosts, freeing their memory",
+        description="Kill the named model hosts (or all of them with --all); the next run that needs a model "
+        "starts its host again.",
+    )
+    p.add_argument("names", metavar="NAME", nargs="*", help="host names as `worldgen models list` shows them")
+    p.add_argument("--all", action="store_true", help="unload every model host in the namespace")
+    p.add_argument("--address", metavar="ADDR", help=address_help)
+    p.set_defaults(handler=cmd_models_unload)
     return parser
 
 

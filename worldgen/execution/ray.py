@@ -225,15 +225,12 @@ def run_ray(
             for cb in callbacks:
                 cb.on_node_end(item.node_id, item.iteration, item.refs)
         values = ray.get(list(outputs.values()))
-    except ray.exceptions.ActorDiedError as err:
+    except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as err:
         forget_host()  # the next run looks hosts up again (Ray restarts them, or a new one is created)
+        actor = getattr(err, "actor_id", None) or "?"
         raise ExecutionError(
-            f"{engine.level} '{engine.name}': a model host actor died during the run ({_first_line(err)}); "
-            "it is restarted with its model reloaded, so running again is safe"
-        ) from None
-    except ray.exceptions.ActorUnavailableError as err:
-        raise ExecutionError(
-            f"{engine.level} '{engine.name}': a model host is restarting ({_first_line(err)}); run again"
+            f"{engine.level} '{engine.name}': a model host actor died during the run ({type(err).__name__}, "
+            f"actor {actor}); it is restarted with its model reloaded, so running again is safe"
         ) from None
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if isinstance(err.cause, WorldgenError) else None

@@ -1,0 +1,182 @@
+"""Ray runtime: same images as the local executor, one host actor per model, loop fusion, failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import worldgen as wg
+from actors.model_host import host_name, list_hosts, unload_hosts
+from tests.conftest import PROMPT
+from worldgen.models.pool import default_pool
+
+TOL = 1e-5  # CPU thread counts differ between processes
+STEPS = 3
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and (a - b).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_graphs_on_ray_equal_local(clean_hosts, init_image, fuse):
+    t2i = wg.Graph.from_template("text_to_image", preset="tiny", solver="euler_ancestral", steps=STEPS)
+    i2i = wg.Graph.from_template(
+        "image_to_image", preset="tiny", solver="dpmpp_2m", steps=STEPS, strength=0.6
+    )
+    for graph, inputs in [(t2i, {"prompt": PROMPT}), (i2i, {"prompt": PROMPT, "image": init_image})]:
+        local = graph.run(inputs, seed=5)["image"]
+        remote = graph.run(inputs, seed=5, executor="ray", fuse_loops=fuse)["image"]
+        assert close(local, remote)
+
+
+def test_pipeline_on_ray_equals_local_and_hosts_each_model_once(clean_hosts):
+    pipeline = wg.Pipeline.from_template("generate_and_refine", preset="tiny", steps=STEPS, strength=0.6)
+    local = pipeline.run({"prompt": PROMPT}, seed=1)
+    loads_before = default_pool().loads
+    remote = pipeline.run({"prompt": PROMPT}, seed=1, executor="ray")
+    assert close(local["draft"], remote["draft"]) and close(local["image"], remote["image"])
+    assert default_pool().loads == loads_before  # the driver loaded nothing: models live on their hosts
+
+    hosts = list_hosts()
+    # tokenizer, text encoder, UNet, VAE: one host each, although two graphs (and two VAE modes) use them
+    assert sorted(h["class"].split(":")[1] for h in hosts) == [
+        "AutoencoderKL",
+        "CLIPTextModel",
+        "CLIPTokenizer",
+        "UNet2DConditionModel",
+    ]
+    assert all(h["loads"] == 1 for h in hosts)
+    unet = next(h for h in hosts if h["class"].endswith("UNet2DConditionModel"))
+    assert unet["calls"] == 2  # fused: one call per denoising loop, not one per step
+
+
+def test_two_pipelines_running_concurrently_share_hosts(clean_hosts):
+    pipelines = [wg.Pipeline.from_template("generate_and_refine", preset="tiny", steps=2) for _ in range(2)]
+    results, errors = [None, None], []
+
+    def run(i):
+        try:
+            results[i] = pipelines[i].run({"prompt": PROMPT}, seed=2, executor="ray")["image"]
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.equal(results[0], results[1])
+    hosts = list_hosts()
+    assert len(hosts) == 4 and all(h["loads"] == 1 for h in hosts)
+
+
+def test_reuse_off_gives_a_private_host(clean_hosts):
+    graph = wg.Graph.from_template("text_to_image", preset="tiny", steps=2)
+    shared = graph.block("unet")
+    private = wg.create_block(
+        "backbone/unet2d", {"model": {"source": "preset:tiny", "subfolder": "unet", "reuse": False}}
+    )
+    assert host_name(shared) != host_name(private)
+    assert host_name(private) == host_name(private)  # stable for one block
+    graph.remove_node("unet")
+    graph.add_node(private, id="unet", auto_connect=False)
+    for source, target in [
+        ("te.embedding", "unet.condition"),
+        ("te_neg.embedding", "unet.condition_uncond"),
+        ("schedule.model_input", "unet.sample"),
+        ("schedule.timestep", "unet.timestep"),
+        ("unet.pred", "cfg.pred_cond"),
+        ("unet.pred_uncond", "cfg.pred_uncond"),
+        ("solver.model_input", "unet.sample"),
+        ("solver.timestep", "unet.timestep"),
+    ]:
+        graph.add_edge(source, target)
+    graph.run({"prompt": PROMPT}, seed=0, executor="ray")
+    assert any(h["name"] == host_name(private) for h in list_hosts())
+
+
+def test_saved_graph_on_ray_uses_its_checkpoint(clean_hosts, tmp_path):
+    graph = wg.Graph.from_template("text_to_image", preset="tiny", steps=2)
+    with torch.no_grad():
+        for p in graph.block("unet").model.parameters():
+            p.mul_(0.9)  # "trained": no longer the preset's weights
+    graph.save(tmp_path / "trained")
+    local = graph.run({"prompt": PROMPT}, seed=0)["image"]
+    default_pool().clear()  # the preset's pooled UNet was modified in place above; drop it
+    loaded = wg.Graph.load(tmp_path / "trained")
+    remote = loaded.run({"prompt": PROMPT}, seed=0, executor="ray")["image"]
+    assert close(local, remote)
+    fresh = wg.Graph.from_template("text_to_image", preset="tiny", steps=2).run({"prompt": PROMPT}, seed=0)[
+        "image"
+    ]
+    assert not close(fresh, remote)
+
+
+def test_killed_host_fails_the_run_clearly_and_the_next_run_recovers(clean_hosts):
+    import ray
+
+    graph = wg.Graph.from_template("text_to_image", preset="tiny", steps=40)
+    expected = graph.run({"prompt": PROMPT}, seed=0, iterations=None)["image"]
+    graph.run({"prompt": PROMPT}, seed=0, executor="ray", fuse_loops=False)  # hosts up and warm
+    unet_host = ray.get_actor(host_name(graph.block("unet")), namespace="worldgen")
+
+    failure = []
+
+    def run():
+        try:
+            graph.run({"prompt": PROMPT}, seed=0, executor="ray", fuse_loops=False)
+        except wg.ExecutionError as err:
+            failure.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.5)  # the 40-step loop is under way
+    ray.kill(unet_host, no_restart=False)  # Ray restarts it (max_restarts) and it reloads its model
+    thread.join(timeout=120)
+    assert failure, "the run that lost its host must fail"
+    assert "model host actor died" in str(failure[0]) and "running again is safe" in str(failure[0])
+
+    again = graph.run({"prompt": PROMPT}, seed=0, executor="ray")["image"]
+    assert close(expected, again)
+    unet = next(h for h in list_hosts() if h["name"] == host_name(graph.block("unet")))
+    assert unet["loads"] == 1 and unet["calls"] >= 1  # a new process that loaded the model again
+
+
+def test_unload_hosts(clean_hosts):
+    wg.Graph.from_template("text_to_image", preset="tiny", steps=2).run(
+        {"prompt": PROMPT}, seed=0, executor="ray"
+    )
+    assert len(list_hosts()) == 4
+    assert len(unload_hosts()) == 4
+    assert list_hosts() == []
+
+
+def test_node_failure_on_ray_names_the_node(clean_hosts):
+    graph = wg.Graph.from_template("text_to_image", preset="tiny", steps=2)
+    with pytest.raises(wg.WorldgenError, match="multiples of 2"):
+        graph.run({"prompt": PROMPT, "height": 33}, seed=0, executor="ray")
+
+
+def test_light_graph_with_aggregation_and_config_executor(clean_hosts):
+    import tests.toy_blocks  # noqa: F401 - registers the toy blocks
+
+    config = {
+        "name": "agg",
+        "executor": "ray",
+        "nodes": {
+            "a": {"type": "toy/scale", "config": {"factor": 1}},
+            "b": {"type": "toy/scale", "config": {"factor": 10}},
+            "sum": {"type": "toy/sum"},
+        },
+        "edges": ["a.y -> sum.values", "b.y -> sum.values"],
+        "inputs": {"a": "a.x", "b": "b.x"},
+        "outputs": {"y": "sum.y"},
+    }
+    graph = wg.Graph.from_config(config)
+    assert graph.run({"a": 1.0, "b": 2.0}) == {"y": 21.0}  # on Ray: the config says so
+    assert graph.run({"a": 1.0, "b": 2.0}, executor="local") == {"y": 21.0}
