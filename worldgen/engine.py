@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from worldgen.config import SCHEMA_VERSION, check_schema, dump_config, load_config_file
 from worldgen.errors import ConfigError, GraphError, WorldgenError, did_you_mean
-from worldgen.ports import Port, PortKind, compatible
+from worldgen.ports import AGGREGATORS, Port, PortKind, compatible
 
 if TYPE_CHECKING:
     from worldgen.block import Block
@@ -638,8 +638,6 @@ def gather_inputs(
     An RNG input that nothing feeds gets `unfed_rng()` (the run's seeded generator state) when given.
     Several values for one port are merged by `combine(port, values)` (default: the port's aggregation).
     """
-    from worldgen.ports import AGGREGATORS
-
     plan = engine.plan()
     kwargs: dict[str, Any] = {}
     for port_name, port in engine.item(node_id).input_ports().items():
