@@ -58,8 +58,14 @@ class ModelHost:
     def __init__(self, ref: dict[str, Any], class_path: str, model: Any = None):
         from worldgen.models.loading import load_component, resolve_device
 
+        import torch
+
         self.ref = ModelRef(**ref)
         self.class_path = class_path
+        # Ray starts workers with one intra-op thread per reserved CPU (one when none is reserved); a host
+        # that reserves no CPUs is a shared model server, so it uses the machine's cores like a local run.
+        cpus = self.ref.placement.num_cpus
+        torch.set_num_threads(max(1, int(cpus)) if cpus >= 1 else (os.cpu_count() or 1))
         started = time.perf_counter()
         if model is None:
             model = load_component(self.ref, _import(class_path))
