@@ -56,9 +56,9 @@ class ModelHost:
     """Holds one model; runs the blocks (and fused loops) that use it."""
 
     def __init__(self, ref: dict[str, Any], class_path: str, model: Any = None):
-        from worldgen.models.loading import load_component, resolve_device
-
         import torch
+
+        from worldgen.models.loading import load_component, resolve_device
 
         self.ref = ModelRef(**ref)
         self.class_path = class_path
