@@ -104,6 +104,7 @@ class Engine:
     level = "graph"
     allow_cycles = True
     nodes_key = "nodes"  # the config key listing the nodes
+    extra_config_keys: tuple[str, ...] = ()  # further top-level config keys a level understands
 
     def __init__(self, name: str, *, executor: str = "local"):
         self.name = name
@@ -395,13 +396,11 @@ class Engine:
             return ConfigError(message, file=file, path=path)
 
         known = {"schema_version", "kind", "name", "executor", cls.nodes_key, "edges", "inputs", "outputs"}
+        known |= set(cls.extra_config_keys)
         for key in config:
             if key not in known:
                 raise fail(str(key), f"unknown key; expected one of {sorted(known)}")
-        try:
-            engine = cls(str(config.get("name", cls.level)), executor=config.get("executor", "local"))
-        except GraphError as err:
-            raise fail("executor", str(err)) from None
+        engine = cls._new_from_config(config, fail)
         items = config.get(cls.nodes_key) or {}
         if not isinstance(items, Mapping):
             raise fail(cls.nodes_key, "expected a mapping of id -> definition")
@@ -413,6 +412,14 @@ class Engine:
         except WorldgenError as err:
             raise ConfigError(str(err), file=file) from None
         return engine
+
+    @classmethod
+    def _new_from_config(cls, config: Mapping[str, Any], fail):
+        """The empty engine a config describes (subclasses read their own extra keys here)."""
+        try:
+            return cls(str(config.get("name", cls.level)), executor=config.get("executor", "local"))
+        except GraphError as err:
+            raise fail("executor", str(err)) from None
 
     def _load_wiring(self, config: Mapping[str, Any], fail) -> None:
         for i, edge in enumerate(config.get("edges") or []):

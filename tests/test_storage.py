@@ -1,0 +1,315 @@
+"""WorldStorage: one world's directory — config, content, progress, artifacts, exactly-once episodes, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from worldgen.errors import ConfigError
+from worldgen.state import ArtifactRef, GenerationConfig, Progress, WorldContent, WorldState
+from worldgen.storage import StorageError, UnsafePathError, WorldStorage
+
+CONFIG = {
+    "kind": "world",
+    "schema_version": 1,
+    "name": "harbor",
+    "llm": {"api_key": "${env:OPENAI_API_KEY}", "model": "gpt-x"},
+    "stages": ["philosopher", "author"],
+}
+
+
+@pytest.fixture
+def store(tmp_path) -> WorldStorage:
+    storage = WorldStorage(tmp_path / "world")
+    storage.create(CONFIG)
+    return storage
+
+
+def complete_state(store: WorldStorage, state_id: str, *, images: int = 2, text: str = "") -> WorldState:
+    """A state with all five blocks, its images saved as in-flight artifacts."""
+    batch = torch.rand(images, 3, 16, 24, generator=torch.Generator().manual_seed(len(state_id)))
+    refs = store.save_artifacts(state_id, batch)
+    return WorldState(
+        id=state_id,
+        happening=f"The tide goes out {text}",
+        generation=GenerationConfig(prompt=f"a harbor at low tide {text}", width=64, height=64, steps=4),
+        artifacts=refs,
+        description=f"Boats resting on mud {text}",
+        outcome=f"The fishermen wait for the water {text}",
+    )
+
+
+# ---------------------------------------------------------------- config, content, progress
+
+
+def test_create_and_config_round_trip(store):
+    assert store.exists()
+    assert store.load_config() == CONFIG
+    assert "${env:OPENAI_API_KEY}" in store.config_path.read_text()  # secrets stay references
+    for folder in ("artifacts", "episodes", "checkpoints"):
+        assert (store.root / folder).is_dir()
+    store.create(CONFIG)  # the same world again (a resume) is fine
+    with pytest.raises(StorageError, match="different world"):
+        store.create({**CONFIG, "name": "other"})
+    store.create({**CONFIG, "name": "other"}, overwrite=True)
+    assert store.load_config()["name"] == "other"
+
+
+def test_missing_world(tmp_path):
+    store = WorldStorage(tmp_path / "nowhere")
+    assert not store.exists()
+    assert store.load_content() is None and store.load_progress() is None
+    assert store.episodes() == [] and store.find_episode("abc") is None
+    with pytest.raises(StorageError, match="world.yaml is missing"):
+        store.load_config()
+
+
+def test_content_and_progress_round_trip(store):
+    content = WorldContent(title="Harbor", story="Once.", history=["a", "b"], glossary={"tide": "water"})
+    store.save_content(content)
+    assert store.load_content() == content
+    state = WorldState(happening="The tide turns")
+    progress = Progress(
+        step=3, stage_index=2, action="wait", state=state, ran=["philosopher"], skipped=["author"]
+    )
+    store.save_progress(progress)
+    assert store.load_progress() == progress
+    assert not list(store.root.glob(".*.tmp"))  # no temp files left behind
+
+
+def test_corrupt_content_names_file_and_field(store):
+    store.save_content(WorldContent(title="Harbor"))
+    store.content_path.write_text('{"title": "Harbor", "history": "not a list"}')
+    with pytest.raises(ConfigError, match=r"content\.json.*history") as err:
+        store.load_content()
+    assert err.value.file == str(store.content_path)
+    store.content_path.write_text('{"title": "Harb')
+    with pytest.raises(ConfigError, match=r"content\.json.*malformed JSON"):
+        store.load_content()
+    store.progress_path.write_text('{"step": -1}')
+    with pytest.raises(ConfigError, match=r"progress\.json.*step"):
+        store.load_progress()
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def test_save_artifacts_writes_pngs(store):
+    batch = torch.rand(2, 3, 16, 24)
+    refs = store.save_artifacts("s1", batch)
+    assert [r.path for r in refs] == ["artifacts/s1/000.png", "artifacts/s1/001.png"]
+    for ref in refs:
+        assert not Path(ref.path).is_absolute()
+        path = store.root / ref.path
+        with Image.open(path) as picture:
+            assert picture.format == "PNG" and picture.size == (24, 16) == (ref.width, ref.height)
+        assert ref.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert store.artifact_path(ref) == path.resolve()
+    # PIL images are accepted too; a repeated call replaces the state's files
+    refs = store.save_artifacts("s1", [Image.new("RGB", (8, 8), "red")])
+    assert [r.path for r in refs] == ["artifacts/s1/000.png"]
+    assert sorted(p.name for p in (store.root / "artifacts/s1").iterdir()) == ["000.png"]
+    store.discard_artifacts("s1")
+    assert not (store.root / "artifacts/s1").exists()
+
+
+@pytest.mark.parametrize("bad", ["../x", "artifacts/../../x", "/etc/passwd", "C:\\x.png", "..\\x", ""])
+def test_artifact_path_rejects_escapes(store, bad):
+    with pytest.raises(UnsafePathError):
+        store.artifact_path(ArtifactRef(path=bad))
+
+
+def test_artifact_path_rejects_symlink_escape(store, tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret")
+    (store.root / "artifacts").mkdir(exist_ok=True)
+    os.symlink(outside, store.root / "artifacts" / "link.png")
+    os.symlink(tmp_path, store.root / "artdir")
+    with pytest.raises(UnsafePathError, match="outside"):
+        store.artifact_path("artifacts/link.png")
+    with pytest.raises(UnsafePathError, match="outside"):
+        store.artifact_path("artdir/secret.txt")
+
+
+def test_bad_state_ids_are_refused(store):
+    for bad in ("../x", ".tmp-x", "a/b", ""):
+        with pytest.raises(UnsafePathError):
+            store.save_artifacts(bad, torch.rand(1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------- episodes
+
+
+def test_save_episode_exactly_once_and_numbers_increase(store):
+    first = complete_state(store, "state-a")
+    assert store.save_episode(first, step=2, action=None, ran=["philosopher", "author", "world_update"]) == 1
+    assert not (store.root / "artifacts/state-a").exists()  # moved into the episode
+    assert store.save_episode(first, step=2, action=None, ran=[]) == 1  # same state id: nothing written
+    assert store.episodes() == [1]
+    second = complete_state(store, "state-b")
+    assert store.save_episode(second, step=3, action="open the gates", ran=["world_update"]) == 2
+    assert store.episodes() == [1, 2]
+    assert store.find_episode("state-a") == 1 and store.find_episode("state-b") == 2
+    assert store.find_episode("nope") is None
+    index = json.loads(store.index_path.read_text())["episodes"]
+    assert index == {"state-a": 1, "state-b": 2}
+
+
+def test_load_episode_returns_the_five_blocks(store):
+    state = complete_state(store, "state-a", images=2)
+    store.save_episode(state, step=4, action="wait", ran=["world_update"])
+    loaded, meta = store.load_episode(1)
+    assert loaded.id == "state-a"
+    assert loaded.filled() == {1, 2, 3, 4, 5}
+    for n in (1, 2, 4, 5):
+        assert loaded.block(n) == state.block(n)
+    assert [r.path for r in loaded.artifacts] == ["episodes/000001/000.png", "episodes/000001/001.png"]
+    for new, old in zip(loaded.artifacts, state.artifacts, strict=True):
+        assert new.sha256 == old.sha256 and (new.width, new.height) == (old.width, old.height)
+        assert store.artifact_path(new).is_file()
+    assert meta["step"] == 4 and meta["action"] == "wait" and meta["ran"] == ["world_update"]
+    assert meta["state_id"] == "state-a" and meta["episode"] == 1 and meta["time"]
+    md = (store.episode_dir(1) / "episode.md").read_text()
+    assert "The tide goes out" in md and "](000.png)" in md
+    with pytest.raises(StorageError, match="no episode 7"):
+        store.load_episode(7)
+
+
+def test_incomplete_state_is_not_an_episode(store):
+    with pytest.raises(StorageError, match="not complete"):
+        store.save_episode(WorldState(happening="x"), step=1, action=None, ran=[])
+    assert store.episodes() == []
+
+
+def test_unsafe_artifact_in_state_writes_nothing(store):
+    state = complete_state(store, "state-a").model_copy(
+        update={"artifacts": [ArtifactRef(path="../evil.png")]}
+    )
+    with pytest.raises(UnsafePathError):
+        store.save_episode(state, step=1, action=None, ran=[])
+    assert store.episodes() == [] and not list(store.episodes_dir.iterdir())
+
+
+def test_crash_during_rename_leaves_no_partial_episode(store, monkeypatch):
+    store.save_episode(complete_state(store, "state-a"), step=1, action=None, ran=[])
+    state = complete_state(store, "state-b")
+    real_replace = os.replace
+
+    def crash_on_episode_rename(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_episode_rename)
+    with pytest.raises(OSError, match="simulated crash"):
+        store.save_episode(state, step=2, action=None, ran=[])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert store.episodes() == [1]
+    assert store.find_episode("state-b") is None
+    assert (store.root / "artifacts/state-b").is_dir()  # the in-flight artifacts survive for the retry
+    assert store.save_episode(state, step=2, action=None, ran=[]) == 2
+    assert store.load_episode(2)[0].id == "state-b"
+
+
+def test_leftover_tmp_from_a_killed_process_is_cleaned(store):
+    store.save_episode(complete_state(store, "state-a"), step=1, action=None, ran=[])
+    leftover = store.episodes_dir / ".tmp-state-b"
+    leftover.mkdir()
+    (leftover / "000.png").write_bytes(b"\x89PNG half")  # a process killed mid-assembly
+    assert store.episodes() == [1]
+    assert store.save_episode(complete_state(store, "state-b"), step=2, action=None, ran=[]) == 2
+    assert not leftover.exists()
+    assert len(store.load_episode(2)[0].artifacts) == 2
+
+
+def test_crash_before_index_write_keeps_exactly_once(store, monkeypatch):
+    import worldgen.storage as storage_module
+
+    state = complete_state(store, "state-a")
+    real = storage_module.WorldStorage._write_index
+
+    def crash(self, index):
+        raise OSError("simulated crash after the rename")
+
+    monkeypatch.setattr(storage_module.WorldStorage, "_write_index", crash)
+    with pytest.raises(OSError, match="after the rename"):
+        store.save_episode(state, step=1, action=None, ran=[])
+    monkeypatch.setattr(storage_module.WorldStorage, "_write_index", real)
+    assert store.episodes() == [1]  # the episode is complete; only the index is behind
+    fresh = WorldStorage(store.root)  # as after a restart
+    assert fresh.find_episode("state-a") == 1
+    assert fresh.save_episode(state, step=1, action=None, ran=[]) == 1
+    assert fresh.episodes() == [1]
+
+
+def test_missing_index_is_rebuilt(store):
+    for i, name in enumerate(("s-a", "s-b", "s-c"), 1):
+        assert store.save_episode(complete_state(store, name, images=1), step=i, action=None, ran=[]) == i
+    store.index_path.unlink()
+    assert store.find_episode("s-b") == 2
+    assert json.loads(store.index_path.read_text())["episodes"] == {"s-a": 1, "s-b": 2, "s-c": 3}
+    store.index_path.write_text("{garbage")
+    assert store.find_episode("s-c") == 3
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_has_every_episode_and_its_images(store):
+    store.save_content(WorldContent(title="Harbor <Tales>", story="The town by the sea.\n\nIt rains."))
+    store.save_episode(complete_state(store, "state-a", text="one"), step=2, action=None, ran=[])
+    store.save_episode(
+        complete_state(store, "state-b", text="<two> & 'more'"), step=3, action="ring the <bell>", ran=[]
+    )
+    html_path = store.write_report()
+    assert html_path == store.root / "report.html"
+    page = html_path.read_text()
+    md = (store.root / "report.md").read_text()
+
+    assert "Harbor &lt;Tales&gt;" in page and "<Tales>" not in page
+    assert "The town by the sea." in page and "The town by the sea." in md
+    assert "&lt;two&gt; &amp; &#x27;more&#x27;" in page and "<two>" not in page
+    assert "ring the &lt;bell&gt;" in page
+    for n in (1, 2):
+        state, _ = store.load_episode(n)
+        assert f"Episode {n}" in page and f"Episode {n}" in md
+        for text in (state.happening, state.description, state.outcome, state.generation.prompt):
+            assert text in md
+        for ref in state.artifacts:
+            assert f"]({ref.path})" in md
+    assert page.index("Episode 1") < page.index("Episode 2")  # newest last
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) == 4
+    for src in sources:
+        assert not src.startswith("/") and (store.root / src).is_file()
+    assert "<style>" in page and not re.search(r'(src|href)="(https?:)?//', page)  # self-contained
+
+
+def test_report_of_an_empty_world(store):
+    path = store.write_report()
+    assert "No episodes yet" in path.read_text()
+    assert "No episodes yet" in (store.root / "report.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_report_renders_in_chromium(store, tmp_path):  # pragma: no cover - depends on the machine
+    import subprocess
+
+    store.save_episode(complete_state(store, "state-a"), step=1, action="look", ran=[])
+    page = store.write_report()
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", f"--screenshot={shot}", page.as_uri()],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert shot.is_file() and shot.stat().st_size > 0

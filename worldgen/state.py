@@ -1,0 +1,149 @@
+"""The world state that flows between stages: five typed blocks (DESIGN.md §2.3), and the world's content.
+
+| # | block                                   | written by                 |
+|---|-----------------------------------------|----------------------------|
+| 1 | what is supposed to happen next (text)  | Development                |
+| 2 | configuration for generating artifacts  | Architect (validated JSON) |
+| 3 | the generated artifacts (references)    | Creator                    |
+| 4 | description of the artifacts (text)     | Philosopher                |
+| 5 | what really happened (text)             | Author                     |
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from worldgen.errors import ConfigError, format_validation_error
+
+BLOCKS = (1, 2, 3, 4, 5)
+_FIELDS = {1: "happening", 2: "generation", 3: "artifacts", 4: "description", 5: "outcome"}
+
+
+class GenerationConfig(BaseModel):
+    """Block 2: what the Creator generates. The Architect's JSON output is validated against this schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: str = Field("text_to_image", description="name of one of the Creator's pipelines")
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str = Field("", max_length=2000)
+    width: int = Field(512, ge=8, le=4096, description="pixels, a multiple of 8")
+    height: int = Field(512, ge=8, le=4096, description="pixels, a multiple of 8")
+    steps: int = Field(30, ge=1, le=500)
+    guidance: float = Field(7.5, ge=0.0, le=50.0)
+    seed: int | None = Field(None, ge=0, description="None: derived from the world's seed and step")
+    count: int = Field(1, ge=1, le=16, description="how many artifacts to generate")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+
+class ArtifactRef(BaseModel):
+    """Block 3 entry: a file in the world directory (path relative to it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    kind: str = "image"
+    width: int | None = None
+    height: int | None = None
+    sha256: str | None = None
+
+
+class WorldState(BaseModel):
+    """The five blocks; `None` means empty. `id` identifies this state across saves (for exactly-once episodes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    happening: str | None = None
+    generation: GenerationConfig | None = None
+    artifacts: list[ArtifactRef] | None = None
+    description: str | None = None
+    outcome: str | None = None
+
+    def block(self, number: int) -> Any:
+        return getattr(self, _FIELDS[_check_number(number)])
+
+    def with_block(self, number: int, value: Any) -> WorldState:
+        """A copy with block `number` set (validated)."""
+        data = self.model_dump()
+        data[_FIELDS[_check_number(number)]] = value
+        return WorldState.model_validate(data)
+
+    def filled(self) -> set[int]:
+        return {n for n in BLOCKS if self.block(n) not in (None, "", [])}
+
+    def blocks(self) -> dict[int, Any]:
+        return {n: self.block(n) for n in BLOCKS}
+
+    @classmethod
+    def from_blocks(
+        cls, blocks: Mapping[int | str, Any] | WorldState | None, *, where: str = "state"
+    ) -> WorldState:
+        """From a WorldState or a mapping {block number: content}: block 2 a generation-config mapping,
+        block 3 a list of artifact paths (or artifact references), the others text."""
+        if blocks is None:
+            return cls()
+        if isinstance(blocks, WorldState):
+            return blocks
+        data: dict[str, Any] = {}
+        for key, value in blocks.items():
+            try:
+                number = int(key)
+                field = _FIELDS[_check_number(number)]
+            except (ValueError, ConfigError):
+                raise ConfigError(
+                    f"unknown block {key!r}; blocks are numbered 1 to 5", path=f"{where}.{key}"
+                ) from None
+            if number == 3 and value is not None:
+                value = [{"path": str(v)} if not isinstance(v, (Mapping, ArtifactRef)) else v for v in value]
+            data[field] = value
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, where)) from None
+
+
+class WorldContent(BaseModel):
+    """What the world is: its story so far, the history of episodes, glossary, style and rules."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = "Untitled world"
+    story: str = ""
+    history: list[str] = Field(
+        default_factory=list, description="one entry per episode: what really happened"
+    )
+    glossary: dict[str, str] = Field(default_factory=dict)
+    style: str = ""
+    rules: list[str] = Field(default_factory=list)
+    last_state_id: str | None = Field(None, description="the state whose episode was applied last")
+
+
+def _check_number(number: int) -> int:
+    if number not in _FIELDS:
+        raise ConfigError(f"unknown block {number!r}; blocks are numbered 1 to 5")
+    return number
+
+
+class Progress(BaseModel):
+    """The resume point of a world, persisted after every stage: a crash loses at most the stage in flight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(0, ge=0, description="steps completed")
+    stage_index: int = Field(0, ge=0, description="next stage of the cycle to consider in the step in flight")
+    action: str | None = Field(None, description="the user's action for the step in flight")
+    state: WorldState = Field(default_factory=WorldState)
+    ran: list[str] = Field(default_factory=list, description="stages run so far in the step in flight")
+    skipped: list[str] = Field(default_factory=list)
+    episode: int | None = Field(None, description="episode saved by the step in flight")

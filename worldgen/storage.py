@@ -1,0 +1,656 @@
+"""One world's directory on disk (DESIGN.md §5): config, content, the resume point, episodes, a readable report.
+
+```
+<root>/
+  world.yaml            the world config as given (no secrets: `${env:NAME}` references stay unresolved)
+  content.json          WorldContent: title, story, history, glossary, style, rules
+  progress.json         Progress: the state in flight and where the cycle stands (the resume point)
+  artifacts/<state_id>/ images of the state in flight (block 3): 000.png, 001.png, ...
+  episodes/000001/      state.json (five blocks + id), meta.json, the artifacts (000.png, ...), episode.md
+  episodes/index.json   state id -> episode number (a cache: rebuilt from the folders when stale)
+  report.md/.html       every episode, newest last, images inline (relative links)
+  checkpoints/          reserved (checkpoints and adapters)
+```
+
+Every file is written atomically (temp file + fsync + rename); an episode is assembled in `episodes/.tmp-<id>/` and
+renamed into place, so a crash leaves either no episode or a complete one. Episodes are saved exactly once per state
+id. One writer per world directory is assumed (the world driver); readers may look at any time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from worldgen.config import dump_config, load_config_file
+from worldgen.errors import ConfigError, WorldgenError, format_validation_error
+from worldgen.state import ArtifactRef, Progress, WorldContent, WorldState
+from worldgen.storage_io import atomic_write_bytes, atomic_write_text
+
+__all__ = ["StorageError", "UnsafePathError", "WorldStorage"]
+
+_M = TypeVar("_M", bound=BaseModel)
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_EPISODE_DIR = re.compile(r"^\d{6,}$")
+_TMP_PREFIX = ".tmp-"
+_BLOCK_TITLES = {
+    1: "What was supposed to happen",
+    2: "Generation",
+    3: "Artifacts",
+    4: "Description",
+    5: "What really happened",
+}
+
+
+class StorageError(WorldgenError):
+    """A world directory is missing, holds a different world, or lacks a requested episode."""
+
+
+class UnsafePathError(ConfigError, ValueError):
+    """An artifact path or state id would point outside the world directory."""
+
+
+class WorldStorage:
+    """The directory of one world: everything a person may want to open is a plain file (see the module doc)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---------------------------------------------------------------- layout
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "world.yaml"
+
+    @property
+    def content_path(self) -> Path:
+        return self.root / "content.json"
+
+    @property
+    def progress_path(self) -> Path:
+        return self.root / "progress.json"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def episodes_dir(self) -> Path:
+        return self.root / "episodes"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def index_path(self) -> Path:
+        return self.episodes_dir / "index.json"
+
+    def episode_dir(self, number: int) -> Path:
+        """The folder of episode `number` (whether or not it exists)."""
+        return self.episodes_dir / f"{int(number):06d}"
+
+    def __repr__(self) -> str:
+        return f"WorldStorage({str(self.root)!r})"
+
+    # ---------------------------------------------------------------- config
+
+    def exists(self) -> bool:
+        """True when a world lives here (its world.yaml is there)."""
+        return self.config_path.is_file()
+
+    def create(self, config: Mapping[str, Any], *, overwrite: bool = False) -> None:
+        """Make the directory layout and write world.yaml. A directory already holding a *different* world config
+        is refused unless `overwrite=True` (the same config again is fine: that is a resume)."""
+        if self.exists() and not overwrite and _normalize(self.load_config()) != _normalize(config):
+            raise StorageError(
+                f"{self.root} already holds a different world (its world.yaml differs); "
+                "choose another directory or pass overwrite=True"
+            )
+        for folder in (self.root, self.artifacts_dir, self.episodes_dir, self.checkpoints_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.save_config(config)
+
+    def save_config(self, config: Mapping[str, Any]) -> None:
+        """Write world.yaml atomically, as given (never pass a config with resolved secrets)."""
+        dump_config(_plain(config), self.config_path)
+
+    def load_config(self) -> dict[str, Any]:
+        """Read world.yaml; a missing or malformed file raises an error naming it."""
+        if not self.exists():
+            raise StorageError(f"no world at {self.root} (world.yaml is missing)")
+        return load_config_file(self.config_path)
+
+    # ---------------------------------------------------------------- content and progress
+
+    def save_content(self, content: WorldContent) -> None:
+        """Write content.json atomically."""
+        _write_model(self.content_path, content)
+
+    def load_content(self) -> WorldContent | None:
+        """The world's content, or None when none was saved yet."""
+        return _read_model(self.content_path, WorldContent)
+
+    def save_progress(self, progress: Progress) -> None:
+        """Write progress.json (the resume point) atomically."""
+        _write_model(self.progress_path, progress)
+
+    def load_progress(self) -> Progress | None:
+        """The resume point, or None when the world never ran."""
+        return _read_model(self.progress_path, Progress)
+
+    # ---------------------------------------------------------------- artifacts
+
+    def save_artifacts(self, state_id: str, images: Any) -> list[ArtifactRef]:
+        """Write images as `artifacts/<state_id>/000.png`, `001.png`, ... (each atomically); returns their refs
+        (paths relative to the root, size, sha256). `images`: a tensor/array (B, C, H, W) or (C, H, W) in [0, 1],
+        a PIL image, or a list of either. A repeated call for the same state replaces its files."""
+        folder = self.artifacts_dir / _check_id(state_id)
+        refs = []
+        for i, picture in enumerate(_pictures(images)):
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            data = buffer.getvalue()
+            target = folder / f"{i:03d}.png"
+            atomic_write_bytes(target, data)
+            refs.append(
+                ArtifactRef(
+                    path=target.relative_to(self.root).as_posix(),
+                    kind="image",
+                    width=picture.width,
+                    height=picture.height,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                )
+            )
+        keep = {PurePosixPath(r.path).name for r in refs}
+        for stale in folder.glob("*.png") if folder.is_dir() else ():
+            if stale.name not in keep:
+                stale.unlink(missing_ok=True)
+        return refs
+
+    def artifact_path(self, ref: ArtifactRef | str) -> Path:
+        """The file a ref points at, guaranteed inside the root: absolute paths, `..` parts and symlinks that
+        leave the root raise UnsafePathError. The file need not exist."""
+        raw = ref.path if isinstance(ref, ArtifactRef) else str(ref)
+        if not raw or "\x00" in raw:
+            raise UnsafePathError(f"artifact path {raw!r}: expected a non-empty path relative to {self.root}")
+        posix, windows = PurePosixPath(raw), PureWindowsPath(raw)
+        if posix.is_absolute() or windows.is_absolute() or windows.drive or raw.startswith(("\\", "/")):
+            raise UnsafePathError(
+                f"artifact path {raw!r} is absolute; expected a path relative to {self.root}"
+            )
+        if ".." in posix.parts or ".." in windows.parts:
+            raise UnsafePathError(f"artifact path {raw!r} contains '..'; expected a path inside {self.root}")
+        root = self.root.resolve()
+        target = (root / posix).resolve()
+        if not target.is_relative_to(root):
+            raise UnsafePathError(f"artifact path {raw!r} leads outside {self.root} (through a symlink)")
+        return target
+
+    def discard_artifacts(self, state_id: str) -> None:
+        """Remove the in-flight artifacts of a state (one that was dropped, or whose episode is saved)."""
+        shutil.rmtree(self.artifacts_dir / _check_id(state_id), ignore_errors=True)
+
+    # ---------------------------------------------------------------- episodes
+
+    def save_episode(self, state: WorldState, *, step: int, action: str | None, ran: list[str]) -> int:
+        """Save a complete state as the next episode, exactly once per `state.id`: when an episode of this state
+        exists already, return its number and write nothing. The episode is assembled in `episodes/.tmp-<id>/` and
+        renamed into place; the state's in-flight artifacts are then removed. Returns the episode number."""
+        state_id = _check_id(state.id)
+        missing = sorted({1, 2, 3, 4, 5} - state.filled())
+        if missing:
+            raise StorageError(
+                f"state {state_id} is not complete (blocks {', '.join(map(str, missing))} empty): "
+                "only a state with all five blocks becomes an episode"
+            )
+        self._clean_tmp()
+        index = self._index()
+        existing = index.get(state_id)
+        if existing is not None:
+            self.discard_artifacts(state_id)
+            return existing
+        numbers = self.episodes()
+        number = numbers[-1] + 1 if numbers else 1
+        final = self.episode_dir(number)
+        tmp = self.episodes_dir / f"{_TMP_PREFIX}{state_id}"
+        # every artifact path is checked before anything is written
+        sources = [self.artifact_path(ref) for ref in state.artifacts or []]
+        try:
+            tmp.mkdir(parents=True)
+            saved = self._assemble(
+                tmp, final, state, sources, step=step, action=action, ran=ran, number=number
+            )
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.episodes_dir)
+        index[saved.id] = (
+            number  # a crash before this write is repaired by _index (it rebuilds a stale index)
+        )
+        self._write_index(index)
+        self.discard_artifacts(state_id)
+        return number
+
+    def episodes(self) -> list[int]:
+        """Numbers of the saved episodes, ascending."""
+        if not self.episodes_dir.is_dir():
+            return []
+        return sorted(
+            int(p.name) for p in self.episodes_dir.iterdir() if p.is_dir() and _EPISODE_DIR.match(p.name)
+        )
+
+    def load_episode(self, number: int) -> tuple[WorldState, dict[str, Any]]:
+        """The state of episode `number` (artifact paths point at its own copies) and its meta
+        (episode, state_id, step, action, ran, time)."""
+        folder = self.episode_dir(number)
+        state = _read_model(folder / "state.json", WorldState)
+        if state is None:
+            raise StorageError(f"no episode {number} in {self.episodes_dir}")
+        meta_path = folder / "meta.json"
+        meta = _read_json(meta_path) if meta_path.is_file() else {}
+        if not isinstance(meta, dict):
+            raise ConfigError("expected a JSON object", file=str(meta_path))
+        return state, meta
+
+    def find_episode(self, state_id: str) -> int | None:
+        """The number of the episode saved from state `state_id`, or None."""
+        return self._index().get(state_id)
+
+    # ---------------------------------------------------------------- report
+
+    def write_report(self) -> Path:
+        """Write report.md and report.html (atomically) from the content and every episode, newest last, images
+        inline through relative links; returns the path of the HTML report."""
+        content = self.load_content() or WorldContent()
+        episodes = [(n, *self.load_episode(n)) for n in self.episodes()]
+        atomic_write_text(self.root / "report.md", self._report_md(content, episodes))
+        return atomic_write_text(self.root / "report.html", self._report_html(content, episodes))
+
+    # ---------------------------------------------------------------- internals
+
+    def _assemble(
+        self,
+        folder: Path,
+        final: Path,
+        state: WorldState,
+        sources: list[Path],
+        *,
+        step: int,
+        action: str | None,
+        ran: list[str],
+        number: int,
+    ) -> WorldState:
+        """Write one episode's files into `folder` (to be renamed to `final`); returns the state as saved."""
+        refs = []
+        for i, (ref, source) in enumerate(zip(state.artifacts or [], sources, strict=True)):
+            if not source.is_file():
+                raise StorageError(
+                    f"artifact {ref.path} of state {state.id} does not exist (looked at {source})"
+                )
+            name = f"{i:03d}{source.suffix.lower()}"
+            data = source.read_bytes()
+            _write_synced(folder / name, data)
+            width, height = ref.width, ref.height
+            if ref.kind == "image" and (width is None or height is None):
+                width, height = _image_size(data)
+            refs.append(
+                ArtifactRef(
+                    path=(final / name).relative_to(self.root).as_posix(),
+                    kind=ref.kind,
+                    width=width,
+                    height=height,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                )
+            )
+        saved = state.model_copy(update={"artifacts": refs})
+        meta = {
+            "episode": number,
+            "state_id": state.id,
+            "step": step,
+            "action": action,
+            "ran": list(ran),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_synced(folder / "state.json", (saved.model_dump_json(indent=2) + "\n").encode())
+        _write_synced(folder / "meta.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
+        _write_synced(
+            folder / "episode.md",
+            _episode_md(number, saved, meta, link=lambda r: PurePosixPath(r.path).name).encode(),
+        )
+        return saved
+
+    def _clean_tmp(self) -> None:
+        """Remove half-assembled episodes left by a crash."""
+        if self.episodes_dir.is_dir():
+            for leftover in self.episodes_dir.glob(f"{_TMP_PREFIX}*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def _index(self) -> dict[str, int]:
+        """state id -> episode number, from index.json when it agrees with the folders, else rebuilt and rewritten."""
+        numbers = self.episodes()
+        try:
+            data = json.loads(self.index_path.read_text())
+            index = {str(k): int(v) for k, v in data["episodes"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            index = None
+        if index is not None and sorted(index.values()) == numbers:
+            return index
+        index = {}
+        for n in numbers:
+            state = _read_model(self.episode_dir(n) / "state.json", WorldState)
+            if state is not None:
+                index[state.id] = n
+        if numbers or self.index_path.exists():
+            self._write_index(index)
+        return index
+
+    def _write_index(self, index: Mapping[str, int]) -> None:
+        data = {"version": 1, "episodes": dict(sorted(index.items(), key=lambda kv: kv[1]))}
+        atomic_write_text(self.index_path, json.dumps(data, indent=1) + "\n")
+
+    def _link(self, ref: ArtifactRef) -> str | None:
+        """A URL-quoted link from the root to an existing artifact, or None when it is unsafe or missing."""
+        try:
+            target = self.artifact_path(ref)
+        except UnsafePathError:
+            return None
+        if not target.is_file():
+            return None
+        return quote(target.relative_to(self.root.resolve()).as_posix())
+
+    def _report_md(self, content: WorldContent, episodes: list[tuple[int, WorldState, dict]]) -> str:
+        parts = [f"# {content.title}\n"]
+        if content.story.strip():
+            parts.append(f"## Story so far\n\n{content.story.strip()}\n")
+        if content.glossary:
+            parts.append(
+                "## Glossary\n\n" + "".join(f"- **{k}**: {v}\n" for k, v in content.glossary.items())
+            )
+        if not episodes:
+            parts.append("_No episodes yet._\n")
+        for number, state, meta in episodes:
+            parts.append(_episode_md(number, state, meta, link=self._link, level=2))
+        return "\n".join(parts)
+
+    def _report_html(self, content: WorldContent, episodes: list[tuple[int, WorldState, dict]]) -> str:
+        e = html.escape
+        body = [f"<header><h1>{e(content.title)}</h1>"]
+        if episodes:
+            links = " ".join(f'<a href="#episode-{n}">{n}</a>' for n, _, _ in episodes)
+            body.append(f'<nav><span class="label">Episodes</span> {links}</nav>')
+        body.append("</header>")
+        if content.story.strip():
+            body.append(f'<section class="story"><h2>Story so far</h2>{_paragraphs(content.story)}</section>')
+        if content.glossary:
+            items = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in content.glossary.items())
+            body.append(f'<section class="glossary"><h2>Glossary</h2><dl>{items}</dl></section>')
+        if not episodes:
+            body.append('<p class="empty">No episodes yet.</p>')
+        for number, state, meta in episodes:
+            body.append(self._episode_html(number, state, meta))
+        return (
+            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{e(content.title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
+            + "\n".join(body)
+            + "\n</main>\n</body>\n</html>\n"
+        )
+
+    def _episode_html(self, number: int, state: WorldState, meta: Mapping[str, Any]) -> str:
+        e = html.escape
+        facts = [f"step {e(str(meta.get('step', '?')))}", e(_when(meta))]
+        out = [f'<article class="episode" id="episode-{number}">', f"<h2>Episode {number}</h2>"]
+        out.append(f'<p class="meta">{" · ".join(f for f in facts if f)}</p>')
+        if meta.get("action"):
+            out.append(f'<p class="action"><span class="label">Action</span> {e(str(meta["action"]))}</p>')
+        out.append(_block_html(1, _paragraphs(state.happening)))
+        if state.generation is not None:
+            rows = "".join(
+                f"<tr><th>{e(k)}</th><td>{e(_scalar(v))}</td></tr>"
+                for k, v in state.generation.model_dump().items()
+            )
+            out.append(_block_html(2, f'<table class="generation">{rows}</table>'))
+        figures = []
+        for i, ref in enumerate(state.artifacts or [], 1):
+            link = self._link(ref)
+            if link is None:
+                figures.append(f'<p class="missing">missing artifact: {e(ref.path)}</p>')
+            elif ref.kind == "image":
+                small = ' class="small"' if (ref.width or 999) < 128 else ""
+                size = f' width="{ref.width}" height="{ref.height}"' if ref.width and ref.height else ""
+                figures.append(
+                    f'<figure><a href="{e(link)}"><img src="{e(link)}" alt="episode {number}, image {i}"'
+                    f'{size}{small} loading="lazy"></a><figcaption>{i}</figcaption></figure>'
+                )
+            else:
+                figures.append(f'<p><a href="{e(link)}">{e(ref.kind)} {i}</a></p>')
+        out.append(_block_html(3, f'<div class="images">{"".join(figures)}</div>'))
+        out.append(_block_html(4, _paragraphs(state.description)))
+        out.append(_block_html(5, _paragraphs(state.outcome)))
+        out.append("</article>")
+        return "\n".join(out)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_id(state_id: str) -> str:
+    """A state id usable as a folder name (letters, digits, `_.-`; no leading dot)."""
+    if not isinstance(state_id, str) or not _SAFE_ID.match(state_id):
+        raise UnsafePathError(
+            f"state id {state_id!r}: expected 1-128 letters, digits, '_', '.' or '-' (first a letter or digit)"
+        )
+    return state_id
+
+
+def _plain(value: Any) -> Any:
+    """Mappings and sequences as plain dicts and lists (what YAML can dump)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _normalize(config: Mapping[str, Any]) -> Any:
+    return yaml.safe_load(yaml.safe_dump(_plain(config), sort_keys=True))
+
+
+def _write_model(path: Path, model: BaseModel) -> None:
+    atomic_write_text(path, model.model_dump_json(indent=2) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"malformed JSON: {err.msg}", file=str(path), path=f"line {err.lineno}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read: {err}", file=str(path)) from None
+
+
+def _read_model(path: Path, cls: type[_M]) -> _M | None:
+    """Parse a JSON file into `cls`; None when missing; a bad file raises ConfigError naming file and field."""
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(
+            f"not a valid {cls.__name__}: {format_validation_error(err)}", file=str(path)
+        ) from None
+
+
+def _pictures(images: Any) -> list[Any]:
+    """PIL images from a tensor/array batch, a PIL image, or a list of either."""
+    from PIL import Image
+
+    from worldgen.images import to_pil
+
+    if isinstance(images, Image.Image):
+        return [images]
+    if isinstance(images, (list, tuple)):
+        return [p for item in images for p in _pictures(item)]
+    return to_pil(images)
+
+
+def _image_size(data: bytes) -> tuple[int | None, int | None]:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            return picture.width, picture.height
+    except Exception:  # not an image PIL knows: the size stays unknown
+        return None, None
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (best effort: not every platform can open a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _when(meta: Mapping[str, Any]) -> str:
+    """The episode's save time as 'YYYY-MM-DD HH:MM UTC' ('' when unknown)."""
+    try:
+        return (
+            datetime.fromisoformat(str(meta["time"])).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        )
+    except (KeyError, ValueError):
+        return str(meta.get("time") or "")
+
+
+def _scalar(value: Any) -> str:
+    return "—" if value is None or value == "" else str(value)
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any backtick run inside `text`."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def _episode_md(
+    number: int,
+    state: WorldState,
+    meta: Mapping[str, Any],
+    *,
+    link: Callable[[ArtifactRef], str | None],
+    level: int = 1,
+) -> str:
+    """One episode as Markdown; `link(ref)` gives each artifact's relative link (None: missing)."""
+    h = "#" * level
+    facts = [f"step {meta.get('step', '?')}", _when(meta)]
+    lines = [f"{h} Episode {number}", "", f"_{' · '.join(f for f in facts if f)}_", ""]
+    if meta.get("action"):
+        lines += [f"**Action:** {meta['action']}", ""]
+
+    def block(n: int, body: str) -> None:
+        lines.extend([f"{h}# {n}. {_BLOCK_TITLES[n]}", "", body.rstrip(), ""])
+
+    block(1, (state.happening or "").strip() or "—")
+    if state.generation is not None:
+        dumped = yaml.safe_dump(state.generation.model_dump(), sort_keys=False, allow_unicode=True, width=100)
+        fence = _fence(dumped)
+        block(2, f"{fence}yaml\n{dumped}{fence}")
+    shown = []
+    for i, ref in enumerate(state.artifacts or [], 1):
+        target = link(ref)
+        if target is None:
+            shown.append(f"_missing artifact: {ref.path}_")
+        elif ref.kind == "image":
+            shown.append(f"![episode {number}, image {i}]({target})")
+        else:
+            shown.append(f"[{ref.kind} {i}]({target})")
+    block(3, "\n".join(shown) or "—")
+    block(4, (state.description or "").strip() or "—")
+    block(5, (state.outcome or "").strip() or "—")
+    return "\n".join(lines)
+
+
+def _paragraphs(text: str | None) -> str:
+    """Plain text as escaped HTML paragraphs (blank line: new paragraph; newline: line break)."""
+    if not text or not text.strip():
+        return '<p class="empty">—</p>'
+    chunks = [c.strip() for c in re.split(r"\n\s*\n", text.strip()) if c.strip()]
+    return "".join(f"<p>{html.escape(c).replace(chr(10), '<br>')}</p>" for c in chunks)
+
+
+def _block_html(number: int, body: str) -> str:
+    return (
+        f'<section class="block block-{number}"><h3><span class="num">{number}</span>'
+        f"{html.escape(_BLOCK_TITLES[number])}</h3>{body}</section>"
+    )
+
+
+_CSS = """
+:root { color-scheme: light dark; --fg: #22211f; --muted: #6f6b64; --bg: #f6f4ef; --card: #ffffff;
+  --line: #e3dfd6; --accent: #8a5a2b; --chip: #efe7dc; }
+@media (prefers-color-scheme: dark) { :root { --fg: #e9e6e1; --muted: #a29d95; --bg: #1b1a18; --card: #252320;
+  --line: #3a3733; --accent: #d9a46c; --chip: #3a3128; } }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+  font: 17px/1.6 Charter, "Iowan Old Style", Georgia, Cambria, serif; }
+main { max-width: 50rem; margin: 0 auto; padding: 2.5rem 1.25rem 4rem; }
+h1, h2, h3, nav, .meta, .label, table, figcaption { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; }
+h1 { font-size: 2.1rem; line-height: 1.2; margin: 0 0 .75rem; }
+h2 { font-size: 1.35rem; margin: 0 0 .25rem; }
+nav { font-size: .9rem; color: var(--muted); margin-bottom: 1.5rem; line-height: 2; }
+nav a { display: inline-block; min-width: 2rem; text-align: center; padding: 0 .35rem; margin-right: .2rem;
+  border-radius: 4px; background: var(--chip); color: var(--fg); text-decoration: none; }
+.label { font-size: .75rem; text-transform: uppercase; letter-spacing: .06em; color: var(--muted); margin-right: .5rem; }
+.story, .glossary { margin: 0 0 2rem; }
+.story h2, .glossary h2 { font-size: 1.1rem; color: var(--muted); text-transform: uppercase; letter-spacing: .05em; }
+dt { font-weight: bold; } dd { margin: 0 0 .5rem 1.25rem; }
+article.episode { background: var(--card); border: 1px solid var(--line); border-radius: 12px;
+  padding: 1.5rem 1.75rem 1rem; margin: 2rem 0; box-shadow: 0 1px 3px rgba(0,0,0,.05); }
+.meta { color: var(--muted); font-size: .85rem; margin: 0 0 1rem; }
+.action { border-left: 3px solid var(--accent); padding: .25rem 0 .25rem .75rem; margin: 0 0 1rem; }
+section.block { margin: 1.25rem 0; }
+h3 { font-size: .8rem; text-transform: uppercase; letter-spacing: .06em; color: var(--muted); margin: 0 0 .4rem;
+  display: flex; align-items: center; gap: .5rem; }
+h3 .num { display: inline-flex; align-items: center; justify-content: center; width: 1.4rem; height: 1.4rem;
+  border-radius: 50%; background: var(--accent); color: var(--card); font-size: .75rem; letter-spacing: 0; }
+p { margin: 0 0 .75rem; }
+.empty, .missing { color: var(--muted); font-style: italic; }
+table.generation { border-collapse: collapse; font-size: .85rem; width: 100%; }
+table.generation th { text-align: left; font-weight: 600; color: var(--muted); width: 9rem; vertical-align: top; }
+table.generation th, table.generation td { padding: .2rem .5rem .2rem 0; border-bottom: 1px solid var(--line); }
+.images { display: grid; grid-template-columns: repeat(auto-fill, minmax(14rem, 1fr)); gap: .75rem; }
+figure { margin: 0; }
+figure img { display: block; width: 100%; height: auto; border-radius: 8px; border: 1px solid var(--line); }
+figure img.small { image-rendering: pixelated; }
+figcaption { font-size: .75rem; color: var(--muted); text-align: center; margin-top: .2rem; }
+"""

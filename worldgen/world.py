@@ -1,0 +1,419 @@
+"""World: the fixed cycle Philosopher → Author → Environment (World update, Development) → Architect → Creator
+over one five-block state, with the world's content, storage after every stage, and resume.
+
+    world = wg.World.from_config("configs/worlds/default.yaml", directory="worlds/harbor")
+    report = world.step(action="a storm rolls in")   # one pass around the cycle
+    report.ran, report.skipped, report.episode, report.state
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from worldgen.config import SCHEMA_VERSION, check_schema, load_config_file
+from worldgen.engine import _check_executor
+from worldgen.errors import ConfigError, ExecutionError, GraphError, WorldgenError, format_validation_error
+from worldgen.stage import CYCLE, Stage, build_item
+from worldgen.state import GenerationConfig, Progress, WorldContent, WorldState
+
+log = logging.getLogger("worldgen.world")
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class InitialWorld(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = "Untitled world"
+    story: str = ""
+    glossary: dict[str, str] = Field(default_factory=dict)
+    style: str = ""
+    rules: list[str] = Field(default_factory=list)
+
+
+class GenerationDefaults(BaseModel):
+    """Generation settings offered to the Architect (its prompt shows them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    guidance: float = 7.5
+
+
+class WorldSettings(BaseModel):
+    """The world-level keys of a world config (the stages are built separately)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    kind: str = "world"
+    name: str = "world"
+    seed: int = Field(0, ge=0)
+    executor: str = "local"
+    initial_world: InitialWorld = Field(default_factory=InitialWorld)
+    generation_defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    prompts: str | None = Field(None, description="directory of prompt templates overriding configs/prompts/")
+    stages: dict[str, Any]
+
+
+@dataclass
+class StepReport:
+    """What one `World.step()` did: stage names in cycle order, the episode saved (if any), the state after."""
+
+    step: int
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    episode: int | None = None
+    state: WorldState = field(default_factory=WorldState)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "ran": self.ran,
+            "skipped": self.skipped,
+            "episode": self.episode,
+            "state": self.state.model_dump(mode="json"),
+        }
+
+
+StageCallback = Callable[[str, str, int], None]  # (role, "ran" | "skipped", step)
+
+
+class World:
+    """One world: settings, six stages, content, the in-flight state, and its directory."""
+
+    def __init__(
+        self,
+        settings: WorldSettings,
+        stages: dict[str, Stage],
+        directory: str | Path,
+        config: Mapping[str, Any],
+    ):
+        from worldgen.storage import WorldStorage
+
+        self.settings = settings
+        self.stages = stages
+        self.config = dict(config)  # as given: `${env:...}` references stay unresolved, so no secret is saved
+        self.storage = WorldStorage(directory)
+        self.content = WorldContent(**settings.initial_world.model_dump())
+        self.progress = Progress()
+        self.callbacks: list[StageCallback] = []
+
+    # ---- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any] | str | Path, directory: str | Path | None = None
+    ) -> World:
+        """Build a world from its YAML (or mapping); its directory defaults to `worlds/<name>`.
+
+        A directory that already holds this world is continued where it stopped; one holding a different world
+        is refused (nothing saved is ever overwritten).
+        """
+        file = None
+        base = Path.cwd()
+        if isinstance(config, (str, Path)):
+            file, base = str(config), Path(config).resolve().parent
+            config = load_config_file(config)
+        check_schema(config, "world", file=file)
+        world = cls._build(dict(config), file, base, directory)
+        if world.storage.exists():
+            if world.storage.load_config() != world.config:
+                raise ConfigError(
+                    f"directory {world.storage.root} already holds a different world; continue it with "
+                    "World.load(directory) or choose another directory",
+                    file=file,
+                )
+            return cls.load(world.storage.root)
+        world._start()
+        return world
+
+    @classmethod
+    def _build(
+        cls, config: dict[str, Any], file: str | None, base: Path, directory: str | Path | None
+    ) -> World:
+        try:
+            settings = WorldSettings.model_validate(config)
+            _check_executor(settings.executor)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err), file=file) from None
+        except GraphError as err:
+            raise ConfigError(str(err), file=file, path="executor") from None
+        if settings.prompts:
+            from worldgen.prompts import set_prompt_dirs
+
+            set_prompt_dirs([base / settings.prompts])
+        missing = [role for role in CYCLE if role not in settings.stages]
+        unknown = [role for role in settings.stages if role not in CYCLE]
+        if missing or unknown:
+            what = f"missing {missing}" if missing else f"unknown {unknown}"
+            raise ConfigError(
+                f"a world has exactly the stages {list(CYCLE)}; {what}", file=file, path="stages"
+            )
+        stages = {}
+        for role in CYCLE:
+            try:
+                stages[role] = _build_stage(role, settings.stages[role])
+            except ConfigError as err:
+                raise ConfigError(
+                    err.detail, file=file, path=f"stages.{role}" + (f".{err.path}" if err.path else "")
+                ) from None
+            except WorldgenError as err:
+                raise ConfigError(str(err), file=file, path=f"stages.{role}") from None
+        directory = Path(directory) if directory is not None else Path("worlds") / settings.name
+        return cls(settings, stages, directory, config)
+
+    @classmethod
+    def from_template(cls, name: str, directory: str | Path | None = None, **params: Any) -> World:
+        """A world from a registered world template (a function returning a world config)."""
+        from worldgen.templates import build_template
+
+        config = build_template(name, **params)
+        if not isinstance(config, Mapping) or config.get("kind") != "world":
+            raise GraphError(f"template '{name}' does not build a world")
+        return cls.from_config(config, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> World:
+        """Continue a world from its directory: config, content, in-flight state (and trained weights)."""
+        from worldgen.checkpoint import load_weights
+        from worldgen.storage import WorldStorage
+
+        storage = WorldStorage(directory)
+        if not storage.exists():
+            raise ConfigError(
+                f"no world here (no world.yaml in {Path(directory).resolve()})", file=str(directory)
+            )
+        world = cls._build(storage.load_config(), str(storage.root / "world.yaml"), storage.root, directory)
+        world.content = storage.load_content() or world.content
+        world.progress = storage.load_progress() or world.progress
+        if (storage.root / CHECKPOINT_DIR).exists():
+            load_weights(world.named_blocks(), storage.root / CHECKPOINT_DIR)
+        return world
+
+    def _start(self) -> None:
+        self.storage.save_config(self.config)
+        self.storage.save_content(self.content)
+        self.storage.save_progress(self.progress)
+
+    def save(self) -> Path:
+        """Write everything, the stages' weights included (a trained world reloads with them)."""
+        from worldgen.checkpoint import save_weights
+
+        self._start()
+        save_weights(self.named_blocks(), self.storage.root / CHECKPOINT_DIR)
+        return self.storage.root
+
+    def named_blocks(self) -> list[tuple[str, Any]]:
+        return [
+            (f"{role}.{name}", block) for role in CYCLE for name, block in self.stages[role].named_blocks()
+        ]
+
+    # ---- the cycle -------------------------------------------------------------------------------------
+    @property
+    def state(self) -> WorldState:
+        return self.progress.state
+
+    @property
+    def directory(self) -> Path:
+        return self.storage.root
+
+    def step(self, action: str | None = None, state: WorldState | Mapping | None = None) -> StepReport:
+        """One pass around the cycle (or the rest of a pass a crash interrupted)."""
+        p = self.progress
+        in_flight = p.stage_index > 0
+        if in_flight and state is not None:
+            raise ExecutionError(
+                "a step is in flight (resumed after a stop); finish it with step() before passing a state"
+            )
+        if in_flight and action is not None:
+            if p.stage_index > CYCLE.index("development"):
+                raise ExecutionError(
+                    "a step is in flight past Development; finish it with step() before a new action"
+                )
+            p.action = action
+        if not in_flight:
+            p.action = action
+            p.ran, p.skipped, p.episode = [], [], None
+            if state is not None:
+                p.state = self._adopt(WorldState.from_blocks(state))
+        for index in range(p.stage_index, len(CYCLE)):
+            role = CYCLE[index]
+            stage = self.stages[role]
+            if role == "development" or stage.should_run(p.state):
+                self._run(role, stage)
+                p.ran.append(role)
+            else:
+                if role == "world_update" and p.state.filled():  # incomplete: the state is dropped
+                    self.storage.discard_artifacts(p.state.id)
+                    p.state = WorldState()
+                p.skipped.append(role)
+            p.stage_index = index + 1
+            self.storage.save_progress(p)
+            for cb in self.callbacks:
+                cb(role, "ran" if role in p.ran else "skipped", p.step + 1)
+        report = StepReport(p.step + 1, list(p.ran), list(p.skipped), p.episode, p.state)
+        p.step, p.stage_index, p.action = p.step + 1, 0, None
+        p.ran, p.skipped, p.episode = [], [], None
+        self.storage.save_progress(p)
+        return report
+
+    def run(self, steps: int, action: str | None = None) -> list[StepReport]:
+        """`steps` passes; `action` (if any) goes to the first one's Development."""
+        return [self.step(action=action if i == 0 else None) for i in range(steps)]
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every saved episode: its number, the five blocks and meta (step, action)."""
+        out = []
+        for number in self.storage.episodes():
+            state, meta = self.storage.load_episode(number)
+            out.append({"episode": number, "state": state.model_dump(mode="json"), **meta})
+        return out
+
+    # ---- stages ----------------------------------------------------------------------------------------
+    def _seed(self, role: str) -> int:
+        return (self.settings.seed * 1_000_003 + (self.progress.step + 1) * 101 + CYCLE.index(role)) % 2**31
+
+    def _context(self, role: str) -> dict[str, Any]:
+        state = self.progress.state.model_dump(mode="json")
+        state.pop("id")
+        return {
+            "state": state,
+            "content": self.content.model_dump(mode="json", exclude={"last_state_id"}),
+            "action": self.progress.action
+            if role == "development"
+            else None,  # the Action goes only to Development
+            "step": self.progress.step + 1,
+            "pipelines": list(self.stages["creator"].node_ids),
+            "defaults": self.settings.generation_defaults.model_dump(),
+            "seed": self._seed(role),
+        }
+
+    def _inputs(self, role: str, engine: Any) -> dict[str, Any]:
+        state = self.progress.state
+        available: dict[str, Any] = {"context": self._context(role)}
+        if state.artifacts:
+            available["images"] = [str(self.storage.artifact_path(a)) for a in state.artifacts]
+        if state.generation:
+            g = state.generation
+            available |= {
+                "prompt": g.prompt,
+                "negative_prompt": g.negative_prompt,
+                "width": g.width,
+                "height": g.height,
+                "steps": g.steps,
+                "guidance_scale": g.guidance,
+            }
+        inputs = {}
+        for name, exposed in engine.exposed_inputs.items():
+            if name in available:
+                inputs[name] = available[name]
+            elif not exposed.optional:
+                raise ConfigError(
+                    f"stage '{role}' needs input '{name}', which the world does not provide; world inputs are: "
+                    f"{', '.join(sorted(available))}",
+                    path=f"stages.{role}",
+                )
+        return inputs
+
+    def _call(self, role: str, engine: Any, seed: int) -> dict[str, Any]:
+        try:
+            return engine.run(self._inputs(role, engine), seed=seed, executor=self.settings.executor)
+        except WorldgenError as err:
+            err.args = (f"stage '{role}': {err}",)  # keep the error's type; say which stage
+            raise
+
+    def _run(self, role: str, stage: Stage) -> None:
+        p = self.progress
+        if role == "creator":
+            p.state = p.state.with_block(3, self._create(stage))
+            return
+        output = stage.contract.output
+        result = self._call(role, stage, self._seed(role)).get(output)
+        if result is None:
+            raise ExecutionError(f"stage '{role}' produced no '{output}' output")
+        if role == "development":
+            p.state = WorldState(happening=str(result))
+        elif role == "architect":
+            p.state = p.state.with_block(2, self._generation(result))
+        elif role == "world_update":
+            self._update_world(str(result))
+        else:
+            p.state = p.state.with_block(stage.contract.writes, str(result))
+
+    def _generation(self, data: Any) -> GenerationConfig:
+        try:
+            config = GenerationConfig.model_validate(data)
+        except ValidationError as err:
+            raise ExecutionError(
+                f"stage 'architect': invalid generation config: {format_validation_error(err)}"
+            ) from None
+        self.stages["creator"].selected(WorldState(generation=config))  # the pipeline must exist
+        return config
+
+    def _create(self, stage: Stage) -> list:
+        import torch
+
+        state = self.progress.state
+        engine = stage.selected(state)
+        seed = state.generation.seed if state.generation.seed is not None else self._seed("creator")
+        images = [self._call("creator", engine, seed + i)["image"] for i in range(state.generation.count)]
+        return self.storage.save_artifacts(state.id, torch.cat(images))
+
+    def _update_world(self, story: str) -> None:
+        """Save the complete state as an episode and apply it to the content — each exactly once."""
+        p = self.progress
+        p.episode = self.storage.save_episode(p.state, step=p.step + 1, action=p.action, ran=list(p.ran))
+        if self.content.last_state_id != p.state.id:
+            self.content.story = story
+            self.content.history.append(p.state.outcome or "")
+            self.content.last_state_id = p.state.id
+            self.storage.save_content(self.content)
+        self.storage.discard_artifacts(p.state.id)
+        self.storage.write_report()
+        p.state = WorldState()
+
+    def _adopt(self, state: WorldState) -> WorldState:
+        """Copy user-supplied artifact files into the world directory (block 3 then refers to them there)."""
+        if not state.artifacts:
+            return state
+        from PIL import Image
+
+        images = []
+        for ref in state.artifacts:
+            path = Path(ref.path)
+            if not path.is_absolute() and (self.storage.root / path).exists():
+                path = self.storage.root / path
+            if not path.exists():
+                raise ConfigError(f"block 3 artifact '{ref.path}' does not exist", path="state.3")
+            images.append(Image.open(path).convert("RGB"))
+        return state.with_block(3, self.storage.save_artifacts(state.id, images))
+
+    def __repr__(self) -> str:
+        return f"World({self.settings.name!r}, step={self.progress.step}, directory='{self.storage.root}')"
+
+
+def _build_stage(role: str, spec: Mapping[str, Any]) -> Stage:
+    """A stage from its config; a config without `pipelines` is one graph/pipeline, its ports exposed as-is."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(
+            "expected a stage config: {pipelines: …} or one graph/pipeline ({template: …}, {ref: …})"
+        )
+    if "pipelines" in spec:
+        return Stage.from_config({**spec, "kind": "stage", "role": role, "name": spec.get("name", role)})
+    stage = Stage(role, role=role)
+    item_id = stage.add_pipeline(build_item(spec), id="main" if role != "creator" else None)
+    item = stage.item(item_id)
+    if role != "creator":
+        for name in item.exposed_inputs:
+            stage.expose_input(name, f"{item_id}.{name}")
+        for name in item.exposed_outputs:
+            stage.expose_output(name, f"{item_id}.{name}")
+    return stage
