@@ -222,7 +222,9 @@ def test_templates_listing(capsys):
 def test_run_writes_png_and_diagram(tmp_path, capsys):
     from PIL import Image
 
-    code = main(["run", "--preset", "tiny", "--steps", "2", "--prompt", "a red boat", "--out", str(tmp_path)])
+    code = main(
+        ["generate", "--preset", "tiny", "--steps", "2", "--prompt", "a red boat", "--out", str(tmp_path)]
+    )
     assert code == 0
     captured = capsys.readouterr()
     png = Path(captured.out.strip())
@@ -234,7 +236,7 @@ def test_run_writes_png_and_diagram(tmp_path, capsys):
 
 
 def test_run_rejects_preset_with_file(graph_file, tmp_path, capsys):
-    assert main(["run", str(graph_file), "--preset", "tiny", "--out", str(tmp_path)]) == 2
+    assert main(["generate", str(graph_file), "--preset", "tiny", "--out", str(tmp_path)]) == 2
     assert "--preset applies only to a template" in _error_line(capsys)
     assert not any(tmp_path.glob("*.png"))
 

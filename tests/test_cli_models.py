@@ -217,7 +217,7 @@ def test_explicit_address_reaches_the_same_cluster(cluster, hosts):
 def test_run_with_ray_executor_reuses_the_hosts(cluster, hosts, tmp_path):
     result = _cli(
         cluster,
-        "run",
+        "generate",
         "template:text_to_image",
         "--preset",
         "tiny",
@@ -294,7 +294,7 @@ def test_unload_needs_names_or_all(capsys):
 
 def test_run_address_needs_the_ray_executor(capsys):
     argv = [
-        "run",
+        "generate",
         "template:text_to_image",
         "--preset",
         "tiny",

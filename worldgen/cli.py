@@ -118,6 +118,18 @@ def _counts(engine: Any) -> str:
 
 # ---- commands ------------------------------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
+    if _is_world(args.file):
+        from worldgen.world import World
+
+        world = World.check(args.file)
+        problems = world.validate()
+        if not problems:
+            print(f"ok: world '{world.settings.name}' (6 stages, {len(world.named_blocks())} blocks)")
+            return 0
+        print(f"invalid: world '{world.settings.name}' has {len(problems)} problem(s):")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
     engine = load_engine(args.file, preset="tiny")
     problems = engine.validate()
     if not problems:
@@ -176,7 +188,7 @@ def _parse_inputs(pairs: Sequence[str]) -> dict[str, Any]:
     return inputs
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     from worldgen.images import save_png
     from worldgen.render import to_mermaid
     from worldgen.storage_io import atomic_write_text
@@ -246,6 +258,84 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{PROG}: diagram: {diagram}", file=sys.stderr)
     for path in written:
         print(path)
+    return 0
+
+
+def _is_world(spec: str) -> bool:
+    path = Path(spec)
+    if not path.is_file():
+        return False
+    from worldgen.config import load_config_file
+
+    return load_config_file(path).get("kind") == "world"
+
+
+DEFAULT_WORLD = Path(__file__).resolve().parents[1] / "configs" / "worlds" / "default.yaml"
+
+
+def cmd_run_world(args: argparse.Namespace) -> int:
+    import time
+
+    from worldgen.world import World
+
+    spec = Path(args.file) if args.file else DEFAULT_WORLD
+    if not spec.exists():
+        raise _CliError(f"{spec}: no such file or directory")
+    if args.steps < 0:
+        raise _CliError(f"--steps must be 0 or more, got {args.steps}")
+    if args.address:
+        return _run_world_remote(args, spec)
+    world = World.load(spec) if spec.is_dir() else World.from_config(spec, directory=args.out)
+    print(
+        f"{PROG}: world '{world.settings.name}' in {world.directory} (step {world.progress.step} so far)",
+        file=sys.stderr,
+    )
+    started = [time.perf_counter()]
+
+    def show(role: str, outcome: str, step: int) -> None:
+        took = time.perf_counter() - started[0]
+        started[0] = time.perf_counter()
+        mark = f"done in {took:.1f}s" if outcome == "ran" else "skipped"
+        print(f"  step {step}: {role:<12} {mark}", file=sys.stderr)
+
+    world.callbacks.append(show)
+    for i in range(args.steps):
+        report = world.step(action=args.action if i == 0 else None)
+        saved = f", saved episode {report.episode}" if report.episode else ""
+        print(f"{PROG}: step {report.step} ran {len(report.ran)} stage(s){saved}", file=sys.stderr)
+    return _world_summary(world.directory)
+
+
+def _run_world_remote(args: argparse.Namespace, spec: Path) -> int:
+    from actors.world_driver import RemoteWorld
+    from worldgen.config import load_config_file
+
+    _connect_existing(None if args.address == "auto" else args.address)
+    if spec.is_dir():
+        remote = RemoteWorld.connect(spec)
+    else:
+        config = load_config_file(spec)
+        directory = Path(args.out) if args.out else Path("worlds") / str(config.get("name", "world"))
+        remote = RemoteWorld.connect(directory, config)
+    info = remote.info()
+    print(
+        f"{PROG}: world '{info['name']}' on its driver actor, directory {info['directory']}", file=sys.stderr
+    )
+    for i in range(args.steps):
+        report = remote.step(action=args.action if i == 0 else None)
+        saved = f", saved episode {report['episode']}" if report["episode"] else ""
+        print(f"{PROG}: step {report['step']}: ran {', '.join(report['ran'])}{saved}", file=sys.stderr)
+    return _world_summary(Path(info["directory"]))
+
+
+def _world_summary(directory: Path) -> int:
+    from worldgen.storage import WorldStorage
+
+    storage = WorldStorage(directory)
+    episodes = storage.episodes()
+    report = directory / "report.html"
+    print(f"{PROG}: {len(episodes)} episode(s) in {directory}", file=sys.stderr)
+    print(report if report.exists() else directory)
     return 0
 
 
@@ -496,6 +586,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         parents=[common],
+        help="run a world for some steps (default: the offline default world)",
+        description="Run a world: each step is one pass of the cycle Philosopher -> Author -> World update -> "
+        "Development -> Architect -> Creator. Episodes and report.html go to the world directory (--out). A "
+        "directory that already holds the world is continued where it stopped.",
+    )
+    p.add_argument("file", metavar="WORLD", nargs="?", help="world YAML, or a world directory to continue")
+    p.add_argument("--steps", type=int, default=3, help="steps to run (default: 3)")
+    p.add_argument("--action", help="the user's action, given to Development in the first step")
+    p.add_argument("--out", metavar="DIR", help="world directory (default: worlds/<name>)")
+    p.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="run on a Ray cluster through the world's driver actor (ray://…, HOST:PORT or auto)",
+    )
+    p.set_defaults(handler=cmd_run_world)
+
+    p = sub.add_parser(
+        "generate",
+        parents=[common],
         help="run a graph and write its image(s) as PNG",
         description="Run a graph and write its images as PNG into --out, with the graph's Mermaid diagram "
         "(graph.mmd). Without FILE: the text_to_image template on the built-in 'small' preset, 20 steps, 64x64.",
@@ -536,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --executor ray: the Ray cluster to use (default: RAY_ADDRESS, else the one `ray start` "
         "started here, else a new local instance)",
     )
-    p.set_defaults(handler=cmd_run)
+    p.set_defaults(handler=cmd_generate)
 
     address_help = "the Ray cluster, HOST:PORT (default: RAY_ADDRESS, else the one `ray start` started here)"
     models = sub.add_parser(

@@ -254,6 +254,9 @@ class Engine:
         """Every problem found (unknown ports, kind mismatches, unfed inputs, ambiguous fan-in, bad loops)."""
         problems = self._check_structure()
         problems += self._analyse()[1]
+        for node_id, item in self._items.items():  # graphs inside a pipeline, pipelines inside a stage
+            if isinstance(item, Engine):
+                problems += [Problem(f"{node_id}/{p.where}", p.message) for p in item.validate()]
         if strict and problems:
             raise GraphError(self._problem_text(problems), problems)
         return problems

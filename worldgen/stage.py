@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worldgen.block import Block
-from worldgen.engine import Engine
+from worldgen.engine import Engine, Problem
 from worldgen.errors import ConfigError, GraphError, WorldgenError
 from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
@@ -97,6 +97,17 @@ class Stage(Engine):
         node_id = id or item.name
         self._add_item(node_id, item)
         return node_id
+
+    def validate(self, strict: bool = False) -> list[Problem]:
+        if not self.selects:
+            return super().validate(strict)
+        # The Creator's pipelines are alternatives fed by the world directly, not wired to stage ports.
+        problems = [
+            Problem(f"{n}/{p.where}", p.message) for n in self.node_ids for p in self.item(n).validate()
+        ]
+        if strict and problems:
+            raise GraphError(self._problem_text(problems), problems)
+        return problems
 
     def selected(self, state: WorldState) -> Engine:
         """The Creator's pipeline for this state's block 2."""

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worldgen.config import SCHEMA_VERSION, check_schema, load_config_file
-from worldgen.engine import _check_executor
+from worldgen.engine import Problem, _check_executor
 from worldgen.errors import ConfigError, ExecutionError, GraphError, WorldgenError, format_validation_error
 from worldgen.stage import CYCLE, Stage, build_item
 from worldgen.state import GenerationConfig, Progress, WorldContent, WorldState
@@ -181,6 +181,16 @@ class World:
         return cls.from_config(config, directory)
 
     @classmethod
+    def check(cls, config: Mapping[str, Any] | str | Path) -> World:
+        """Build a world from its config without creating or touching its directory (for validation)."""
+        file, base = None, Path.cwd()
+        if isinstance(config, (str, Path)):
+            file, base = str(config), Path(config).resolve().parent
+            config = load_config_file(config)
+        check_schema(config, "world", file=file)
+        return cls._build(dict(config), file, base, None)
+
+    @classmethod
     def load(cls, directory: str | Path) -> World:
         """Continue a world from its directory: config, content, in-flight state (and trained weights)."""
         from worldgen.checkpoint import load_weights
@@ -215,6 +225,29 @@ class World:
         return [
             (f"{role}.{name}", block) for role in CYCLE for name, block in self.stages[role].named_blocks()
         ]
+
+    def validate(self) -> list[Problem]:
+        """Every problem in the stages (their graphs included) and in what they give the world."""
+        problems = []
+        for role in CYCLE:
+            stage = self.stages[role]
+            problems += [Problem(f"stages.{role}/{p.where}", p.message) for p in stage.validate()]
+            output = stage.contract.output
+            engines = (
+                [(f"stages.{role}.pipelines.{n}", stage.item(n)) for n in stage.node_ids]
+                if stage.selects
+                else [(f"stages.{role}", stage)]
+            )
+            for where, engine in engines:
+                if output not in engine.exposed_outputs:
+                    problems.append(
+                        Problem(
+                            where,
+                            f"must expose an output '{output}' (what the {role} writes); "
+                            f"it exposes: {', '.join(engine.exposed_outputs) or 'nothing'}",
+                        )
+                    )
+        return problems
 
     # ---- the cycle -------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,245 @@
+"""The world cycle: the execution rule and the user-supplied-state table of DESIGN.md §2.3, on both executors,
+episodes saved exactly once, resume after a failure, and an API-LLM stage over real HTTP that never saves
+its key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+import worldgen as wg
+from tests.openai_server import serve_openai
+from worldgen.config import load_config_file
+from worldgen.storage import WorldStorage
+from worldgen.world import World
+
+DEFAULT = Path(__file__).parents[1] / "configs" / "worlds" / "default.yaml"
+EXAMPLES = sorted((Path(__file__).parents[1] / "configs" / "worlds").glob("*.yaml"))
+CHANGING = ["development", "architect", "creator"]  # what runs after the Environment, every step
+ENVIRONMENT = ["philosopher", "author", "world_update"]
+
+
+def fast_config(executor: str = "local") -> dict:
+    """The default world, with the tiny preset at 32x32 and 2 denoising steps."""
+    config = load_config_file(DEFAULT)
+    config["executor"] = executor
+    config["generation_defaults"] = {"width": 32, "height": 32, "steps": 2, "guidance": 7.5}
+    config["stages"]["creator"] = {"template": "text_to_image", "params": {"preset": "tiny", "steps": 2}}
+    return config
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("pictures") / "given.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(path)
+    return str(path)
+
+
+def user_state(blocks: int, picture: str) -> dict:
+    full = {
+        1: "A ship with black sails enters the harbor.",
+        2: {
+            "pipeline": "text_to_image",
+            "prompt": "a ship with black sails",
+            "width": 32,
+            "height": 32,
+            "steps": 2,
+        },
+        3: [picture],
+        4: "A red square.",
+        5: "The ship was only a red kite.",
+    }
+    return {n: full[n] for n in range(1, blocks + 1)}
+
+
+# rows of the canon's table: blocks the user passes -> (stages of the Environment that run, episode saved?)
+TABLE = [
+    (0, [], False),
+    (1, [], False),
+    (2, [], False),
+    (3, ["philosopher", "author", "world_update"], True),
+    (4, ["author", "world_update"], True),
+    (5, ["world_update"], True),
+]
+
+
+def check_row(world: World, blocks: int, environment_ran: list[str], saved: bool, picture: str) -> None:
+    report = world.step(state=user_state(blocks, picture) if blocks else None)
+    assert report.ran == environment_ran + CHANGING
+    assert report.skipped == [s for s in ENVIRONMENT if s not in environment_ran]
+    assert (report.episode == 1) is saved
+    assert report.state.filled() == {1, 2, 3}  # every step ends holding blocks 1-3
+    episodes = world.storage.episodes()
+    assert episodes == ([1] if saved else [])
+    if saved:
+        episode, _ = world.storage.load_episode(1)
+        assert episode.filled() == {1, 2, 3, 4, 5}
+        assert episode.happening == user_state(1, picture)[1]
+        if blocks >= 4:
+            assert episode.description == "A red square."  # what the user gave is kept, not redone
+        if blocks == 5:
+            assert episode.outcome == "The ship was only a red kite."
+        assert world.content.history[-1] == episode.outcome
+
+
+@pytest.mark.parametrize(
+    ("blocks", "environment_ran", "saved"),
+    TABLE,
+    ids=[f"blocks_1-{b}" if b else "empty" for b, _, _ in TABLE],
+)
+def test_user_supplied_state_table_local(tmp_path, picture, blocks, environment_ran, saved):
+    world = World.from_config(fast_config(), directory=tmp_path / "w")
+    check_row(world, blocks, environment_ran, saved, picture)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "environment_ran", "saved"),
+    TABLE,
+    ids=[f"blocks_1-{b}" if b else "empty" for b, _, _ in TABLE],
+)
+def test_user_supplied_state_table_ray(ray_session, tmp_path, picture, blocks, environment_ran, saved):
+    world = World.from_config(fast_config("ray"), directory=tmp_path / "w")
+    check_row(world, blocks, environment_ran, saved, picture)
+
+
+def test_empty_start_saves_the_first_episode_on_step_two(tmp_path):
+    world = World.from_config(fast_config(), directory=tmp_path / "w")
+    first = world.step()
+    assert first.episode is None and first.state.filled() == {1, 2, 3}
+    second = world.step()
+    assert second.ran == ENVIRONMENT + CHANGING and second.episode == 1
+    third = world.step()
+    assert third.episode == 2
+    assert world.storage.episodes() == [1, 2]
+    assert len(world.content.history) == 2
+    assert (world.directory / "report.html").exists() and (world.directory / "report.md").exists()
+    html = (world.directory / "report.html").read_text()
+    assert html.count("<img") >= 2
+    state, _ = world.storage.load_episode(1)
+    assert all(
+        (world.directory / "episodes" / "000001" / Path(a.path).name).exists() for a in state.artifacts
+    )
+
+
+def test_action_goes_only_to_development(tmp_path):
+    config = fast_config()
+    for role in ["author", "world_update", "development"]:
+        config["stages"][role]["nodes"]["llm"]["config"]["template"] = f"{role} sees action={{{{ action }}}}"
+    world = World.from_config(config, directory=tmp_path / "w")
+    world.step(action="open the gate")
+    assert world.state.happening == "development sees action=open the gate"
+    world.step()
+    episode, meta = world.storage.load_episode(1)
+    assert episode.outcome == "author sees action=None"
+    assert meta["action"] is None and world.storage.load_progress().step == 2
+
+
+def test_world_resumes_after_a_failed_stage_without_losing_or_repeating(tmp_path, monkeypatch):
+    world = World.from_config(fast_config(), directory=tmp_path / "w")
+    world.run(2)  # episode 1 saved
+    original = World._update_world
+    calls = {"n": 0}
+
+    def crash_after_saving(self, story):  # the episode is written, then the process "dies"
+        original(self, story)
+        calls["n"] += 1
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(World, "_update_world", crash_after_saving)
+    with pytest.raises(RuntimeError, match="power cut"):
+        world.step()
+    monkeypatch.setattr(World, "_update_world", original)
+    again = World.load(tmp_path / "w")  # a new process picks up from storage
+    assert again.progress.stage_index == 2  # philosopher, author done; world update in flight
+    report = again.step()
+    assert report.episode == 2
+    assert again.storage.episodes() == [1, 2]
+    assert len(again.content.history) == 2  # applied once
+    assert again.progress.step == 3
+
+
+def test_same_directory_continues_and_a_different_world_is_refused(tmp_path):
+    world = World.from_config(fast_config(), directory=tmp_path / "w")
+    world.step()
+    again = World.from_config(fast_config(), directory=tmp_path / "w")
+    assert again.progress.step == 1 and again.state.filled() == {1, 2, 3}
+    other = fast_config() | {"seed": 99}
+    with pytest.raises(wg.ConfigError, match="already holds a different world"):
+        World.from_config(other, directory=tmp_path / "w")
+    assert WorldStorage(tmp_path / "w").load_progress().step == 1  # nothing was lost
+
+
+def test_bad_world_configs_name_the_yaml_path(tmp_path):
+    config = fast_config()
+    del config["stages"]["author"]
+    with pytest.raises(
+        wg.ConfigError, match=r"at stages: a world has exactly the stages .* missing \['author'\]"
+    ):
+        World.check(config)
+    config = fast_config()
+    config["stages"]["architect"]["nodes"]["llm"]["type"] = "llm/templat"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(wg.ConfigError) as err:
+        World.check(path)
+    assert str(path) in str(err.value) and "stages.architect.nodes.llm.type" in str(err.value)
+    assert "did you mean 'llm/template'" in str(err.value)
+    config = fast_config() | {"seed": -1}
+    with pytest.raises(wg.ConfigError, match="seed: Input should be greater than or equal to 0"):
+        World.check(config)
+
+
+def test_invalid_state_from_the_user_is_refused_clearly(tmp_path):
+    world = World.from_config(fast_config(), directory=tmp_path / "w")
+    with pytest.raises(wg.ConfigError, match=r"state.generation.width: Value error, must be a multiple of 8"):
+        world.step(state={1: "x", 2: {"prompt": "p", "width": 30}})
+    with pytest.raises(wg.ConfigError, match="unknown block 7"):
+        world.step(state={7: "x"})
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_worlds_validate(path, capsys):
+    from worldgen.cli import main
+
+    assert main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("ok: world")
+
+
+def test_openai_stages_over_http_never_save_the_key(tmp_path, monkeypatch):
+    key = "sk-test-7c1d9e0b5a4f"
+    monkeypatch.setenv("WG_TEST_LLM_KEY", key)
+
+    def answer(messages, body):
+        prompt = messages[-1]["content"]
+        return f"[{body['model']}] next: the fog lifts ({len(prompt)} chars of context)"
+
+    with serve_openai(responses=answer, api_key=key) as server:
+        config = fast_config()
+        llm = {
+            "type": "llm/openai",
+            "config": {
+                "model": "test-model",
+                "base_url": server.url,
+                "api_key": "${env:WG_TEST_LLM_KEY}",
+                "prompt": "file:development.j2",
+                "system": "file:system.j2",
+                "retries": 0,
+            },
+        }
+        config["stages"]["development"]["nodes"]["llm"] = copy.deepcopy(llm)
+        world = World.from_config(config, directory=tmp_path / "w")
+        world.run(2)
+    assert world.storage.episodes() == [1]
+    assert world.state.happening.startswith("[test-model] next: the fog lifts")
+    requests = server.chat_requests
+    assert len(requests) == 2 and all(r.authorized for r in requests)
+    user = requests[0].messages[-1]["content"]
+    assert "The Harbor at the End of the Map" in user  # the world content reached the prompt
+    for file in (tmp_path / "w").rglob("*"):
+        if file.is_file():
+            assert key.encode() not in file.read_bytes(), f"the key leaked into {file}"
+    assert "${env:WG_TEST_LLM_KEY}" in (tmp_path / "w" / "world.yaml").read_text()
