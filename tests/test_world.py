@@ -116,6 +116,8 @@ def test_empty_start_saves_the_first_episode_on_step_two(tmp_path):
     assert third.episode == 2
     assert world.storage.episodes() == [1, 2]
     assert len(world.content.history) == 2
+    assert (world.directory / "episodes" / "000001" / "episode.md").exists()
+    world.write_report()
     assert (world.directory / "report.html").exists() and (world.directory / "report.md").exists()
     html = (world.directory / "report.html").read_text()
     assert html.count("<img") >= 2

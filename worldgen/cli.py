@@ -303,6 +303,7 @@ def cmd_run_world(args: argparse.Namespace) -> int:
         report = world.step(action=args.action if i == 0 else None)
         saved = f", saved episode {report.episode}" if report.episode else ""
         print(f"{PROG}: step {report.step} ran {len(report.ran)} stage(s){saved}", file=sys.stderr)
+    world.write_report()
     return _world_summary(world.directory)
 
 

@@ -145,8 +145,9 @@ class WorldStorage:
         return _read_model(self.content_path, WorldContent)
 
     def save_progress(self, progress: Progress) -> None:
-        """Write progress.json (the resume point) atomically."""
-        _write_model(self.progress_path, progress)
+        """Write progress.json (the resume point) atomically. Not fsynced: after an OS crash an older resume
+        point only means a stage runs again, and episodes and content are applied exactly once by state id."""
+        _write_model(self.progress_path, progress, durable=False)
 
     def load_progress(self) -> Progress | None:
         """The resume point, or None when the world never ran."""
@@ -165,7 +166,7 @@ class WorldStorage:
             picture.save(buffer, format="PNG")
             data = buffer.getvalue()
             target = folder / f"{i:03d}.png"
-            atomic_write_bytes(target, data)
+            atomic_write_bytes(target, data, durable=False)  # in flight: the episode copy is the durable one
             refs.append(
                 ArtifactRef(
                     path=target.relative_to(self.root).as_posix(),
@@ -329,9 +330,9 @@ class WorldStorage:
         }
         _write_synced(folder / "state.json", (saved.model_dump_json(indent=2) + "\n").encode())
         _write_synced(folder / "meta.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
-        _write_synced(
-            folder / "episode.md",
-            _episode_md(number, saved, meta, link=lambda r: PurePosixPath(r.path).name).encode(),
+        # episode.md is derived from state.json and meta.json: no fsync needed
+        (folder / "episode.md").write_bytes(
+            _episode_md(number, saved, meta, link=lambda r: PurePosixPath(r.path).name).encode()
         )
         return saved
 
@@ -362,7 +363,8 @@ class WorldStorage:
 
     def _write_index(self, index: Mapping[str, int]) -> None:
         data = {"version": 1, "episodes": dict(sorted(index.items(), key=lambda kv: kv[1]))}
-        atomic_write_text(self.index_path, json.dumps(data, indent=1) + "\n")
+        # rebuilt from the episode folders whenever it disagrees with them: atomic, not fsynced
+        atomic_write_text(self.index_path, json.dumps(data, indent=1) + "\n", durable=False)
 
     def _link(self, ref: ArtifactRef) -> str | None:
         """A URL-quoted link from the root to an existing artifact, or None when it is unsafe or missing."""
@@ -472,8 +474,8 @@ def _normalize(config: Mapping[str, Any]) -> Any:
     return yaml.safe_load(yaml.safe_dump(_plain(config), sort_keys=True))
 
 
-def _write_model(path: Path, model: BaseModel) -> None:
-    atomic_write_text(path, model.model_dump_json(indent=2) + "\n")
+def _write_model(path: Path, model: BaseModel, *, durable: bool = True) -> None:
+    atomic_write_text(path, model.model_dump_json(indent=2) + "\n", durable=durable)
 
 
 def _read_json(path: Path) -> Any:
@@ -526,6 +528,9 @@ def _write_synced(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present: the Python emitter is slow
 
 
 def _fsync_dir(path: Path) -> None:
@@ -582,7 +587,9 @@ def _episode_md(
 
     block(1, (state.happening or "").strip() or "—")
     if state.generation is not None:
-        dumped = yaml.safe_dump(state.generation.model_dump(), sort_keys=False, allow_unicode=True, width=100)
+        dumped = yaml.dump(
+            state.generation.model_dump(), Dumper=_DUMPER, sort_keys=False, allow_unicode=True, width=100
+        )
         fence = _fence(dumped)
         block(2, f"{fence}yaml\n{dumped}{fence}")
     shown = []

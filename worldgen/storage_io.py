@@ -8,16 +8,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)` then rename the temp file over `path`."""
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bool = True) -> Path:
+    """Call `write(tmp_path)` then rename the temp file over `path`.
+
+    The rename makes the write atomic (readers see the old file or the new one, never half of one, also if the
+    process dies). `durable` also fsyncs the data first, so the new file survives an OS crash or power loss;
+    files that can be rebuilt (a resume point, in-flight artifacts) skip it: an fsync costs about a millisecond.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -25,9 +31,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text), durable=durable)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=durable)

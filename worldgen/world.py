@@ -219,6 +219,7 @@ class World:
 
         self._start()
         save_weights(self.named_blocks(), self.storage.root / CHECKPOINT_DIR)
+        self.write_report()
         return self.storage.root
 
     def named_blocks(self) -> list[tuple[str, Any]]:
@@ -280,7 +281,8 @@ class World:
         for index in range(p.stage_index, len(CYCLE)):
             role = CYCLE[index]
             stage = self.stages[role]
-            if role == "development" or stage.should_run(p.state):
+            ran = role == "development" or stage.should_run(p.state)
+            if ran:
                 self._run(role, stage)
                 p.ran.append(role)
             else:
@@ -289,9 +291,12 @@ class World:
                     p.state = WorldState()
                 p.skipped.append(role)
             p.stage_index = index + 1
-            self.storage.save_progress(p)
+            # Persist after every stage that did work (a skip is re-derived from the same state on resume);
+            # the last stage's result is persisted with the end of the step below.
+            if ran and index < len(CYCLE) - 1:
+                self.storage.save_progress(p)
             for cb in self.callbacks:
-                cb(role, "ran" if role in p.ran else "skipped", p.step + 1)
+                cb(role, "ran" if ran else "skipped", p.step + 1)
         report = StepReport(p.step + 1, list(p.ran), list(p.skipped), p.episode, p.state)
         p.step, p.stage_index, p.action = p.step + 1, 0, None
         p.ran, p.skipped, p.episode = [], [], None
@@ -299,8 +304,16 @@ class World:
         return report
 
     def run(self, steps: int, action: str | None = None) -> list[StepReport]:
-        """`steps` passes; `action` (if any) goes to the first one's Development."""
-        return [self.step(action=action if i == 0 else None) for i in range(steps)]
+        """`steps` passes; `action` (if any) goes to the first one's Development. Writes the report at the end."""
+        reports = [self.step(action=action if i == 0 else None) for i in range(steps)]
+        self.write_report()
+        return reports
+
+    def write_report(self) -> Path:
+        """report.html / report.md of every episode (each episode's own episode.md is written when it is saved).
+
+        Not rewritten on every step: it grows with the world; `run()`, `save()` and the CLI write it."""
+        return self.storage.write_report()
 
     def history(self) -> list[dict[str, Any]]:
         """Every saved episode: its number, the five blocks and meta (step, action)."""
@@ -410,7 +423,6 @@ class World:
             self.content.last_state_id = p.state.id
             self.storage.save_content(self.content)
         self.storage.discard_artifacts(p.state.id)
-        self.storage.write_report()
         p.state = WorldState()
 
     def _adopt(self, state: WorldState) -> WorldState:

@@ -81,7 +81,6 @@ class _Run:
         self.seed, self.iterations, self.fuse_loops = seed, iterations, fuse_loops
         self.seeded = RngState.seeded(seed) if seed is not None else None
         self.submitted: list[_Submitted] = []
-        self.light_refs: dict[int, Any] = {}  # each light block is put in the object store once per run
 
     def unfed_rng(self):
         return self.seeded
@@ -105,12 +104,8 @@ class _Run:
                 .call.options(num_returns=len(ports))
                 .remote(block, node_id, ports, **_resolve_local(kwargs))
             )
-        else:
-            if id(block) not in self.light_refs:
-                self.light_refs[id(block)] = ray.put(block)
-            ref = _run_block.options(num_returns=len(ports)).remote(
-                self.light_refs[id(block)], node_id, ports, **kwargs
-            )
+        else:  # light blocks are a few hundred bytes: passed inline, which beats an object-store round trip
+            ref = _run_block.options(num_returns=len(ports)).remote(block, node_id, ports, **kwargs)
         refs = [ref] if len(ports) == 1 else list(ref)
         return dict(zip(ports, refs, strict=True))
 
