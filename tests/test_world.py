@@ -245,3 +245,13 @@ def test_openai_stages_over_http_never_save_the_key(tmp_path, monkeypatch):
         if file.is_file():
             assert key.encode() not in file.read_bytes(), f"the key leaked into {file}"
     assert "${env:WG_TEST_LLM_KEY}" in (tmp_path / "w" / "world.yaml").read_text()
+
+
+def test_world_from_template(tmp_path):
+    world = wg.World.from_template(
+        "offline_world", directory=tmp_path / "w", title="Glass Orchard", preset="tiny", size=32, steps=2
+    )
+    assert world.content.title == "Glass Orchard"
+    reports = world.run(2)
+    assert reports[1].episode == 1 and (world.directory / "report.html").exists()
+    assert "Glass Orchard" in (world.directory / "report.html").read_text()

@@ -14,7 +14,10 @@ from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
 from worldgen.ports import Aggregation, Port, PortKind
 from worldgen.registry import block_class, block_types, create_block, register_block
+from worldgen.stage import Stage
+from worldgen.state import GenerationConfig, WorldContent, WorldState
 from worldgen.templates import list_templates, register_template, template_params
+from worldgen.world import StepReport, World
 
 __version__ = "0.1.0"
 
@@ -36,6 +39,12 @@ __all__ = [
     "PortKind",
     "Problem",
     "UnknownBlockTypeError",
+    "GenerationConfig",
+    "Stage",
+    "StepReport",
+    "World",
+    "WorldContent",
+    "WorldState",
     "WorldgenError",
     "block_class",
     "block_types",

@@ -9,7 +9,7 @@ from typing import Any
 from worldgen.errors import ConfigError, did_you_mean
 
 _TEMPLATES: dict[str, Callable[..., Any]] = {}
-_BUILTIN_MODULES = ("worldgen.templates.diffusion",)
+_BUILTIN_MODULES = ("worldgen.templates.diffusion", "worldgen.templates.worlds")
 _loaded = False
 
 
