@@ -313,11 +313,11 @@ def _run_world_remote(args: argparse.Namespace, spec: Path) -> int:
 
     _connect_existing(None if args.address == "auto" else args.address)
     if spec.is_dir():
-        remote = RemoteWorld.connect(spec)
+        remote = RemoteWorld(spec)
     else:
         config = load_config_file(spec)
         directory = Path(args.out) if args.out else Path("worlds") / str(config.get("name", "world"))
-        remote = RemoteWorld.connect(directory, config)
+        remote = RemoteWorld(directory.resolve(), config)
     info = remote.info()
     print(
         f"{PROG}: world '{info['name']}' on its driver actor, directory {info['directory']}", file=sys.stderr
@@ -326,6 +326,7 @@ def _run_world_remote(args: argparse.Namespace, spec: Path) -> int:
         report = remote.step(action=args.action if i == 0 else None)
         saved = f", saved episode {report['episode']}" if report["episode"] else ""
         print(f"{PROG}: step {report['step']}: ran {', '.join(report['ran'])}{saved}", file=sys.stderr)
+    remote.report()
     return _world_summary(Path(info["directory"]))
 
 

@@ -8,7 +8,9 @@ over one five-block state, with the world's content, storage after every stage, 
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +108,7 @@ class World:
         self.content = WorldContent(**settings.initial_world.model_dump())
         self.progress = Progress()
         self.callbacks: list[StageCallback] = []
+        self.prompts_dir: Path | None = None
 
     # ---- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -125,7 +128,7 @@ class World:
         check_schema(config, "world", file=file)
         world = cls._build(dict(config), file, base, directory)
         if world.storage.exists():
-            if world.storage.load_config() != world.config:
+            if world.storage.load_config() != _plain(world.config):
                 raise ConfigError(
                     f"directory {world.storage.root} already holds a different world; continue it with "
                     "World.load(directory) or choose another directory",
@@ -146,10 +149,13 @@ class World:
             raise ConfigError(format_validation_error(err), file=file) from None
         except GraphError as err:
             raise ConfigError(str(err), file=file, path="executor") from None
+        prompts = None
         if settings.prompts:
             from worldgen.prompts import set_prompt_dirs
 
-            set_prompt_dirs([base / settings.prompts])
+            local = Path(directory) / "prompts" if directory is not None else None
+            prompts = local if local is not None and local.is_dir() else (base / settings.prompts).resolve()
+            set_prompt_dirs([prompts])
         missing = [role for role in CYCLE if role not in settings.stages]
         unknown = [role for role in settings.stages if role not in CYCLE]
         if missing or unknown:
@@ -168,7 +174,9 @@ class World:
             except WorldgenError as err:
                 raise ConfigError(str(err), file=file, path=f"stages.{role}") from None
         directory = Path(directory) if directory is not None else Path("worlds") / settings.name
-        return cls(settings, stages, directory, config)
+        world = cls(settings, stages, directory, config)
+        world.prompts_dir = prompts
+        return world
 
     @classmethod
     def from_template(cls, name: str, directory: str | Path | None = None, **params: Any) -> World:
@@ -209,6 +217,14 @@ class World:
         return world
 
     def _start(self) -> None:
+        # The world's own prompts travel with it, so a reload (another process, a restarted driver) finds them.
+        local = self.storage.root / "prompts"
+        if (
+            self.prompts_dir is not None
+            and self.prompts_dir.is_dir()
+            and self.prompts_dir.resolve() != local.resolve()
+        ):
+            shutil.copytree(self.prompts_dir, local, dirs_exist_ok=True)
         self.storage.save_config(self.config)
         self.storage.save_content(self.content)
         self.storage.save_progress(self.progress)
@@ -277,7 +293,10 @@ class World:
             p.action = action
             p.ran, p.skipped, p.episode = [], [], None
             if state is not None:
-                p.state = self._adopt(WorldState.from_blocks(state))
+                given = WorldState.from_blocks(state)
+                if given.id != p.state.id:
+                    self.storage.discard_artifacts(p.state.id)  # the state it replaces will never be saved
+                p.state = self._adopt(given)
         for index in range(p.stage_index, len(CYCLE)):
             role = CYCLE[index]
             stage = self.stages[role]
@@ -293,15 +312,22 @@ class World:
             p.stage_index = index + 1
             # Persist after every stage that did work (a skip is re-derived from the same state on resume);
             # the last stage's result is persisted with the end of the step below.
-            if ran and index < len(CYCLE) - 1:
+            if index == len(CYCLE) - 1:
+                break
+            if ran:
                 self.storage.save_progress(p)
-            for cb in self.callbacks:
-                cb(role, "ran" if ran else "skipped", p.step + 1)
+            self._notify(role, ran, p.step + 1)
         report = StepReport(p.step + 1, list(p.ran), list(p.skipped), p.episode, p.state)
         p.step, p.stage_index, p.action = p.step + 1, 0, None
         p.ran, p.skipped, p.episode = [], [], None
         self.storage.save_progress(p)
+        self._notify(CYCLE[-1], CYCLE[-1] in report.ran, report.step)
         return report
+
+    def _notify(self, role: str, ran: bool, step: int) -> None:
+        """Callbacks hear of a stage once what it did is persisted (a skip needs no persisting)."""
+        for cb in self.callbacks:
+            cb(role, "ran" if ran else "skipped", step)
 
     def run(self, steps: int, action: str | None = None) -> list[StepReport]:
         """`steps` passes; `action` (if any) goes to the first one's Development. Writes the report at the end."""
@@ -443,6 +469,13 @@ class World:
 
     def __repr__(self) -> str:
         return f"World({self.settings.name!r}, step={self.progress.step}, directory='{self.storage.root}')"
+
+
+def _plain(config: Mapping[str, Any]) -> Any:
+    """A config as it reads back from YAML (tuples become lists…), for comparing with a saved one."""
+    import yaml
+
+    return yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(config, default=str)), sort_keys=True))
 
 
 def _build_stage(role: str, spec: Mapping[str, Any]) -> Stage:

@@ -1,0 +1,427 @@
+"""The world driver: one long-lived, named Ray actor per world, owning the `World` and running its steps.
+
+    world = RemoteWorld("worlds/harbor", config)      # creates the driver, or finds the running one
+    world.step(action="a storm rolls in")             # -> the step report as a dict
+    world.run(3); world.state(); world.history(); world.info(); world.progress()
+
+The world persists its resume point (`progress.json`) as its stages finish, so the driver itself keeps nothing
+that is not on disk. Ray restarts a driver that dies (`max_restarts`), and its `__init__` continues the world from its directory, so a
+crash costs at most the stage in flight: no episode is lost and none is saved twice. A call in flight when the
+driver dies fails (`max_task_retries=0`, typically `ray.exceptions.ActorUnavailableError`, a `RayActorError`);
+the caller steps again, which first finishes the interrupted step.
+
+Steps on one world are serialised: the driver's default concurrency group runs one method at a time. Only the
+read-only `progress()` and `info()` run in a separate group ("read"), so they answer while a step runs.
+
+Drivers are detached and named `wg-world-<world name>-<hash of the resolved directory>` in the project's
+namespace, created with `get_if_exists=True`: any process connected to the cluster reaches the same driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+
+from actors.model_host import NAMESPACE, cluster_address
+from worldgen.config import load_config_file
+from worldgen.errors import ConfigError
+from worldgen.storage import WorldStorage
+
+PREFIX = "wg-world-"
+
+Config = Mapping[str, Any] | str | Path
+
+
+# ---- naming and config checks --------------------------------------------------------------------------
+def _resolve(directory: str | Path) -> Path:
+    return Path(directory).expanduser().resolve()
+
+
+def _dir_hash(directory: str | Path) -> str:
+    return hashlib.sha1(str(_resolve(directory)).encode()).hexdigest()[:10]
+
+
+def _load(config: Config) -> dict[str, Any]:
+    return load_config_file(config) if isinstance(config, (str, Path)) else dict(config)
+
+
+def _normalize(config: Mapping[str, Any]) -> Any:
+    """A config as YAML would store it (tuples as lists, keys as strings), for comparing with world.yaml."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return yaml.safe_load(yaml.safe_dump(plain(config), sort_keys=True))
+
+
+def _check(directory: Path, config: Config | None) -> dict[str, Any]:
+    """The config of the world that lives (or will live) in `directory`; refuses a missing config for a new
+    directory and a config that differs from the world already there."""
+    storage = WorldStorage(directory)
+    if storage.exists():
+        stored = storage.load_config()
+        if config is not None and _normalize(_load(config)) != _normalize(stored):
+            raise ConfigError(
+                f"directory {directory} already holds a different world; continue it without a config "
+                "(RemoteWorld(directory)) or choose another directory",
+                file=str(storage.config_path),
+            )
+        return stored
+    if config is None:
+        raise ConfigError(
+            f"no world in {directory} (no world.yaml) and no config given: pass the world's config to start "
+            "a new world there, or the directory of an existing world to continue it",
+            file=str(directory),
+        )
+    return _load(config)
+
+
+def driver_name(directory: str | Path, config: Config | None = None) -> str:
+    """The driver's actor name: `wg-world-<world name>-<short hash of the resolved directory>`.
+
+    The world's name comes from the directory's world.yaml, or from `config` for a world not started yet.
+    Two worlds with the same name in different directories get different drivers.
+    """
+    directory = _resolve(directory)
+    name = str(_check(directory, config).get("name") or "world")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:48] or "world"
+    return f"{PREFIX}{slug}-{_dir_hash(directory)}"
+
+
+# ---- the actor -----------------------------------------------------------------------------------------
+@ray.remote(concurrency_groups={"read": 1})
+class WorldDriver:
+    """Owns one `World`: runs its steps one at a time and answers about it. Restarted by Ray, it resumes."""
+
+    def __init__(self, directory: str, config: Mapping[str, Any] | str | None = None):
+        self.directory = str(_resolve(directory))
+        self.started = time.time()
+        self.error: Exception | None = None
+        self._lock = threading.Lock()  # guards the snapshot `progress()` reads from another thread
+        self._running = False
+        self._last: tuple[str, str] | None = None  # (role, "ran" | "skipped") of the last stage finished
+        with warnings.catch_warnings():  # Ray 2.60 warns about an API it uses internally here
+            warnings.simplefilter("ignore")
+            self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        # The world's models run in this process: use the CPUs reserved for it, or the machine's cores when
+        # none are (as a model host does; Ray would otherwise leave torch one thread).
+        import torch
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+        torch.set_num_threads(max(1, int(cpus)) if cpus >= 1 else (os.cpu_count() or 1))
+        # A world that cannot be opened does not fail the actor's creation (a creation error only says "the
+        # actor died", and an actor with concurrency groups aborts noisily on that exit): the error is kept
+        # and every call raises it; `get_or_create_driver` raises it and removes the driver.
+        try:
+            self.world = self._open(config)
+        except Exception as err:
+            self.error = err
+            return
+        self._snapshot = self._make_snapshot()
+        self.world.callbacks.append(self._on_stage)
+
+    def _open(self, config: Mapping[str, Any] | str | None) -> Any:
+        """`World.load` for a directory that holds a world (a restart lands here), else `World.from_config`."""
+        from worldgen.world import World
+
+        self.resumed = WorldStorage(self.directory).exists()
+        _check(Path(self.directory), config)  # config required for a new world; the same world for an old one
+        return World.load(self.directory) if self.resumed else World.from_config(config, self.directory)
+
+    def _ok(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    @ray.method(concurrency_group="read")
+    def ready(self) -> bool:
+        """True once the world is open; raises the error that kept it from opening."""
+        self._ok()
+        return True
+
+    # ---- progress (answered from the "read" group while a step runs) -----------------------------------
+    def _make_snapshot(self) -> dict[str, Any]:
+        p = self.world.progress
+        return {
+            "step": p.step,  # steps completed
+            "stage_index": p.stage_index,  # stages of the step in flight done (0: no step in flight)
+            "running": self._running,
+            "last_stage": self._last[0] if self._last else None,
+            "last_outcome": self._last[1] if self._last else None,
+            "ran": list(p.ran),
+            "skipped": list(p.skipped),
+            "time": time.time(),
+        }
+
+    def _on_stage(self, role: str, outcome: str, step: int) -> None:
+        self._last = (role, outcome)
+        snapshot = self._make_snapshot()
+        with self._lock:
+            self._snapshot = snapshot
+
+    def _set_running(self, running: bool) -> None:
+        self._running = running
+        snapshot = self._make_snapshot()
+        with self._lock:
+            self._snapshot = snapshot
+
+    @ray.method(concurrency_group="read")
+    def progress(self) -> dict[str, Any]:
+        """Where the world stands: steps completed, stages of the step in flight done, the last stage."""
+        self._ok()
+        with self._lock:
+            return dict(self._snapshot, pid=os.getpid())
+
+    @ray.method(concurrency_group="read")
+    def info(self) -> dict[str, Any]:
+        """Who and where: world name, directory, step, stage index, process, episodes saved."""
+        self._ok()
+        snapshot = self.progress()
+        episodes = WorldStorage(self.directory).episodes()
+        return {
+            "name": self.world.settings.name,
+            "title": self.world.content.title,
+            "directory": self.directory,
+            "actor": ray.get_runtime_context().get_actor_name(),
+            "step": snapshot["step"],
+            "stage_index": snapshot["stage_index"],
+            "running": snapshot["running"],
+            "pid": os.getpid(),
+            "episodes": len(episodes),
+            "last_episode": episodes[-1] if episodes else None,
+            "resumed": self.resumed,
+            "restarted": self.restarted,
+            "started": self.started,
+        }
+
+    # ---- the world (default group: one at a time) -------------------------------------------------------
+    def step(self, action: str | None = None, state: Any = None) -> dict[str, Any]:
+        """One pass around the cycle (or the rest of a pass a crash interrupted); the report as a dict."""
+        self._ok()
+        self._set_running(True)
+        try:
+            return self.world.step(action=action, state=state).to_dict()
+        finally:
+            self._set_running(False)
+
+    def run(self, steps: int, action: str | None = None) -> list[dict[str, Any]]:
+        """`steps` passes (`World.run`: the report files are written at the end); `action` goes to the first."""
+        self._ok()
+        self._set_running(True)
+        try:
+            return [report.to_dict() for report in self.world.run(int(steps), action=action)]
+        finally:
+            self._set_running(False)
+
+    def report(self) -> str:
+        """Write report.md / report.html of every episode; returns the HTML report's path."""
+        self._ok()
+        return str(self.world.storage.write_report())
+
+    def state(self) -> dict[str, Any]:
+        """The state in flight (five blocks + id) as JSON."""
+        self._ok()
+        return self.world.state.model_dump(mode="json")
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every saved episode: number, five blocks, meta."""
+        self._ok()
+        return self.world.history()
+
+
+# ---- creating and finding drivers ----------------------------------------------------------------------
+def get_or_create_driver(
+    directory: str | Path,
+    config: Config | None = None,
+    *,
+    max_restarts: int = -1,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    wait: bool = True,
+    timeout: float | None = None,
+) -> Any:
+    """The driver actor of the world in `directory`: the running one, or a new one (named, detached).
+
+    A new directory needs `config` (a mapping or a config file path); an existing one is continued (a config
+    given for it must be the same world). Ray restarts a driver that dies up to `max_restarts` times (-1:
+    always); calls in flight when it dies fail and are not retried. With `wait`, returns once the world is
+    open, and a world that cannot be opened (a bad config) raises its error here and leaves no driver behind.
+    """
+    from worldgen.execution.ray import ensure_ray
+
+    ensure_ray()
+    directory = _resolve(directory)
+    name = driver_name(directory, config)  # checks the directory and config on the caller's side
+    if isinstance(config, (str, Path)):
+        config = str(Path(config).expanduser().resolve())  # the actor's working directory may differ
+    elif config is not None:
+        config = dict(config)
+    options: dict[str, Any] = {
+        "name": name,
+        "namespace": NAMESPACE,
+        "get_if_exists": True,
+        "lifetime": "detached",
+        "max_restarts": max_restarts,
+        "max_task_retries": 0,
+    }
+    if num_cpus is not None:
+        options["num_cpus"] = num_cpus
+    if num_gpus is not None:
+        options["num_gpus"] = num_gpus
+    handle = WorldDriver.options(**options).remote(str(directory), config)
+    if wait:
+        try:
+            ray.get(handle.ready.remote(), timeout=timeout)
+        except ray.exceptions.RayTaskError as err:
+            ray.kill(handle, no_restart=True)  # free the name for a corrected config
+            cause = err.cause
+            raise (cause if isinstance(cause, Exception) else err) from None
+    return handle
+
+
+def list_worlds(address: str | None = None) -> list[dict[str, Any]]:
+    """Running world drivers in the project's namespace, each with its `info()` (answered even mid-step)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=address or cluster_address(),
+        filters=[("ray_namespace", "=", NAMESPACE)],
+        limit=10_000,
+    )
+    worlds = []
+    for actor in actors:
+        if not (actor.name or "").startswith(PREFIX) or actor.state == "DEAD":
+            continue
+        entry = {"actor": actor.name, "actor_id": actor.actor_id, "state": actor.state, "pid": actor.pid}
+        try:
+            entry |= ray.get(ray.get_actor(actor.name, namespace=NAMESPACE).info.remote(), timeout=30)
+        except Exception as err:  # restarting, or failed to start: still listed
+            entry["error"] = f"{type(err).__name__}: {err}"
+        worlds.append(entry)
+    return sorted(worlds, key=lambda w: w["actor"])
+
+
+def _driver_names(directory: str | Path, address: str | None = None) -> list[str]:
+    """Names of the live drivers of `directory` (found by the directory hash, so no world.yaml is needed)."""
+    from ray.util.state import list_actors
+
+    suffix = "-" + _dir_hash(directory)
+    actors = list_actors(
+        address=address or cluster_address(),
+        filters=[("ray_namespace", "=", NAMESPACE)],
+        limit=10_000,
+    )
+    return sorted(
+        {
+            a.name
+            for a in actors
+            if a.name and a.name.startswith(PREFIX) and a.name.endswith(suffix) and a.state != "DEAD"
+        }
+    )
+
+
+def stop_world(directory: str | Path) -> list[str]:
+    """Stop the driver(s) of the world in `directory` for good (the world stays on disk); returns the names."""
+    stopped = []
+    for name in _driver_names(directory):
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:  # already gone
+            continue
+        stopped.append(name)
+    return stopped
+
+
+# ---- the blocking Python API ---------------------------------------------------------------------------
+class RemoteWorld:
+    """A world run by its driver actor, with blocking calls (`timeout` in seconds, None: wait)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        config: Config | None = None,
+        *,
+        max_restarts: int = -1,
+        timeout: float | None = None,
+        **options: Any,
+    ):
+        self.directory = _resolve(directory)
+        self.name = driver_name(self.directory, config)
+        self.timeout = timeout
+        self.handle = get_or_create_driver(
+            self.directory, config, max_restarts=max_restarts, timeout=timeout, **options
+        )
+
+    def _get(self, ref: Any) -> Any:
+        return ray.get(ref, timeout=self.timeout)
+
+    def _read(self, method: str, attempts: int = 5) -> Any:
+        """A read-only call, tried again when it reached a driver that was restarting (safe: it changes nothing)."""
+        for attempt in range(attempts):
+            try:
+                return self._get(getattr(self.handle, method).remote())
+            except ray.exceptions.ActorUnavailableError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def step(self, action: str | None = None, state: Any = None) -> dict[str, Any]:
+        """One step. Not retried: when the driver dies mid-step this raises (a `ray.exceptions.RayActorError`)
+        and the next `step()` first finishes the interrupted one from its last persisted stage."""
+        return self._get(self.handle.step.remote(action, state))
+
+    def run(self, steps: int, action: str | None = None) -> list[dict[str, Any]]:
+        return self._get(self.handle.run.remote(steps, action))
+
+    def run_until(self, step: int, attempts: int = 5) -> int:
+        """Step until `step` steps are complete, stepping again when the driver dies mid-step (each retry
+        finishes the interrupted step from its last persisted stage, so nothing runs twice); returns the
+        number of steps completed."""
+        failures = 0
+        while (done := self.info()["step"]) < step:
+            try:
+                self.step()
+            except ray.exceptions.RayActorError:
+                failures += 1
+                if failures >= attempts:
+                    raise
+        return done
+
+    def report(self) -> str:
+        return self._get(self.handle.report.remote())
+
+    def state(self) -> dict[str, Any]:
+        return self._read("state")
+
+    def history(self) -> list[dict[str, Any]]:
+        return self._read("history")
+
+    def info(self) -> dict[str, Any]:
+        return self._read("info")
+
+    def progress(self) -> dict[str, Any]:
+        return self._read("progress")
+
+    def kill(self) -> None:
+        """Crash the driver (as a failure would): Ray restarts it and it resumes from the world directory."""
+        ray.kill(self.handle, no_restart=False)
+
+    def shutdown(self) -> None:
+        """Stop the driver for good; the world stays on disk (a new RemoteWorld(directory) continues it)."""
+        ray.kill(self.handle, no_restart=True)
+
+    def __repr__(self) -> str:
+        return f"RemoteWorld({self.name!r}, directory='{self.directory}')"
