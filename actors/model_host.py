@@ -89,17 +89,10 @@ class ModelHost:
 
     def call(self, block: Block, node_id: str, ports: tuple[str, ...], **inputs: Any) -> Any:
         """Run one block; returns its outputs in `ports` order (one value when there is one port)."""
-        from worldgen.errors import ExecutionError
+        from worldgen.execution.local import call_in_port_order
 
         self.calls += 1
-        try:
-            outputs = self._bind(block)(**inputs)
-        except Exception as err:
-            raise ExecutionError(
-                f"node '{node_id}' ({block.block_type}) failed on its model host: {type(err).__name__}: {err}"
-            ) from err
-        values = tuple(outputs[p] for p in ports)
-        return values[0] if len(values) == 1 else values
+        return call_in_port_order(self._bind(block), node_id, ports, inputs, " on its model host")
 
     def run_subgraph(
         self,

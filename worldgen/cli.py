@@ -122,20 +122,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from worldgen.world import World
 
         world = World.check(args.file)
+        what, summary = f"world '{world.settings.name}'", f"6 stages, {len(world.named_blocks())} blocks"
         problems = world.validate()
-        if not problems:
-            print(f"ok: world '{world.settings.name}' (6 stages, {len(world.named_blocks())} blocks)")
-            return 0
-        print(f"invalid: world '{world.settings.name}' has {len(problems)} problem(s):")
-        for problem in problems:
-            print(f"  - {problem}")
-        return 1
-    engine = load_engine(args.file, preset="tiny")
-    problems = engine.validate()
+    else:
+        engine = load_engine(args.file, preset="tiny")
+        what, summary = f"{engine.level} '{engine.name}'", _counts(engine)
+        problems = engine.validate()
     if not problems:
-        print(f"ok: {engine.level} '{engine.name}' ({_counts(engine)})")
+        print(f"ok: {what} ({summary})")
         return 0
-    print(f"invalid: {engine.level} '{engine.name}' has {len(problems)} problem(s):")
+    print(f"invalid: {what} has {len(problems)} problem(s):")
     for problem in problems:
         print(f"  - {problem}")
     return 1

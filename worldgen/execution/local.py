@@ -71,6 +71,21 @@ def call_node(
     return outputs
 
 
+def call_in_port_order(
+    block: Any, node_id: str, ports: tuple[str, ...], inputs: dict[str, Any], where: str = ""
+) -> Any:
+    """Call a block for a remote caller: outputs in `ports` order (a single value for one port); failures
+    become ExecutionErrors naming the node. Used by Ray tasks and model hosts (one return per port)."""
+    try:
+        outputs = block(**inputs)
+    except Exception as err:
+        raise ExecutionError(
+            f"node '{node_id}' ({block.block_type}) failed{where}: {type(err).__name__}: {err}"
+        ) from err
+    values = tuple(outputs[p] for p in ports)
+    return values[0] if len(values) == 1 else values
+
+
 def run_local(
     engine: Engine,
     inputs: Mapping[str, Any] | None = None,

@@ -20,7 +20,7 @@ from worldgen.block import Block, ModelBlock
 from worldgen.engine import Engine, Loop, gather_inputs
 from worldgen.errors import ExecutionError, GraphError, WorldgenError
 from worldgen.execution.callbacks import RunCallback
-from worldgen.execution.local import check_inputs
+from worldgen.execution.local import call_in_port_order, check_inputs
 from worldgen.graph import Graph
 from worldgen.ports import AGGREGATORS, Aggregation
 
@@ -54,14 +54,7 @@ def _resolve(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _run_block(block: Block, node_id: str, ports: tuple[str, ...], **inputs: Any) -> Any:
     # One instance per block behaviour per worker process: what a block caches (a scheduler config) stays.
     block = _worker_blocks.setdefault(block_key(block), block)
-    try:
-        outputs = block(**_resolve(inputs))
-    except Exception as err:
-        raise ExecutionError(
-            f"node '{node_id}' ({block.block_type}) failed: {type(err).__name__}: {err}"
-        ) from err
-    values = tuple(outputs[p] for p in ports)
-    return values[0] if len(values) == 1 else values
+    return call_in_port_order(block, node_id, ports, _resolve(inputs))
 
 
 # ---- submission --------------------------------------------------------------------------------------
