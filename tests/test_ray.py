@@ -180,3 +180,18 @@ def test_light_graph_with_aggregation_and_config_executor(clean_hosts):
     graph = wg.Graph.from_config(config)
     assert graph.run({"a": 1.0, "b": 2.0}) == {"y": 21.0}  # on Ray: the config says so
     assert graph.run({"a": 1.0, "b": 2.0}, executor="local") == {"y": 21.0}
+
+
+def test_inline_blocks_run_in_the_driving_process(clean_hosts):
+    import os
+
+    import tests.toy_blocks  # noqa: F401 - registers the toy blocks
+
+    graph = wg.Graph("where")
+    graph.add_node("toy/where_inline", id="here")
+    graph.add_node("toy/where_task", id="there")
+    graph.add_edge("here.pid", "there.x")  # an inline output feeds a task
+    graph.expose_output("here", "here.pid")
+    graph.expose_output("there", "there.pid")
+    out = graph.run({}, executor="ray")
+    assert out["here"] == os.getpid() and out["there"] != os.getpid()

@@ -73,3 +73,24 @@ class Countdown(wg.Block):
 
     def loop_iterations(self, inputs):
         return self.config.steps
+
+
+@wg.register_block
+class WhereInline(wg.Block):
+    """Reports the process it ran in; `inline`: a distributed executor runs it in the driving process."""
+
+    block_type = "toy/where_inline"
+    inline = True
+    INPUTS = (Port("x", K.ANY, optional=True),)
+    OUTPUTS = (Port("pid", K.INT),)
+
+    def forward(self, x=None):
+        import os
+
+        return {"pid": os.getpid()}
+
+
+@wg.register_block
+class WhereTask(WhereInline):
+    block_type = "toy/where_task"
+    inline = False

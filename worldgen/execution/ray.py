@@ -97,6 +97,8 @@ class _Run:
                 .call.options(num_returns=len(ports))
                 .remote(block, node_id, ports, **_resolve_local(kwargs))
             )
+        elif block.inline:  # cheaper than a task: run here on the (fetched) inputs; outputs stay plain values
+            ref = call_in_port_order(block, node_id, ports, _resolve_local(kwargs, fetch=True))
         else:  # light blocks are a few hundred bytes: passed inline, which beats an object-store round trip
             ref = _run_block.options(num_returns=len(ports)).remote(block, node_id, ports, **kwargs)
         refs = [ref] if len(ports) == 1 else list(ref)
@@ -209,10 +211,11 @@ def run_ray(
     try:
         outputs = run.submit(engine, dict(inputs or {}))
         for item in run.submitted if callbacks else ():
-            ray.wait(list(item.refs.values()), num_returns=len(item.refs))
+            pending = [r for r in item.refs.values() if isinstance(r, ray.ObjectRef)]
+            ray.wait(pending, num_returns=len(pending))
             for cb in callbacks:
                 cb.on_node_end(item.node_id, item.iteration, item.refs)
-        values = ray.get(list(outputs.values()))
+        values = [ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in outputs.values()]
     except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as err:
         forget_host()  # the next run looks hosts up again (Ray restarts them, or a new one is created)
         actor = getattr(err, "actor_id", None) or "?"

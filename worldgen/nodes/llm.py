@@ -280,6 +280,7 @@ class TemplateLLM(LLMBlock):
 
     block_type = "llm/template"
     Config = TemplateLLMConfig
+    inline = True  # rendering a template costs far less than a Ray task
     requires_prompt = False
 
     def generate(self, messages: list[Message], **call: Any) -> str:
