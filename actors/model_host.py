@@ -34,6 +34,20 @@ def _import(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def set_torch_threads(reserved_cpus: float) -> int:
+    """Torch intra-op threads for a long-lived actor: WORLDGEN_TORCH_THREADS when set, else its reserved CPUs,
+    else (none reserved: a shared server) all the machine's cores. Ray would give such an actor one thread."""
+    import torch
+
+    explicit = os.environ.get("WORLDGEN_TORCH_THREADS")
+    if explicit:
+        threads = int(explicit)
+    else:
+        threads = max(1, int(reserved_cpus)) if reserved_cpus >= 1 else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def block_key(block: Block) -> str:
     """Stable identity of a block's behaviour (type + config), for caches on workers and hosts."""
     return block.block_type + json.dumps(block.config_dict(), sort_keys=True)
@@ -56,16 +70,11 @@ class ModelHost:
     """Holds one model; runs the blocks (and fused loops) that use it."""
 
     def __init__(self, ref: dict[str, Any], class_path: str, model: Any = None):
-        import torch
-
         from worldgen.models.loading import load_component, resolve_device
 
         self.ref = ModelRef(**ref)
         self.class_path = class_path
-        # Ray starts workers with one intra-op thread per reserved CPU (one when none is reserved); a host
-        # that reserves no CPUs is a shared model server, so it uses the machine's cores like a local run.
-        cpus = self.ref.placement.num_cpus
-        torch.set_num_threads(max(1, int(cpus)) if cpus >= 1 else (os.cpu_count() or 1))
+        set_torch_threads(self.ref.placement.num_cpus)
         started = time.perf_counter()
         if model is None:
             model = load_component(self.ref, _import(class_path))

@@ -32,7 +32,7 @@ from typing import Any
 import ray
 import yaml
 
-from actors.model_host import NAMESPACE, cluster_address
+from actors.model_host import NAMESPACE, cluster_address, set_torch_threads
 from worldgen.config import load_config_file
 from worldgen.errors import ConfigError
 from worldgen.storage import WorldStorage
@@ -119,10 +119,7 @@ class WorldDriver:
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         # The world's models run in this process: use the CPUs reserved for it, or the machine's cores when
         # none are (as a model host does; Ray would otherwise leave torch one thread).
-        import torch
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
-        torch.set_num_threads(max(1, int(cpus)) if cpus >= 1 else (os.cpu_count() or 1))
+        set_torch_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
         # A world that cannot be opened does not fail the actor's creation (a creation error only says "the
         # actor died", and an actor with concurrency groups aborts noisily on that exit): the error is kept
         # and every call raises it; `get_or_create_driver` raises it and removes the driver.

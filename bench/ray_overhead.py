@@ -28,7 +28,7 @@ def _threads_arg() -> int:  # needed before torch is imported
 
 
 if _threads_arg() > 0:
-    os.environ["OMP_NUM_THREADS"] = str(_threads_arg())
+    os.environ["OMP_NUM_THREADS"] = os.environ["WORLDGEN_TORCH_THREADS"] = str(_threads_arg())
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
@@ -41,47 +41,22 @@ from typing import Any  # noqa: E402
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+from graph_overhead import GUIDANCE, PRESET, PROMPT, SIZE, runners  # noqa: E402 - this folder
+from graph_overhead import build as build_pair  # noqa: E402
 
 TARGET = 1.5
-PRESET, SIZE, GUIDANCE = "small", 64, 7.5
-PROMPT = "a photo of an old harbor at dawn"
 TOL_DIFFUSERS, TOL_RAY = 1e-4, 1e-5
 SIDES = ("diffusers", "local", "ray_fused", "ray_unfused")
 
 
 def build(steps: int) -> dict[str, Any]:
-    """The four runners; diffusers runs on the graph's own model objects."""
-    from diffusers import StableDiffusionPipeline
-
-    import worldgen as wg
-
-    g = wg.Graph.from_template("text_to_image", preset=PRESET, steps=steps)
-    template = g.block("schedule").scheduler
-    pipe = StableDiffusionPipeline(
-        vae=g.block("vae").model,
-        text_encoder=g.block("te").model,
-        tokenizer=g.block("tok").model,
-        unet=g.block("unet").model,
-        scheduler=type(template).from_config(template.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    """The four runners; diffusers runs on the graph's own model objects (built as in graph_overhead.py)."""
+    g, pipe = build_pair("ddim", steps)
+    run_local, run_diffusers = runners(g, pipe, steps)
     inputs = {"prompt": PROMPT, "height": SIZE, "width": SIZE, "guidance_scale": GUIDANCE}
     return {
-        "diffusers": lambda: (
-            pipe(
-                PROMPT,
-                height=SIZE,
-                width=SIZE,
-                num_inference_steps=steps,
-                guidance_scale=GUIDANCE,
-                generator=torch.Generator("cpu").manual_seed(0),
-                output_type="pt",
-            ).images
-        ),
-        "local": lambda: g.run(inputs, seed=0, executor="local")["image"],
+        "diffusers": run_diffusers,
+        "local": run_local,
         "ray_fused": lambda: g.run(inputs, seed=0, executor="ray", fuse_loops=True)["image"],
         "ray_unfused": lambda: g.run(inputs, seed=0, executor="ray", fuse_loops=False)["image"],
     }

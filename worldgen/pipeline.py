@@ -52,25 +52,30 @@ class Pipeline(Engine):
         return [(g, self._items[g]) for g in self._items]
 
     def named_blocks(self) -> list[tuple[str, Block]]:
-        return [
-            (f"{gid}.{nid}", block) for gid, graph in self.graphs() for nid, block in graph.named_blocks()
-        ]
+        return [(f"{i}.{n}", block) for i, item in self._items.items() for n, block in item.named_blocks()]
 
     def _items_config(self) -> dict[str, Any]:
-        return {gid: graph.to_config() for gid, graph in self.graphs()}
+        return {item_id: item.to_config() for item_id, item in self._items.items()}
+
+    @classmethod
+    def _item_from_config(cls, spec: Mapping[str, Any]) -> Engine:
+        """One node of this level from its config (a pipeline's nodes are graphs)."""
+        return Graph.from_config(spec)
 
     def _build_items(self, items: Mapping[str, Any], fail) -> None:
-        for graph_id, spec in items.items():
-            path = f"graphs.{graph_id}"
+        for item_id, spec in items.items():
+            path = f"{self.nodes_key}.{item_id}"
             if not isinstance(spec, Mapping):
-                raise fail(path, "expected a graph config (inline, or {ref: file.yaml})")
+                raise fail(
+                    path, f"expected a config for this {self.level}'s node (inline, or {{ref: file.yaml}})"
+                )
             try:
-                graph = Graph.from_config(spec)
+                item = self._item_from_config(spec)
             except ConfigError as err:
                 raise fail(f"{path}.{err.path}" if err.path else path, err.detail) from None
             except WorldgenError as err:
                 raise fail(path, str(err)) from None
-            self.add_graph(graph, id=str(graph_id))
+            self._add_item(str(item_id), item)
 
     @classmethod
     def from_template(cls, name: str, **params: Any) -> Pipeline:

@@ -24,9 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worldgen.block import Block
 from worldgen.engine import Engine, Problem
-from worldgen.errors import ConfigError, GraphError, WorldgenError
+from worldgen.errors import ConfigError, GraphError
 from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
 from worldgen.state import WorldState
@@ -53,8 +52,10 @@ CONTRACTS: dict[str, Contract] = {
 }
 
 
-class Stage(Engine):
-    """A role of the world cycle: pipelines/graphs wired as a DAG, with the role's state contract."""
+class Stage(Pipeline):
+    """A role of the world cycle: pipelines/graphs wired as a DAG, with the role's state contract.
+
+    Mechanically a pipeline whose nodes may also be pipelines (or templates)."""
 
     level = "stage"
     allow_cycles = False
@@ -121,28 +122,9 @@ class Stage(Engine):
             )
         return self._items[name]
 
-    def named_blocks(self) -> list[tuple[str, Block]]:
-        return [
-            (f"{pid}.{nid}", block) for pid in self._items for nid, block in self._items[pid].named_blocks()
-        ]
-
-    def _items_config(self) -> dict[str, Any]:
-        return {pid: item.to_config() for pid, item in self._items.items()}
-
-    def _build_items(self, items: Mapping[str, Any], fail) -> None:
-        for item_id, spec in items.items():
-            path = f"pipelines.{item_id}"
-            if not isinstance(spec, Mapping):
-                raise fail(
-                    path, "expected a graph or pipeline config (inline, {ref: file.yaml} or {template: NAME})"
-                )
-            try:
-                item = build_item(spec)
-            except ConfigError as err:
-                raise fail(f"{path}.{err.path}" if err.path else path, err.detail) from None
-            except WorldgenError as err:
-                raise fail(path, str(err)) from None
-            self.add_pipeline(item, id=str(item_id))
+    @classmethod
+    def _item_from_config(cls, spec: Mapping[str, Any]) -> Engine:
+        return build_item(spec)
 
     def to_config(self) -> dict[str, Any]:
         return {**super().to_config(), "role": self.role}
