@@ -4,7 +4,7 @@
     world.step(action="a storm rolls in")             # -> the step report as a dict
     world.run(3); world.state(); world.history(); world.info(); world.progress()
 
-The world persists its resume point (`progress.json`) as its stages finish, so the driver itself keeps nothing
+The world persists its resume point (`progress.jsonl`) as its stages finish, so the driver itself keeps nothing
 that is not on disk. Ray restarts a driver that dies (`max_restarts`), and its `__init__` continues the world from its directory, so a
 crash costs at most the stage in flight: no episode is lost and none is saved twice. A call in flight when the
 driver dies fails (`max_task_retries=0`, typically `ray.exceptions.ActorUnavailableError`, a `RayActorError`);

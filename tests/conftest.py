@@ -75,3 +75,26 @@ def clean_hosts(ray_session):
     unload_hosts()
     yield ray_session
     unload_hosts()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session):
+    """Ray Serve's HTTP proxy on 127.0.0.1 (a free port) for the session; its base URL. Tests add their
+    applications with `serve.run(app, name=..., route_prefix=...)` and delete them when done."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()

@@ -85,6 +85,27 @@ def test_content_and_progress_round_trip(store):
     assert not list(store.root.glob(".*.tmp"))  # no temp files left behind
 
 
+def test_progress_is_a_journal_whose_last_whole_line_is_the_resume_point(store, monkeypatch):
+    import worldgen.storage as storage_module
+
+    for step in range(3):
+        store.save_progress(Progress(step=step, stage_index=1))
+    assert len(store.progress_path.read_text().splitlines()) == 3  # appended, not rewritten
+    assert store.load_progress().step == 2
+    with open(store.progress_path, "a") as fh:
+        fh.write('{"step": 3, "stage_in')  # the process died mid-append
+    assert WorldStorage(store.root).load_progress().step == 2
+    restarted = WorldStorage(store.root)
+    resumed = Progress(step=3)
+    restarted.save_progress(resumed)  # a cut line is never appended to: the file is rewritten
+    assert store.progress_path.read_text().splitlines() == [resumed.model_dump_json()]
+    monkeypatch.setattr(storage_module, "_PROGRESS_LOG_LIMIT", 2 * len(Progress(step=4).model_dump_json()) + 2)
+    for step in range(4, 8):
+        restarted.save_progress(Progress(step=step))
+        assert len(store.progress_path.read_text().splitlines()) <= 2  # compacted when it grows
+    assert restarted.load_progress().step == 7
+
+
 def test_corrupt_content_names_file_and_field(store):
     store.save_content(WorldContent(title="Harbor"))
     store.content_path.write_text('{"title": "Harbor", "history": "not a list"}')
@@ -94,8 +115,8 @@ def test_corrupt_content_names_file_and_field(store):
     store.content_path.write_text('{"title": "Harb')
     with pytest.raises(ConfigError, match=r"content\.json.*malformed JSON"):
         store.load_content()
-    store.progress_path.write_text('{"step": -1}')
-    with pytest.raises(ConfigError, match=r"progress\.json.*step"):
+    store.progress_path.write_text('{"step": -1}\n')
+    with pytest.raises(ConfigError, match=r"progress\.jsonl, at line 1: .*step"):
         store.load_progress()
 
 
@@ -159,8 +180,8 @@ def test_save_episode_exactly_once_and_numbers_increase(store):
     assert store.episodes() == [1, 2]
     assert store.find_episode("state-a") == 1 and store.find_episode("state-b") == 2
     assert store.find_episode("nope") is None
-    index = json.loads(store.index_path.read_text())["episodes"]
-    assert index == {"state-a": 1, "state-b": 2}
+    lines = [json.loads(line) for line in store.index_path.read_text().splitlines()]
+    assert lines == [{"episode": 1, "state_id": "state-a"}, {"episode": 2, "state_id": "state-b"}]
 
 
 def test_load_episode_returns_the_five_blocks(store):
@@ -234,16 +255,20 @@ def test_crash_before_index_write_keeps_exactly_once(store, monkeypatch):
     import worldgen.storage as storage_module
 
     state = complete_state(store, "state-a")
-    real = storage_module.WorldStorage._write_index
+    real_fsync_dir = storage_module._fsync_dir
 
-    def crash(self, index):
-        raise OSError("simulated crash after the rename")
+    def crash_after_rename(path):
+        real_fsync_dir(path)
+        if path == store.episodes_dir:  # the episode is renamed into place; the index line is not written yet
+            raise OSError("simulated crash after the rename")
 
-    monkeypatch.setattr(storage_module.WorldStorage, "_write_index", crash)
+    monkeypatch.setattr(storage_module, "_fsync_dir", crash_after_rename)
     with pytest.raises(OSError, match="after the rename"):
         store.save_episode(state, step=1, action=None, ran=[])
-    monkeypatch.setattr(storage_module.WorldStorage, "_write_index", real)
-    assert store.episodes() == [1]  # the episode is complete; only the index is behind
+    monkeypatch.setattr(storage_module, "_fsync_dir", real_fsync_dir)
+    assert (
+        store.episodes() == [1] and not store.index_path.exists()
+    )  # the episode is complete; only the index is behind
     fresh = WorldStorage(store.root)  # as after a restart
     assert fresh.find_episode("state-a") == 1
     assert fresh.save_episode(state, step=1, action=None, ran=[]) == 1
@@ -254,10 +279,33 @@ def test_missing_index_is_rebuilt(store):
     for i, name in enumerate(("s-a", "s-b", "s-c"), 1):
         assert store.save_episode(complete_state(store, name, images=1), step=i, action=None, ran=[]) == i
     store.index_path.unlink()
+    fresh = WorldStorage(store.root)  # another process: nothing cached
+    assert fresh.find_episode("s-b") == 2
+    lines = [json.loads(line) for line in store.index_path.read_text().splitlines()]
+    assert {line["state_id"]: line["episode"] for line in lines} == {"s-a": 1, "s-b": 2, "s-c": 3}
+    store.index_path.write_text('{"episode": 1, "state_id": "s-a"}\n{"episo')  # a line cut short by a crash
+    assert WorldStorage(store.root).find_episode("s-c") == 3
+    assert store.save_episode(complete_state(store, "s-d", images=1), step=4, action=None, ran=[]) == 4
+
+
+def test_an_episode_written_by_another_process_is_seen(store):
+    assert store.save_episode(complete_state(store, "s-a", images=1), step=1, action=None, ran=[]) == 1
+    other = WorldStorage(store.root)
+    assert other.save_episode(complete_state(other, "s-b", images=1), step=2, action=None, ran=[]) == 2
+    # the first instance's cached index is stale: it notices the new folder and numbers after it
     assert store.find_episode("s-b") == 2
-    assert json.loads(store.index_path.read_text())["episodes"] == {"s-a": 1, "s-b": 2, "s-c": 3}
-    store.index_path.write_text("{garbage")
-    assert store.find_episode("s-c") == 3
+    assert store.save_episode(complete_state(store, "s-c", images=1), step=3, action=None, ran=[]) == 3
+
+
+def test_episode_artifacts_are_their_own_files(store):
+    state = complete_state(store, "s-a", images=1)
+    source = store.artifact_path(state.artifacts[0])
+    data = source.read_bytes()
+    store.save_episode(state, step=1, action=None, ran=[])
+    saved, _ = store.load_episode(1)
+    episode_png = store.artifact_path(saved.artifacts[0])
+    assert not source.exists() and episode_png.read_bytes() == data
+    assert saved.artifacts[0].sha256 == hashlib.sha256(data).hexdigest()
 
 
 # ---------------------------------------------------------------- report

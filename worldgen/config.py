@@ -22,7 +22,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Parse a YAML or JSON file into a mapping; syntax errors name the file, line and column."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config: {err.strerror}", file=str(path)) from None
     try:

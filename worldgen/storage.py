@@ -4,10 +4,11 @@
 <root>/
   world.yaml            the world config as given (no secrets: `${env:NAME}` references stay unresolved)
   content.json          WorldContent: title, story, history, glossary, style, rules
-  progress.json         Progress: the state in flight and where the cycle stands (the resume point)
+  progress.jsonl        Progress: the state in flight and where the cycle stands (the resume point is the last
+                        line; appended after every stage, compacted to one line when it grows past 64 KiB)
   artifacts/<state_id>/ images of the state in flight (block 3): 000.png, 001.png, ...
   episodes/000001/      state.json (five blocks + id), meta.json, the artifacts (000.png, ...), episode.md
-  episodes/index.json   state id -> episode number (a cache: rebuilt from the folders when stale)
+  episodes/index.jsonl  one line per episode: {"episode": n, "state_id": ...} (appended; rebuilt when stale)
   report.md/.html       every episode, newest last, images inline (relative links)
   checkpoints/          reserved (checkpoints and adapters)
 ```
@@ -46,6 +47,7 @@ _M = TypeVar("_M", bound=BaseModel)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _EPISODE_DIR = re.compile(r"^\d{6,}$")
 _TMP_PREFIX = ".tmp-"
+_PROGRESS_LOG_LIMIT = 64 * 1024
 _BLOCK_TITLES = {
     1: "What was supposed to happen",
     2: "Generation",
@@ -68,6 +70,13 @@ class WorldStorage:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        # state id -> episode number, valid while the episodes folder is unchanged since it was read (a step then
+        # costs no listing of a folder that grows with every episode)
+        self._root_resolved: Path | None = None
+        self._progress_size: int | None = None  # bytes in progress.jsonl when it ends with a whole line
+        self._index_cache: tuple[tuple[int, int], dict[str, int], int] | None = (
+            None  # (signature, index, last)
+        )
 
     # ---------------------------------------------------------------- layout
 
@@ -81,7 +90,7 @@ class WorldStorage:
 
     @property
     def progress_path(self) -> Path:
-        return self.root / "progress.json"
+        return self.root / "progress.jsonl"
 
     @property
     def artifacts_dir(self) -> Path:
@@ -97,7 +106,12 @@ class WorldStorage:
 
     @property
     def index_path(self) -> Path:
-        return self.episodes_dir / "index.json"
+        return self.episodes_dir / "index.jsonl"
+
+    def _resolved_root(self) -> Path:
+        if self._root_resolved is None:  # resolving walks every parent folder: once per instance
+            self._root_resolved = self.root.resolve()
+        return self._root_resolved
 
     def episode_dir(self, number: int) -> Path:
         """The folder of episode `number` (whether or not it exists)."""
@@ -145,13 +159,49 @@ class WorldStorage:
         return _read_model(self.content_path, WorldContent)
 
     def save_progress(self, progress: Progress) -> None:
-        """Write progress.json (the resume point) atomically. Not fsynced: after an OS crash an older resume
-        point only means a stage runs again, and episodes and content are applied exactly once by state id."""
-        _write_model(self.progress_path, progress, durable=False)
+        """Record the resume point: one JSON line appended to progress.jsonl (an append, unlike a rename over an
+        existing file, costs no flush), or the file rewritten atomically with just this line when it has grown
+        past 64 KiB or does not end with a whole line. Not fsynced: after an OS crash an older resume point only
+        means a stage runs again, and episodes and content are applied exactly once by state id."""
+        line = (progress.model_dump_json() + "\n").encode()
+        if self._progress_size is None and self.progress_path.is_file():
+            with open(self.progress_path, "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(size - 1, 0))
+                whole = fh.read(1) == b"\n"
+            self._progress_size = size if whole else None
+        if self._progress_size is not None and self._progress_size + len(line) <= _PROGRESS_LOG_LIMIT:
+            with open(self.progress_path, "ab") as fh:
+                fh.write(line)
+            self._progress_size += len(line)
+        else:
+            atomic_write_bytes(self.progress_path, line, durable=False)
+            self._progress_size = len(line)
 
     def load_progress(self) -> Progress | None:
-        """The resume point, or None when the world never ran."""
-        return _read_model(self.progress_path, Progress)
+        """The resume point (the last whole line of progress.jsonl), or None when the world never ran."""
+        try:
+            lines = self.progress_path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise ConfigError(f"cannot read: {err}", file=str(self.progress_path)) from None
+        for number in range(len(lines), 0, -1):
+            try:
+                data = json.loads(lines[number - 1])
+            except ValueError:
+                continue  # a line cut short by a crash: the one before it is the resume point
+            try:
+                return Progress.model_validate(data)
+            except ValidationError as err:
+                raise ConfigError(
+                    f"not a valid Progress: {format_validation_error(err)}",
+                    file=str(self.progress_path),
+                    path=f"line {number}",
+                ) from None
+        if any(line.strip() for line in lines):
+            raise ConfigError("malformed JSON: no whole line", file=str(self.progress_path))
+        return None
 
     # ---------------------------------------------------------------- artifacts
 
@@ -195,7 +245,7 @@ class WorldStorage:
             )
         if ".." in posix.parts or ".." in windows.parts:
             raise UnsafePathError(f"artifact path {raw!r} contains '..'; expected a path inside {self.root}")
-        root = self.root.resolve()
+        root = self._resolved_root()
         target = (root / posix).resolve()
         if not target.is_relative_to(root):
             raise UnsafePathError(f"artifact path {raw!r} leads outside {self.root} (through a symlink)")
@@ -218,14 +268,14 @@ class WorldStorage:
                 f"state {state_id} is not complete (blocks {', '.join(map(str, missing))} empty): "
                 "only a state with all five blocks becomes an episode"
             )
-        self._clean_tmp()
+        if not self._index_is_cached():  # a fresh start: a crash may have left a half-assembled episode
+            self._clean_tmp()
         index = self._index()
         existing = index.get(state_id)
         if existing is not None:
             self.discard_artifacts(state_id)
             return existing
-        numbers = self.episodes()
-        number = numbers[-1] + 1 if numbers else 1
+        number = self._index_cache[2] + 1
         final = self.episode_dir(number)
         tmp = self.episodes_dir / f"{_TMP_PREFIX}{state_id}"
         # every artifact path is checked before anything is written
@@ -241,10 +291,11 @@ class WorldStorage:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(self.episodes_dir)
-        index[saved.id] = (
-            number  # a crash before this write is repaired by _index (it rebuilds a stale index)
-        )
-        self._write_index(index)
+        # a crash before this line is repaired by _index (it rebuilds an index that disagrees with the folders)
+        with open(self.index_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"episode": number, "state_id": saved.id}) + "\n")
+        index[saved.id] = number
+        self._index_cache = (self._episodes_signature(), index, number)
         self.discard_artifacts(state_id)
         return number
 
@@ -305,18 +356,24 @@ class WorldStorage:
                     f"artifact {ref.path} of state {state.id} does not exist (looked at {source})"
                 )
             name = f"{i:03d}{source.suffix.lower()}"
-            data = source.read_bytes()
-            _write_synced(folder / name, data)
-            width, height = ref.width, ref.height
-            if ref.kind == "image" and (width is None or height is None):
-                width, height = _image_size(data)
+            digest, width, height = ref.sha256, ref.width, ref.height
+            if digest and (ref.kind != "image" or None not in (width, height)):
+                _link_synced(
+                    source, folder / name
+                )  # refs written by save_artifacts: no need to read the file
+            else:
+                data = source.read_bytes()
+                _write_synced(folder / name, data)
+                digest = hashlib.sha256(data).hexdigest()
+                if ref.kind == "image" and (width is None or height is None):
+                    width, height = _image_size(data)
             refs.append(
                 ArtifactRef(
                     path=(final / name).relative_to(self.root).as_posix(),
                     kind=ref.kind,
                     width=width,
                     height=height,
-                    sha256=hashlib.sha256(data).hexdigest(),
+                    sha256=digest,
                 )
             )
         saved = state.model_copy(update={"artifacts": refs})
@@ -342,29 +399,46 @@ class WorldStorage:
             for leftover in self.episodes_dir.glob(f"{_TMP_PREFIX}*"):
                 shutil.rmtree(leftover, ignore_errors=True)
 
-    def _index(self) -> dict[str, int]:
-        """state id -> episode number, from index.json when it agrees with the folders, else rebuilt and rewritten."""
-        numbers = self.episodes()
+    def _episodes_signature(self) -> tuple[int, int]:
+        """Changes whenever an entry of the episodes folder is added, removed or renamed."""
         try:
-            data = json.loads(self.index_path.read_text())
-            index = {str(k): int(v) for k, v in data["episodes"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            index = None
-        if index is not None and sorted(index.values()) == numbers:
-            return index
-        index = {}
-        for n in numbers:
-            state = _read_model(self.episode_dir(n) / "state.json", WorldState)
-            if state is not None:
-                index[state.id] = n
-        if numbers or self.index_path.exists():
-            self._write_index(index)
-        return index
+            info = os.stat(self.episodes_dir)
+        except FileNotFoundError:
+            return (0, 0)
+        return (info.st_mtime_ns, info.st_nlink)
 
-    def _write_index(self, index: Mapping[str, int]) -> None:
-        data = {"version": 1, "episodes": dict(sorted(index.items(), key=lambda kv: kv[1]))}
-        # rebuilt from the episode folders whenever it disagrees with them: atomic, not fsynced
-        atomic_write_text(self.index_path, json.dumps(data, indent=1) + "\n", durable=False)
+    def _index_is_cached(self) -> bool:
+        return self._index_cache is not None and self._index_cache[0] == self._episodes_signature()
+
+    def _index(self) -> dict[str, int]:
+        """state id -> episode number: from memory while the episodes folder is unchanged, else from
+        index.jsonl when it agrees with the folders, else rebuilt from the episodes' state.json and rewritten."""
+        signature = self._episodes_signature()
+        if self._index_cache is not None and self._index_cache[0] == signature:
+            return dict(self._index_cache[1])
+        numbers = self.episodes()
+        index: dict[str, int] = {}
+        try:
+            for line in self.index_path.read_text(encoding="utf-8").splitlines():
+                try:  # a line cut short by a crash is skipped (the folder check below catches what it missed)
+                    entry = json.loads(line)
+                    index[str(entry["state_id"])] = int(entry["episode"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+        except OSError:
+            pass
+        if sorted(index.values()) != numbers:
+            index = {}
+            for n in numbers:
+                state = _read_model(self.episode_dir(n) / "state.json", WorldState)
+                if state is not None:
+                    index[state.id] = n
+            if numbers or self.index_path.exists():
+                lines = "".join(json.dumps({"episode": n, "state_id": k}) + "\n" for k, n in index.items())
+                atomic_write_text(self.index_path, lines, durable=False)
+            signature = self._episodes_signature()
+        self._index_cache = (signature, index, numbers[-1] if numbers else 0)
+        return dict(index)
 
     def _link(self, ref: ArtifactRef) -> str | None:
         """A URL-quoted link from the root to an existing artifact, or None when it is unsafe or missing."""
@@ -374,7 +448,7 @@ class WorldStorage:
             return None
         if not target.is_file():
             return None
-        return quote(target.relative_to(self.root.resolve()).as_posix())
+        return quote(target.relative_to(self._resolved_root()).as_posix())
 
     def _report_md(self, content: WorldContent, episodes: list[tuple[int, WorldState, dict]]) -> str:
         parts = [f"# {content.title}\n"]
@@ -480,7 +554,7 @@ def _write_model(path: Path, model: BaseModel, *, durable: bool = True) -> None:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"malformed JSON: {err.msg}", file=str(path), path=f"line {err.lineno}") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -521,6 +595,20 @@ def _image_size(data: bytes) -> tuple[int | None, int | None]:
             return picture.width, picture.height
     except Exception:  # not an image PIL knows: the size stays unknown
         return None, None
+
+
+def _link_synced(source: Path, target: Path) -> None:
+    """Give the episode its own name for an in-flight file (a hard link: no copy; the in-flight name is removed
+    afterwards) and make its data durable; a copy where the file system has no hard links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

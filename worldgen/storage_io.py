@@ -9,15 +9,15 @@ from pathlib import Path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bool = True) -> Path:
-    """Call `write(tmp_path)` then rename the temp file over `path`.
+    """Call `write(tmp_path)` then rename the temp file over `path` (for writers that need a path: PIL,
+    safetensors).
 
     The rename makes the write atomic (readers see the old file or the new one, never half of one, also if the
     process dies). `durable` also fsyncs the data first, so the new file survives an OS crash or power loss;
     files that can be rebuilt (a resume point, in-flight artifacts) skip it: an fsync costs about a millisecond.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_file(path)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -31,9 +31,30 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bo
     return path
 
 
-def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text), durable=durable)
-
-
 def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=durable)
+    """`atomic_write` for data in memory, written through the temp file's descriptor (one open, not two)."""
+    path = Path(path)
+    fd, tmp = _temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> Path:
+    return atomic_write_bytes(path, text.encode(), durable=durable)
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    try:
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except FileNotFoundError:  # first write into a new folder
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

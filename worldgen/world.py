@@ -448,7 +448,6 @@ class World:
             self.content.history.append(p.state.outcome or "")
             self.content.last_state_id = p.state.id
             self.storage.save_content(self.content)
-        self.storage.discard_artifacts(p.state.id)
         p.state = WorldState()
 
     def _adopt(self, state: WorldState) -> WorldState:

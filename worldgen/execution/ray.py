@@ -51,10 +51,13 @@ def _resolve(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @ray.remote
-def _run_block(block: Block, node_id: str, ports: tuple[str, ...], **inputs: Any) -> Any:
+def _run_block(call: tuple[Block, str, tuple[str, ...], dict[str, Any]], **upstream: Any) -> Any:
+    """`call` = (block, node id, output ports, plain inputs) in one argument (each task argument costs a
+    serialisation of its own); inputs that are ObjectRefs come as `upstream`, resolved by Ray before the call."""
+    block, node_id, ports, inputs = call
     # One instance per block behaviour per worker process: what a block caches (a scheduler config) stays.
     block = _worker_blocks.setdefault(block_key(block), block)
-    return call_in_port_order(block, node_id, ports, _resolve(inputs))
+    return call_in_port_order(block, node_id, ports, _resolve(inputs | upstream))
 
 
 # ---- submission --------------------------------------------------------------------------------------
@@ -100,7 +103,11 @@ class _Run:
         elif block.inline:  # cheaper than a task: run here on the (fetched) inputs; outputs stay plain values
             ref = call_in_port_order(block, node_id, ports, _resolve_local(kwargs, fetch=True))
         else:  # light blocks are a few hundred bytes: passed inline, which beats an object-store round trip
-            ref = _run_block.options(num_returns=len(ports)).remote(block, node_id, ports, **kwargs)
+            upstream = {k: v for k, v in kwargs.items() if isinstance(v, ray.ObjectRef)}
+            plain = {k: v for k, v in kwargs.items() if k not in upstream}
+            ref = _run_block.options(num_returns=len(ports)).remote(
+                (block, node_id, ports, plain), **upstream
+            )
         refs = [ref] if len(ports) == 1 else list(ref)
         return dict(zip(ports, refs, strict=True))
 

@@ -202,7 +202,7 @@ def build_from_architecture(cls: type, directory: str | Path) -> Any:
     kind = _kind(cls)
     try:
         meta_file = path / _ARCH_META
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
         if kind in ("diffusers_model", "scheduler"):
             obj = cls.from_config(cls.load_config(path))
         elif kind == "transformers_model":
