@@ -10,8 +10,9 @@ crash costs at most the stage in flight: no episode is lost and none is saved tw
 driver dies fails (`max_task_retries=0`, typically `ray.exceptions.ActorUnavailableError`, a `RayActorError`);
 the caller steps again, which first finishes the interrupted step.
 
-Steps on one world are serialised: the driver's default concurrency group runs one method at a time. Only the
-read-only `progress()` and `info()` run in a separate group ("read"), so they answer while a step runs.
+Steps on one world are serialised: the driver's default concurrency group runs one method at a time. The
+read-only `progress()`, `info()`, `state()`, `episodes()` and `artifact()` run in a separate group ("read"), so
+they answer while a step runs (they read what is persisted, or the state object, which a step replaces whole).
 
 Drivers are detached and named `wg-world-<world name>-<hash of the resolved directory>` in the project's
 namespace, created with `get_if_exists=True`: any process connected to the cluster reaches the same driver.
@@ -102,8 +103,31 @@ def driver_name(directory: str | Path, config: Config | None = None) -> str:
     return f"{PREFIX}{slug}-{_dir_hash(directory)}"
 
 
+# ---- artifacts -----------------------------------------------------------------------------------------
+ARTIFACT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+
+
+class ArtifactNotFound(ConfigError, LookupError):
+    """No readable artifact at that path (outside the world, not an image, or missing)."""
+
+
+def read_artifact(storage: WorldStorage, path: str) -> bytes:
+    """An artifact's bytes: images under `episodes/` or `artifacts/` only (not the config or the content)."""
+    parts = path.replace("\\", "/").split("/")
+    if parts[0] not in ("episodes", "artifacts") or Path(path).suffix.lower() not in ARTIFACT_TYPES:
+        raise ArtifactNotFound(f"artifact {path!r}: expected an image under episodes/ or artifacts/")
+    try:
+        target = storage.artifact_path(path)  # refuses absolute paths, `..` and symlinks out of the world
+    except ConfigError as err:
+        raise ArtifactNotFound(str(err)) from None
+    try:
+        return target.read_bytes()
+    except OSError:
+        raise ArtifactNotFound(f"artifact {path!r} does not exist") from None
+
+
 # ---- the actor -----------------------------------------------------------------------------------------
-@ray.remote(concurrency_groups={"read": 1})
+@ray.remote(concurrency_groups={"read": 4})
 class WorldDriver:
     """Owns one `World`: runs its steps one at a time and answers about it. Restarted by Ray, it resumes."""
 
@@ -228,11 +252,32 @@ class WorldDriver:
         self._ok()
         return str(self.world.storage.write_report())
 
+    @ray.method(concurrency_group="read")
     def state(self) -> dict[str, Any]:
         """The state in flight (five blocks + id) as JSON."""
         self._ok()
         return self.world.state.model_dump(mode="json")
 
+    @ray.method(concurrency_group="read")
+    def episodes(self, offset: int = 0, limit: int = 20) -> dict[str, Any]:
+        """A page of saved episodes, oldest first: {"total", "offset", "limit", "items"} (items as `history`)."""
+        self._ok()
+        total = len(self.world.storage.episodes())
+        return {
+            "total": total,
+            "offset": offset,
+            "limit": limit,
+            "items": self.world.history(offset=offset, limit=limit),
+        }
+
+    @ray.method(concurrency_group="read")
+    def artifact(self, path: str) -> bytes:
+        """The bytes of an image under `episodes/` or `artifacts/` of the world directory. Anything else, a path
+        that leaves the directory (`..`, absolute, symlinks) or a missing file raises ArtifactNotFound."""
+        self._ok()
+        return read_artifact(self.world.storage, path)
+
+    @ray.method(concurrency_group="read")
     def history(self) -> list[dict[str, Any]]:
         """Every saved episode: number, five blocks, meta."""
         self._ok()

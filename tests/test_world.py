@@ -12,7 +12,8 @@ import yaml
 from PIL import Image
 
 import worldgen as wg
-from tests.openai_server import serve_openai
+from tests.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
+from tests.test_llm_server import direct_generation, llm_server, server_report
 from worldgen.config import load_config_file
 from worldgen.storage import WorldStorage
 from worldgen.world import World
@@ -137,7 +138,8 @@ def test_action_goes_only_to_development(tmp_path):
     world.step()
     episode, meta = world.storage.load_episode(1)
     assert episode.outcome == "author sees action=None"
-    assert meta["action"] is None and world.storage.load_progress().step == 2
+    # the episode records the action its happening was developed from (step 1's), not the saving step's
+    assert meta["action"] == "open the gate" and world.storage.load_progress().step == 2
 
 
 def test_world_resumes_after_a_failed_stage_without_losing_or_repeating(tmp_path, monkeypatch):
@@ -211,39 +213,51 @@ def test_example_worlds_validate(path, capsys):
     assert capsys.readouterr().out.startswith("ok: world")
 
 
-def test_openai_stages_over_http_never_save_the_key(tmp_path, monkeypatch):
-    key = "sk-test-7c1d9e0b5a4f"
-    monkeypatch.setenv("WG_TEST_LLM_KEY", key)
+WORLD_LLM_KEY = "sk-test-7c1d9e0b5a4f"
 
-    def answer(messages, body):
-        prompt = messages[-1]["content"]
-        return f"[{body['model']}] next: the fog lifts ({len(prompt)} chars of context)"
 
-    with serve_openai(responses=answer, api_key=key) as server:
-        config = fast_config()
-        llm = {
-            "type": "llm/openai",
-            "config": {
-                "model": "test-model",
-                "base_url": server.url,
-                "api_key": "${env:WG_TEST_LLM_KEY}",
-                "prompt": "file:development.j2",
-                "system": "file:system.j2",
-                "retries": 0,
-            },
-        }
-        config["stages"]["development"]["nodes"]["llm"] = copy.deepcopy(llm)
-        world = World.from_config(config, directory=tmp_path / "w")
-        world.run(2)
+@pytest.fixture(scope="module")
+def world_llm(serve_url, tmp_path_factory):
+    """The project's OpenAI-compatible server (serve_apps/llm_server.py) serving a tiny local causal LM as
+    'test-model', with a key; (its base URL, the model's directory)."""
+    model = _tiny_causal_lm(tmp_path_factory.mktemp("world-lm"), CHAT_TEMPLATE, context=4096)
+    with llm_server(serve_url, {"test-model": model}, key_env="WG_TEST_LLM_KEY", key=WORLD_LLM_KEY) as url:
+        yield url, model
+
+
+def test_openai_stages_over_http_never_save_the_key(tmp_path, monkeypatch, world_llm):
+    url, model = world_llm
+    monkeypatch.setenv("WG_TEST_LLM_KEY", WORLD_LLM_KEY)
+    config = fast_config()
+    llm = {
+        "type": "llm/openai",
+        "config": {
+            "model": "test-model",
+            "base_url": url,
+            "api_key": "${env:WG_TEST_LLM_KEY}",
+            "prompt": "file:development.j2",
+            "system": "file:system.j2",
+            "retries": 0,
+            "temperature": 0,
+            "max_tokens": 8,
+        },
+    }
+    config["stages"]["development"]["nodes"]["llm"] = copy.deepcopy(llm)
+    world = World.from_config(config, directory=tmp_path / "w")
+    # What Development sends at step 1: the world's content rendered into the prompts.
+    messages = wg.create_block("llm/openai", llm["config"]).messages(world._context("development"))
+    assert "The Harbor at the End of the Map" in messages[-1]["content"]
+    served = server_report()["completions"].get("test-model", 0)
+    happening = world.step().state.happening
+    # the served model's greedy answer to exactly those messages became block 1
+    assert happening and happening == direct_generation(model, messages, 8)[0]
+    world.step()
+    world.write_report()
     assert world.storage.episodes() == [1]
-    assert world.state.happening.startswith("[test-model] next: the fog lifts")
-    requests = server.chat_requests
-    assert len(requests) == 2 and all(r.authorized for r in requests)
-    user = requests[0].messages[-1]["content"]
-    assert "The Harbor at the End of the Map" in user  # the world content reached the prompt
+    assert server_report()["completions"]["test-model"] - served == 2  # one Development per step, both let in
     for file in (tmp_path / "w").rglob("*"):
         if file.is_file():
-            assert key.encode() not in file.read_bytes(), f"the key leaked into {file}"
+            assert WORLD_LLM_KEY.encode() not in file.read_bytes(), f"the key leaked into {file}"
     assert "${env:WG_TEST_LLM_KEY}" in (tmp_path / "w" / "world.yaml").read_text()
 
 

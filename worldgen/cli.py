@@ -529,6 +529,38 @@ def cmd_models_unload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run Serve config files on a local Ray instance (blocks until Ctrl-C) or on a cluster (--address)."""
+    import time
+
+    from serve_apps.deploy import deploy, load_serve_config
+
+    configs = args.configs or [str(DEFAULT_WORLD.parents[1] / "serve" / "worlds.yaml")]
+    http = [load_serve_config(path).http_options for path in configs][0]  # bad files fail before Ray starts
+    import os
+
+    import ray
+    from ray import serve
+
+    cluster = args.address or os.environ.get("RAY_ADDRESS")
+    # no cluster named: a new local instance (never join one `ray start` left running here by accident)
+    ray.init(address=cluster or "local", logging_level="warning")
+    deployed = deploy(configs, host=args.host, port=args.port)
+    host = args.host or http.host
+    base = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{args.port or http.port}"
+    for name, prefix in deployed:
+        print(f"{name}: {base}{prefix.rstrip('/')}/  (OpenAPI docs: {base}{prefix.rstrip('/')}/docs)")
+    if cluster:
+        print("deployed on the cluster; `serve status` shows them, `serve shutdown` removes them")
+        return 0
+    print("serving until Ctrl-C")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+
+
 # ---- parser and entry point ----------------------------------------------------------------------------------
 def _version() -> str:
     from worldgen import __version__
@@ -644,6 +676,24 @@ def build_parser() -> argparse.ArgumentParser:
         "started here, else a new local instance)",
     )
     p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve worlds, graphs or local LLMs over HTTP (Ray Serve config files)",
+        description="Run Serve config files (Ray Serve's format, as `serve deploy` takes them; see "
+        "configs/serve/) on a new local Ray instance until Ctrl-C, or deploy them to a running cluster "
+        "with --address.",
+    )
+    p.add_argument(
+        "configs", metavar="CONFIG", nargs="*", help="Serve config files (default: configs/serve/worlds.yaml)"
+    )
+    p.add_argument("--host", help="HTTP host (default: the first file's http_options.host)")
+    p.add_argument("--port", type=int, help="HTTP port (default: the first file's http_options.port)")
+    p.add_argument(
+        "--address", metavar="ADDR", help="deploy to this running Ray cluster and return (also: RAY_ADDRESS)"
+    )
+    p.set_defaults(handler=cmd_serve)
 
     address_help = "the Ray cluster, HOST:PORT (default: RAY_ADDRESS, else the one `ray start` started here)"
     models = sub.add_parser(

@@ -144,6 +144,9 @@ class Progress(BaseModel):
     stage_index: int = Field(0, ge=0, description="next stage of the cycle to consider in the step in flight")
     action: str | None = Field(None, description="the user's action for the step in flight")
     state: WorldState = Field(default_factory=WorldState)
+    state_action: str | None = Field(
+        None, description="the action the in-flight state was developed from (recorded with its episode)"
+    )
     ran: list[str] = Field(default_factory=list, description="stages run so far in the step in flight")
     skipped: list[str] = Field(default_factory=list)
     episode: int | None = Field(None, description="episode saved by the step in flight")

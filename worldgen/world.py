@@ -296,7 +296,7 @@ class World:
                 given = WorldState.from_blocks(state)
                 if given.id != p.state.id:
                     self.storage.discard_artifacts(p.state.id)  # the state it replaces will never be saved
-                p.state = self._adopt(given)
+                p.state, p.state_action = self._adopt(given), None
         for index in range(p.stage_index, len(CYCLE)):
             role = CYCLE[index]
             stage = self.stages[role]
@@ -307,7 +307,7 @@ class World:
             else:
                 if role == "world_update" and p.state.filled():  # incomplete: the state is dropped
                     self.storage.discard_artifacts(p.state.id)
-                    p.state = WorldState()
+                    p.state, p.state_action = WorldState(), None
                 p.skipped.append(role)
             p.stage_index = index + 1
             # Persist after every stage that did work (a skip is re-derived from the same state on resume);
@@ -341,10 +341,11 @@ class World:
         Not rewritten on every step: it grows with the world; `run()`, `save()` and the CLI write it."""
         return self.storage.write_report()
 
-    def history(self) -> list[dict[str, Any]]:
-        """Every saved episode: its number, the five blocks and meta (step, action)."""
+    def history(self, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """The saved episodes, oldest first (from `offset`, at most `limit`): number, five blocks, meta."""
+        numbers = self.storage.episodes()[offset:]
         out = []
-        for number in self.storage.episodes():
+        for number in numbers if limit is None else numbers[:limit]:
             state, meta = self.storage.load_episode(number)
             out.append({"episode": number, "state": state.model_dump(mode="json"), **meta})
         return out
@@ -412,7 +413,7 @@ class World:
         if result is None:
             raise ExecutionError(f"stage '{role}' produced no '{output}' output")
         if role == "development":
-            p.state = WorldState(happening=str(result))
+            p.state, p.state_action = WorldState(happening=str(result)), p.action
         elif role == "architect":
             p.state = p.state.with_block(2, self._generation(result))
         elif role == "world_update":
@@ -442,13 +443,15 @@ class World:
     def _update_world(self, story: str) -> None:
         """Save the complete state as an episode and apply it to the content — each exactly once."""
         p = self.progress
-        p.episode = self.storage.save_episode(p.state, step=p.step + 1, action=p.action, ran=list(p.ran))
+        p.episode = self.storage.save_episode(
+            p.state, step=p.step + 1, action=p.state_action, ran=list(p.ran)
+        )
         if self.content.last_state_id != p.state.id:
             self.content.story = story
             self.content.history.append(p.state.outcome or "")
             self.content.last_state_id = p.state.id
             self.storage.save_content(self.content)
-        p.state = WorldState()
+        p.state, p.state_action = WorldState(), None
 
     def _adopt(self, state: WorldState) -> WorldState:
         """Copy user-supplied artifact files into the world directory (block 3 then refers to them there)."""

@@ -1,0 +1,361 @@
+"""The world gateway: worlds over HTTP, a Ray Serve application with a FastAPI ingress.
+
+    serve run serve_apps.world_gateway:app_builder root=worlds        # or: worldgen serve configs/serve/worlds.yaml
+
+Every world lives in `<root>/<world id>/` and is owned by its world driver actor (actors/world_driver.py); the
+gateway only talks to drivers, so steps on one world are serialised by its driver while different worlds step
+in parallel, and any gateway replica reaches the same driver by name.
+
+    POST   /v1/worlds                          create: {"id"?, "config": {...}} or {"id"?, "template", "params"}
+    GET    /v1/worlds                          the worlds under the root
+    GET    /v1/worlds/{id}                     info (answered during a step)
+    GET    /v1/worlds/{id}/state               the state in flight (five blocks)
+    POST   /v1/worlds/{id}/step                {"action"?}; `?stream=true` (or Accept: text/event-stream) streams
+                                               the stages as server-sent events, then the report
+    GET    /v1/worlds/{id}/episodes            ?offset=0&limit=20, oldest first, artifacts with URLs
+    GET    /v1/worlds/{id}/episodes/{n}        one episode
+    GET    /v1/worlds/{id}/artifacts/{path}    an image of an episode (or of the state in flight)
+    DELETE /v1/worlds/{id}                     stop the driver and delete the world directory
+    GET    /docs, /openapi.json                OpenAPI docs
+
+Optional bearer-token auth: when the environment variable named by `token_env` (WORLDGEN_API_TOKEN) is set
+where the application is built, every request needs `Authorization: Bearer <token>`; only the token's SHA-256
+travels to the replicas. Request bodies larger than `max_body_bytes` get 413.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the request models on the methods Serve wraps.
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import ray
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ray import serve
+
+from actors.world_driver import (
+    ARTIFACT_TYPES,
+    NAMESPACE,
+    ArtifactNotFound,
+    driver_name,
+    get_or_create_driver,
+)
+from worldgen.errors import WorldgenError, format_validation_error
+from worldgen.storage import WorldStorage
+
+WORLD_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_WORLD_ID = re.compile(WORLD_ID)
+_POLL_SECONDS = 0.1  # how often a streamed step asks its driver for progress
+
+
+# ---- requests and responses ----------------------------------------------------------------------------
+class CreateWorld(BaseModel):
+    """A new world from a world config or from a world template and its parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(
+        None, pattern=WORLD_ID, description="the world's id (default: its name + a suffix)"
+    )
+    config: dict[str, Any] | None = Field(None, description="a world config, as in configs/worlds/*.yaml")
+    template: str | None = Field(None, description="a world template name, e.g. offline_world")
+    params: dict[str, Any] = Field(default_factory=dict, description="the template's parameters")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CreateWorld":
+        if (self.config is None) == (self.template is None):
+            raise ValueError("give exactly one of `config` or `template`")
+        if self.params and self.template is None:
+            raise ValueError("`params` go with `template`")
+        return self
+
+
+class StepRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: str | None = Field(None, max_length=4000, description="what the user does (goes to Development)")
+
+
+class GatewaySettings(BaseModel):
+    """`args` of the application (a Serve config's `args:` or `serve run ... key=value`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field("worlds", description="folder holding one directory per world")
+    token_env: str = Field("WORLDGEN_API_TOKEN", description="env var with the bearer token (unset: no auth)")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
+    page_limit: int = Field(100, gt=0, description="the most episodes one page may ask for")
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(200, ge=1, description="per replica (a streamed step holds one)")
+    driver_num_cpus: float | None = Field(None, ge=0, description="CPUs reserved by each world driver")
+
+
+# ---- the ASGI guard: body size -------------------------------------------------------------------------
+class BodyLimit:
+    """Answer 413 to a request whose body is larger than the app's `state.max_body_bytes`, declared or
+    streamed, before the application reads any of it (the body is read here and replayed to the app)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = scope["app"].state.max_body_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await _too_large(limit, scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            chunks.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await _too_large(limit, scope, receive, send)
+            more = message.get("more_body", False)
+        replay = iter(chunks)
+
+        async def receive_again() -> dict:
+            return next(replay, None) or await receive()
+
+        return await self.app(scope, receive_again, send)
+
+
+async def _too_large(limit: int, scope: dict, receive: Any, send: Any) -> None:
+    response = JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
+    await response(scope, receive, send)
+
+
+# ---- the application -----------------------------------------------------------------------------------
+api = FastAPI(
+    title="worldgen world gateway",
+    version="1",
+    description="Create worlds, step them, read their state and episodes, fetch their images.",
+)
+api.state.max_body_bytes = GatewaySettings.model_fields["max_body_bytes"].default
+api.state.token_sha256 = None
+api.add_middleware(BodyLimit)
+
+
+def _check_token(request: Request) -> None:
+    expected = request.app.state.token_sha256
+    if expected is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    digest = hashlib.sha256(token.strip().encode()).hexdigest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+authorised = [Depends(_check_token)]
+
+
+def _event(name: str, data: Any) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+@serve.deployment
+@serve.ingress(api)
+class WorldGateway:
+    def __init__(self, settings: dict[str, Any], token_sha256: str | None):
+        self.settings = GatewaySettings.model_validate(settings)
+        self.root = Path(self.settings.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.handles: dict[str, Any] = {}  # world id -> driver handle (a name lookup reads world.yaml)
+        api.state.token_sha256 = token_sha256
+        api.state.max_body_bytes = self.settings.max_body_bytes
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+    def directory(self, world_id: str) -> Path:
+        if not _WORLD_ID.match(world_id):
+            raise HTTPException(404, f"no world {world_id!r} (ids match {WORLD_ID})")
+        return self.root / world_id
+
+    async def driver(self, world_id: str) -> Any:
+        """The world's driver: the running one, or one started to continue the world from its directory."""
+        directory = self.directory(world_id)
+        if not WorldStorage(directory).exists():
+            self.handles.pop(world_id, None)
+            raise HTTPException(404, f"no world {world_id!r}")
+        if world_id not in self.handles:
+            try:
+                self.handles[world_id] = ray.get_actor(driver_name(directory), namespace=NAMESPACE)
+            except ValueError:
+                self.handles[world_id] = await asyncio.to_thread(self._start, directory, None)
+        return self.handles[world_id]
+
+    def _start(self, directory: Path, config: dict[str, Any] | None) -> Any:
+        return get_or_create_driver(directory, config, num_cpus=self.settings.driver_num_cpus)
+
+    @staticmethod
+    async def call(ref: Any) -> Any:
+        """Await a driver call; world errors become 4xx/5xx with their message, a dead driver 503."""
+        try:
+            return await ref
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause
+            if isinstance(cause, ArtifactNotFound):
+                raise HTTPException(404, str(cause)) from None
+            if isinstance(cause, WorldgenError):
+                raise HTTPException(409 if "in flight" in str(cause) else 500, str(cause)) from None
+            raise HTTPException(500, f"{type(cause).__name__}: {cause}") from None
+        except ray.exceptions.RayActorError as err:
+            raise HTTPException(
+                503, f"the world's driver is restarting ({type(err).__name__}); retry"
+            ) from None
+
+    def with_urls(self, request: Request, world_id: str, episode: dict[str, Any]) -> dict[str, Any]:
+        base = f"{request.scope.get('root_path', '')}/v1/worlds/{world_id}/artifacts/"
+        for ref in episode.get("state", {}).get("artifacts") or []:
+            ref["url"] = base + ref["path"]
+        return episode
+
+    # ---- worlds ----------------------------------------------------------------------------------------
+    @api.post("/v1/worlds", status_code=201, dependencies=authorised)
+    async def create(self, body: CreateWorld) -> dict[str, Any]:
+        if body.template is not None:
+            from worldgen.templates import build_template
+
+            try:
+                config = build_template(body.template, **body.params)
+            except (WorldgenError, TypeError, ValueError) as err:
+                raise HTTPException(400, f"template {body.template!r}: {err}") from None
+        else:
+            config = body.config
+        name = str(config.get("name") or "world") if isinstance(config, dict) else "world"
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:48] or "world"
+        world_id = body.id or f"{slug}-{uuid.uuid4().hex[:8]}"
+        directory = self.directory(world_id)
+        if directory.exists():
+            raise HTTPException(409, f"world {world_id!r} exists already")
+        try:
+            handle = await asyncio.to_thread(self._start, directory, config)
+        except (WorldgenError, ValidationError, TypeError, ValueError, KeyError) as err:
+            shutil.rmtree(directory, ignore_errors=True)  # nothing of a world that never opened stays
+            message = format_validation_error(err) if isinstance(err, ValidationError) else str(err)
+            raise HTTPException(400, f"cannot create the world: {message}") from None
+        self.handles[world_id] = handle
+        return {"id": world_id, **await self.call(handle.info.remote())}
+
+    @api.get("/v1/worlds", dependencies=authorised)
+    async def all_worlds(self) -> dict[str, Any]:
+        worlds = []
+        for directory in sorted(p for p in self.root.iterdir() if (p / "world.yaml").is_file()):
+            entry: dict[str, Any] = {"id": directory.name}
+            try:
+                handle = ray.get_actor(driver_name(directory), namespace=NAMESPACE)
+                entry |= {"running": True, **await self.call(handle.info.remote())}
+            except (ValueError, HTTPException, WorldgenError):
+                entry |= {"running": False, "episodes": len(WorldStorage(directory).episodes())}
+            worlds.append(entry)
+        return {"worlds": worlds}
+
+    @api.get("/v1/worlds/{world_id}", dependencies=authorised)
+    async def info(self, world_id: str) -> dict[str, Any]:
+        handle = await self.driver(world_id)
+        return {"id": world_id, **await self.call(handle.info.remote())}
+
+    @api.get("/v1/worlds/{world_id}/state", dependencies=authorised)
+    async def state(self, world_id: str) -> dict[str, Any]:
+        handle = await self.driver(world_id)
+        return await self.call(handle.state.remote())
+
+    @api.post("/v1/worlds/{world_id}/step", dependencies=authorised)
+    async def step(
+        self,
+        world_id: str,
+        request: Request,
+        body: StepRequest | None = None,
+        stream: bool = Query(False, description="stream the stages as server-sent events"),
+    ) -> Any:
+        handle = await self.driver(world_id)
+        action = body.action if body else None
+        if stream or "text/event-stream" in request.headers.get("accept", ""):
+            return StreamingResponse(self._stream(handle, action), media_type="text/event-stream")
+        return await self.call(handle.step.remote(action))
+
+    async def _stream(self, handle: Any, action: str | None) -> AsyncIterator[str]:
+        """`stage` events as the driver reports finished stages, then one `report` (or `error`) event."""
+        done = asyncio.ensure_future(self.call(handle.step.remote(action)))
+        seen = None
+        while True:
+            finished = await asyncio.wait({done}, timeout=_POLL_SECONDS)
+            try:
+                progress = await self.call(handle.progress.remote())
+            except HTTPException:
+                progress = None
+            key = progress and (progress["step"], progress["stage_index"], progress["last_stage"])
+            if progress and progress["last_stage"] and key != seen:
+                seen = key
+                yield _event("stage", progress)
+            if finished[0]:
+                break
+        try:
+            yield _event("report", done.result())
+        except HTTPException as err:
+            yield _event("error", {"status": err.status_code, "detail": err.detail})
+
+    # ---- episodes and artifacts ------------------------------------------------------------------------
+    @api.get("/v1/worlds/{world_id}/episodes", dependencies=authorised)
+    async def episodes(
+        self,
+        world_id: str,
+        request: Request,
+        offset: int = Query(0, ge=0),
+        limit: int = Query(20, ge=1),
+    ) -> dict[str, Any]:
+        if limit > self.settings.page_limit:
+            raise HTTPException(422, f"limit: at most {self.settings.page_limit} episodes per page")
+        handle = await self.driver(world_id)
+        page = await self.call(handle.episodes.remote(offset, limit))
+        page["items"] = [self.with_urls(request, world_id, e) for e in page["items"]]
+        return page
+
+    @api.get("/v1/worlds/{world_id}/episodes/{number}", dependencies=authorised)
+    async def episode(self, world_id: str, number: int, request: Request) -> dict[str, Any]:
+        handle = await self.driver(world_id)
+        page = await self.call(handle.episodes.remote(max(number - 1, 0), 1))
+        if number < 1 or not page["items"] or page["items"][0]["episode"] != number:
+            raise HTTPException(404, f"world {world_id!r} has no episode {number} ({page['total']} saved)")
+        return self.with_urls(request, world_id, page["items"][0])
+
+    @api.get("/v1/worlds/{world_id}/artifacts/{path:path}", dependencies=authorised)
+    async def artifact(self, world_id: str, path: str) -> Response:
+        handle = await self.driver(world_id)
+        data = await self.call(handle.artifact.remote(path))
+        return Response(data, media_type=ARTIFACT_TYPES[Path(path).suffix.lower()])
+
+    @api.delete("/v1/worlds/{world_id}", status_code=204, dependencies=authorised)
+    async def delete(self, world_id: str) -> Response:
+        directory = self.directory(world_id)
+        if not WorldStorage(directory).exists():
+            raise HTTPException(404, f"no world {world_id!r}")
+        self.handles.pop(world_id, None)
+        with contextlib.suppress(ValueError):  # ValueError: no driver running. A step in flight fails (503).
+            ray.kill(ray.get_actor(driver_name(directory), namespace=NAMESPACE), no_restart=True)
+        await asyncio.to_thread(shutil.rmtree, directory, True)
+        return Response(status_code=204)
+
+
+def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
+    """The gateway application from its `args` (GatewaySettings); reads the token from the environment here."""
+    try:
+        settings = GatewaySettings.model_validate(dict(args or {}))
+    except ValidationError as err:
+        raise ValueError(f"world gateway args: {format_validation_error(err)}") from None
+    settings.root = str(Path(settings.root).expanduser().resolve())
+    token = os.environ.get(settings.token_env)
+    digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+    deployment = WorldGateway.options(
+        num_replicas=settings.num_replicas, max_ongoing_requests=settings.max_ongoing_requests
+    )
+    return deployment.bind(settings.model_dump(), digest)

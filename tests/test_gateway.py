@@ -1,0 +1,195 @@
+"""The world gateway over real HTTP: Serve on 127.0.0.1, worlds created, stepped and read through it."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+import requests
+
+TOKEN = "gateway-test-token"
+PREFIX = "/gateway-test"
+
+
+class Client(requests.Session):
+    """requests with a base URL and a default timeout."""
+
+    def __init__(self, base_url: str, headers: dict | None = None):
+        super().__init__()
+        self.base_url = base_url
+        self.headers.update(headers or {})
+
+    def request(self, method, url, *args, **kwargs):
+        kwargs.setdefault("timeout", 300)
+        return super().request(method, self.base_url + url, *args, **kwargs)
+
+
+SMALL = {"template": "offline_world", "params": {"preset": "tiny", "size": 32, "steps": 2, "seed": 3}}
+
+
+@pytest.fixture(scope="module")
+def gateway(serve_url, tmp_path_factory):
+    """The gateway app with a token (read from the environment where the app is built, as in production)."""
+    from ray import serve
+
+    from serve_apps.world_gateway import app_builder
+
+    root = tmp_path_factory.mktemp("worlds")
+    os.environ["WORLDGEN_API_TOKEN"] = TOKEN
+    try:
+        app = app_builder({"root": str(root), "max_body_bytes": 64 * 1024})
+    finally:
+        del os.environ["WORLDGEN_API_TOKEN"]
+    serve.run(app, name="gateway-test", route_prefix=PREFIX)
+    client = Client(serve_url + PREFIX, {"Authorization": f"Bearer {TOKEN}"})
+    try:
+        yield client, root
+    finally:
+        for world in client.get("/v1/worlds").json()["worlds"]:  # stop every driver the tests started
+            client.delete(f"/v1/worlds/{world['id']}")
+        client.close()
+        serve.delete("gateway-test")
+
+
+def test_create_step_twice_page_episodes_and_fetch_a_png(gateway):
+    client, root = gateway
+    created = client.post("/v1/worlds", json={"id": "harbor", **SMALL})
+    assert created.status_code == 201, created.text
+    assert created.json()["id"] == "harbor" and created.json()["step"] == 0
+    first = client.post("/v1/worlds/harbor/step", json={"action": "ring the bell"})
+    assert first.status_code == 200, first.text
+    assert (
+        first.json()["step"] == 1 and first.json()["episode"] is None
+    )  # the empty start: nothing to save yet
+    second = client.post("/v1/worlds/harbor/step")
+    assert second.json()["step"] == 2 and second.json()["episode"] == 1
+    third = client.post("/v1/worlds/harbor/step", json={})
+    assert third.json()["episode"] == 2
+
+    page = client.get("/v1/worlds/harbor/episodes", params={"offset": 1, "limit": 1}).json()
+    assert page["total"] == 2 and [e["episode"] for e in page["items"]] == [2]
+    assert client.get("/v1/worlds/harbor/episodes").json()["total"] == 2
+    episode = client.get("/v1/worlds/harbor/episodes/1").json()
+    assert episode["action"] == "ring the bell" and all(episode["state"][k] for k in ("happening", "outcome"))
+    (artifact,) = episode["state"]["artifacts"]
+    png = client.get(artifact["url"].removeprefix(PREFIX))
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert (
+        png.content.startswith(b"\x89PNG")
+        and png.content == (root / "harbor" / artifact["path"]).read_bytes()
+    )
+
+    info = client.get("/v1/worlds/harbor").json()
+    assert info["step"] == 3 and info["episodes"] == 2
+    assert client.get("/v1/worlds/harbor/state").json()["generation"]["width"] == 32
+    assert [w["id"] for w in client.get("/v1/worlds").json()["worlds"]] == ["harbor"]
+    assert client.get("/openapi.json").json()["paths"]["/v1/worlds/{world_id}/step"]
+
+
+def test_streamed_step_sends_stages_then_the_report(gateway):
+    client, _ = gateway
+    assert client.post("/v1/worlds", json={"id": "streamed", **SMALL}).status_code == 201
+    events = []
+    with client.post("/v1/worlds/streamed/step", params={"stream": "true"}, json={}, stream=True) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    names = [n for n, _ in events]
+    assert names[-1] == "report" and events[-1][1]["step"] == 1
+    stages = [data["last_stage"] for n, data in events if n == "stage"]
+    assert "creator" in stages or "architect" in stages  # the stages were streamed as they finished
+
+
+def test_concurrent_steps_on_one_world_are_serialised(gateway):
+    client, root = gateway
+    assert client.post("/v1/worlds", json={"id": "busy", **SMALL}).status_code == 201
+    results = []
+
+    def step():
+        results.append(client.post("/v1/worlds/busy/step").json())
+
+    threads = [threading.Thread(target=step) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r["step"] for r in results) == [1, 2, 3]  # each request got its own step
+    assert sorted(r["episode"] for r in results if r["episode"]) == [1, 2]
+    assert sorted(p.name for p in (root / "busy" / "episodes").iterdir() if p.is_dir()) == [
+        "000001",
+        "000002",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("post", "/v1/worlds", {"template": "offline_world", "config": {}}, 422),  # both sources
+        ("post", "/v1/worlds", {}, 422),  # neither
+        ("post", "/v1/worlds", {"template": "offline_world", "params": {"size": 32}, "extra": 1}, 422),
+        ("post", "/v1/worlds", {"id": "../escape", "template": "offline_world"}, 422),
+        ("post", "/v1/worlds", {"template": "offline_wrld"}, 400),  # unknown template: did you mean
+        ("post", "/v1/worlds", {"template": "offline_world", "params": {"sise": 32}}, 400),
+        ("post", "/v1/worlds", {"config": {"kind": "world", "stages": 3}}, 400),  # a bad config
+        ("post", "/v1/worlds/harbor/step", {"action": 123}, 422),  # wrong type
+        ("get", "/v1/worlds/harbor/episodes?limit=abc", None, 422),
+        ("get", "/v1/worlds/harbor/episodes?limit=1000", None, 422),
+        ("get", "/v1/worlds/nowhere", None, 404),
+        ("post", "/v1/worlds/nowhere/step", {}, 404),
+        ("get", "/v1/worlds/harbor/episodes/99", None, 404),
+        ("get", "/v1/worlds/harbor/artifacts/world.yaml", None, 404),  # not an image of the world
+        ("get", "/v1/worlds/harbor/artifacts/episodes/..%2F..%2Fworld.yaml", None, 404),
+        ("get", "/v1/worlds/harbor/artifacts/episodes/000001/../../content.json", None, 404),
+        ("get", "/v1/worlds/harbor/artifacts/episodes/%2Fetc%2Fpasswd.png", None, 404),
+        ("get", "/v1/worlds/harbor/artifacts/episodes/000001/999.png", None, 404),
+    ],
+)
+def test_bad_requests_get_the_right_4xx(gateway, method, path, body, status):
+    client, _ = gateway
+    if client.get("/v1/worlds/harbor").status_code == 404:
+        assert client.post("/v1/worlds", json={"id": "harbor", **SMALL}).status_code == 201
+    response = client.request(method.upper(), path, json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]  # a body that says what is wrong
+
+
+def test_bad_config_message_names_the_field(gateway):
+    client, root = gateway
+    response = client.post("/v1/worlds", json={"id": "broken", "config": {"kind": "world", "stages": 3}})
+    assert response.status_code == 400 and "stages" in response.json()["detail"]
+    assert not (root / "broken").exists()  # nothing of a world that never opened stays
+
+
+def test_oversized_body_gets_413(gateway):
+    client, _ = gateway
+    huge = {"template": "offline_world", "params": {"story": "x" * 100_000}}
+    assert client.post("/v1/worlds", json=huge).status_code == 413
+
+    def chunks():  # no Content-Length: the limit holds for a streamed body too
+        for _ in range(20):
+            yield b"x" * 8192
+
+    assert client.post("/v1/worlds", data=chunks()).status_code == 413
+
+
+def test_wrong_or_missing_token_gets_401(gateway, serve_url):
+    with Client(serve_url + PREFIX) as anonymous:
+        assert anonymous.get("/v1/worlds").status_code == 401
+        wrong = anonymous.get("/v1/worlds", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert anonymous.post("/v1/worlds", json=SMALL).status_code == 401
+
+
+def test_delete_stops_the_driver_and_removes_the_world(gateway):
+    client, root = gateway
+    assert client.post("/v1/worlds", json={"id": "doomed", **SMALL}).status_code == 201
+    assert client.delete("/v1/worlds/doomed").status_code == 204
+    assert client.get("/v1/worlds/doomed").status_code == 404
+    assert not (root / "doomed").exists()
+    assert client.delete("/v1/worlds/doomed").status_code == 404

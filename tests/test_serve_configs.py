@@ -1,0 +1,101 @@
+"""Serve config files under configs/serve/ and `worldgen serve`, which runs them on a local Ray instance."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from serve_apps.deploy import build_application, load_serve_config
+from tests.conftest import free_port
+from worldgen.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_CONFIGS = sorted((REPO / "configs" / "serve").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_serve_configs_follow_serves_schema(path):
+    config = load_serve_config(path)
+    assert config.applications and all(
+        app.import_path.startswith("serve_apps.") for app in config.applications
+    )
+
+
+def test_the_world_gateway_config_builds(tmp_path):
+    from ray.serve import Application
+
+    (app_config,) = load_serve_config(REPO / "configs" / "serve" / "worlds.yaml").applications
+    app = build_application(app_config.import_path, {**app_config.args, "root": str(tmp_path)})
+    assert isinstance(app, Application)
+
+
+def test_bad_serve_configs_name_the_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - name: worlds\n    import_path: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*applications\.0\.import_path"):
+        load_serve_config(bad)
+    with pytest.raises(ConfigError, match="cannot import 'serve_apps.nowhere:app'"):
+        build_application("serve_apps.nowhere:app", {})
+    with pytest.raises(ConfigError, match=r"args.*max_body_bytes"):
+        build_application("serve_apps.world_gateway:app_builder", {"max_body_bytes": -1})
+
+
+def _request(url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def test_worldgen_serve_runs_the_gateway_until_interrupted(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worldgen",
+            "serve",
+            str(REPO / "configs/serve/worlds.yaml"),
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,  # the config's `root: worlds` is relative to where it is served from
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if _request(base + "/openapi.json", timeout=5)[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "the gateway did not come up"
+            time.sleep(1)
+        params = {"preset": "tiny", "size": 32, "steps": 2}
+        status, body = _request(
+            base + "/v1/worlds", {"id": "cli", "template": "offline_world", "params": params}
+        )
+        assert status == 201, body
+        assert (tmp_path / "worlds" / "cli" / "world.yaml").is_file()
+        assert _request(base + "/v1/worlds/cli/step", {})[1]["step"] == 1
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C: Serve shut down, the local Ray instance with it
+        output, _ = process.communicate(timeout=120)
+    assert f"worlds: {base}/" in output and "serving until Ctrl-C" in output
+    assert process.returncode == 130
