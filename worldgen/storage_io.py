@@ -9,8 +9,7 @@ from pathlib import Path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bool = True) -> Path:
-    """Call `write(tmp_path)` then rename the temp file over `path` (for writers that need a path: PIL,
-    safetensors).
+    """Call `write(tmp_path)` then rename the temp file over `path`.
 
     The rename makes the write atomic (readers see the old file or the new one, never half of one, also if the
     process dies). `durable` also fsyncs the data first, so the new file survives an OS crash or power loss;
@@ -32,20 +31,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bo
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> Path:
-    """`atomic_write` for data in memory, written through the temp file's descriptor (one open, not two)."""
-    path = Path(path)
-    fd, tmp = _temp_file(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=durable)
 
 
 def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> Path:
