@@ -32,7 +32,7 @@ class Pipeline(Engine):
             path = Path(str(graph).removeprefix("ref:"))
             graph = Graph.load(path) if path.is_dir() else Graph.from_config(path)
         elif isinstance(graph, Mapping):
-            graph = Graph.from_config(graph)
+            graph = _graph_from_config(graph)
         if not isinstance(graph, Graph):
             raise GraphError(
                 f"add_graph takes a Graph, a config mapping or a path, got {type(graph).__name__}"
@@ -59,8 +59,8 @@ class Pipeline(Engine):
 
     @classmethod
     def _item_from_config(cls, spec: Mapping[str, Any]) -> Engine:
-        """One node of this level from its config (a pipeline's nodes are graphs)."""
-        return Graph.from_config(spec)
+        """One node of this level from its config (a pipeline's nodes are graphs, local or `{endpoint: URL}`)."""
+        return _graph_from_config(spec)
 
     def _build_items(self, items: Mapping[str, Any], fail) -> None:
         for item_id, spec in items.items():
@@ -88,3 +88,12 @@ class Pipeline(Engine):
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, graphs={list(self._items)}, edges={len(self._edges)})"
+
+
+def _graph_from_config(spec: Mapping[str, Any]) -> Graph:
+    """A graph config, or `{endpoint: URL, ...}` for a graph served over HTTP (serve_apps/graph_app.py)."""
+    if "endpoint" in spec:
+        from worldgen.nodes.endpoint import EndpointGraph
+
+        return EndpointGraph.from_spec(spec)
+    return Graph.from_config(spec)

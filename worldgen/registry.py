@@ -12,7 +12,12 @@ from worldgen.block import Block, BlockConfig
 from worldgen.errors import UnknownBlockTypeError, WorldgenError, did_you_mean
 
 ENTRY_POINT_GROUP = "worldgen.blocks"
-_BUILTIN_MODULES = ("worldgen.nodes.diffusion", "worldgen.nodes.llm", "worldgen.nodes.vision")
+_BUILTIN_MODULES = (
+    "worldgen.nodes.diffusion",
+    "worldgen.nodes.llm",
+    "worldgen.nodes.vision",
+    "worldgen.nodes.endpoint",
+)
 _TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*/[a-z0-9][a-z0-9_.-]*$")
 
 _blocks: dict[str, type[Block]] = {}

@@ -139,7 +139,12 @@ class Stage(Pipeline):
 
 
 def build_item(spec: Mapping[str, Any]) -> Engine:
-    """A graph or pipeline from a config mapping: `{template: NAME, params: {...}}` or a full config."""
+    """A graph or pipeline from a config mapping: `{template: NAME, params: {...}}`, `{endpoint: URL, ...}` (a
+    graph served over HTTP) or a full config."""
+    if "endpoint" in spec:
+        from worldgen.nodes.endpoint import EndpointGraph
+
+        return EndpointGraph.from_spec(spec)
     if "template" in spec:
         from worldgen.templates import build_template
 

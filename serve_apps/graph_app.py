@@ -1,0 +1,466 @@
+"""Graph endpoints: any graph or pipeline served over HTTP by a Ray Serve deployment with a FastAPI ingress.
+
+    serve run configs/serve/graph.yaml
+    serve run serve_apps.graph_app:app_builder graph=configs/graphs/text_to_image_tiny.yaml
+
+    GET  /  (or /spec)  {name, level, inputs, outputs, options}: each exposed port with kind, optional/default, doc
+    POST /run           {"inputs": {...}, "seed": 0, "iterations": null, "encoding": "png" | "tensor"}
+                        -> {"outputs": {...}, "encoding": "png", "seed": 0}
+    GET  /docs          OpenAPI docs: the request and response schemas are built from the graph's ports
+
+Values travel in the wire format of worldgen/nodes/endpoint.py: text/int/scalar/json as JSON values; tensors
+(latents, embeddings…) as `{dtype, shape, data_base64}` (raw little-endian bytes: lossless); images as
+`{"png_base64": [one PNG per batch item]}` by default, or as tensors with `"encoding": "tensor"` (what endpoint
+nodes use, so a remote run reproduces a local one exactly). An image input is accepted either way. An optional
+input given as null is the same as leaving it out (the graph's default applies).
+
+Status codes: 422 for a request that does not fit the schema (the body's `detail` names the field), 400 for
+inputs the graph rejects (ConfigError/GraphError), 500 only when the run itself fails (the message says where).
+
+Args (`app_builder`, validated by `GraphAppArgs`): `graph` (file, saved directory or template:NAME), `params`
+(template parameters), `executor`, `num_replicas`, `ray_actor_options`, and `token_env`: the environment variable
+holding a bearer token every request must carry (read where the app is built; only its SHA-256 reaches replicas).
+
+The graph is loaded once per replica; its models load lazily on the first run, in the replica's pool (executor
+`local`, the default) or on the cluster's model host actors (executor `ray`).
+"""
+
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+from ray import serve
+from starlette.concurrency import run_in_threadpool
+
+from worldgen.config import load_config_file
+from worldgen.engine import Engine
+from worldgen.errors import ConfigError, GraphError, WorldgenError, format_validation_error
+from worldgen.graph import Graph
+from worldgen.nodes.endpoint import (
+    ENCODINGS,
+    TENSOR_KINDS,
+    UNSERVED_KINDS,
+    decode_png,
+    decode_tensor,
+    decode_value,
+    encode_value,
+)
+from worldgen.pipeline import Pipeline
+from worldgen.ports import Port, PortKind
+
+log = logging.getLogger("ray.serve")
+K = PortKind
+TEMPLATE_PREFIX = "template:"
+WIRE_DOC = (
+    "`POST /run` takes `{inputs, seed, iterations, encoding}`. Text, int, scalar and json ports are JSON values; "
+    "tensors are `{dtype, shape, data_base64}` (raw little-endian bytes, lossless); images are "
+    "`{png_base64: [one PNG per batch item]}`, or tensors with `encoding: tensor`. An optional input given as "
+    "null takes the graph's default. 422: the request does not fit the schema; 400: the graph refused the "
+    "inputs; 500: the run failed."
+)
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+def load_graph(spec: str, params: Mapping[str, Any] | None = None, *, weights: bool = True) -> Engine:
+    """A graph or pipeline: a YAML/JSON config, a saved directory (with its weights), or `template:NAME`.
+
+    The same constructors `worldgen generate` uses (`from_config`, `load`, the template registry), but a
+    template's parameters are checked strictly: a server config with a misspelt parameter must fail loudly.
+    """
+    params = dict(params or {})
+    if spec.startswith(TEMPLATE_PREFIX):
+        from worldgen.templates import build_template
+
+        engine = build_template(spec[len(TEMPLATE_PREFIX) :], **params)
+    else:
+        if params:
+            raise ConfigError("`params` apply only to a template (graph: template:NAME)", path="params")
+        path = Path(spec)
+        if path.is_dir():
+            engine = _load_directory(path, weights)
+        elif path.is_file():
+            kind = str(load_config_file(path).get("kind", "graph"))
+            classes: dict[str, type[Engine]] = {"graph": Graph, "pipeline": Pipeline}
+            if kind not in classes:
+                raise ConfigError(
+                    f"a graph endpoint serves a graph or a pipeline, not a '{kind}'", file=spec, path="kind"
+                )
+            engine = classes[kind].from_config(path)
+        else:
+            raise ConfigError(f"{spec}: no such file or directory", path="graph")
+    if not isinstance(engine, (Graph, Pipeline)):
+        raise ConfigError(f"{spec} does not build a graph or a pipeline", path="graph")
+    return engine
+
+
+def _load_directory(path: Path, weights: bool) -> Engine:
+    for cls in (Graph, Pipeline):
+        if (path / cls.config_file()).is_file():
+            return cls.load(path) if weights else cls.from_config(path / cls.config_file())
+    raise ConfigError(
+        f"{path}: a directory but not a saved graph or pipeline (no graph.yaml or pipeline.yaml)"
+    )
+
+
+# ---- the spec ------------------------------------------------------------------------------------------
+def _doc(engine: Engine, name: str, direction: str) -> str:
+    """A port's doc: the doc of the block port it leads to (through nested graphs)."""
+    targets = engine.exposed_inputs[name].targets if direction == "input" else [engine.exposed_outputs[name]]
+    for node, port in targets:
+        item = engine.item(node)
+        if isinstance(item, Engine):
+            doc = _doc(item, port, direction)
+        else:
+            ports = item.input_ports() if direction == "input" else item.output_ports()
+            doc = ports[port].doc
+        if doc:
+            return doc
+    return ""
+
+
+def served_ports(engine: Engine, direction: str) -> dict[str, Port]:
+    """The exposed ports that travel over HTTP (rng and solver-state values are process-local)."""
+    ports = engine.input_ports() if direction == "input" else engine.output_ports()
+    served = {}
+    for name, port in ports.items():
+        if port.kind in UNSERVED_KINDS:
+            if direction == "input" and not port.optional:
+                raise GraphError(
+                    f"{engine.level} '{engine.name}' cannot be served: its required input '{name}' is of kind "
+                    f"'{port.kind.value}', which does not travel over HTTP"
+                )
+            continue
+        served[name] = Port(
+            name, port.kind, optional=port.optional, default=port.default, doc=_doc(engine, name, direction)
+        )
+    return served
+
+
+def describe(engine: Engine) -> dict[str, Any]:
+    """`GET /`: what the graph takes and gives (the spec endpoint nodes build their ports from)."""
+    return {
+        "name": engine.name,
+        "level": engine.level,
+        "inputs": {name: port.spec() for name, port in served_ports(engine, "input").items()},
+        "outputs": {name: port.spec() for name, port in served_ports(engine, "output").items()},
+        "options": {
+            "seed": "integer >= 0: same seed, same result (default: unseeded)",
+            "iterations": "integer >= 1: overrides the loops' iteration counts",
+            "encoding": list(ENCODINGS),
+        },
+    }
+
+
+# ---- request and response models ------------------------------------------------------------------------
+class TensorPayload(BaseModel):
+    """A tensor, losslessly: torch dtype name, shape, and its raw little-endian bytes in base64."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str = Field(examples=["float32"], description="torch dtype name")
+    shape: list[int] = Field(examples=[[1, 4, 8, 8]])
+    data_base64: str = Field(description="raw little-endian bytes, base64 (standard alphabet)")
+    _value: Any = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _decode(self) -> "TensorPayload":
+        self._value = decode_tensor(self.model_dump())  # a ValueError naming the field -> 422
+        return self
+
+
+class PngPayload(BaseModel):
+    """Images as PNG files in base64, one per batch item (all of one size)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    png_base64: list[str] = Field(min_length=1, description="one base64 PNG per batch item")
+    _value: Any = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _decode(self) -> "PngPayload":
+        self._value = decode_png(self.model_dump())
+        return self
+
+
+def _image_tag(value: Any) -> str:
+    return "png" if isinstance(value, Mapping) and "png_base64" in value else "tensor"
+
+
+# An image input: PNG or tensor, told apart by its keys (so an error names one shape, not both).
+ImagePayload = Annotated[
+    Annotated[PngPayload, Tag("png")] | Annotated[TensorPayload, Tag("tensor")], Discriminator(_image_tag)
+]
+_WIRE_HINT = {kind: "a tensor payload {dtype, shape, data_base64}" for kind in TENSOR_KINDS} | {
+    K.IMAGE: "{png_base64: [...]} or a tensor payload {dtype, shape, data_base64}"
+}
+
+
+def _value_type(kind: PortKind, direction: str) -> Any:
+    if kind is K.TEXT:
+        return str | list[str]
+    if kind is K.INT:
+        return int
+    if kind is K.SCALAR:
+        return float
+    if kind is K.IMAGE:
+        return ImagePayload if direction == "input" else PngPayload | TensorPayload
+    if kind in TENSOR_KINDS:
+        return TensorPayload
+    if kind is K.TIMESTEP:
+        return int | float | TensorPayload
+    return Any  # json, any
+
+
+def _jsonable(value: Any) -> bool:
+    import json
+
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _ports_model(title: str, ports: dict[str, Port], direction: str) -> type[BaseModel]:
+    # Field names are positional and the port names aliases: a port may be called `json` or `model_config`.
+    fields: dict[str, Any] = {}
+    for i, (name, port) in enumerate(ports.items()):
+        typ = _value_type(port.kind, direction)
+        doc = " — ".join(d for d in (port.doc, _WIRE_HINT.get(port.kind, "")) if d) or None
+        if direction == "input" and port.optional:
+            default = port.default if _jsonable(port.default) else None
+            fields[f"p{i}"] = (typ | None, Field(default, alias=name, description=doc))
+        else:
+            fields[f"p{i}"] = (typ, Field(..., alias=name, description=doc))
+    return create_model(title, __config__=ConfigDict(extra="forbid", populate_by_name=False), **fields)
+
+
+def _title(engine: Engine) -> str:
+    words = "".join(c if c.isalnum() else " " for c in engine.name).title().replace(" ", "")
+    return words or "Graph"
+
+
+def run_models(engine: Engine) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
+    """(inputs model, request model, response model) from the graph's exposed ports."""
+    title = _title(engine)
+    input_ports = served_ports(engine, "input")
+    inputs = _ports_model(f"{title}Inputs", input_ports, "input")
+    outputs = _ports_model(f"{title}Outputs", served_ports(engine, "output"), "output")
+    all_optional = all(p.optional for p in input_ports.values())
+    request = create_model(
+        f"{title}RunRequest",
+        __config__=ConfigDict(extra="forbid"),
+        inputs=(inputs, Field(default_factory=inputs) if all_optional else Field(...)),
+        seed=(int | None, Field(None, ge=0, description="same seed, same result (default: unseeded)")),
+        iterations=(int | None, Field(None, ge=1, description="overrides the loops' iteration counts")),
+        encoding=(
+            Literal["png", "tensor"],
+            Field("png", description="images as PNG (default) or every tensor losslessly"),
+        ),
+    )
+    response = create_model(
+        f"{title}RunResponse",
+        outputs=(outputs, ...),
+        encoding=(Literal["png", "tensor"], ...),
+        seed=(int | None, None),
+    )
+    return inputs, request, response
+
+
+def _input_values(model: BaseModel, ports: dict[str, Port]) -> dict[str, Any]:
+    """The run's inputs from a validated request: payloads decoded; unset or null optionals left out."""
+    values = {}
+    for field_name, field in type(model).model_fields.items():
+        name = field.alias or field_name
+        if field_name not in model.model_fields_set:
+            continue  # the graph applies its own default
+        value = getattr(model, field_name)
+        if value is None and ports[name].optional:
+            continue
+        if isinstance(value, (TensorPayload, PngPayload)):
+            value = value._value
+        elif ports[name].kind is K.ANY:
+            try:
+                value = decode_value(value)
+            except ValueError as err:
+                raise HTTPException(
+                    422, [{"loc": ["body", "inputs", name], "msg": str(err), "type": "value_error"}]
+                ) from None
+        values[name] = value
+    return values
+
+
+# ---- the app -------------------------------------------------------------------------------------------
+Runner = Callable[[dict[str, Any], int | None, int | None], dict[str, Any]]
+
+
+def build_app(engine: Engine, runner: Runner, *, token_sha256: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`; `runner(inputs, seed, iterations)` runs it."""
+    spec = describe(engine)
+    input_ports = served_ports(engine, "input")
+    output_ports = served_ports(engine, "output")
+    _, RunRequest, RunResponse = run_models(engine)
+
+    def authorize(request: Request) -> None:
+        if token_sha256 is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, token_sha256):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(
+        title=f"worldgen {engine.level} '{engine.name}'",
+        description=WIRE_DOC,
+        dependencies=[Depends(authorize)],
+    )
+
+    @app.get("/", summary="the graph's name, level and input/output spec")
+    def get_spec() -> dict[str, Any]:
+        return spec
+
+    app.add_api_route("/spec", get_spec, methods=["GET"], summary="same as GET /")
+
+    def execute(body: Any) -> JSONResponse:
+        inputs = _input_values(body.inputs, input_ports)
+        try:
+            outputs = runner(inputs, body.seed, body.iterations)
+        except (ConfigError, GraphError) as err:  # the graph refused these inputs
+            raise HTTPException(400, {"error": type(err).__name__, "message": str(err)}) from None
+        except Exception as err:  # the run itself failed
+            log.exception("run of %s '%s' failed", engine.level, engine.name)
+            message = str(err) if isinstance(err, WorldgenError) else f"{type(err).__name__}: {err}"
+            raise HTTPException(500, {"error": type(err).__name__, "message": message}) from None
+        try:
+            encoded = {
+                name: encode_value(outputs[name], port.kind, body.encoding)
+                for name, port in output_ports.items()
+            }
+            # rendered here (NaN/inf are not JSON) so such an output is a reported 500, not a bare one
+            return JSONResponse({"outputs": encoded, "encoding": body.encoding, "seed": body.seed})
+        except (TypeError, ValueError) as err:
+            raise HTTPException(500, {"error": "EncodingError", "message": str(err)}) from None
+
+    errors = {
+        400: {"description": "the graph refused the inputs: {detail: {error, message}}"},
+        422: {"description": "the request does not fit the schema: {detail: [{loc, msg, type}]}"},
+        500: {"description": "the run failed: {detail: {error, message}}"},
+    }
+
+    async def run(body: RunRequest) -> JSONResponse:  # type: ignore[valid-type]
+        # The run blocks for seconds: off the event loop, so the replica keeps answering health checks.
+        return await run_in_threadpool(execute, body)
+
+    app.add_api_route(
+        "/run",
+        run,
+        methods=["POST"],
+        response_model=RunResponse,
+        responses=errors,
+        summary=f"run the {engine.level} on the inputs",
+    )
+    return app
+
+
+# ---- the deployment -------------------------------------------------------------------------------------
+@serve.deployment(name="GraphEndpoint")
+@serve.ingress()
+class GraphEndpoint:
+    """One replica: the graph loaded once, run per request (models load lazily on the first run)."""
+
+    def __init__(
+        self,
+        graph: str,
+        params: dict[str, Any] | None = None,
+        executor: str | None = None,
+        token_sha256: str | None = None,
+    ):
+        import ray
+
+        from actors.model_host import set_torch_threads
+
+        # Ray gives an actor one torch thread; like a model host, use the CPUs the replica reserved (all cores
+        # when it reserved none). Same thread count as a local run also keeps float reductions in the same order.
+        set_torch_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+        self.engine = load_graph(graph, params)
+        self.executor = executor or self.engine.executor
+        self.token_sha256 = token_sha256
+
+    def run(self, inputs: dict[str, Any], seed: int | None, iterations: int | None) -> dict[str, Any]:
+        return self.engine.run(inputs, seed=seed, iterations=iterations, executor=self.executor)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_app(self.engine, self.run, token_sha256=self.token_sha256)
+
+
+class GraphAppArgs(BaseModel):
+    """`args` of the application (a Serve config's `args:`, or `serve run ... key=value`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    graph: str = Field(description="graph/pipeline YAML or JSON, saved directory, or template:NAME")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="template parameters (template:NAME only)"
+    )
+    executor: Literal["local", "ray"] | None = Field(
+        None,
+        description="run in the replica, or on Ray (model host actors); default: the graph's own (local)",
+    )
+    num_replicas: int | Literal["auto"] = Field(1, description="replicas (or 'auto' for autoscaling)")
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=dict, description="per replica, e.g. {num_cpus: 1, num_gpus: 1}"
+    )
+    token_env: str | None = Field(
+        None, description="environment variable holding a bearer token every request must carry"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "GraphAppArgs":
+        if isinstance(self.num_replicas, int) and self.num_replicas < 1:
+            raise ValueError("num_replicas must be at least 1 (or 'auto')")
+        if not self.graph.startswith(TEMPLATE_PREFIX):
+            # Replicas may start in another working directory: pin the path where the app is built.
+            self.graph = str(Path(self.graph).expanduser().resolve())
+        return self
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The application for a Serve config (`import_path: serve_apps.graph_app:app_builder`)."""
+    try:
+        config = GraphAppArgs.model_validate(dict(args or {}))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "args"), file="serve_apps.graph_app") from None
+    try:  # fail here, with the config's own message, rather than in a replica restart loop
+        describe(load_graph(config.graph, config.params, weights=False))
+    except ConfigError as err:
+        raise ConfigError(err.detail, file=err.file or config.graph, path=err.path) from None
+    except WorldgenError as err:
+        raise ConfigError(str(err), file=config.graph) from None
+    token_sha256 = None
+    if config.token_env:
+        token = os.environ.get(config.token_env)
+        if not token:
+            raise ConfigError(f"environment variable {config.token_env} is not set", path="args.token_env")
+        token_sha256 = hashlib.sha256(token.encode()).hexdigest()  # only the digest travels to the replicas
+    options: dict[str, Any] = {"num_replicas": config.num_replicas}
+    if config.ray_actor_options:
+        options["ray_actor_options"] = config.ray_actor_options
+    deployment = GraphEndpoint.options(**options)
+    return deployment.bind(config.graph, config.params, config.executor, token_sha256)
