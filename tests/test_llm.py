@@ -1,5 +1,6 @@
-"""LLM task nodes: the offline template LLM, OpenAI-compatible and Anthropic APIs over real HTTP (a local test
-server), JSON output validated against the generation-config schema with retries, and a tiny local causal LM."""
+"""LLM task nodes: the offline template LLM, the OpenAI-compatible API over real HTTP (the project's own Ray Serve
+LLM server on a tiny local model; scripted answers and errors from tests/openai_server.py), Anthropic's API,
+JSON output validated against the generation-config schema with retries, and a tiny local causal LM."""
 
 from __future__ import annotations
 
@@ -54,6 +55,15 @@ def sample_context(**overrides):
 def api_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
     return KEY
+
+
+@pytest.fixture(scope="module")
+def llm_server_url(serve_url, tiny_lm_dir):
+    """serve_apps/llm_server.py serving the tiny causal LM as 'test-model'; requests need KEY."""
+    from tests.test_llm_server import llm_server  # here: that module imports this one's tiny model
+
+    with llm_server(serve_url, {"test-model": tiny_lm_dir}, key_env=KEY_ENV, key=KEY) as url:
+        yield url
 
 
 def openai_block(url, **config) -> OpenAILLM:
@@ -174,55 +184,49 @@ def test_extract_json_tolerates_fences_and_prose():
 
 
 # ---- OpenAI-compatible API -----------------------------------------------------------------------------
-def test_openai_sends_chat_messages_and_bearer_key(api_key, monkeypatch, caplog):
+def test_openai_sends_chat_messages_and_bearer_key(api_key, llm_server_url, tiny_lm_dir, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
-    with serve_openai(api_key=api_key) as server:
-        monkeypatch.setenv("WORLDGEN_TEST_LLM_URL", server.url)
-        block = openai_block(
-            "${env:WORLDGEN_TEST_LLM_URL}",
-            prompt="Describe {{ place }}.",
-            system="You narrate {{ world }}.",
-            temperature=0.2,
-            max_tokens=50,
-        )
-        out = block(context={"place": "the harbor", "world": "The Drowned Harbor"})
-        assert out == {"text": "echo: Describe the harbor.", "data": None}
-        (request,) = server.requests
-        assert request.path == "/v1/chat/completions" and request.authorized
-        assert request.messages == [
-            {"role": "system", "content": "You narrate The Drowned Harbor."},
-            {"role": "user", "content": "Describe the harbor."},
-        ]
-        body = request.body
-        assert (body["model"], body["temperature"], body["max_tokens"]) == ("test-model", 0.2, 50)
-        assert "response_format" not in body
-        assert "authorization" not in request.headers
-        # a second block for the same endpoint + model shares the client
-        assert openai_block("${env:WORLDGEN_TEST_LLM_URL}").client()._client is block.client()._client
+    monkeypatch.setenv("WORLDGEN_TEST_LLM_URL", llm_server_url)
+    prompts = {"prompt": "Describe {{ place }}.", "system": "You narrate {{ world }}.", "temperature": 0.2}
+    block = openai_block("${env:WORLDGEN_TEST_LLM_URL}", **prompts, max_tokens=10, extra_body={"seed": 3})
+    context = {"place": "the harbor", "world": "The Drowned Harbor"}
+    out = block(context=context)
+    # The same model, messages (system + user), token limit, temperature and seed, run here as
+    # llm/transformers: the server got everything the block sent, and the key let it in.
+    local = wg.create_block("llm/transformers", {"model": str(tiny_lm_dir), **prompts, "max_tokens": 10})
+    expected = local(context=context, rng=RngState.seeded(3))["text"]
+    assert expected and out["data"] is None and out["text"].strip() == expected
+    assert block.messages(context) == [
+        {"role": "system", "content": "You narrate The Drowned Harbor."},
+        {"role": "user", "content": "Describe the harbor."},
+    ]
+    # a second block for the same endpoint + model shares the client
+    assert openai_block("${env:WORLDGEN_TEST_LLM_URL}").client()._client is block.client()._client
     assert KEY not in caplog.text
 
 
-def test_openai_key_never_in_config_repr_or_saved_graph(api_key, tmp_path):
-    with serve_openai(api_key=api_key) as server:
-        block = openai_block(server.url, prompt="Hello {{ name }}")
-        assert KEY not in json.dumps(block.config_dict()) and KEY not in repr(block)
-        assert block.config_dict()["api_key"] == f"${{env:{KEY_ENV}}}"
-        block(context={"name": "world"})  # the key was resolved and used
-        assert KEY not in repr(vars(block)) and KEY not in repr(block.config)
+def test_openai_key_never_in_config_repr_or_saved_graph(api_key, llm_server_url, tmp_path):
+    block = openai_block(llm_server_url, prompt="Hello {{ name }}", temperature=0, max_tokens=6)
+    assert KEY not in json.dumps(block.config_dict()) and KEY not in repr(block)
+    assert block.config_dict()["api_key"] == f"${{env:{KEY_ENV}}}"
+    first = block(context={"name": "world"})  # the key was resolved and used
+    assert first["text"]
+    assert KEY not in repr(vars(block)) and KEY not in repr(block.config)
 
-        graph = wg.Graph("chat")
-        graph.add_node(block, id="llm")
-        graph.expose_input("context", "llm.context")
-        graph.expose_output("text", "llm.text")
-        saved = graph.save(tmp_path / "chat")
-        files = [p for p in saved.rglob("*") if p.is_file()]
-        assert files
-        for path in files:
-            assert KEY.encode() not in path.read_bytes(), path
-        assert f"${{env:{KEY_ENV}}}" in (saved / "graph.yaml").read_text()
-        loaded = wg.Graph.load(saved)
-        assert loaded.run({"context": {"name": "again"}}) == {"text": "echo: Hello again"}
-        assert all(r.authorized for r in server.requests)
+    graph = wg.Graph("chat")
+    graph.add_node(block, id="llm")
+    graph.expose_input("context", "llm.context")
+    graph.expose_output("text", "llm.text")
+    saved = graph.save(tmp_path / "chat")
+    files = [p for p in saved.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        assert KEY.encode() not in path.read_bytes(), path
+    assert f"${{env:{KEY_ENV}}}" in (saved / "graph.yaml").read_text()
+    loaded = wg.Graph.load(saved)
+    again = block(context={"name": "again"})["text"]
+    assert loaded.run({"context": {"name": "again"}}) == {"text": again}
+    assert loaded.run({"context": {"name": "world"}}) == {"text": first["text"]}
 
 
 def test_openai_literal_key_is_refused():
@@ -240,13 +244,31 @@ def test_openai_literal_key_is_refused():
         wg.create_block("llm/anthropic", {"model": "m", "api_key": "my-key"})
 
 
-def test_openai_wrong_key_is_an_execution_error_without_the_key(api_key, monkeypatch):
-    with serve_openai(api_key="sk-other-key") as server:
-        block = openai_block(server.url, prompt="hi")
-        with pytest.raises(wg.ExecutionError) as err:
-            block()
+def test_openai_wrong_key_is_an_execution_error_without_the_key(llm_server_url, monkeypatch):
+    wrong = "sk-wrong-9d8c7b6a5f4e3d2c"
+    monkeypatch.setenv(KEY_ENV, wrong)
+    block = openai_block(llm_server_url, prompt="hi")
+    with pytest.raises(wg.ExecutionError) as err:
+        block()
     message = str(err.value)
-    assert "401" in message and server.url in message and "test-model" in message and KEY not in message
+    assert "401" in message and llm_server_url in message and "test-model" in message
+    assert wrong not in message
+
+
+def test_openai_json_mode_against_a_model_that_never_writes_json(api_key, llm_server_url):
+    """JSON mode (response_format json_object) is accepted by the server; the tiny model's answers are never
+    JSON, so the block asks again with the error and fails after max_attempts, naming the schema."""
+    block = openai_block(
+        llm_server_url,
+        prompt="Plan.",
+        output="json",
+        schema="generation_config",
+        max_attempts=2,
+        temperature=0,
+        max_tokens=6,
+    )
+    with pytest.raises(wg.ExecutionError, match=r"'generation_config' after 2 attempt\(s\)"):
+        block()
 
 
 def test_openai_json_retries_until_valid(api_key):
@@ -346,7 +368,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def _tiny_causal_lm(directory: Path, chat_template: str | None) -> Path:
+def _tiny_causal_lm(directory: Path, chat_template: str | None, context: int = 128) -> Path:
+    """A random-initialised Llama (2 layers, hidden 16) with a BPE tokenizer trained here, saved to `directory`;
+    `context` tokens of positions (a world's prompts need more than the default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -376,7 +400,7 @@ def _tiny_causal_lm(directory: Path, chat_template: str | None) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -387,7 +411,7 @@ def _tiny_causal_lm(directory: Path, chat_template: str | None) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_lm_dir(tmp_path_factory):
-    return _tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"), CHAT_TEMPLATE)
+    return _tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"), CHAT_TEMPLATE, context=4096)
 
 
 def test_local_llm_is_reproducible_per_seed(tiny_lm_dir):

@@ -555,6 +555,65 @@ class _SeededSampler:
         return torch.full_like(scores, float("-inf")).scatter(-1, choice, 0.0)
 
 
+# Shared by `llm/transformers` and the OpenAI-compatible server (serve_apps/llm_server.py), so that one
+# local model answers a chat the same way whichever of the two runs it.
+def chat_prompt(tokenizer: Any, messages: list[Message]) -> tuple[str, bool]:
+    """(text to tokenize, whether it already holds the special tokens the chat template adds): the
+    tokenizer's chat template when it has one, else the messages' contents separated by blank lines."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    return "\n\n".join(m["content"] for m in messages if m["content"]), False
+
+
+def encode_chat(tokenizer: Any, messages: list[Message]) -> dict[str, Any]:
+    """The chat as model inputs (`input_ids`, `attention_mask`; batch of one, on the CPU)."""
+    text, templated = chat_prompt(tokenizer, messages)
+    return dict(tokenizer(text, return_tensors="pt", add_special_tokens=not templated))
+
+
+def generate_tokens(
+    model: Any,
+    tokenizer: Any,
+    encoded: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    temperature: float | None = 0.0,
+    top_p: float = 1.0,
+    generator: Any = None,
+    stop: list[str] | None = None,
+    **generate_options: Any,
+) -> Any:
+    """The new token ids (1-D) a causal LM generates after `encoded`.
+
+    Greedy at temperature 0 / None; otherwise each token is sampled from `generator` (seeded: the same
+    tokens every time). `stop` strings end generation once generated (they stay in the tokens; callers
+    cut the text). `generate_options` go to `model.generate` (a streamer, stopping criteria).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in encoded.items()}
+    settings = copy.deepcopy(model.generation_config)
+    settings.update(do_sample=False, max_new_tokens=max_new_tokens, num_beams=1)
+    for name in ("temperature", "top_p", "top_k"):
+        setattr(settings, name, None)
+    if settings.pad_token_id is None:
+        candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, settings.eos_token_id)
+        settings.pad_token_id = next((c for c in candidates if c is not None), None)
+    if stop:
+        settings.stop_strings = list(stop)
+        generate_options["tokenizer"] = tokenizer
+    if temperature:  # 0 / None: greedy
+        from transformers import LogitsProcessorList
+
+        generate_options["logits_processor"] = LogitsProcessorList(
+            [_SeededSampler(generator, temperature, top_p)]
+        )
+    with torch.no_grad():
+        output = model.generate(**inputs, generation_config=settings, **generate_options)
+    return output[0, inputs["input_ids"].shape[1] :].cpu()
+
+
 @register_block
 class LocalLLM(LLMBlock, ModelBlock):
     """A local transformers causal LM (shared through the model pool). Uses the tokenizer's chat template
@@ -638,34 +697,17 @@ class LocalLLM(LLMBlock, ModelBlock):
 
     def prompt_text(self, messages: list[Message]) -> tuple[str, bool]:
         """(text to tokenize, whether it already holds the special tokens the chat template adds)."""
-        tokenizer = self.tokenizer
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
-        return "\n\n".join(m["content"] for m in messages if m["content"]), False
+        return chat_prompt(self.tokenizer, messages)
 
     def generate(self, messages: list[Message], **call: Any) -> str:
-        import torch
-
-        tokenizer, model = self.tokenizer, self.model
-        text, templated = self.prompt_text(messages)
-        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
-        device = next(model.parameters()).device
-        encoded = {k: v.to(device) for k, v in encoded.items()}
-        settings = copy.deepcopy(model.generation_config)
-        settings.update(do_sample=False, max_new_tokens=self.config.max_tokens, num_beams=1)
-        for name in ("temperature", "top_p", "top_k"):
-            setattr(settings, name, None)
-        if settings.pad_token_id is None:
-            candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, settings.eos_token_id)
-            settings.pad_token_id = next((c for c in candidates if c is not None), None)
-        extra: dict[str, Any] = {}
-        temperature = self.config.temperature
-        if temperature:  # 0 / None: greedy
-            from transformers import LogitsProcessorList
-
-            sampler = _SeededSampler(call.get("generator"), temperature, self.config.top_p)
-            extra["logits_processor"] = LogitsProcessorList([sampler])
-        with torch.no_grad():
-            output = model.generate(**encoded, generation_config=settings, **extra)
-        new_tokens = output[0, encoded["input_ids"].shape[1] :]
-        return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        tokenizer = self.tokenizer
+        tokens = generate_tokens(
+            self.model,
+            tokenizer,
+            encode_chat(tokenizer, messages),
+            max_new_tokens=self.config.max_tokens,
+            temperature=self.config.temperature,
+            top_p=self.config.top_p,
+            generator=call.get("generator"),
+        )
+        return tokenizer.decode(tokens, skip_special_tokens=True).strip()
