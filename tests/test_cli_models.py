@@ -97,26 +97,23 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A private `ray start --head` cluster; yields the environment its clients need."""
-    ray = _ray_executable()
-    # Short path: Ray's unix sockets live under it and must stay within ~107 characters.
-    temp_dir = Path(tempfile.mkdtemp(prefix="wgray-", dir="/tmp"))
-    env = _client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+def start_head(temp_dir: Path, env: dict[str, str], dashboard_port: int = 0) -> tuple[subprocess.Popen, Path]:
+    """`ray start --head --block` with its own temp dir, free ports and process group (stop it with `_stop`);
+    returns the process and its log file."""
     log_path = temp_dir / "ray-start.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [
-                ray,
+                _ray_executable(),
                 "start",
                 "--head",
                 "--block",
                 "--port=0",
                 "--num-cpus=1",
                 "--disable-usage-stats",
-                "--include-dashboard=true",  # the state API that lists actors goes through it
-                "--dashboard-port=0",
+                "--include-dashboard=true",  # the state API and the job server go through it
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard_port}",
                 f"--ray-client-server-port={_free_port()}",
                 f"--dashboard-agent-listen-port={_free_port()}",
                 f"--temp-dir={temp_dir}",
@@ -126,6 +123,16 @@ def cluster():
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so that teardown can reach all of it
         )
+    return proc, log_path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A private `ray start --head` cluster; yields the environment its clients need."""
+    # Short path: Ray's unix sockets live under it and must stay within ~107 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="wgray-", dir="/tmp"))
+    env = _client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    proc, log_path = start_head(temp_dir, env)
     try:
         record = temp_dir / "ray_current_cluster"  # written once the head node is up
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_cli_models import _client_env, _free_port, _ray_executable, _stop
+from test_cli_models import _client_env, _free_port, _ray_executable, _stop, start_head
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180
@@ -63,29 +63,8 @@ def head():
         assert token and generated.stdout.strip() == token
 
         dashboard_port = _free_port()
-        log_path = temp_dir / "ray-start.log"
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                [
-                    ray,
-                    "start",
-                    "--head",
-                    "--block",
-                    "--port=0",
-                    "--num-cpus=1",
-                    "--disable-usage-stats",
-                    "--include-dashboard=true",  # the job server lives in the dashboard
-                    "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard_port}",
-                    f"--ray-client-server-port={_free_port()}",
-                    f"--dashboard-agent-listen-port={_free_port()}",
-                    f"--temp-dir={temp_dir}",
-                ],
-                env=_client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file)),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, so that teardown can reach all of it
-            )
+        env = _client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+        proc, log_path = start_head(temp_dir, env, dashboard_port)
         url = f"http://127.0.0.1:{dashboard_port}"
         deadline = time.monotonic() + START_TIMEOUT_S
         while _get(f"{url}/api/version", token) != 200:  # up once the dashboard answers an authorised request
