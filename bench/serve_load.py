@@ -2,8 +2,8 @@
 
 Starts Ray and Serve (loopback only), deploys serve_apps.world_gateway with a temporary root, creates W worlds
 (the offline world template, tiny preset, 32x32, 2 denoising steps) and runs `--clients` threads for
-`--seconds` (or until `--requests` in all). Each client picks requests by weight: step a world (POST, one in
-five), read its state, its info, a page of its episodes, or one of its PNGs. Prints requests/s, p50/p99
+`--seconds` (or until `--requests` in all). Each client picks requests at random: step a world (POST, a share
+`--step-share`, default 0.2), else read its state, its info, a page of its episodes, or one of its PNGs. Prints requests/s, p50/p99
 latency overall and per request kind, and errors (any non-2xx or transport failure). Afterwards every world is
 audited: its episode folders are numbered 1..E with distinct state ids (no duplicate), and E equals the number
 of successful step responses that reported a saved episode (none lost).
@@ -32,13 +32,14 @@ from ray import serve
 from serve_apps.world_gateway import app_builder
 from worldgen.storage import WorldStorage
 
-KINDS = {"step": 1, "state": 1, "info": 1, "episodes": 1.5, "png": 0.5}
+READS = {"state": 1, "info": 1, "episodes": 1.5, "png": 0.5}  # relative weights among the reads
 WORLD = {"template": "offline_world", "params": {"preset": "tiny", "size": 32, "steps": 2}}
 MAX_CLIENTS, MAX_SECONDS = 64, 300
 
 
 class Load:
-    """The shared record of every request: kind, latency, status; and the episodes steps reported."""
+    """The shared record of every request: kind, latency, status; and the episodes steps reported (warm-up
+    steps included)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -59,10 +60,14 @@ class Load:
                 self.errors[kind].append(error)
 
 
-def client(base: str, worlds: list[str], load: Load, until: float, limit: int, seed: int) -> None:
+def client(
+    base: str, worlds: list[str], load: Load, until: float, limit: int, seed: int, step_share: float
+) -> None:
     rng = random.Random(seed)
     session = requests.Session()
-    kinds, weights = list(KINDS), list(KINDS.values())
+    reads = sum(READS.values())
+    kinds = ["step", *READS]
+    weights = [step_share, *((1 - step_share) * w / reads for w in READS.values())]
     while time.monotonic() < until and load.take(limit):
         kind, world = rng.choices(kinds, weights)[0], rng.choice(worlds)
         url = f"{base}/v1/worlds/{world}"
@@ -124,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         "--seconds", type=float, default=20, help=f"how long to drive load (at most {MAX_SECONDS})"
     )
     parser.add_argument("--requests", type=int, default=5000, help="stop after this many requests in all")
+    parser.add_argument("--step-share", type=float, default=0.2, help="share of requests that step a world")
     parser.add_argument("--json", action="store_true", help="figures as JSON on stdout (the table to stderr)")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS or args.worlds < 1:
         parser.error(f"--clients 1..{MAX_CLIENTS}, --seconds up to {MAX_SECONDS}, --worlds >= 1")
+    if not 0 <= args.step_share <= 1:
+        parser.error("--step-share is a fraction, 0..1")
     real_stdout = sys.stdout
     if args.json:
         sys.stdout = sys.stderr
@@ -138,19 +146,22 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})  # loopback only
         serve.run(app_builder({"root": str(root)}), name="load", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        worlds = [f"w{i}" for i in range(args.worlds)]
-        for world in worlds:
+        worlds, load = [f"w{i}" for i in range(args.worlds)], Load()
+        for world in worlds:  # two warm-up steps: the second saves an episode, so there are PNGs to read
             response = requests.post(base + "/v1/worlds", json={"id": world, **WORLD}, timeout=300)
             response.raise_for_status()
-            requests.post(
-                f"{base}/v1/worlds/{world}/step", json={}, timeout=600
-            ).raise_for_status()  # warm-up
-        print(f"world gateway on {base}: {args.worlds} worlds, {args.clients} clients, "
+            for _ in range(2):
+                report = requests.post(f"{base}/v1/worlds/{world}/step", json={}, timeout=600)
+                report.raise_for_status()
+                if report.json()["episode"] is not None:
+                    load.saved[world].append(report.json()["episode"])
+        print(f"world gateway on {base}: {args.worlds} worlds, {args.clients} clients, {args.step_share:.0%} steps, "
               f"{args.seconds:g} s or {args.requests} requests (ray {ray.__version__})")  # fmt: skip
-        load = Load()
         until = time.monotonic() + args.seconds
         threads = [
-            threading.Thread(target=client, args=(base, worlds, load, until, args.requests, i))
+            threading.Thread(
+                target=client, args=(base, worlds, load, until, args.requests, i, args.step_share)
+            )
             for i in range(args.clients)
         ]
         started = time.perf_counter()
@@ -171,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
         for kind, messages in load.errors.items():
             for message in sorted(set(messages))[:3]:
                 print(f"  error ({kind}): {message}")
-        # the warm-up step of each world saved no episode (an empty start): only the load's steps did
         problems = {w: p for w in worlds if (p := audit(root, w, load.saved[w]))}
         steps = {w: requests.get(f"{base}/v1/worlds/{w}", timeout=60).json()["step"] for w in worlds}
         print(f"\nepisode audit: {sum(steps.values())} steps, "
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             sys.stdout = real_stdout
             print(json.dumps({
-                "clients": args.clients, "worlds": args.worlds, "seconds": elapsed, "requests": len(everything),
+                "clients": args.clients, "worlds": args.worlds, "step_share": args.step_share, "seconds": elapsed, "requests": len(everything),
                 "requests_per_s": len(everything) / elapsed, "p50_ms": percentile(everything, 0.5),
                 "p99_ms": percentile(everything, 0.99), "errors": errors,
                 "per_kind": {k: {"count": len(v), "p50_ms": percentile(v, 0.5), "p99_ms": percentile(v, 0.99),
