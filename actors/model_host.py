@@ -139,6 +139,7 @@ class ModelHost:
             "load_seconds": round(self.load_seconds, 3),
             "calls": self.calls,
             "parameters": params,
+            "adapters": sorted(getattr(self.model, "__dict__", {}).get("_worldgen_adapters", ())),
             "pid": os.getpid(),
         }
 

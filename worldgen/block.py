@@ -129,10 +129,20 @@ class Block:
         return f"{type(self).__name__}({self.block_type!r})"
 
 
+class AdapterRef(BaseModel):
+    """A LoRA adapter the block's model runs with (see worldgen/lora.py): its name on the model, and the PEFT
+    adapter directory it is loaded from (None: attached in memory, as during training)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    path: str | None = None
+
+
 class ModelConfig(BlockConfig):
     """Config of a block that holds one model."""
 
     model: ModelRef
+    adapter: AdapterRef | None = None
 
 
 class ModelBlock(Block):
@@ -144,6 +154,9 @@ class ModelBlock(Block):
 
     Config: ClassVar[type[BlockConfig]] = ModelConfig
     default_subfolder: ClassVar[str | None] = None
+    # Module names a LoRA adapter targets on this block's model (worldgen/lora.py); None: peft's default for
+    # the model's architecture; False: the block takes no adapter (tokenizers, the VAE).
+    lora_targets: ClassVar[tuple[str, ...] | None | bool] = False
 
     def __init__(self, config: BlockConfig | Mapping[str, Any] | None = None, **overrides: Any):
         if not isinstance(config, BlockConfig):
@@ -166,6 +179,13 @@ class ModelBlock(Block):
     def model_class(self) -> type:
         """The class the model is loaded as (imported lazily so building graphs stays light)."""
         raise NotImplementedError
+
+    def __call__(self, **inputs: Any) -> dict[str, Any]:
+        if self.lora_targets is not False:  # the model may carry adapters of several worlds: pick this one's
+            from worldgen.lora import activate_adapter
+
+            activate_adapter(self.model, self.config.adapter)
+        return self.forward(**inputs)
 
     @property
     def model(self) -> Any:

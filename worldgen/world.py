@@ -142,6 +142,8 @@ class World:
     def _build(
         cls, config: dict[str, Any], file: str | None, base: Path, directory: str | Path | None
     ) -> World:
+        if "base" in config:
+            return cls._build_custom(config, file, base, directory)
         try:
             settings = WorldSettings.model_validate(config)
             _check_executor(settings.executor)
@@ -176,6 +178,35 @@ class World:
         directory = Path(directory) if directory is not None else Path("worlds") / settings.name
         world = cls(settings, stages, directory, config)
         world.prompts_dir = prompts
+        return world
+
+    @classmethod
+    def _build_custom(
+        cls, config: dict[str, Any], file: str | None, base: Path, directory: str | Path | None
+    ) -> World:
+        """A custom (LoRA) world: `base:` a world directory or config file, `adapters:` the folder of its
+        trained adapters (worldgen/lora.py); any other top-level key (name, seed, initial_world, ...) overrides
+        the base config's. Paths are relative to the file that names them, and saved resolved."""
+        from worldgen.lora import use_adapters
+
+        reference = (base / str(config["base"])).resolve()
+        base_file = reference / "world.yaml" if reference.is_dir() else reference
+        try:
+            base_config = load_config_file(base_file)
+        except ConfigError as err:
+            raise ConfigError(f"the base world: {err}", file=file, path="base") from None
+        if "base" in base_config:
+            raise ConfigError(
+                "the base world is itself a custom world: name its base", file=file, path="base"
+            )
+        adapters = (base / str(config.get("adapters", "adapters"))).resolve()
+        overrides = {k: v for k, v in config.items() if k not in ("base", "adapters")}
+        world = cls._build({**base_config, **overrides}, str(base_file), base_file.parent, directory)
+        try:
+            use_adapters(world, adapters)
+        except ConfigError as err:
+            raise ConfigError(err.detail, file=err.file or file, path="adapters") from None
+        world.config = {**config, "base": str(reference), "adapters": str(adapters)}
         return world
 
     @classmethod
@@ -352,38 +383,23 @@ class World:
 
     # ---- stages ----------------------------------------------------------------------------------------
     def _seed(self, role: str) -> int:
-        return (self.settings.seed * 1_000_003 + (self.progress.step + 1) * 101 + CYCLE.index(role)) % 2**31
+        return stage_seed(self.settings.seed, self.progress.step + 1, role)
 
     def _context(self, role: str) -> dict[str, Any]:
-        state = self.progress.state.model_dump(mode="json")
-        state.pop("id")
-        return {
-            "state": state,
-            "content": self.content.model_dump(mode="json", exclude={"last_state_id"}),
-            "action": self.progress.action
-            if role == "development"
-            else None,  # the Action goes only to Development
-            "step": self.progress.step + 1,
-            "pipelines": list(self.stages["creator"].node_ids),
-            "defaults": self.settings.generation_defaults.model_dump(),
-            "seed": self._seed(role),
-        }
+        return stage_context(
+            role,
+            self.progress.state,
+            self.content,
+            action=self.progress.action,
+            step=self.progress.step + 1,
+            pipelines=list(self.stages["creator"].node_ids),
+            defaults=self.settings.generation_defaults.model_dump(),
+            seed=self._seed(role),
+        )
 
     def _inputs(self, role: str, engine: Any) -> dict[str, Any]:
         state = self.progress.state
-        available: dict[str, Any] = {"context": self._context(role)}
-        if state.artifacts:
-            available["images"] = [str(self.storage.artifact_path(a)) for a in state.artifacts]
-        if state.generation:
-            g = state.generation
-            available |= {
-                "prompt": g.prompt,
-                "negative_prompt": g.negative_prompt,
-                "width": g.width,
-                "height": g.height,
-                "steps": g.steps,
-                "guidance_scale": g.guidance,
-            }
+        available = world_inputs(self._context(role), state, self.storage.artifact_path)
         inputs = {}
         for name, exposed in engine.exposed_inputs.items():
             if name in available:
@@ -471,6 +487,58 @@ class World:
 
     def __repr__(self) -> str:
         return f"World({self.settings.name!r}, step={self.progress.step}, directory='{self.storage.root}')"
+
+
+# ---- what a stage is given (shared with worldgen.training, which rebuilds it from saved episodes) --------
+def stage_seed(world_seed: int, step: int, role: str) -> int:
+    """The seed of `role`'s run in step `step` (1-based) of a world seeded with `world_seed`."""
+    return (world_seed * 1_000_003 + step * 101 + CYCLE.index(role)) % 2**31
+
+
+def stage_context(
+    role: str,
+    state: WorldState,
+    content: WorldContent,
+    *,
+    action: str | None,
+    step: int,
+    pipelines: list[str],
+    defaults: Mapping[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """The `context` input of a stage: the variables its prompt templates are rendered with."""
+    blocks = state.model_dump(mode="json")
+    blocks.pop("id")
+    return {
+        "state": blocks,
+        "content": content.model_dump(mode="json", exclude={"last_state_id"}),
+        "action": action if role == "development" else None,  # the Action goes only to Development
+        "step": step,
+        "pipelines": list(pipelines),
+        "defaults": dict(defaults),
+        "seed": seed,
+    }
+
+
+def world_inputs(
+    context: dict[str, Any], state: WorldState, artifact_path: Callable[[Any], Path]
+) -> dict[str, Any]:
+    """Every input the world offers a stage (see worldgen.stage): the context, block 3's image files, block 2's
+    fields; `artifact_path` turns a block-3 reference into its file."""
+    available: dict[str, Any] = {"context": context}
+    if state.artifacts:
+        available["images"] = [str(artifact_path(a)) for a in state.artifacts]
+    if state.generation:
+        g = state.generation
+        available |= {
+            "prompt": g.prompt,
+            "negative_prompt": g.negative_prompt,
+            "width": g.width,
+            "height": g.height,
+            "steps": g.steps,
+            "guidance_scale": g.guidance,
+        }
+    return available
 
 
 def _plain(config: Mapping[str, Any]) -> Any:

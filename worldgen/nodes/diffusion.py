@@ -74,6 +74,7 @@ class CLIPTextConditionerBlock(ModelBlock):
     """Token ids → per-token embeddings (the UNet's cross-attention condition) and the pooled embedding."""
 
     block_type = "conditioner/clip_text"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")  # the text encoder's attention projections
     Config = TextEncoderConfig
     default_subfolder = "text_encoder"
     INPUTS = (Port("token_ids", K.TOKENS), Port("attention_mask", K.MASK, optional=True))
@@ -108,6 +109,7 @@ class UNet2DBackboneBlock(ModelBlock):
     one batched call, exactly as the diffusers pipelines do."""
 
     block_type = "backbone/unet2d"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention projections
     default_subfolder = "unet"
     INPUTS = (
         Port("sample", K.LATENT, doc="the (solver-scaled) latent model input"),

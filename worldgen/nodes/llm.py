@@ -620,6 +620,9 @@ class LocalLLM(LLMBlock, ModelBlock):
     when it has one; samples from the `rng` input (reproducible per run seed), greedy at temperature 0."""
 
     block_type = "llm/transformers"
+    lora_targets = (
+        None  # peft's attention projections for the model's architecture (q_proj/v_proj, c_attn, ...)
+    )
     Config = LocalLLMConfig
     default_subfolder = None
     INPUTS = (*LLMBlock.INPUTS, Port("rng", K.RNG, optional=True, doc="generator state for sampling"))

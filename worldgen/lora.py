@@ -1,0 +1,244 @@
+"""LoRA worlds: adapters on a world's model blocks, saved in PEFT format, selected per call.
+
+A world's trainable models are the weights of its model blocks that declare LoRA targets (the diffusion
+backbone's attention projections, the text conditioner's projections, a local LLM's attention). Preparing a
+world for training (`attach_adapters`) walks world -> stages -> pipelines -> graphs -> blocks, injects one
+adapter per *model* (a model shared by several nodes gets one adapter, so the optimizer sees its parameters
+once), freezes everything else and points the blocks at the adapter. `save_adapters` writes each adapter as a
+PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) and a manifest; `use_adapters`
+points a (custom) world's blocks at saved adapters, which are loaded into the model the first time a block
+runs with them. A model holds many adapters and each call activates its block's one (or none), so on Ray the
+base model stays in one host actor while several custom worlds select their adapters per call.
+
+    custom/adapters/adapters.json                       {"lora": {...}, "adapters": {KEY: {"blocks": [...]}}}
+    custom/adapters/<KEY>/adapter_config.json           PEFT's LoraConfig
+    custom/adapters/<KEY>/adapter_model.safetensors     the adapter's weights only
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from worldgen.block import AdapterRef, ModelBlock
+from worldgen.errors import ConfigError
+from worldgen.storage_io import atomic_write_text
+
+MANIFEST = "adapters.json"
+TRAINING_ADAPTER = "worldgen_training"  # not "train": a ModuleDict key may not shadow nn.Module.train
+
+
+class LoraSettings(BaseModel):
+    """Which blocks get adapters and how big they are (the `lora:` section of a training config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    roles: list[str] | None = Field(None, description="world roles whose blocks get adapters (None: all)")
+    nodes: list[str] | None = Field(
+        None, description="glob patterns over block paths, e.g. 'creator.*.unet' (None: every eligible block)"
+    )
+
+
+@dataclass
+class AdapterTarget:
+    """One model that gets an adapter, and every block (by path) that uses it."""
+
+    key: str  # the first block path using the model: names the adapter's folder
+    model: Any
+    target_modules: list[str] | None
+    blocks: list[tuple[str, ModelBlock]] = field(default_factory=list)
+
+    @property
+    def role(self) -> str:
+        return self.key.split(".", 1)[0]
+
+
+def eligible_models(world: Any, settings: LoraSettings) -> list[AdapterTarget]:
+    """The models of `world` that get adapters under `settings`, one entry per model object (loads them)."""
+    targets: dict[int, AdapterTarget] = {}
+    for path, block in world.named_blocks():
+        if not isinstance(block, ModelBlock) or block.lora_targets is False:
+            continue
+        role = path.split(".", 1)[0]
+        if settings.roles is not None and role not in settings.roles:
+            continue
+        if settings.nodes is not None and not any(fnmatch.fnmatchcase(path, p) for p in settings.nodes):
+            continue
+        model = block.model
+        target = targets.setdefault(
+            id(model), AdapterTarget(path, model, list(block.lora_targets) if block.lora_targets else None)
+        )
+        target.blocks.append((path, block))
+    return list(targets.values())
+
+
+def _lora_config(settings: LoraSettings, target_modules: list[str] | None) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=target_modules,
+        init_lora_weights=True,  # B = 0: a fresh adapter leaves the world's outputs unchanged
+    )
+
+
+def _inject(config: Any, model: Any, name: str) -> None:
+    import warnings
+
+    from peft import inject_adapter_in_model
+
+    with warnings.catch_warnings():  # "multiple adapters in the model": on purpose, one per world
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=name)
+
+
+def _tuner_layers(model: Any) -> Iterable[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return (m for m in model.modules() if isinstance(m, BaseTunerLayer))
+
+
+def _loaded(model: Any) -> set[str]:
+    return model.__dict__.setdefault("_worldgen_adapters", set())
+
+
+def attach_adapters(world: Any, settings: LoraSettings, name: str = TRAINING_ADAPTER) -> list[AdapterTarget]:
+    """Inject a fresh adapter `name` into every eligible model of `world`, freeze all other weights, and point
+    the blocks at it. Returns the targets; `trainable_parameters(targets)` is what the optimizer gets."""
+    targets = eligible_models(world, settings)
+    if not targets:
+        raise ConfigError(
+            "no block of this world can take a LoRA adapter (with these roles/nodes); eligible: the diffusion "
+            "backbone, the text conditioner and local LLMs",
+            path="lora",
+        )
+    for target in targets:
+        target.model.requires_grad_(False)
+        if name in _loaded(target.model):  # attached before (another run in this process): start afresh
+            for layer in _tuner_layers(target.model):
+                if name in layer.lora_A:
+                    layer.delete_adapter(name)
+        _inject(_lora_config(settings, target.target_modules), target.model, name)
+        _loaded(target.model).add(name)
+        target.model.__dict__.pop("_worldgen_active", None)
+        activate_adapter(target.model, AdapterRef(name=name))
+        for param_name, param in target.model.named_parameters():
+            param.requires_grad_(f".{name}." in param_name and "lora_" in param_name)
+        for _, block in target.blocks:
+            block.config.adapter = AdapterRef(name=name)
+    return targets
+
+
+def trainable_parameters(targets: list[AdapterTarget]) -> list[Any]:
+    """The adapters' parameters, each once (a model shared by several blocks has one adapter)."""
+    return [p for t in targets for p in t.model.parameters() if p.requires_grad]
+
+
+def save_adapters(
+    targets: list[AdapterTarget], directory: str | Path, settings: LoraSettings, name: str = TRAINING_ADAPTER
+) -> Path:
+    """Write each target's adapter `name` in PEFT format under `directory`, and the manifest."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    manifest: dict[str, Any] = {"lora": settings.model_dump(), "adapters": {}}
+    for target in targets:
+        folder = directory / target.key
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = get_peft_model_state_dict(target.model, adapter_name=name)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in weights.items()},
+            folder / "adapter_model.safetensors",
+        )
+        _lora_config(settings, target.target_modules).save_pretrained(folder)
+        manifest["adapters"][target.key] = {"blocks": [path for path, _ in target.blocks]}
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        LoraSettings.model_validate(manifest["lora"])
+        if not isinstance(manifest["adapters"], dict):
+            raise TypeError("`adapters` must be a mapping")
+    except FileNotFoundError:
+        raise ConfigError("no adapter manifest here", file=str(path)) from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"not an adapter manifest: {err}", file=str(path)) from None
+    return manifest
+
+
+def use_adapters(world: Any, directory: str | Path) -> int:
+    """Point `world`'s blocks at the saved adapters in `directory` (loaded on first use, wherever the block
+    runs: in this process or on its model host). Returns the number of blocks changed."""
+    directory = Path(directory).resolve()
+    blocks = dict(world.named_blocks())
+    changed = 0
+    for key, entry in read_manifest(directory)["adapters"].items():
+        folder = directory / key
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise ConfigError(f"adapter '{key}' has no adapter_model.safetensors", file=str(folder))
+        # the adapter's name on a shared model: unique per saved adapter, the same in every process
+        name = "wg_" + hashlib.sha1(str(folder).encode()).hexdigest()[:12]
+        for path in entry["blocks"]:
+            block = blocks.get(path)
+            if not isinstance(block, ModelBlock):
+                raise ConfigError(
+                    f"adapter '{key}' is for block '{path}', which this world does not have (or holds no "
+                    f"model); its model blocks: {', '.join(p for p, b in blocks.items() if isinstance(b, ModelBlock))}",
+                    file=str(directory / MANIFEST),
+                )
+            block.config.adapter = AdapterRef(name=name, path=str(folder))
+            changed += 1
+    return changed
+
+
+def activate_adapter(model: Any, ref: AdapterRef | None) -> None:
+    """Make `ref`'s adapter the active one on `model` (loading it on first use), or none when `ref` is None."""
+    loaded = _loaded(model)
+    wanted = None if ref is None else ref.name
+    if model.__dict__.get("_worldgen_active") == wanted or (wanted is None and not loaded):
+        return  # already so: a denoising loop calls the same block many times
+    if ref is not None and ref.name not in loaded:
+        if ref.path is None:
+            raise ConfigError(f"adapter '{ref.name}' is not attached to this model and has no path to load")
+        _load_adapter(model, ref)
+        loaded.add(ref.name)
+    for layer in _tuner_layers(model):
+        if wanted is not None and wanted in layer.lora_A:  # a layer only other adapters target stays off
+            layer.set_adapter(wanted)
+            layer.enable_adapters(True)
+            if ref.path is not None:  # `set_adapter` marks it trainable; a saved adapter is only served
+                layer.lora_A[wanted].requires_grad_(False)
+                layer.lora_B[wanted].requires_grad_(False)
+        else:
+            layer.enable_adapters(False)
+    model.__dict__["_worldgen_active"] = wanted
+
+
+def _load_adapter(model: Any, ref: AdapterRef) -> None:
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(ref.path)
+    _inject(LoraConfig.from_pretrained(folder), model, ref.name)
+    weights = load_file(folder / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(model, weights, adapter_name=ref.name)
+    if getattr(result, "unexpected_keys", None):
+        raise ConfigError(
+            f"adapter weights do not fit this model: {result.unexpected_keys[:3]}", file=str(folder)
+        )
