@@ -12,7 +12,7 @@ from PIL import Image
 from tests.test_world import fast_config
 from worldgen.block import ModelBlock
 from worldgen.errors import ConfigError
-from worldgen.lora import LoraSettings, attach_adapters, save_adapters, trainable_parameters
+from worldgen.lora import TRAINING_ADAPTER, LoraSettings, attach_adapters, save_adapters, trainable_parameters
 from worldgen.world import World
 
 
@@ -66,7 +66,7 @@ def test_adapters_go_on_every_eligible_model_once_and_everything_else_is_frozen(
     assert params and len({id(p) for p in params}) == len(params)
     for target in targets:
         for name, param in target.model.named_parameters():
-            assert param.requires_grad == ("lora_" in name), name
+            assert param.requires_grad == (f".{TRAINING_ADAPTER}." in name), name  # others: frozen
     llm_blocks = [b for p, b in world.named_blocks() if p.startswith("author")]
     assert all(
         getattr(b, "lora_targets", False) is False for b in llm_blocks

@@ -180,11 +180,17 @@ class ModelBlock(Block):
         """The class the model is loaded as (imported lazily so building graphs stays light)."""
         raise NotImplementedError
 
-    def __call__(self, **inputs: Any) -> dict[str, Any]:
-        if self.lora_targets is not False:  # the model may carry adapters of several worlds: pick this one's
+    def active_model(self) -> Any:
+        """The model with this block's LoRA adapter active (or none): a model may carry the adapters of several
+        worlds, and each call runs with its own block's."""
+        if self.lora_targets is not False:
             from worldgen.lora import activate_adapter
 
-            activate_adapter(self.model, self.config.adapter)
+            activate_adapter(self.model, getattr(self.config, "adapter", None))
+        return self.model
+
+    def __call__(self, **inputs: Any) -> dict[str, Any]:
+        self.active_model()
         return self.forward(**inputs)
 
     @property

@@ -529,6 +529,44 @@ def cmd_models_unload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train LoRA adapters for a world on its episodes with Ray Train; write a custom world."""
+    import os
+
+    import ray
+
+    from train_jobs.lora_world import train
+
+    lora = {"rank": args.rank, "alpha": args.alpha if args.alpha is not None else 2.0 * args.rank}
+    config = dict(
+        world=args.world,
+        out=args.out,
+        episodes=args.episodes,
+        roles=args.roles,
+        lora=lora,
+        workers=args.workers,
+        use_gpu=args.gpu,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        held_out=args.held_out,
+        seed=args.seed,
+        storage=args.storage,
+    )
+    cluster = args.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=cluster or "local", logging_level="warning")  # inside `ray job submit`: that cluster
+    state = train(config)
+    print(f"before training: held-out loss {state['initial_held_out_loss']:.4f}")
+    for entry in state["history"]:
+        print(
+            f"epoch {entry['epoch']}: step {entry['step']}, loss {entry['loss']:.4f}, "
+            f"held-out loss {entry['held_out_loss']:.4f}"
+        )
+    print(f"custom world: {state['out']} (run it: worldgen run {state['out']})")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run Serve config files on a local Ray instance (blocks until Ctrl-C) or on a cluster (--address)."""
     import time
@@ -676,6 +714,32 @@ def build_parser() -> argparse.ArgumentParser:
         "started here, else a new local instance)",
     )
     p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train LoRA adapters for a world on its episodes (Ray Train); writes a custom world",
+        description="Freeze the world's weights, attach LoRA adapters to its eligible model blocks and train "
+        "them across Ray Train workers on the world's own episodes. Running it again resumes from the latest "
+        "checkpoint. The output directory is a custom world: `worldgen run OUT` runs it.",
+    )
+    p.add_argument("world", metavar="WORLD_DIR", help="the base world's directory (with episodes)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the custom world directory to write")
+    p.add_argument("--episodes", metavar="DIR", help="train on these episodes instead of the world's own")
+    p.add_argument("--roles", nargs="+", metavar="ROLE", help="roles to train (default: every trainable one)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); default CPU (gloo)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--steps-per-epoch", type=int, help="default: one pass over each worker's shard")
+    p.add_argument("--batch-size", type=int, default=2, help="examples per worker per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--held-out", type=int, default=2, help="examples kept out for the held-out loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage", metavar="DIR", help="Ray Train storage (default: OUT/training)")
+    p.add_argument("--address", metavar="ADDR", help="a running Ray cluster (also: RAY_ADDRESS)")
+    p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser(
         "serve",

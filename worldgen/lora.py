@@ -98,9 +98,15 @@ def _inject(config: Any, model: Any, name: str) -> None:
 
     from peft import inject_adapter_in_model
 
+    # peft marks only adapters trainable; a shared model keeps its own flags (training freezes explicitly)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with warnings.catch_warnings():  # "multiple adapters in the model": on purpose, one per world
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(config, model, adapter_name=name)
+    for param_name, param in model.named_parameters():
+        base_name = param_name.replace(".base_layer", "")
+        if param_name in flags or base_name in flags:
+            param.requires_grad_(flags.get(param_name, flags.get(base_name)))
 
 
 def _tuner_layers(model: Any) -> Iterable[Any]:

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from worldgen.block import Block, BlockConfig, ModelBlock, ModelRef
+from worldgen.block import AdapterRef, Block, BlockConfig, ModelBlock, ModelRef
 from worldgen.config import resolve_env
 from worldgen.errors import ConfigError, ExecutionError, did_you_mean, format_validation_error
 from worldgen.ports import Port, PortKind
@@ -530,6 +530,7 @@ class LocalLLMConfig(LLMConfig):
         None, description="where the tokenizer is, inside the model's source"
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling (when temperature > 0)")
+    adapter: AdapterRef | None = Field(None, description="a LoRA adapter to run with (set by LoRA worlds)")
 
 
 class _SeededSampler:

@@ -1,0 +1,1 @@
+"""Ray Train jobs: LoRA adapters for whole worlds (lora_world.py)."""

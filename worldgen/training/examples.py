@@ -1,0 +1,475 @@
+"""Per-role supervision from episodes: what each stage was given, and what the episode says it should produce.
+
+| role        | input                                                  | target                       |
+|-------------|--------------------------------------------------------|------------------------------|
+| development | the messages Development's LLM got (world content)     | block 1                      |
+| architect   | the messages the Architect's LLM got (block 1 + world) | block 2, as JSON             |
+| creator     | block 2's prompt, negative prompt, size                | block 3's images             |
+| philosopher | block 3's images (+ the VLM's prompt), or its messages | block 4 (per image for VLMs) |
+| author      | the messages the Author's LLM got (blocks 1-4 + world) | block 5                      |
+
+Only a role whose stage holds a trainable model block yields examples: an `llm/transformers` block for the text
+roles (a Philosopher may also hold a `vlm/transformers` captioner), a diffusion backbone for the Creator. An
+`llm/template` or `vlm/image_stats` stage has nothing to train; World update is not trained.
+
+The messages are rebuilt the way the world builds them — `worldgen.world.stage_context` and `world_inputs`,
+then the LLM block's own `messages()` — for the state as it stood when the stage ran (Development saw an empty
+state, the Architect block 1, the Philosopher and Author blocks 1-3 / 1-4 with block 3 at its in-flight paths),
+the step it ran in (from meta.json's `step`: Development, Architect and Creator ran the step before World update
+saved the episode), the action (Development only) and the world's content then. An episode does not record
+the content; `meta.json`'s `content` is used when given (exact), else it is rebuilt: the world's initial
+content, with `history` the outcomes of the episodes before it (exact when all of the world's episodes are
+passed, oldest first) and `story` the initial story (the world keeps only its latest story; using that one
+would show the model the future of the episodes it learns from).
+
+Examples hold plain data (tensors, strings) and name their block by its world path (`development.main.llm`, as
+`World.named_blocks()` names it), so they can be shipped to training workers that rebuild the same world.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worldgen.block import Block
+from worldgen.engine import Engine
+from worldgen.errors import ConfigError
+from worldgen.state import WorldContent, WorldState
+from worldgen.training.episodes import Episode
+from worldgen.world import stage_context, stage_seed, world_inputs
+
+__all__ = [
+    "TRAINED_ROLES",
+    "CaptionExample",
+    "DiffusionBlocks",
+    "Example",
+    "ImageExample",
+    "TextExample",
+    "build_examples",
+    "diffusion_blocks",
+    "episode_content",
+    "find_block",
+    "role_context",
+    "role_examples",
+    "stage_llm",
+    "trainable_roles",
+]
+
+Message = dict[str, str]
+TRAINED_ROLES = ("development", "architect", "creator", "philosopher", "author")
+
+# role -> (its step relative to the step World update saved the episode in, blocks it saw, block it wrote)
+_VIEW: dict[str, tuple[int, tuple[int, ...], int]] = {
+    "development": (-1, (), 1),
+    "architect": (-1, (1,), 2),
+    "creator": (-1, (1, 2), 3),
+    "philosopher": (0, (1, 2, 3), 4),
+    "author": (0, (1, 2, 3, 4), 5),
+}
+_NUMBERED = re.compile(r"^Image (\d+): ", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """A local LLM's chat (as the stage sent it) and the answer the episode holds."""
+
+    role: str
+    episode: int
+    block: str  # world path of the llm/transformers block
+    messages: list[Message]
+    target: str
+
+
+@dataclass(frozen=True)
+class CaptionExample:
+    """One image of block 3 and what block 4 says about it (for a `vlm/transformers` Philosopher)."""
+
+    role: str
+    episode: int
+    block: str  # world path of the vlm/transformers block
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    prompt: str | None
+    target: str
+
+
+@dataclass(frozen=True)
+class ImageExample:
+    """One image of block 3 and the generation config (block 2) it was made from."""
+
+    role: str
+    episode: int
+    pipeline: str  # the Creator pipeline block 2 names
+    prompt: str
+    negative_prompt: str
+    image: torch.Tensor  # (1, 3, height, width) in [0, 1]
+    width: int
+    height: int
+    guidance: float
+
+
+Example = TextExample | CaptionExample | ImageExample
+
+
+# ---- finding the trainable blocks ----------------------------------------------------------------------
+def _items(engine: Engine) -> list[tuple[str, Any]]:
+    """The nodes of an engine, minus graphs served over HTTP (nothing to train here; listing their nodes
+    would call the endpoint)."""
+    from worldgen.nodes.endpoint import EndpointGraph
+
+    return [(n, engine.item(n)) for n in engine.node_ids if not isinstance(engine.item(n), EndpointGraph)]
+
+
+def _walk(engine: Engine, prefix: str = "") -> Iterable[tuple[str, list[tuple[Engine, str]], Block]]:
+    """(path, chain of (engine, node id) from the outside in, block) for every block inside `engine`."""
+    for node, item in _items(engine):
+        if isinstance(item, Engine):
+            for path, chain, block in _walk(item, f"{prefix}{node}."):
+                yield path, [(engine, node), *chain], block
+        else:
+            yield f"{prefix}{node}", [(engine, node)], item
+
+
+def _output_source(engine: Engine, name: str) -> tuple[str, Block, str] | None:
+    """(path, block, port) that an exposed output of `engine` comes from, or None."""
+    if name not in engine.exposed_outputs:
+        return None
+    node, port = engine.exposed_outputs[name]
+    item = engine.item(node)
+    if isinstance(item, Engine):
+        inner = _output_source(item, port)
+        return None if inner is None else (f"{node}.{inner[0]}", inner[1], inner[2])
+    return node, item, port
+
+
+def _is_local_llm(block: Block) -> bool:
+    from worldgen.nodes.llm import LocalLLM
+
+    return isinstance(block, LocalLLM)
+
+
+def _is_local_vlm(block: Block) -> bool:
+    from worldgen.nodes.vision import TransformersVLMBlock
+
+    return isinstance(block, TransformersVLMBlock)
+
+
+def stage_llm(world: Any, role: str) -> tuple[str, Block, list[tuple[Engine, str]]] | None:
+    """The trainable language block of a text role's stage: (world path, block, chain), or None when the
+    stage holds none. A stage whose output does not come straight from its one trainable block cannot be
+    supervised from episodes (what happens in between is not recorded): that is an error, not a skip."""
+    stage = world.stages[role]
+    found = [
+        (p, c, b)
+        for p, c, b in _walk(stage)
+        if _is_local_llm(b) or (role == "philosopher" and _is_local_vlm(b))
+    ]
+    if not found:
+        return None
+    distinct = {id(b) for _, _, b in found}
+    where = f"stages.{role}"
+    if len(distinct) > 1:
+        raise ConfigError(
+            f"the {role} holds several trainable language blocks ({', '.join(p for p, _, _ in found)}); "
+            "only a stage whose answer comes from one of them can be trained from episodes",
+            path=where,
+        )
+    output = stage.contract.output
+    source = _output_source(stage, output)
+    path, chain, block = found[0]
+    if source is None or source[1] is not block:
+        raise ConfigError(
+            f"the {role}'s output '{output}' does not come straight from its trainable block {path}; "
+            "episodes hold only the stage's final answer, so it cannot be supervised",
+            path=where,
+        )
+    return f"{role}.{path}", block, chain
+
+
+def find_block(world: Any, path: str) -> Block:
+    """The block at a world path ('author.main.llm'), as examples name them."""
+    role, _, rest = path.partition(".")
+    blocks = {p: b for p, _, b in _walk(world.stages[role])} if role in world.stages else {}
+    if rest not in blocks:
+        raise ConfigError(f"this world has no block '{path}' (was the example built for another world?)")
+    return blocks[rest]
+
+
+@dataclass(frozen=True)
+class DiffusionBlocks:
+    """The blocks of a Creator graph the denoising loss runs (found by role, whatever the node ids)."""
+
+    tokenizer: Block
+    text_encoder: Block
+    backbone: Block
+    codec: Block
+    solver: Block
+    paths: dict[str, str]  # part -> path of (the first of) the node(s) holding it, after the prefix given
+
+
+def _part(block: Block) -> str | None:
+    """Which part of the denoising loss a block is (a conditioner counts when it encodes token ids: an image
+    conditioner is not the prompt's)."""
+    role = block.role
+    if role == "conditioner":
+        return "text_encoder" if "token_ids" in block.input_ports() else None
+    return role if role in ("tokenizer", "backbone", "codec", "solver") else None
+
+
+_PARTS = ("tokenizer", "text_encoder", "backbone", "codec", "solver")
+
+
+def diffusion_blocks(engine: Engine, prefix: str = "") -> DiffusionBlocks | None:
+    """The diffusion blocks of a Creator pipeline or graph, found by role whatever the node ids (None when it
+    has no backbone: nothing to train). `prefix` goes before the paths (e.g. 'creator.text_to_image.').
+
+    Nodes holding the same block (`tok`/`tok_neg`, `schedule`/`solver`) or the same model (`vae` decoding and
+    `vae_enc` encoding) count once; two different models in one part are ambiguous and an error."""
+    found: dict[str, list[tuple[str, Block]]] = {part: [] for part in _PARTS}
+    for path, _, block in _walk(engine):
+        part = _part(block)
+        if part is not None:
+            found[part].append((path, block))
+    if not found["backbone"]:
+        return None
+    chosen: dict[str, tuple[str, Block]] = {}
+    for part, entries in found.items():
+        distinct: dict[Any, tuple[str, Block]] = {}
+        for path, block in entries:
+            distinct.setdefault(_identity(block), (path, block))
+        if len(distinct) != 1:
+            what = "no" if not distinct else f"{len(distinct)} different"
+            raise ConfigError(
+                f"pipeline '{engine.name}' has {what} {part} block(s) "
+                f"({', '.join(p for p, _ in entries) or 'none'}); the denoising loss needs exactly one",
+                path="stages.creator",
+            )
+        chosen[part] = next(iter(distinct.values()))
+    return DiffusionBlocks(
+        **{part: block for part, (_, block) in chosen.items()},
+        paths={part: f"{prefix}{path}" for part, (path, _) in chosen.items()},
+    )
+
+
+def _identity(block: Block) -> Any:
+    """Blocks that hold the same model are one part (a solver's identity is its scheduler config)."""
+    refs = block.model_refs()
+    if refs:
+        return tuple(sorted((k, r.identity_key()) for k, r in refs.items())), getattr(
+            block, "model_origin", None
+        )
+    if block.role == "solver":  # steps may differ: only the noise schedule matters here
+        return json.dumps(dict(block.scheduler.config), sort_keys=True, default=str)
+    return id(block)
+
+
+def trainable_roles(world: Any) -> list[str]:
+    """The roles of `world` that yield examples (in cycle order)."""
+    roles = [r for r in TRAINED_ROLES if r != "creator" and stage_llm(world, r) is not None]
+    creator = world.stages["creator"]
+    if any(diffusion_blocks(item) is not None for _, item in _items(creator)):
+        roles.append("creator")
+    order = {r: i for i, r in enumerate(TRAINED_ROLES)}
+    return sorted(roles, key=order.__getitem__)
+
+
+# ---- what a stage saw ----------------------------------------------------------------------------------
+def episode_content(world: Any, episodes: Sequence[Episode], index: int) -> WorldContent:
+    """The world's content as the stages of `episodes[index]` saw it (see the module doc)."""
+    episode = episodes[index]
+    if episode.meta.content is not None:
+        return episode.meta.content
+    initial = world.settings.initial_world.model_dump()
+    return WorldContent(**initial, history=[e.state.outcome or "" for e in episodes[:index]])
+
+
+def _seen_state(world: Any, state: WorldState, role: str) -> WorldState:
+    """The state as it stood when `role` ran: only the blocks it saw, block 3 at its in-flight paths."""
+    blocks = WorldState(id=state.id)
+    for number in _VIEW[role][1]:
+        blocks = blocks.with_block(number, state.block(number))
+    if blocks.artifacts:
+        # where save_artifacts put them while the state was in flight (the episode holds copies)
+        folder = world.storage.artifacts_dir.relative_to(world.storage.root).as_posix()
+        refs = [
+            ref.model_copy(update={"path": f"{folder}/{state.id}/{i:03d}.png"})
+            for i, ref in enumerate(blocks.artifacts)
+        ]
+        blocks = blocks.model_copy(update={"artifacts": refs})
+    return blocks
+
+
+def _role_step(episode: Episode, role: str) -> int:
+    """The step `role` ran in for this episode; without a recorded step the episode is taken to be the
+    world's n-th, saved in step n + 1 (as in a world started empty)."""
+    saved = episode.meta.step if episode.meta.step is not None else episode.number + 1
+    return max(1, saved + _VIEW[role][0])
+
+
+def role_context(world: Any, episodes: Sequence[Episode], index: int, role: str) -> dict[str, Any]:
+    """The `context` the world gave `role`'s stage for `episodes[index]` (World.stage_context's)."""
+    episode = episodes[index]
+    step = _role_step(episode, role)
+    return stage_context(
+        role,
+        _seen_state(world, episode.state, role),
+        episode_content(world, episodes, index),
+        action=episode.meta.action,
+        step=step,
+        pipelines=list(world.stages["creator"].node_ids),
+        defaults=world.settings.generation_defaults.model_dump(),
+        seed=stage_seed(world.settings.seed, step, role),
+    )
+
+
+def _block_inputs(
+    chain: list[tuple[Engine, str]], ports: Iterable[str], available: dict[str, Any], where: str
+) -> dict[str, Any]:
+    """The values the world's inputs give a block's `ports` through the engines around it (None: unfed).
+    A port fed by another node's output cannot be rebuilt from an episode: an error."""
+    values: dict[str, Any] = {}
+    for port in ports:
+        name, top = port, None
+        for engine, node in reversed(chain):
+            if any(e.target == node and e.target_port == name for e in engine.edges):
+                raise ConfigError(
+                    f"'{node}.{name}' is fed by another node, whose output episodes do not record; "
+                    "feed the trainable block from the stage's inputs only",
+                    path=where,
+                )
+            top = next((x for x in engine.exposed_inputs.values() if (node, name) in x.targets), None)
+            if top is None:
+                break
+            name = top.name
+        if top is None:
+            values[port] = None
+        elif name in available:
+            values[port] = available[name]
+        else:
+            values[port] = top.default if top.optional else None
+    return values
+
+
+# ---- examples ------------------------------------------------------------------------------------------
+def build_examples(
+    world: Any, episodes: Sequence[Episode], roles: Iterable[str] | None = None
+) -> list[Example]:
+    """Every example the episodes give for `roles` (default: every trainable role), role by role in cycle
+    order, episodes oldest first. Pass all of a world's episodes, oldest first (see `episode_content`)."""
+    wanted = list(TRAINED_ROLES if roles is None else roles)
+    unknown = [r for r in wanted if r not in TRAINED_ROLES]
+    if unknown:
+        raise ConfigError(f"no examples for role(s) {unknown}; trained roles: {', '.join(TRAINED_ROLES)}")
+    return [x for role in TRAINED_ROLES if role in wanted for x in role_examples(world, episodes, role)]
+
+
+def role_examples(world: Any, episodes: Sequence[Episode], role: str) -> list[Example]:
+    """The examples of one role ([] when its stage has nothing to train, or no episode has its blocks)."""
+    if role == "creator":
+        return [x for episode in episodes for x in _creator_examples(world, episode)]
+    found = stage_llm(world, role)
+    if found is None:
+        return []
+    path, block, chain = found
+    _, seen, writes = _VIEW[role]
+    out: list[Example] = []
+    for index, episode in enumerate(episodes):
+        if not {*seen, writes} <= episode.filled:
+            continue
+        context = role_context(world, episodes, index, role)
+        # (the `images` entry is unused: a text block never sees it, a VLM gets the episode's own images)
+        available = world_inputs(context, _seen_state(world, episode.state, role), lambda ref: Path(ref.path))
+        if _is_local_vlm(block):
+            out += _caption_examples(role, episode, path, block, chain, available)
+            continue
+        inputs = _block_inputs(chain, ("context", "prompt", "system"), available, f"stages.{role}")
+        messages = block.messages(dict(inputs["context"] or {}), inputs["prompt"], inputs["system"])
+        out.append(TextExample(role, episode.number, path, messages, _target_text(episode.state, writes)))
+    return out
+
+
+def _target_text(state: WorldState, number: int) -> str:
+    if number == 2:  # the Architect answers with the generation config as JSON
+        return json.dumps(state.generation.model_dump(mode="json"), ensure_ascii=False)
+    return str(state.block(number))
+
+
+def _caption_examples(
+    role: str, episode: Episode, path: str, block: Any, chain: list, available: dict[str, Any]
+) -> list[CaptionExample]:
+    inputs = _block_inputs(chain, ("prompt", "context"), available, f"stages.{role}")
+    prompt = inputs["prompt"]
+    if prompt is None and block.config.prompt:
+        from worldgen.prompts import render_prompt
+
+        prompt = render_prompt(block.config.prompt, dict(inputs["context"] or {}))
+    targets = _per_image(episode, len(episode.images))
+    return [
+        CaptionExample(role, episode.number, path, image, prompt, text)
+        for image, text in zip(episode.images, targets, strict=True)
+    ]
+
+
+def _per_image(episode: Episode, count: int) -> list[str]:
+    """Block 4 split into one description per image ('Image i: ...' lines, as the VLM blocks write it)."""
+    text = episode.state.description or ""
+    marks = list(_NUMBERED.finditer(text))
+    if not marks and count == 1:
+        return [text.strip()]
+    numbers = [int(m.group(1)) for m in marks]
+    if numbers != list(range(1, count + 1)) or marks[0].start() != 0:
+        raise ConfigError(
+            f"block 4 must describe the episode's {count} image(s) as 'Image 1: ...', 'Image 2: ...' lines "
+            f"(one per image, in order); found {numbers or 'none'}",
+            file=str(episode.folder / "state.json"),
+            path="description",
+        )
+    ends = [m.start() for m in marks[1:]] + [len(text)]
+    return [text[m.end() : end].strip() for m, end in zip(marks, ends, strict=True)]
+
+
+def _creator_examples(world: Any, episode: Episode) -> list[ImageExample]:
+    state = episode.state
+    if not {2, 3} <= episode.filled or not episode.images:
+        return []
+    creator = world.stages["creator"]
+    try:
+        engine = creator.selected(state)
+    except ConfigError as err:
+        raise ConfigError(
+            err.detail, file=str(episode.folder / "state.json"), path="generation.pipeline"
+        ) from None
+    name = state.generation.pipeline
+    if diffusion_blocks(engine) is None:
+        return []
+    g = state.generation
+    return [
+        ImageExample(
+            "creator",
+            episode.number,
+            name,
+            g.prompt,
+            g.negative_prompt,
+            _sized(image, g.height, g.width),
+            g.width,
+            g.height,
+            g.guidance,
+        )
+        for image in episode.images
+    ]
+
+
+def _sized(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The image at block 2's size (a hand-written episode's picture may have another): generating with
+    this config should give an image of this size."""
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    resized = torch.nn.functional.interpolate(
+        image, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+    )
+    return resized.clamp(0.0, 1.0)
