@@ -22,7 +22,7 @@ from pathlib import Path
 import ray
 
 from train_jobs.lora_world import train
-from worldgen.block import ModelBlock
+from worldgen.lora import adapter_bytes, world_weight_bytes
 from worldgen.world import World
 
 
@@ -67,14 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{figures[f'samples_per_s_{workers}']:.2f} samples/s; held-out loss "
                 f"{state['initial_held_out_loss']:.4f} -> {last['held_out_loss']:.4f}"
             )
-        adapters = sum(p.stat().st_size for p in (tmp / "custom-2" / "adapters").rglob("*.safetensors"))
-        models = {id(b.model): b.model for _, b in world.named_blocks() if isinstance(b, ModelBlock)}
-        base = sum(
-            p.numel() * p.element_size()
-            for m in models.values()
-            if hasattr(m, "parameters")
-            for p in m.parameters()
-        )
+        adapters, base = adapter_bytes(tmp / "custom-2" / "adapters"), world_weight_bytes(world)
         figures |= {"adapter_bytes": adapters, "base_bytes": base, "size_ratio": adapters / base}
         figures["speedup_2_vs_1"] = figures["samples_per_s_2"] / figures["samples_per_s_1"]
         print(f"2 workers / 1 worker: {figures['speedup_2_vs_1']:.2f}x samples/s")

@@ -10,8 +10,8 @@ from PIL import Image
 
 from tests.test_world import fast_config
 from train_jobs.lora_world import train
-from worldgen.block import ModelBlock
 from worldgen.errors import ConfigError
+from worldgen.lora import adapter_bytes, world_weight_bytes
 from worldgen.world import World
 
 
@@ -55,16 +55,8 @@ def test_two_workers_train_then_resume_and_write_a_custom_world(base_world, tmp_
     out = tmp_path / "custom"
     training = json.loads((out / "training.json").read_text())
     assert training["step"] == 8 and len(training["history"]) == 4
-    adapter_bytes = sum(p.stat().st_size for p in (out / "adapters").rglob("*.safetensors"))
-    base = World.load(base_world)
-    models = {id(b.model): b.model for _, b in base.named_blocks() if isinstance(b, ModelBlock)}
-    base_bytes = sum(
-        p.numel() * p.element_size()
-        for m in models.values()
-        if hasattr(m, "parameters")
-        for p in m.parameters()
-    )
-    assert adapter_bytes < 0.05 * base_bytes, (adapter_bytes, base_bytes)
+    ratio = adapter_bytes(out / "adapters") / world_weight_bytes(World.load(base_world))
+    assert ratio < 0.05, ratio
 
     custom = World.load(out)  # world.yaml names the base; adapters/ holds what was trained
     custom.run(2)

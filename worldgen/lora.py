@@ -174,6 +174,23 @@ def save_adapters(
     return directory
 
 
+def world_weight_bytes(world: Any) -> int:
+    """Bytes of every weight of `world`'s models (each model once; adapters not counted)."""
+    models = {id(b.model): b.model for _, b in world.named_blocks() if isinstance(b, ModelBlock)}
+    return sum(
+        p.numel() * p.element_size()
+        for model in models.values()
+        if hasattr(model, "named_parameters")  # a tokenizer holds no weights
+        for name, p in model.named_parameters()
+        if "lora_" not in name
+    )
+
+
+def adapter_bytes(directory: str | Path) -> int:
+    """Bytes of the adapter weights saved under `directory`."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*.safetensors"))
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     try:
