@@ -156,3 +156,23 @@ def test_two_custom_worlds_on_one_base_share_its_host_actors(tmp_path, clean_hos
     local = World.from_config(local_config, tmp_path / "local-run")
     local.run(2)
     assert np.abs(first_png(local).astype(int) - pictures[1].astype(int)).max() <= 1
+
+
+def test_checkpoints_of_a_shared_model_never_carry_adapters(tmp_path):
+    """A custom world attaches adapters to the models this process shares; a base graph saved afterwards still
+    holds exactly the base weights under their own names, and loads into fresh models."""
+    from safetensors import safe_open
+
+    import worldgen as wg
+
+    trained_adapters(World.from_config(fast_config(), tmp_path / "t"), tmp_path / "a", seed=3)
+    graph = wg.Graph.from_template("text_to_image", preset="tiny")
+    before = graph.run({"prompt": "a harbor", "height": 32, "width": 32, "steps": 2}, seed=0)["image"]
+    saved = graph.save(tmp_path / "saved")
+    with safe_open(str(saved / "checkpoint.safetensors"), framework="pt") as fh:
+        keys = list(fh.keys())  # noqa: SIM118
+    assert keys and not [k for k in keys if "lora_" in k or "base_layer" in k]
+    after = wg.Graph.load(saved).run({"prompt": "a harbor", "height": 32, "width": 32, "steps": 2}, seed=0)[
+        "image"
+    ]
+    assert torch.equal(before, after)

@@ -13,6 +13,7 @@ from typing import Any
 
 from worldgen.block import Block
 from worldgen.errors import ConfigError
+from worldgen.lora import base_state_dict, load_base_state_dict
 from worldgen.storage_io import atomic_write
 
 FORMAT = "worldgen.checkpoint"
@@ -41,7 +42,7 @@ def collect_state(blocks: Iterable[tuple[str, Block]]) -> tuple[dict[str, Any], 
                 aliases[prefix] = owner[id(module)]
                 continue
             owner[id(module)] = prefix
-            for key, value in module.state_dict().items():
+            for key, value in base_state_dict(module).items():  # never the adapters custom worlds attached
                 value = value.detach().contiguous()
                 if value.data_ptr() in storages:  # tied weights: safetensors refuses shared storage
                     value = value.clone()
@@ -80,7 +81,7 @@ def load_checkpoint(blocks: Iterable[tuple[str, Block]], path: str | Path) -> No
                     f"checkpoint has no weights for node '{node_id}' (prefix '{prefix}.')", file=str(path)
                 )
             try:
-                module.load_state_dict(state, strict=True)
+                load_base_state_dict(module, state)
             except RuntimeError as err:
                 raise ConfigError(
                     f"weights for node '{node_id}' do not fit its model: {err}", file=str(path)

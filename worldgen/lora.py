@@ -174,6 +174,27 @@ def save_adapters(
     return directory
 
 
+def base_state_dict(module: Any) -> dict[str, Any]:
+    """The module's own weights under their own names, as if no adapter were attached: what a checkpoint of a
+    shared model must hold, whatever custom worlds have attached to it in this process."""
+    state = module.state_dict()
+    if not any(True for _ in _tuner_layers(module)):
+        return state
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+
+
+def load_base_state_dict(module: Any, state: dict[str, Any]) -> None:
+    """`module.load_state_dict(state, strict=True)` for weights saved by `base_state_dict` (adapters kept)."""
+    if not any(True for _ in _tuner_layers(module)):
+        module.load_state_dict(state, strict=True)
+        return
+    names = {k.replace(".base_layer.", "."): k for k in module.state_dict() if "lora_" not in k}
+    missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+    if missing or unexpected:
+        raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    module.load_state_dict({names[k]: v for k, v in state.items()}, strict=False)
+
+
 def world_weight_bytes(world: Any) -> int:
     """Bytes of every weight of `world`'s models (each model once; adapters not counted)."""
     models = {id(b.model): b.model for _, b in world.named_blocks() if isinstance(b, ModelBlock)}
