@@ -257,12 +257,13 @@ def _title(engine: Engine) -> str:
     return words or "Graph"
 
 
-def run_models(engine: Engine) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
-    """(inputs model, request model, response model) from the graph's exposed ports."""
+def run_models(
+    engine: Engine, input_ports: dict[str, Port], output_ports: dict[str, Port]
+) -> tuple[type[BaseModel], type[BaseModel]]:
+    """(request model, response model) from the graph's served ports (`served_ports`)."""
     title = _title(engine)
-    input_ports = served_ports(engine, "input")
     inputs = _ports_model(f"{title}Inputs", input_ports, "input")
-    outputs = _ports_model(f"{title}Outputs", served_ports(engine, "output"), "output")
+    outputs = _ports_model(f"{title}Outputs", output_ports, "output")
     all_optional = all(p.optional for p in input_ports.values())
     request = create_model(
         f"{title}RunRequest",
@@ -281,7 +282,7 @@ def run_models(engine: Engine) -> tuple[type[BaseModel], type[BaseModel], type[B
         encoding=(Literal["png", "tensor"], ...),
         seed=(int | None, None),
     )
-    return inputs, request, response
+    return request, response
 
 
 def _input_values(model: BaseModel, ports: dict[str, Port]) -> dict[str, Any]:
@@ -316,7 +317,7 @@ def build_app(engine: Engine, runner: Runner, *, token_sha256: str | None = None
     spec = describe(engine)
     input_ports = served_ports(engine, "input")
     output_ports = served_ports(engine, "output")
-    _, RunRequest, RunResponse = run_models(engine)
+    RunRequest, RunResponse = run_models(engine, input_ports, output_ports)
 
     def authorize(request: Request) -> None:
         if token_sha256 is None:

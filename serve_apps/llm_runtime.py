@@ -156,6 +156,7 @@ class _Base:
         self.adapters: Counter[str] = Counter()  # attached adapter -> open model ids using it
         self.users = 0  # open model ids on this base (itself and its adapters)
         self.context = getattr(model.config, "max_position_embeddings", None)
+        self.eos_ids = _eos_ids(model, tokenizer)  # tokens that end an answer ("stop", not "length")
 
     @contextmanager
     def selected(self, adapter: str | None) -> Iterator[None]:
@@ -427,7 +428,7 @@ class ServedModel:
                 **options,
             )
         text, hit = cut_at_stop(decode(tokens), request.stop)
-        ended = len(tokens) > 0 and int(tokens[-1]) in _eos_ids(base.model, tokenizer)
+        ended = len(tokens) > 0 and int(tokens[-1]) in base.eos_ids
         reason: Literal["stop", "length"] = (
             "length" if len(tokens) >= max_new and not (hit or ended) else "stop"
         )

@@ -387,14 +387,12 @@ class LLMModels:
     def __init__(
         self,
         models: dict[str, str],
-        adapters: dict[str, dict[str, str]],
+        adapters: dict[str, tuple[str, str]],
         max_models_per_replica: int,
         dtype: DType,
         default_max_tokens: int,
     ):
-        self.runtime = ModelRuntime(
-            models, {name: (a["base"], a["path"]) for name, a in adapters.items()}, dtype, default_max_tokens
-        )
+        self.runtime = ModelRuntime(models, adapters, dtype, default_max_tokens)
         runtime = self.runtime
 
         async def load_served_model(model_id: str) -> ServedModel:
@@ -439,8 +437,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         raise ValueError(f"llm server args: {format_validation_error(err)}") from None
     models = {name: str(Path(path).expanduser().resolve()) for name, path in settings.models.items()}
     adapters = {
-        name: {"base": a.base, "path": str(Path(a.path).expanduser().resolve())}
-        for name, a in settings.adapters.items()
+        name: (a.base, str(Path(a.path).expanduser().resolve())) for name, a in settings.adapters.items()
     }
     key = os.environ.get(settings.api_key_env)
     key_sha256 = hashlib.sha256(key.strip().encode()).hexdigest() if key and key.strip() else None
@@ -451,6 +448,6 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         models, adapters, settings.max_models_per_replica, settings.dtype, settings.default_max_tokens
     )
     catalog: dict[str, str | None] = {name: None for name in models} | {
-        name: a["base"] for name, a in adapters.items()
+        name: base for name, (base, _) in adapters.items()
     }
     return LLMServer.bind(model_deployment, catalog, key_sha256)

@@ -452,10 +452,15 @@ def test_local_llm_in_a_graph_and_saved(tiny_lm_dir, tmp_path):
 
 
 def test_local_llm_without_chat_template(tmp_path):
+    from tests.test_llm_server import direct_generation  # here: that module imports this one
+
     directory = _tiny_causal_lm(tmp_path / "plain", chat_template=None)
     block = wg.create_block("llm/transformers", {"model": str(directory), "temperature": 0, "max_tokens": 4})
     text, templated = block.prompt_text(
         [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     )
     assert (text, templated) == ("S\n\nU", False)
-    assert isinstance(block(prompt="a harbor", system="Narrate.")["text"], str)
+    # greedy generation on the joined contents (special tokens added by the tokenizer), as plain transformers
+    chat = [{"role": "system", "content": "Narrate."}, {"role": "user", "content": "a harbor"}]
+    expected = direct_generation(directory, chat, 4)[0].strip()
+    assert expected and block(prompt="a harbor", system="Narrate.")["text"] == expected

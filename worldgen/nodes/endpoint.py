@@ -296,13 +296,14 @@ class EndpointBlock(Block):
             body["seed"] = seed
         answer = self._request("POST", "/run", body, timeout=self.config.timeout)
         outputs = answer.get("outputs") if isinstance(answer, Mapping) else None
-        missing = set(self.output_ports()) - set(outputs or {})
+        wanted = self.spec()["outputs"]
+        missing = set(wanted) - set(outputs or {})
         if outputs is None or missing:
             raise EndpointError(
                 f"endpoint {self.url} answered without output(s) {sorted(missing)}", url=self.url
             )
         try:
-            return {name: decode_value(outputs[name]) for name in self.output_ports()}
+            return {name: decode_value(outputs[name]) for name in wanted}
         except ValueError as err:
             raise EndpointError(f"endpoint {self.url} sent a malformed output: {err}", url=self.url) from None
 

@@ -24,7 +24,7 @@ import json
 import re
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -340,11 +340,11 @@ class RemoteLLM(LLMBlock):
     """Common plumbing of API-backed LLM blocks: key references, one cached client per endpoint and model,
     errors that name the endpoint and model (and never the key)."""
 
-    default_key: ClassVar[str] = "${env:API_KEY}"
     vendor: ClassVar[str] = "API"
     default_base_url: ClassVar[str] = ""
-    _clients: ClassVar[dict[tuple[str, ...], Any]]
-    _clients_lock: ClassVar[threading.Lock]
+    # One cache for all subclasses: its keys start with the block's class name.
+    _clients: ClassVar[dict[tuple[str, ...], Any]] = {}
+    _clients_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, config: BlockConfig | Mapping[str, Any] | None = None, **overrides: Any):
         if not isinstance(config, BlockConfig) or overrides:
@@ -352,9 +352,8 @@ class RemoteLLM(LLMBlock):
             key = {**raw, **overrides}.get("api_key")
             if isinstance(key, str) and not _ENV_REF.match(key):
                 # Raised here so the rejected value never appears in the message (pydantic would quote it).
-                raise ConfigError(
-                    _literal_key_message("config.api_key", self.default_key), path=self.block_type
-                )
+                default = self.Config.model_fields["api_key"].default
+                raise ConfigError(_literal_key_message("config.api_key", default), path=self.block_type)
         super().__init__(config, **overrides)
 
     def __repr__(self) -> str:
@@ -369,7 +368,8 @@ class RemoteLLM(LLMBlock):
         """The endpoint's URL as errors name it (no secrets: URLs come from config or the environment)."""
         return self._resolved("base_url") or self.default_base_url
 
-    def _make_client(self, base_url: str | None, api_key: str) -> Any:
+    def _sdk(self) -> tuple[Callable[..., Any], type[Exception]]:
+        """(client class, the SDK's base error class) of the vendor's client library, imported on use."""
         raise NotImplementedError
 
     def client(self) -> Any:
@@ -384,9 +384,25 @@ class RemoteLLM(LLMBlock):
         with self._clients_lock:
             client = self._clients.get(cache_key)
             if client is None or client.api_key != api_key:
-                client = self._make_client(base_url, api_key)
+                client = self._sdk()[0](api_key=api_key, base_url=base_url)
                 self._clients[cache_key] = client
         return client.with_options(timeout=self.config.timeout, max_retries=self.config.retries)
+
+    def _call(self, send: Callable[[Any], Any]) -> Any:
+        """`send(client)` with the shared client; the SDK's errors become ExecutionErrors (see `_fail`)."""
+        error = self._sdk()[1]
+        client = None
+        try:
+            client = self.client()
+            return send(client)
+        except error as err:
+            raise self._fail(err, client) from None
+
+    def _no_text(self, detail: str) -> ExecutionError:
+        return ExecutionError(
+            f"{self.block_type}: {self.endpoint()} returned no text for model '{self._resolved('model')}' "
+            f"({detail})"
+        )
 
     def _fail(self, err: Exception, client: Any | None) -> ExecutionError:
         key = getattr(client, "api_key", None)
@@ -420,20 +436,15 @@ class OpenAILLM(RemoteLLM):
 
     block_type = "llm/openai"
     Config = OpenAIConfig
-    default_key = "${env:OPENAI_API_KEY}"
     vendor = "OpenAI-compatible"
     default_base_url = "https://api.openai.com/v1"
-    _clients = {}
-    _clients_lock = threading.Lock()
 
-    def _make_client(self, base_url: str | None, api_key: str) -> Any:
+    def _sdk(self) -> tuple[Callable[..., Any], type[Exception]]:
         import openai
 
-        return openai.OpenAI(api_key=api_key, base_url=base_url)
+        return openai.OpenAI, openai.OpenAIError
 
     def generate(self, messages: list[Message], **call: Any) -> str:
-        import openai
-
         cfg = self.config
         request: dict[str, Any] = {"model": self._resolved("model"), "messages": messages}
         request[cfg.max_tokens_field] = cfg.max_tokens
@@ -443,19 +454,11 @@ class OpenAILLM(RemoteLLM):
             request["response_format"] = {"type": "json_object"}
         if cfg.extra_body:
             request["extra_body"] = cfg.extra_body
-        client = None
-        try:
-            client = self.client()
-            response = client.chat.completions.create(**request)
-        except openai.OpenAIError as err:
-            raise self._fail(err, client) from None
+        response = self._call(lambda client: client.chat.completions.create(**request))
         choices = getattr(response, "choices", None) or []
         content = choices[0].message.content if choices else None
         if content is None:
-            reason = choices[0].finish_reason if choices else "no choices"
-            raise ExecutionError(
-                f"{self.block_type}: {self.endpoint()} returned no text for model '{request['model']}' ({reason})"
-            )
+            raise self._no_text(choices[0].finish_reason if choices else "no choices")
         return content
 
 
@@ -471,20 +474,15 @@ class AnthropicLLM(RemoteLLM):
 
     block_type = "llm/anthropic"
     Config = AnthropicConfig
-    default_key = "${env:ANTHROPIC_API_KEY}"
     vendor = "Anthropic"
     default_base_url = "https://api.anthropic.com"
-    _clients = {}
-    _clients_lock = threading.Lock()
 
-    def _make_client(self, base_url: str | None, api_key: str) -> Any:
+    def _sdk(self) -> tuple[Callable[..., Any], type[Exception]]:
         import anthropic
 
-        return anthropic.Anthropic(api_key=api_key, base_url=base_url)
+        return anthropic.Anthropic, anthropic.AnthropicError
 
     def generate(self, messages: list[Message], **call: Any) -> str:
-        import anthropic
-
         cfg = self.config
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         request: dict[str, Any] = {
@@ -496,21 +494,17 @@ class AnthropicLLM(RemoteLLM):
             request["system"] = system
         if cfg.extra_body:
             request["extra_body"] = cfg.extra_body
-        client = None
-        try:
-            client = self.client()
+
+        def send(client: Any) -> Any:
             if cfg.temperature is not None and _accepts(client.messages.create, "temperature"):
                 # Anthropic's range is [0, 1]; recent clients (and models) no longer take a temperature.
                 request["temperature"] = min(cfg.temperature, 1.0)
-            response = client.messages.create(**request)
-        except anthropic.AnthropicError as err:
-            raise self._fail(err, client) from None
+            return client.messages.create(**request)
+
+        response = self._call(send)
         texts = [b.text for b in getattr(response, "content", None) or [] if getattr(b, "type", "") == "text"]
         if not texts:
-            raise ExecutionError(
-                f"{self.block_type}: {self.endpoint()} returned no text for model '{request['model']}' "
-                f"(stop reason: {getattr(response, 'stop_reason', None)})"
-            )
+            raise self._no_text(f"stop reason: {getattr(response, 'stop_reason', None)}")
         return "".join(texts)
 
 
