@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import yaml
 
 from actors.model_host import NAMESPACE, cluster_address, set_torch_threads
 from worldgen.config import load_config_file
 from worldgen.errors import ConfigError
-from worldgen.storage import WorldStorage
+from worldgen.storage import WorldStorage, normalize_config
 
 PREFIX = "wg-world-"
 
@@ -56,26 +55,13 @@ def _load(config: Config) -> dict[str, Any]:
     return load_config_file(config) if isinstance(config, (str, Path)) else dict(config)
 
 
-def _normalize(config: Mapping[str, Any]) -> Any:
-    """A config as YAML would store it (tuples as lists, keys as strings), for comparing with world.yaml."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    return yaml.safe_load(yaml.safe_dump(plain(config), sort_keys=True))
-
-
 def _check(directory: Path, config: Config | None) -> dict[str, Any]:
     """The config of the world that lives (or will live) in `directory`; refuses a missing config for a new
     directory and a config that differs from the world already there."""
     storage = WorldStorage(directory)
     if storage.exists():
         stored = storage.load_config()
-        if config is not None and _normalize(_load(config)) != _normalize(stored):
+        if config is not None and normalize_config(_load(config)) != normalize_config(stored):
             raise ConfigError(
                 f"directory {directory} already holds a different world; continue it without a config "
                 "(RemoteWorld(directory)) or choose another directory",
@@ -211,7 +197,7 @@ class WorldDriver:
         """Who and where: world name, directory, step, stage index, process, episodes saved."""
         self._ok()
         snapshot = self.progress()
-        episodes = WorldStorage(self.directory).episodes()
+        episodes = self.world.storage.episodes()
         return {
             "name": self.world.settings.name,
             "title": self.world.content.title,

@@ -57,6 +57,7 @@ def test_create_and_config_round_trip(store):
     for folder in ("artifacts", "episodes", "checkpoints"):
         assert (store.root / folder).is_dir()
     store.create(CONFIG)  # the same world again (a resume) is fine
+    store.create({**CONFIG, "stages": tuple(CONFIG["stages"])})  # as YAML stores it (a list): the same world
     with pytest.raises(StorageError, match="different world"):
         store.create({**CONFIG, "name": "other"})
     store.create({**CONFIG, "name": "other"}, overwrite=True)
@@ -99,7 +100,9 @@ def test_progress_is_a_journal_whose_last_whole_line_is_the_resume_point(store, 
     resumed = Progress(step=3)
     restarted.save_progress(resumed)  # a cut line is never appended to: the file is rewritten
     assert store.progress_path.read_text().splitlines() == [resumed.model_dump_json()]
-    monkeypatch.setattr(storage_module, "_PROGRESS_LOG_LIMIT", 2 * len(Progress(step=4).model_dump_json()) + 2)
+    monkeypatch.setattr(
+        storage_module, "_PROGRESS_LOG_LIMIT", 2 * len(Progress(step=4).model_dump_json()) + 2
+    )
     for step in range(4, 8):
         restarted.save_progress(Progress(step=step))
         assert len(store.progress_path.read_text().splitlines()) <= 2  # compacted when it grows

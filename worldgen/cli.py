@@ -1,15 +1,18 @@
-"""The `worldgen` command: validate, show, list templates and run.
+"""The `worldgen` command: validate, show, list templates, run worlds, generate, train, serve, manage models.
 
-    worldgen validate FILE                       check a graph config or saved graph (no weights are loaded)
+    worldgen validate FILE                       check a graph or world config (no weights are loaded)
     worldgen show FILE --format mermaid|dot|json [-o OUT]
     worldgen templates                           list the built-in templates
-    worldgen run [FILE] [--prompt TEXT] [--seed N] [--steps N] [--out DIR]
+    worldgen run [WORLD] [--steps N] [--action TEXT] [--out DIR] [--address ADDR]
+    worldgen generate [FILE] [--prompt TEXT] [--seed N] [--steps N] [--out DIR]
                  [--executor local|ray] [--address ADDR]
+    worldgen train WORLD_DIR --out DIR [...]     LoRA adapters for a world (Ray Train); writes a custom world
+    worldgen serve [CONFIG ...]                  Ray Serve config files
     worldgen models list [--address ADDR] [--json]  the model host actors alive on a running Ray cluster
     worldgen models unload [NAME ...] [--all] [--address ADDR]
 
-FILE is a graph YAML/JSON file, a saved graph directory (holding graph.yaml), or, for `show` and `run`,
-`template:NAME` (built with the tiny preset for `show`). Every deliberate error (`WorldgenError`) and every
+FILE is a graph YAML/JSON file, a saved graph directory (holding graph.yaml), or `template:NAME` (built with
+the tiny preset for `validate` and `show`). Every deliberate error (`WorldgenError`) and every
 missing file ends as one paragraph on stderr, prefixed `worldgen: error: `, with exit code 2; `--debug`
 re-raises it for a traceback. Heavy imports (torch, diffusers, ray) happen inside the commands only.
 

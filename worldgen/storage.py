@@ -41,7 +41,7 @@ from worldgen.errors import ConfigError, WorldgenError, format_validation_error
 from worldgen.state import ArtifactRef, Progress, WorldContent, WorldState
 from worldgen.storage_io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["StorageError", "UnsafePathError", "WorldStorage"]
+__all__ = ["StorageError", "UnsafePathError", "WorldStorage", "normalize_config"]
 
 _M = TypeVar("_M", bound=BaseModel)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -70,13 +70,11 @@ class WorldStorage:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        # state id -> episode number, valid while the episodes folder is unchanged since it was read (a step then
-        # costs no listing of a folder that grows with every episode)
         self._root_resolved: Path | None = None
         self._progress_size: int | None = None  # bytes in progress.jsonl when it ends with a whole line
-        self._index_cache: tuple[tuple[int, int], dict[str, int], int] | None = (
-            None  # (signature, index, last)
-        )
+        # (signature, state id -> episode number, last number), valid while the episodes folder is unchanged since
+        # it was read (a step then costs no listing of a folder that grows with every episode)
+        self._index_cache: tuple[tuple[int, int], dict[str, int], int] | None = None
 
     # ---------------------------------------------------------------- layout
 
@@ -129,7 +127,11 @@ class WorldStorage:
     def create(self, config: Mapping[str, Any], *, overwrite: bool = False) -> None:
         """Make the directory layout and write world.yaml. A directory already holding a *different* world config
         is refused unless `overwrite=True` (the same config again is fine: that is a resume)."""
-        if self.exists() and not overwrite and _normalize(self.load_config()) != _normalize(config):
+        if (
+            self.exists()
+            and not overwrite
+            and normalize_config(self.load_config()) != normalize_config(config)
+        ):
             raise StorageError(
                 f"{self.root} already holds a different world (its world.yaml differs); "
                 "choose another directory or pass overwrite=True"
@@ -544,12 +546,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _normalize(config: Mapping[str, Any]) -> Any:
+def normalize_config(config: Mapping[str, Any]) -> Any:
+    """A config as world.yaml stores it and reads it back (tuples as lists, keys as strings), for telling whether
+    two configs describe the same world."""
     return yaml.safe_load(yaml.safe_dump(_plain(config), sort_keys=True))
 
 
-def _write_model(path: Path, model: BaseModel, *, durable: bool = True) -> None:
-    atomic_write_text(path, model.model_dump_json(indent=2) + "\n", durable=durable)
+def _write_model(path: Path, model: BaseModel) -> None:
+    atomic_write_text(path, model.model_dump_json(indent=2) + "\n")
 
 
 def _read_json(path: Path) -> Any:

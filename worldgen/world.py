@@ -8,7 +8,6 @@ over one five-block state, with the world's content, storage after every stage, 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable, Mapping
@@ -23,10 +22,9 @@ from worldgen.engine import Problem, _check_executor
 from worldgen.errors import ConfigError, ExecutionError, GraphError, WorldgenError, format_validation_error
 from worldgen.stage import CYCLE, Stage, build_item
 from worldgen.state import GenerationConfig, Progress, WorldContent, WorldState
+from worldgen.storage import WorldStorage, normalize_config
 
 log = logging.getLogger("worldgen.world")
-
-CHECKPOINT_DIR = "checkpoints"
 
 
 class InitialWorld(BaseModel):
@@ -99,8 +97,6 @@ class World:
         directory: str | Path,
         config: Mapping[str, Any],
     ):
-        from worldgen.storage import WorldStorage
-
         self.settings = settings
         self.stages = stages
         self.config = dict(config)  # as given: `${env:...}` references stay unresolved, so no secret is saved
@@ -128,7 +124,7 @@ class World:
         check_schema(config, "world", file=file)
         world = cls._build(dict(config), file, base, directory)
         if world.storage.exists():
-            if world.storage.load_config() != _plain(world.config):
+            if normalize_config(world.storage.load_config()) != normalize_config(world.config):
                 raise ConfigError(
                     f"directory {world.storage.root} already holds a different world; continue it with "
                     "World.load(directory) or choose another directory",
@@ -233,18 +229,17 @@ class World:
     def load(cls, directory: str | Path) -> World:
         """Continue a world from its directory: config, content, in-flight state (and trained weights)."""
         from worldgen.checkpoint import load_weights
-        from worldgen.storage import WorldStorage
 
         storage = WorldStorage(directory)
         if not storage.exists():
             raise ConfigError(
                 f"no world here (no world.yaml in {Path(directory).resolve()})", file=str(directory)
             )
-        world = cls._build(storage.load_config(), str(storage.root / "world.yaml"), storage.root, directory)
+        world = cls._build(storage.load_config(), str(storage.config_path), storage.root, directory)
         world.content = storage.load_content() or world.content
         world.progress = storage.load_progress() or world.progress
-        if (storage.root / CHECKPOINT_DIR).exists():
-            load_weights(world.named_blocks(), storage.root / CHECKPOINT_DIR)
+        if storage.checkpoints_dir.exists():
+            load_weights(world.named_blocks(), storage.checkpoints_dir)
         return world
 
     def _start(self) -> None:
@@ -265,7 +260,7 @@ class World:
         from worldgen.checkpoint import save_weights
 
         self._start()
-        save_weights(self.named_blocks(), self.storage.root / CHECKPOINT_DIR)
+        save_weights(self.named_blocks(), self.storage.checkpoints_dir)
         self.write_report()
         return self.storage.root
 
@@ -539,13 +534,6 @@ def world_inputs(
             "guidance_scale": g.guidance,
         }
     return available
-
-
-def _plain(config: Mapping[str, Any]) -> Any:
-    """A config as it reads back from YAML (tuples become lists…), for comparing with a saved one."""
-    import yaml
-
-    return yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(config, default=str)), sort_keys=True))
 
 
 def _build_stage(role: str, spec: Mapping[str, Any]) -> Stage:
