@@ -46,7 +46,12 @@ def test_two_workers_train_then_resume_and_write_a_custom_world(base_world, tmp_
 
     resumed = train({**config, "epochs": 4})  # the same run, longer: continues from its latest checkpoint
     assert [h["step"] for h in resumed["history"]] == [2, 4, 6, 8]
-    assert resumed["history"][:2] == first["history"]  # the curve goes on; nothing was redone
+    assert resumed["history"][:2] == first["history"]  # nothing was redone
+    # the curve goes on as if never stopped: adapters, optimizer state and data order all came back
+    straight = train({**config, "epochs": 4, "out": str(tmp_path / "straight")})
+    for after_resume, uninterrupted in zip(resumed["history"], straight["history"], strict=True):
+        for key in ("loss", "held_out_loss"):
+            assert after_resume[key] == pytest.approx(uninterrupted[key], rel=1e-5), (key, after_resume)
     assert resumed["initial_held_out_loss"] == first["initial_held_out_loss"]
     held = [resumed["initial_held_out_loss"], *(h["held_out_loss"] for h in resumed["history"])]
     assert held[-1] < held[0], held  # the fixed held-out batch's loss goes down

@@ -28,8 +28,16 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from worldgen.config import dump_config
 from worldgen.errors import ConfigError, format_validation_error
-from worldgen.lora import TRAINING_ADAPTER, LoraSettings, attach_adapters, save_adapters, trainable_parameters
+from worldgen.lora import (
+    TRAINING_ADAPTER,
+    LoraSettings,
+    attach_adapters,
+    base_state_dict,
+    save_adapters,
+    trainable_parameters,
+)
 from worldgen.storage_io import atomic_write_text
 
 STATE_FILE = "trainer_state.json"
@@ -56,6 +64,12 @@ class TrainConfig(BaseModel):
     storage: str | None = Field(None, description="Ray Train storage (default: <out>/training)")
     name: str = Field("lora", description="the Ray Train run's name (its folder under `storage`)")
 
+    def adapter_settings(self) -> LoraSettings:
+        """`lora`, with the trained roles as its roles unless it names its own."""
+        if self.roles is None or self.lora.roles is not None:
+            return self.lora
+        return self.lora.model_copy(update={"roles": self.roles})
+
     def storage_path(self) -> Path:
         return Path(self.storage or Path(self.out) / "training").expanduser().resolve()
 
@@ -80,10 +94,9 @@ def base_digest(models: list[Any]) -> str:
     """SHA-256 of every weight that is not an adapter's: equal before and after training."""
     digest = hashlib.sha256()
     for model in models:
-        for name, tensor in sorted(model.state_dict().items()):
-            if "lora_" not in name:
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        for name, tensor in sorted(base_state_dict(model).items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -165,12 +178,7 @@ def train_loop(config: dict[str, Any]) -> None:
     examples = build_examples(world, read_episodes(cfg.episodes or cfg.world), cfg.roles)
     train, held = split_examples(examples, cfg.held_out, cfg.seed)
     torch.manual_seed(cfg.seed)  # the same fresh adapters in every worker (DDP also broadcasts rank 0's)
-    settings = (
-        cfg.lora
-        if cfg.lora.roles is not None or cfg.roles is None
-        else cfg.lora.model_copy(update={"roles": cfg.roles})
-    )
-    targets = attach_adapters(world, settings)
+    targets = attach_adapters(world, cfg.adapter_settings())
     models = [t.model for t in targets]
     before = base_digest(models)
     module = ray.train.torch.prepare_model(
@@ -280,13 +288,9 @@ def write_custom_world(cfg: TrainConfig, adapters: Path, state: dict[str, Any]) 
     shutil.copytree(adapters, staging)
     shutil.rmtree(out / "adapters", ignore_errors=True)
     staging.rename(out / "adapters")
-    base_name = Path(cfg.world).name
     if not (out / "world.yaml").exists():  # a world that already ran keeps its config (and its episodes)
-        atomic_write_text(
-            out / "world.yaml",
-            f"# a LoRA world: {base_name} with adapters trained on its episodes (train_jobs/lora_world.py)\n"
-            f"schema_version: 1\nkind: world\nbase: {cfg.world}\nadapters: adapters\nname: {base_name}-lora\n",
-        )
+        custom = {"schema_version": 1, "kind": "world", "base": cfg.world, "adapters": "adapters"}
+        dump_config({**custom, "name": f"{Path(cfg.world).name}-lora"}, out / "world.yaml")
     history = {k: state[k] for k in ("epoch", "step", "initial_held_out_loss", "history")}
     atomic_write_text(
         out / "training.json", json.dumps({"config": cfg.model_dump(), **history}, indent=2) + "\n"
