@@ -169,6 +169,11 @@ def test_bad_episodes_are_named_by_file_and_field(recorded, tmp_path):
     with pytest.raises(ConfigError, match=r"state\.json.*artifacts"):
         read_episodes(tmp_path / "bad")
     (folder / "state.json").write_text(json.dumps(state))
+    meta = (folder / "meta.json").read_text()
+    (folder / "meta.json").write_text(json.dumps({"step": 0}))
+    with pytest.raises(ConfigError, match=r"meta\.json.*step"):
+        read_episodes(tmp_path / "bad")
+    (folder / "meta.json").write_text(meta)
     (folder / "000.png").unlink()
     with pytest.raises(
         ConfigError, match=r"state\.json, at artifacts\.0\.path: image 'episodes/000001/000\.png' not found"

@@ -320,6 +320,14 @@ def test_transformers_vlm_in_a_graph_and_after_save_load(tiny_vlm_dir, tmp_path)
     assert loaded.run({"images": _caption_images()})["text"] == expected
 
 
+def test_transformers_vlm_prompt_is_the_input_else_the_rendered_template(tiny_vlm_dir):
+    config = {"model": str(tiny_vlm_dir), "prompt": "Describe the {{ what }}."}
+    block = create_block("vlm/transformers", config)
+    assert block.instruction(None, {"what": "harbor"}) == "Describe the harbor."
+    assert block.instruction("What colour?", {"what": "harbor"}) == "What colour?"
+    assert create_block("vlm/transformers", {"model": str(tiny_vlm_dir)}).instruction(None, None) is None
+
+
 def test_transformers_vlm_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="no model class 'NoSuchModel'"):
         create_block("vlm/transformers", {"model": str(tmp_path), "architecture": "NoSuchModel"})

@@ -80,22 +80,21 @@ def _view(engine: Engine) -> _View:
     feedback = {e for loop in loops for e in loop.feedback}
     edges = [(e, e.feedback or e in feedback) for e in engine.edges]
 
-    def port_kind(node: str, port: str, direction: str) -> tuple[str, bool]:
+    def port_kind(node: str, port: str, direction: str) -> str:
         try:
             item = engine.item(node)
             ports = item.input_ports() if direction == "input" else item.output_ports()
-            p = ports[port]
-            return p.kind.value, bool(p.optional)
+            return ports[port].kind.value
         except (WorldgenError, KeyError, AttributeError):
-            return "any", False
+            return "any"
 
     inputs = []
     for name, ex in engine.exposed_inputs.items():
-        kinds = {port_kind(n, p, "input")[0] for n, p in ex.targets}
+        kinds = {port_kind(n, p, "input") for n, p in ex.targets}
         kind = next(iter(kinds)) if len(kinds) == 1 else "any"
         inputs.append(_Terminal(name, kind, ex.optional, list(ex.targets)))
     outputs = [
-        _Terminal(name, port_kind(n, p, "output")[0], False, [(n, p)])
+        _Terminal(name, port_kind(n, p, "output"), False, [(n, p)])
         for name, (n, p) in engine.exposed_outputs.items()
     ]
     view = _View(engine.name, engine.level, nodes, edges, inputs, outputs, loops)

@@ -239,10 +239,10 @@ def dominant_colours(image: Any, max_colours: int = 3) -> list[tuple[str, str, f
             [np.bincount(labels, weights=pixels[:, c], minlength=len(centres)) for c in range(3)], 1
         )
         moved = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centres)
-        if np.allclose(moved, centres, atol=1e-4):
-            centres = moved
-            break
+        converged = np.allclose(moved, centres, atol=1e-4)
         centres = moved
+        if converged:
+            break
     counts = np.bincount(_nearest(pixels, centres), minlength=len(centres))
     merged: dict[str, list[Any]] = {}
     for centre, count in zip(centres, counts, strict=True):
@@ -566,11 +566,16 @@ class TransformersVLMBlock(ModelBlock):
     # ---- describing ----------------------------------------------------------------------------------
     def forward(self, images: Any, prompt: str | None = None, context: Any = None) -> dict[str, Any]:
         pictures = as_pil_images(images)
+        prompt = self.instruction(prompt, context)
+        return {"text": _numbered([self.describe(p, prompt) for p in pictures])}
+
+    def instruction(self, prompt: str | None, context: Mapping[str, Any] | None) -> str | None:
+        """The prompt `describe` gets: the `prompt` input, else the config's template rendered with `context`."""
         if prompt is None and self.config.prompt:
             from worldgen.prompts import render_prompt
 
             prompt = render_prompt(self.config.prompt, dict(context or {}))
-        return {"text": _numbered([self.describe(p, prompt) for p in pictures])}
+        return prompt
 
     def describe(self, image: Any, prompt: str | None = None) -> str:
         """The model's text for one PIL image (greedy)."""

@@ -30,7 +30,6 @@ from worldgen.training.losses import (
     denoising_loss,
     encode_lm_example,
     example_loss,
-    examples_by_role,
     noise_scheduler,
 )
 
@@ -52,7 +51,6 @@ __all__ = [
     "encode_lm_example",
     "episode_content",
     "example_loss",
-    "examples_by_role",
     "find_block",
     "load_image",
     "noise_scheduler",

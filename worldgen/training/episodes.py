@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worldgen.errors import ConfigError, format_validation_error
 from worldgen.state import ArtifactRef, WorldContent, WorldState
+from worldgen.storage import _read_model
 
 __all__ = ["Episode", "EpisodeMeta", "episode_folders", "read_episode", "read_episodes", "load_image"]
 
@@ -131,7 +132,7 @@ def read_episode(folder: str | Path, number: int | None = None, *, root: str | P
     number = int(folder.name) if number is None else int(number)
     root = Path(root) if root is not None else folder.parent.parent
     state = _read_state(folder / "state.json")
-    meta = _read_meta(folder / "meta.json")
+    meta = _read_model(folder / "meta.json", EpisodeMeta) or EpisodeMeta()
     images, paths = [], []
     for i, ref in enumerate(state.artifacts or []):
         if ref.kind != "image":
@@ -155,9 +156,11 @@ def load_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(array / 255.0).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> tuple[Any, bytes]:
+    """(the parsed file, its bytes)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        return json.loads(raw.decode("utf-8")), raw
     except FileNotFoundError:
         raise ConfigError("missing (every episode folder needs one)", file=str(path)) from None
     except json.JSONDecodeError as err:
@@ -168,7 +171,7 @@ def _read_json(path: Path) -> Any:
 
 def _read_state(path: Path) -> WorldState:
     """state.json in either form (the world's field names, or numbered blocks); the error names the field."""
-    data = _read_json(path)
+    data, raw = _read_json(path)
     if not isinstance(data, dict):
         raise ConfigError(f"expected a JSON object of blocks, got {type(data).__name__}", file=str(path))
     numbered = [k for k in data if str(k).isdigit()]
@@ -192,20 +195,8 @@ def _read_state(path: Path) -> WorldState:
         except ValidationError as err:
             raise ConfigError(format_validation_error(err), file=str(path)) from None
     if "id" not in data:  # stable across reads (the default would be a fresh random id each time)
-        state = state.model_copy(update={"id": "hand-" + hashlib.sha1(path.read_bytes()).hexdigest()[:24]})
+        state = state.model_copy(update={"id": "hand-" + hashlib.sha1(raw).hexdigest()[:24]})
     return state
-
-
-def _read_meta(path: Path) -> EpisodeMeta:
-    if not path.is_file():
-        return EpisodeMeta()
-    data = _read_json(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"expected a JSON object, got {type(data).__name__}", file=str(path))
-    try:
-        return EpisodeMeta.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err), file=str(path)) from None
 
 
 def _find_artifact(ref: ArtifactRef, folder: Path, root: Path, *, where: tuple[Path, str]) -> Path:

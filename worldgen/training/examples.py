@@ -117,17 +117,15 @@ Example = TextExample | CaptionExample | ImageExample
 
 
 # ---- finding the trainable blocks ----------------------------------------------------------------------
-def _items(engine: Engine) -> list[tuple[str, Any]]:
-    """The nodes of an engine, minus graphs served over HTTP (nothing to train here; listing their nodes
-    would call the endpoint)."""
+def _walk(engine: Engine, prefix: str = "") -> Iterable[tuple[str, list[tuple[Engine, str]], Block]]:
+    """(path, chain of (engine, node id) from the outside in, block) for every block inside `engine`, minus
+    graphs served over HTTP (nothing to train here; listing their nodes would call the endpoint)."""
     from worldgen.nodes.endpoint import EndpointGraph
 
-    return [(n, engine.item(n)) for n in engine.node_ids if not isinstance(engine.item(n), EndpointGraph)]
-
-
-def _walk(engine: Engine, prefix: str = "") -> Iterable[tuple[str, list[tuple[Engine, str]], Block]]:
-    """(path, chain of (engine, node id) from the outside in, block) for every block inside `engine`."""
-    for node, item in _items(engine):
+    for node in engine.node_ids:
+        item = engine.item(node)
+        if isinstance(item, EndpointGraph):
+            continue
         if isinstance(item, Engine):
             for path, chain, block in _walk(item, f"{prefix}{node}."):
                 yield path, [(engine, node), *chain], block
@@ -193,11 +191,10 @@ def stage_llm(world: Any, role: str) -> tuple[str, Block, list[tuple[Engine, str
 
 def find_block(world: Any, path: str) -> Block:
     """The block at a world path ('author.main.llm'), as examples name them."""
-    role, _, rest = path.partition(".")
-    blocks = {p: b for p, _, b in _walk(world.stages[role])} if role in world.stages else {}
-    if rest not in blocks:
+    blocks = dict(world.named_blocks())
+    if path not in blocks:
         raise ConfigError(f"this world has no block '{path}' (was the example built for another world?)")
-    return blocks[rest]
+    return blocks[path]
 
 
 @dataclass(frozen=True)
@@ -231,7 +228,7 @@ def diffusion_blocks(engine: Engine, prefix: str = "") -> DiffusionBlocks | None
     Nodes holding the same block (`tok`/`tok_neg`, `schedule`/`solver`) or the same model (`vae` decoding and
     `vae_enc` encoding) count once; two different models in one part are ambiguous and an error."""
     found: dict[str, list[tuple[str, Block]]] = {part: [] for part in _PARTS}
-    for path, _, block in _walk(engine):
+    for path, block in engine.named_blocks():
         part = _part(block)
         if part is not None:
             found[part].append((path, block))
@@ -270,12 +267,9 @@ def _identity(block: Block) -> Any:
 
 def trainable_roles(world: Any) -> list[str]:
     """The roles of `world` that yield examples (in cycle order)."""
-    roles = [r for r in TRAINED_ROLES if r != "creator" and stage_llm(world, r) is not None]
     creator = world.stages["creator"]
-    if any(diffusion_blocks(item) is not None for _, item in _items(creator)):
-        roles.append("creator")
-    order = {r: i for i, r in enumerate(TRAINED_ROLES)}
-    return sorted(roles, key=order.__getitem__)
+    diffuses = any(diffusion_blocks(creator.item(n)) is not None for n in creator.node_ids)
+    return [r for r in TRAINED_ROLES if (diffuses if r == "creator" else stage_llm(world, r) is not None)]
 
 
 # ---- what a stage saw ----------------------------------------------------------------------------------
@@ -403,11 +397,7 @@ def _caption_examples(
     role: str, episode: Episode, path: str, block: Any, chain: list, available: dict[str, Any]
 ) -> list[CaptionExample]:
     inputs = _block_inputs(chain, ("prompt", "context"), available, f"stages.{role}")
-    prompt = inputs["prompt"]
-    if prompt is None and block.config.prompt:
-        from worldgen.prompts import render_prompt
-
-        prompt = render_prompt(block.config.prompt, dict(inputs["context"] or {}))
+    prompt = block.instruction(inputs["prompt"], inputs["context"])
     targets = _per_image(episode, len(episode.images))
     return [
         CaptionExample(role, episode.number, path, image, prompt, text)
@@ -444,7 +434,6 @@ def _creator_examples(world: Any, episode: Episode) -> list[ImageExample]:
         raise ConfigError(
             err.detail, file=str(episode.folder / "state.json"), path="generation.pipeline"
         ) from None
-    name = state.generation.pipeline
     if diffusion_blocks(engine) is None:
         return []
     g = state.generation
@@ -452,7 +441,7 @@ def _creator_examples(world: Any, episode: Episode) -> list[ImageExample]:
         ImageExample(
             "creator",
             episode.number,
-            name,
+            g.pipeline,
             g.prompt,
             g.negative_prompt,
             _sized(image, g.height, g.width),

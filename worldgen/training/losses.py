@@ -19,7 +19,7 @@ loss reach the encoder would let it make the data trivial.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,7 +45,6 @@ __all__ = [
     "denoising_loss",
     "encode_lm_example",
     "example_loss",
-    "examples_by_role",
     "noise_scheduler",
 ]
 
@@ -106,8 +105,8 @@ def denoising_loss(
 ) -> torch.Tensor:
     """Mean squared error of the backbone's prediction at random timesteps (one per image).
 
-    `images` (B, 3, H, W) in [0, 1], `prompts` one per image. Noise, timesteps and the VAE's latent sample are
-    drawn from `generator`, in that order, on its device."""
+    `images` (B, 3, H, W) in [0, 1], `prompts` one per image. The VAE's latent sample, the noise and the
+    timesteps are drawn from `generator`, in that order."""
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
         raise ValueError(
             f"expected images (B, 3, H, W) and B prompts, got {tuple(images.shape)} and {len(prompts)}"
@@ -252,11 +251,3 @@ def batch_loss(world: Any, examples: Sequence[Example], generator: torch.Generat
         loss = denoising_loss(_creator_blocks(world, pipeline), images, [x.prompt for x in group], generator)
         total = loss * len(group) if total is None else total + loss * len(group)
     return total / len(examples)
-
-
-def examples_by_role(examples: Sequence[Example]) -> Mapping[str, list[Example]]:
-    """Examples grouped by role (e.g. to report one held-out loss per role)."""
-    out: dict[str, list[Example]] = {}
-    for example in examples:
-        out.setdefault(example.role, []).append(example)
-    return out
