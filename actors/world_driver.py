@@ -84,9 +84,12 @@ def driver_name(directory: str | Path, config: Config | None = None) -> str:
     Two worlds with the same name in different directories get different drivers.
     """
     directory = _resolve(directory)
-    name = str(_check(directory, config).get("name") or "world")
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:48] or "world"
-    return f"{PREFIX}{slug}-{_dir_hash(directory)}"
+    return f"{PREFIX}{name_slug(_check(directory, config).get('name'))}-{_dir_hash(directory)}"
+
+
+def name_slug(name: object) -> str:
+    """A world's name as it appears in actor names and world ids: letters, digits, `_.-`, at most 48."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name or "world")).strip("-.")[:48] or "world"
 
 
 # ---- artifacts -----------------------------------------------------------------------------------------

@@ -25,10 +25,7 @@ The graph is loaded once per replica; its models load lazily on the first run, i
 `local`, the default) or on the cluster's model host actors (executor `ray`).
 """
 
-import hashlib
-import hmac
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -49,6 +46,7 @@ from pydantic import (
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 
+from serve_apps.auth import bearer_ok, token_digest
 from worldgen.config import load_config_file
 from worldgen.engine import Engine
 from worldgen.errors import ConfigError, GraphError, WorldgenError, format_validation_error
@@ -320,11 +318,7 @@ def build_app(engine: Engine, runner: Runner, *, token_sha256: str | None = None
     RunRequest, RunResponse = run_models(engine, input_ports, output_ports)
 
     def authorize(request: Request) -> None:
-        if token_sha256 is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, token_sha256):
+        if not bearer_ok(request.headers.get("authorization"), token_sha256):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     app = FastAPI(
@@ -454,12 +448,9 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
         raise ConfigError(err.detail, file=err.file or config.graph, path=err.path) from None
     except WorldgenError as err:
         raise ConfigError(str(err), file=config.graph) from None
-    token_sha256 = None
-    if config.token_env:
-        token = os.environ.get(config.token_env)
-        if not token:
-            raise ConfigError(f"environment variable {config.token_env} is not set", path="args.token_env")
-        token_sha256 = hashlib.sha256(token.encode()).hexdigest()  # only the digest travels to the replicas
+    token_sha256 = token_digest(config.token_env)
+    if config.token_env and token_sha256 is None:
+        raise ConfigError(f"environment variable {config.token_env} is not set", path="args.token_env")
     options: dict[str, Any] = {"num_replicas": config.num_replicas}
     if config.ray_actor_options:
         options["ray_actor_options"] = config.ray_actor_options

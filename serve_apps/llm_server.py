@@ -28,10 +28,7 @@ config, no deployment argument and no log.
 # No `from __future__ import annotations`: FastAPI resolves the handlers' annotations (`Request`) at runtime,
 # and Serve's ingress wraps the methods, out of reach of this module's namespace.
 import asyncio
-import hashlib
-import hmac
 import json
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +43,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_apps.auth import bearer_ok, token_digest
 from serve_apps.llm_runtime import DType, GenerationRequest, ModelRuntime, RequestError, ServedModel
 from worldgen.errors import format_validation_error
 
@@ -246,11 +244,7 @@ class LLMServer:
         self.created = int(time.time())
 
     def _unauthorized(self, request: Request) -> JSONResponse | None:
-        if self.key_sha256 is None:
-            return None
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(key.strip().encode()).hexdigest()
-        if scheme.lower() == "bearer" and hmac.compare_digest(digest, self.key_sha256):
+        if bearer_ok(request.headers.get("authorization"), self.key_sha256):
             return None
         return error_response(401, "missing or incorrect API key", code="invalid_api_key")
 
@@ -439,8 +433,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     adapters = {
         name: (a.base, str(Path(a.path).expanduser().resolve())) for name, a in settings.adapters.items()
     }
-    key = os.environ.get(settings.api_key_env)
-    key_sha256 = hashlib.sha256(key.strip().encode()).hexdigest() if key and key.strip() else None
+    key_sha256 = token_digest(settings.api_key_env)
     options: dict[str, Any] = {"num_replicas": settings.num_replicas}
     if settings.ray_actor_options is not None:
         options["ray_actor_options"] = settings.ray_actor_options

@@ -26,10 +26,7 @@ travels to the replicas. Request bodies larger than `max_body_bytes` get 413.
 # No `from __future__ import annotations`: FastAPI must see the request models on the methods Serve wraps.
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
-import os
 import re
 import shutil
 import uuid
@@ -49,7 +46,9 @@ from actors.world_driver import (
     ArtifactNotFound,
     driver_name,
     get_or_create_driver,
+    name_slug,
 )
+from serve_apps.auth import bearer_ok, token_digest
 from worldgen.errors import WorldgenError, format_validation_error
 from worldgen.storage import WorldStorage
 
@@ -147,12 +146,7 @@ api.add_middleware(BodyLimit)
 
 
 def _check_token(request: Request) -> None:
-    expected = request.app.state.token_sha256
-    if expected is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    digest = hashlib.sha256(token.strip().encode()).hexdigest()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
+    if not bearer_ok(request.headers.get("authorization"), request.app.state.token_sha256):
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -231,9 +225,8 @@ class WorldGateway:
                 raise HTTPException(400, f"template {body.template!r}: {err}") from None
         else:
             config = body.config
-        name = str(config.get("name") or "world") if isinstance(config, dict) else "world"
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:48] or "world"
-        world_id = body.id or f"{slug}-{uuid.uuid4().hex[:8]}"
+        name = config.get("name") if isinstance(config, dict) else None
+        world_id = body.id or f"{name_slug(name)}-{uuid.uuid4().hex[:8]}"
         directory = self.directory(world_id)
         if directory.exists():
             raise HTTPException(409, f"world {world_id!r} exists already")
@@ -353,8 +346,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     except ValidationError as err:
         raise ValueError(f"world gateway args: {format_validation_error(err)}") from None
     settings.root = str(Path(settings.root).expanduser().resolve())
-    token = os.environ.get(settings.token_env)
-    digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+    digest = token_digest(settings.token_env)
     deployment = WorldGateway.options(
         num_replicas=settings.num_replicas, max_ongoing_requests=settings.max_ongoing_requests
     )
