@@ -87,7 +87,11 @@ class CLIPTextConditionerBlock(ModelBlock):
 
     @torch.no_grad()
     def forward(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-        encoder = self.model
+        return self.embed(token_ids, attention_mask)
+
+    def embed(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """`forward` with gradients (LoRA training goes through here)."""
+        encoder = self.active_model()
         # Like the pipelines: the mask is only passed to encoders configured to use it.
         mask = attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
         mask = mask.to(encoder.device) if mask is not None else None
@@ -430,6 +434,13 @@ class VAEConfig(ModelConfig):
     sample: bool = Field(True, description="encode: sample the latent distribution (else take its mode)")
 
 
+def scale_latent(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    """A VAE's raw latent in the space the denoiser works in (shifted, then scaled, as diffusers does)."""
+    if getattr(vae.config, "shift_factor", None):
+        latent = latent - vae.config.shift_factor
+    return vae.config.scaling_factor * latent
+
+
 @register_block
 class VAECodecBlock(ModelBlock):
     """AutoencoderKL: images in [0, 1] (B, 3, H, W) ↔ scaled latents. `mode` picks the direction."""
@@ -481,8 +492,7 @@ class VAECodecBlock(ModelBlock):
         pixels = _on_model(pixels, self)
         generator = generator_or_none(rng)
         mode = "sample" if self.config.sample else "argmax"
-        latent = retrieve_latents(vae.encode(pixels), generator=generator, sample_mode=mode)
-        if getattr(vae.config, "shift_factor", None):
-            latent = latent - vae.config.shift_factor
-        latent = vae.config.scaling_factor * latent
+        latent = scale_latent(
+            vae, retrieve_latents(vae.encode(pixels), generator=generator, sample_mode=mode)
+        )
         return {"latent": latent, "rng": RngState.of(generator) if generator is not None else rng}

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from worldgen.block import Block, ModelBlock
 from worldgen.errors import ConfigError
+from worldgen.nodes.diffusion import scale_latent
 from worldgen.training.examples import (
     CaptionExample,
     DiffusionBlocks,
@@ -74,19 +75,7 @@ def noise_scheduler(solver: Block) -> Any:
 def _text_embedding(tokenizer: Block, text_encoder: Block, prompts: Sequence[str]) -> torch.Tensor:
     """Prompt embeddings as the graph's conditioner computes them (its `forward` runs without gradients)."""
     tokens = tokenizer(text=list(prompts))
-    encoder = _model(text_encoder)
-    device = _device(encoder)
-    # as CLIPTextConditionerBlock: the mask only for encoders configured to use it; clip_skip
-    mask = tokens["attention_mask"] if getattr(encoder.config, "use_attention_mask", False) else None
-    clip_skip = getattr(text_encoder.config, "clip_skip", None)
-    out = encoder(
-        tokens["token_ids"].to(device),
-        attention_mask=None if mask is None else mask.to(device),
-        output_hidden_states=clip_skip is not None,
-    )
-    if clip_skip is None:
-        return out[0]
-    return encoder.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+    return text_encoder.embed(tokens["token_ids"], tokens["attention_mask"])["embedding"]
 
 
 def _encode(vae: Any, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -95,9 +84,7 @@ def _encode(vae: Any, images: torch.Tensor, generator: torch.Generator) -> torch
     pixels = (images * 2.0 - 1.0).to(device=first.device, dtype=first.dtype)
     with torch.no_grad():
         latent = vae.encode(pixels).latent_dist.sample(generator=generator)
-    if getattr(vae.config, "shift_factor", None):
-        latent = latent - vae.config.shift_factor
-    return latent * vae.config.scaling_factor
+    return scale_latent(vae, latent)
 
 
 def denoising_loss(
