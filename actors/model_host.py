@@ -113,7 +113,7 @@ class ModelHost:
         **inputs: Any,
     ) -> Any:
         """Run a whole (loop) subgraph here with the local executor; outputs in `ports` order."""
-        from worldgen.execution.local import run_local
+        from worldgen.execution.local import in_port_order, run_local
 
         self.calls += 1
         if key not in self._subgraphs:
@@ -123,8 +123,7 @@ class ModelHost:
         outputs = run_local(
             self._subgraphs[key], inputs, seed=seed, iterations=iterations
         )  # errors name the node
-        values = tuple(outputs[p] for p in ports)
-        return values[0] if len(values) == 1 else values
+        return in_port_order(outputs, ports)
 
     def info(self) -> dict[str, Any]:
         import torch

@@ -187,7 +187,6 @@ _EXECUTOR_ROWS = (
     ("loop_iterations", "worldgen/execution/local.py", "loop_iterations", None),
     ("check_inputs", "worldgen/execution/local.py", "check_inputs", None),
     ("ModelBlock.placement (device/dtype)", "worldgen/block.py", "placement", None),
-    ("CFG block forward", "worldgen/nodes/diffusion.py", "forward", "worldgen/engine.py"),
     ("SchedulerSolver._step (incl. step math)", "worldgen/nodes/diffusion.py", "_step", None),
     ("  _restore (state -> scheduler)", "worldgen/nodes/diffusion.py", "_restore", None),
     ("  _snapshot (scheduler -> state)", "worldgen/nodes/diffusion.py", "_snapshot", None),

@@ -226,6 +226,7 @@ def test_diffusion_graph_does_not_mutate_inputs_and_is_seeded():
     first = g.run(inputs, seed=1)["image"]
     assert inputs.keys() == snapshot.keys() and torch.equal(inputs["image"], snapshot["image"])
     assert torch.equal(first, g.run(inputs, seed=1)["image"])
+    assert not torch.equal(first, g.run(inputs, seed=2)["image"])
 
 
 def test_building_and_validating_a_template_loads_no_weights():

@@ -31,6 +31,9 @@ def test_graphs_on_ray_equal_local(clean_hosts, init_image, fuse):
         local = graph.run(inputs, seed=5)["image"]
         remote = graph.run(inputs, seed=5, executor="ray", fuse_loops=fuse)["image"]
         assert close(local, remote)
+    # Both graphs share one UNet host: fused, one call per denoising loop; unfused, one call per step.
+    unet = next(h for h in list_hosts() if h["name"] == host_name(t2i.block("unet")))
+    assert unet["calls"] == 2 if fuse else unet["calls"] > 2
 
 
 def test_pipeline_on_ray_equals_local_and_hosts_each_model_once(clean_hosts):

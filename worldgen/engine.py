@@ -97,7 +97,7 @@ def parse_endpoint(text: str, what: str = "port") -> tuple[str, str]:
 class Engine:
     """Nodes + edges + exposed ports, with validation, a cached execution plan, config and checkpoint I/O.
 
-    Subclasses say what a node holds (`_item_config`/`_build_items`) and which blocks they contain
+    Subclasses say what a node holds (`_items_config`/`_build_items`) and which blocks they contain
     (`named_blocks`); everything else — wiring, validation, loops, running, saving — is shared.
     """
 
@@ -252,8 +252,8 @@ class Engine:
 
     def validate(self, strict: bool = False) -> list[Problem]:
         """Every problem found (unknown ports, kind mismatches, unfed inputs, ambiguous fan-in, bad loops)."""
-        problems = self._check_structure()
-        problems += self._analyse()[1]
+        plan, loop_problems = self._analyse()
+        problems = self._check_structure(plan) + loop_problems
         for node_id, item in self._items.items():  # graphs inside a pipeline, pipelines inside a stage
             if isinstance(item, Engine):
                 problems += [Problem(f"{node_id}/{p.where}", p.message) for p in item.validate()]
@@ -265,7 +265,7 @@ class Engine:
         lines = "\n".join(f"  - {p}" for p in problems)
         return f"{self.level} '{self.name}' is invalid ({len(problems)} problem(s)):\n{lines}"
 
-    def _check_structure(self) -> list[Problem]:
+    def _check_structure(self, plan: ExecutionPlan) -> list[Problem]:
         problems: list[Problem] = []
         for edge in self._edges:
             try:
@@ -294,7 +294,6 @@ class Engine:
                 problems.append(Problem(f"output '{name}'", str(err)))
         if problems:
             return problems
-        plan, _ = self._analyse(check_only_structure=True)
         feedback = {e for loop in plan.loops for e in loop.feedback}
         for node_id, item in self._items.items():
             for port_name, port in item.input_ports().items():
@@ -454,6 +453,16 @@ class Engine:
             except GraphError as err:
                 raise fail(f"outputs.{name}", str(err)) from None
 
+    @classmethod
+    def from_template(cls, name: str, **params: Any):
+        """One of this level from a registered template (`worldgen templates` lists them)."""
+        from worldgen.templates import build_template
+
+        built = build_template(name, **params)
+        if not isinstance(built, cls):
+            raise GraphError(f"template '{name}' builds a {type(built).__name__}, not a {cls.__name__}")
+        return built
+
     # ---- save / load -----------------------------------------------------------------------------------
     @classmethod
     def config_file(cls) -> str:
@@ -481,7 +490,7 @@ class Engine:
         load_weights(engine.named_blocks(), directory)
         return engine
 
-    def _analyse(self, check_only_structure: bool = False) -> tuple[ExecutionPlan, list[Problem]]:
+    def _analyse(self) -> tuple[ExecutionPlan, list[Problem]]:
         incoming: dict[tuple[str, str], list[Edge]] = {}
         for edge in self._edges:
             incoming.setdefault((edge.target, edge.target_port), []).append(edge)
@@ -527,7 +536,7 @@ class Engine:
                     )
                 )
             steps.append(Step(loop.order, loop))
-        return ExecutionPlan(steps, incoming, exposed), ([] if check_only_structure else problems)
+        return ExecutionPlan(steps, incoming, exposed), problems
 
 
 def _check_executor(executor: str) -> str:
@@ -558,9 +567,8 @@ def _components_in_order(nodes: list[str], edges: list[Edge]) -> list[list[str]]
     on_stack: set[str] = set()
     components: list[list[str]] = []
 
-    def visit(
-        root: str,
-    ) -> None:  # iterative Tarjan: graphs of a few hundred nodes must not hit recursion limits
+    # Iterative Tarjan: graphs of a few hundred nodes must not hit recursion limits.
+    def visit(root: str) -> None:
         work = [(root, iter(successors[root]))]
         index[root] = low[root] = len(index)
         stack.append(root)

@@ -171,15 +171,5 @@ class Graph(Engine):
                 raise fail(path, str(err)) from None
             self.add_node(block, id=str(node_id), auto_connect=False)
 
-    @classmethod
-    def from_template(cls, name: str, **params: Any) -> Graph:
-        """A graph from a registered template (`worldgen templates` lists them)."""
-        from worldgen.templates import build_template
-
-        graph = build_template(name, **params)
-        if not isinstance(graph, Graph):
-            raise GraphError(f"template '{name}' builds a {type(graph).__name__}, not a Graph")
-        return graph
-
     def __repr__(self) -> str:
         return f"Graph({self.name!r}, nodes={len(self._items)}, edges={len(self._edges)})"

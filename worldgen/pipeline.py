@@ -77,15 +77,6 @@ class Pipeline(Engine):
                 raise fail(path, str(err)) from None
             self._add_item(str(item_id), item)
 
-    @classmethod
-    def from_template(cls, name: str, **params: Any) -> Pipeline:
-        from worldgen.templates import build_template
-
-        pipeline = build_template(name, **params)
-        if not isinstance(pipeline, Pipeline):
-            raise GraphError(f"template '{name}' builds a {type(pipeline).__name__}, not a Pipeline")
-        return pipeline
-
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, graphs={list(self._items)}, edges={len(self._edges)})"
 

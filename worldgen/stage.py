@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worldgen.engine import Engine, Problem
-from worldgen.errors import ConfigError, GraphError
+from worldgen.errors import ConfigError, GraphError, did_you_mean
 from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
 from worldgen.state import WorldState
@@ -66,8 +66,6 @@ class Stage(Pipeline):
         super().__init__(name, executor=executor)
         role = role or name
         if role not in CONTRACTS:
-            from worldgen.errors import did_you_mean
-
             raise GraphError(
                 f"unknown stage role '{role}'{did_you_mean(role, CONTRACTS)}; roles: {', '.join(CYCLE)}"
             )
@@ -114,8 +112,6 @@ class Stage(Pipeline):
         """The Creator's pipeline for this state's block 2."""
         name = state.generation.pipeline if state.generation else None
         if name not in self._items:
-            from worldgen.errors import did_you_mean
-
             raise ConfigError(
                 f"block 2 asks for pipeline '{name}'{did_you_mean(str(name), self._items)}, but the creator has: "
                 f"{', '.join(self._items)}"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from worldgen.block import Block
 from worldgen.engine import Engine, Loop, gather_inputs
 from worldgen.errors import ExecutionError, GraphError, WorldgenError, did_you_mean
 from worldgen.execution.callbacks import RunCallback
@@ -34,14 +35,29 @@ def check_inputs(engine: Engine, inputs: Mapping[str, Any] | None) -> dict[str, 
 
 
 def loop_iterations(
-    engine: Engine, loop: Loop, values: Mapping, inputs: Mapping, override: int | None
+    engine: Engine,
+    loop: Loop,
+    values: Mapping,
+    inputs: Mapping,
+    override: int | None,
+    entering: Callable[[str], Mapping[str, Any]] | None = None,
 ) -> int:
-    """N for one loop: the run's override, else what a block in the loop says (e.g. the solver's schedule)."""
+    """N for one loop: the run's override, else what a block in the loop says (e.g. the solver's schedule).
+
+    `entering(node_id)` gives the values entering the loop at that node (default: gathered from `values`); it
+    is only asked for blocks that can size a loop (a remote executor fetches those values for them).
+    """
     if override is not None:
         return int(override)
     for node_id in loop.order:
-        entering = gather_inputs(engine, node_id, values, inputs, loop=loop, outside_only=True)
-        n = engine.item(node_id).loop_iterations(entering)
+        item = engine.item(node_id)
+        if type(item).loop_iterations is Block.loop_iterations:
+            continue
+        if entering is None:
+            kwargs = gather_inputs(engine, node_id, values, inputs, loop=loop, outside_only=True)
+        else:
+            kwargs = entering(node_id)
+        n = item.loop_iterations(kwargs)
         if n is not None:
             return int(n)
     raise GraphError(
@@ -82,6 +98,11 @@ def call_in_port_order(
         raise ExecutionError(
             f"node '{node_id}' ({block.block_type}) failed{where}: {type(err).__name__}: {err}"
         ) from err
+    return in_port_order(outputs, ports)
+
+
+def in_port_order(outputs: Mapping[str, Any], ports: tuple[str, ...]) -> Any:
+    """Outputs as a remote call returns them (one return per port): a single value for one port, else a tuple."""
     values = tuple(outputs[p] for p in ports)
     return values[0] if len(values) == 1 else values
 

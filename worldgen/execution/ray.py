@@ -18,9 +18,9 @@ import ray
 from actors.model_host import block_key, forget_host, host_for, host_name
 from worldgen.block import Block, ModelBlock
 from worldgen.engine import Engine, Loop, gather_inputs
-from worldgen.errors import ExecutionError, GraphError, WorldgenError
+from worldgen.errors import ExecutionError, WorldgenError
 from worldgen.execution.callbacks import RunCallback
-from worldgen.execution.local import call_in_port_order, check_inputs
+from worldgen.execution.local import call_in_port_order, check_inputs, loop_iterations
 from worldgen.graph import Graph
 from worldgen.ports import AGGREGATORS, Aggregation
 
@@ -43,13 +43,6 @@ class _Gather:
     refs: tuple
 
 
-def _resolve(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: AGGREGATORS[v.policy](ray.get(list(v.refs))) if isinstance(v, _Gather) else v
-        for k, v in kwargs.items()
-    }
-
-
 @ray.remote
 def _run_block(call: tuple[Block, str, tuple[str, ...], dict[str, Any]], **upstream: Any) -> Any:
     """`call` = (block, node id, output ports, plain inputs) in one argument (each task argument costs a
@@ -57,7 +50,7 @@ def _run_block(call: tuple[Block, str, tuple[str, ...], dict[str, Any]], **upstr
     block, node_id, ports, inputs = call
     # One instance per block behaviour per worker process: what a block caches (a scheduler config) stays.
     block = _worker_blocks.setdefault(block_key(block), block)
-    return call_in_port_order(block, node_id, ports, _resolve(inputs | upstream))
+    return call_in_port_order(block, node_id, ports, _resolve_local(inputs | upstream))
 
 
 # ---- submission --------------------------------------------------------------------------------------
@@ -138,19 +131,11 @@ class _Run:
         return {name: values[node][port] for name, (node, port) in engine.exposed_outputs.items()}
 
     def loop_count(self, engine: Engine, loop: Loop, values, inputs) -> int:
-        if self.iterations is not None:
-            return int(self.iterations)
-        for node_id in loop.order:
-            item = engine.item(node_id)
-            if type(item).loop_iterations is Block.loop_iterations:
-                continue  # only fetch entering values for blocks that can size the loop
-            entering = self.gather(engine, node_id, values, inputs, loop=loop, outside_only=True)
-            n = item.loop_iterations(_resolve_local(entering, fetch=True))
-            if n is not None:
-                return int(n)
-        raise GraphError(
-            f"loop {', '.join(loop.order)} needs an iteration count: pass iterations=N or add a solver"
-        )
+        def entering(node_id: str) -> dict[str, Any]:
+            gathered = self.gather(engine, node_id, values, inputs, loop=loop, outside_only=True)
+            return _resolve_local(gathered, fetch=True)
+
+        return loop_iterations(engine, loop, values, inputs, self.iterations, entering)
 
     def submit_fused(self, graph: Graph, loop: Loop, host: Any, values, inputs) -> None:
         sub, entering, leaving = graph.extract(loop.order)
@@ -167,13 +152,12 @@ class _Run:
         for name, out in zip(ports, refs, strict=True):
             node, port = leaving[name]
             values.setdefault(node, {})[port] = out
-        self.submitted.append(
-            _Submitted(loop.order[-1], None, {name: r for name, r in zip(ports, refs, strict=True)})
-        )
+        self.submitted.append(_Submitted(loop.order[-1], None, dict(zip(ports, refs, strict=True))))
 
 
 def _resolve_local(kwargs: dict[str, Any], fetch: bool = False) -> dict[str, Any]:
-    """Actor methods get aggregated refs resolved here (actors do not run `_resolve`); `fetch` also gets refs."""
+    """Aggregated refs resolved and combined (inside a task, or here before an actor call); `fetch` also gets
+    plain refs."""
     out = {}
     for k, v in kwargs.items():
         if isinstance(v, _Gather):

@@ -33,12 +33,18 @@ def _ensure_loaded() -> None:
             importlib.import_module(module)
 
 
-def template_params(name: str) -> list[str]:
-    """The keyword parameters a template accepts."""
+def _template(name: str) -> Callable[..., Any]:
     _ensure_loaded()
     if name not in _TEMPLATES:
-        raise ConfigError(f"unknown template '{name}'{did_you_mean(name, _TEMPLATES)}")
-    return list(inspect.signature(_TEMPLATES[name]).parameters)
+        raise ConfigError(
+            f"unknown template '{name}'{did_you_mean(name, _TEMPLATES)}; available: {', '.join(sorted(_TEMPLATES))}"
+        )
+    return _TEMPLATES[name]
+
+
+def template_params(name: str) -> list[str]:
+    """The keyword parameters a template accepts."""
+    return list(inspect.signature(_template(name)).parameters)
 
 
 def list_templates() -> dict[str, str]:
@@ -48,12 +54,7 @@ def list_templates() -> dict[str, str]:
 
 
 def build_template(name: str, **params: Any) -> Any:
-    _ensure_loaded()
-    if name not in _TEMPLATES:
-        raise ConfigError(
-            f"unknown template '{name}'{did_you_mean(name, _TEMPLATES)}; available: {', '.join(sorted(_TEMPLATES))}"
-        )
-    fn = _TEMPLATES[name]
+    fn = _template(name)
     accepted = inspect.signature(fn).parameters
     unknown = [p for p in params if p not in accepted]
     if unknown:
