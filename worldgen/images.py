@@ -8,6 +8,15 @@ from typing import Any
 from worldgen.storage_io import atomic_write
 
 
+def png_bytes(picture: Any) -> bytes:
+    """A PIL image encoded as PNG."""
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def to_pil(image: Any) -> list[Any]:
     """A (B, C, H, W) or (C, H, W) tensor or array in [0, 1] (C = 1, 3 or 4) -> one PIL image per batch item."""
     import numpy as np

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 
 from worldgen.config import dump_config, load_config_file
 from worldgen.errors import ConfigError, WorldgenError, format_validation_error
+from worldgen.images import png_bytes, to_pil
 from worldgen.state import ArtifactRef, Progress, WorldContent, WorldState
 from worldgen.storage_io import atomic_write_bytes, atomic_write_text
 
@@ -214,9 +215,7 @@ class WorldStorage:
         folder = self.artifacts_dir / _check_id(state_id)
         refs = []
         for i, picture in enumerate(_pictures(images)):
-            buffer = io.BytesIO()
-            picture.save(buffer, format="PNG")
-            data = buffer.getvalue()
+            data = png_bytes(picture)
             target = folder / f"{i:03d}.png"
             atomic_write_bytes(target, data, durable=False)  # in flight: the episode copy is the durable one
             refs.append(
@@ -581,8 +580,6 @@ def _read_model(path: Path, cls: type[_M]) -> _M | None:
 def _pictures(images: Any) -> list[Any]:
     """PIL images from a tensor/array batch, a PIL image, or a list of either."""
     from PIL import Image
-
-    from worldgen.images import to_pil
 
     if isinstance(images, Image.Image):
         return [images]

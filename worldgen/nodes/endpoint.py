@@ -111,7 +111,7 @@ def encode_png(image: Any) -> dict[str, Any]:
     """An image batch ((B, C, H, W) in [0, 1], or PIL image(s)) as `{png_base64: [...]}`, one PNG per item."""
     from PIL import Image
 
-    from worldgen.images import to_pil
+    from worldgen.images import png_bytes, to_pil
 
     if isinstance(image, Image.Image):
         pictures = [image]
@@ -119,12 +119,7 @@ def encode_png(image: Any) -> dict[str, Any]:
         pictures = list(image)
     else:
         pictures = to_pil(image)
-    encoded = []
-    for picture in pictures:
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
-    return {"png_base64": encoded}
+    return {"png_base64": [base64.b64encode(png_bytes(p)).decode("ascii") for p in pictures]}
 
 
 def decode_png(payload: Mapping[str, Any]) -> Any:

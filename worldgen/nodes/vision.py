@@ -15,7 +15,6 @@ Every block accepts `images` as a tensor (B, 3, H, W) in [0, 1], a PIL image, a 
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -102,9 +101,9 @@ def _open(path: Path) -> Any:
 
 def png_data_url(image: Any) -> str:
     """A PIL image as a `data:image/png;base64,…` URL (what OpenAI-compatible APIs take as an image part)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    from worldgen.images import png_bytes
+
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def _numbered(descriptions: list[str]) -> str:
