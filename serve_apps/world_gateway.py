@@ -49,6 +49,7 @@ from actors.world_driver import (
     name_slug,
 )
 from serve_apps.auth import bearer_ok, token_digest
+from serve_apps.guard import BodyLimit
 from worldgen.errors import WorldgenError, format_validation_error
 from worldgen.storage import WorldStorage
 
@@ -94,44 +95,6 @@ class GatewaySettings(BaseModel):
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(200, ge=1, description="per replica (a streamed step holds one)")
     driver_num_cpus: float | None = Field(None, ge=0, description="CPUs reserved by each world driver")
-
-
-# ---- the ASGI guard: body size -------------------------------------------------------------------------
-class BodyLimit:
-    """Answer 413 to a request whose body is larger than the app's `state.max_body_bytes`, declared or
-    streamed, before the application reads any of it (the body is read here and replayed to the app)."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = scope["app"].state.max_body_bytes
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
-            return await _too_large(limit, scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            chunks.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > limit:
-                return await _too_large(limit, scope, receive, send)
-            more = message.get("more_body", False)
-        replay = iter(chunks)
-
-        async def receive_again() -> dict:
-            return next(replay, None) or await receive()
-
-        return await self.app(scope, receive_again, send)
-
-
-async def _too_large(limit: int, scope: dict, receive: Any, send: Any) -> None:
-    response = JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
-    await response(scope, receive, send)
 
 
 # ---- the application -----------------------------------------------------------------------------------
