@@ -50,8 +50,9 @@ from actors.world_driver import (
 )
 from serve_apps.auth import bearer_ok, token_digest
 from serve_apps.guard import BodyLimit
-from worldgen.errors import WorldgenError, format_validation_error
+from worldgen.errors import ConfigError, WorldgenError, format_validation_error
 from worldgen.storage import WorldStorage
+from worldgen.trust import TrustPolicy, admit_config
 
 WORLD_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _WORLD_ID = re.compile(WORLD_ID)
@@ -95,6 +96,10 @@ class GatewaySettings(BaseModel):
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(200, ge=1, description="per replica (a streamed step holds one)")
     driver_num_cpus: float | None = Field(None, ge=0, description="CPUs reserved by each world driver")
+    trust: TrustPolicy = Field(
+        default_factory=TrustPolicy,
+        description="what posted configs may use: files under roots, env names, URLs, model sources",
+    )
 
 
 # ---- the application -----------------------------------------------------------------------------------
@@ -186,8 +191,19 @@ class WorldGateway:
                 config = build_template(body.template, **body.params)
             except (WorldgenError, TypeError, ValueError) as err:
                 raise HTTPException(400, f"template {body.template!r}: {err}") from None
+            if not isinstance(config, dict) or config.get("kind") != "world":
+                what = (
+                    type(config).__name__
+                    if not isinstance(config, dict)
+                    else f"a {config.get('kind')} config"
+                )
+                raise HTTPException(400, f"template {body.template!r} builds {what}, not a world")
         else:
             config = body.config
+        try:  # a posted config (and a template's params) is held to the server's trust policy
+            config = admit_config(config, self.settings.trust)
+        except ConfigError as err:
+            raise HTTPException(400, f"cannot create the world: {err}") from None
         name = config.get("name") if isinstance(config, dict) else None
         world_id = body.id or f"{name_slug(name)}-{uuid.uuid4().hex[:8]}"
         directory = self.directory(world_id)

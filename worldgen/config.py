@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,14 @@ from worldgen.errors import ConfigError
 from worldgen.storage_io import atomic_write_text
 
 SCHEMA_VERSION = 1
-_ENV = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+ENV_REFERENCE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+# How a `ref:` name becomes a path: (name, directory of the file naming it) -> the file to read.
+Locator = Callable[[str, Path], Path]
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML or JSON file into a mapping; syntax errors name the file, line and column."""
+def load_config_file(path: str | Path, *, locate: Locator | None = None) -> dict[str, Any]:
+    """Parse a YAML or JSON file into a mapping, its `ref:` includes resolved (by `locate`, default: relative
+    to the file); syntax errors name the file, line and column."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -36,13 +39,17 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"malformed JSON: {err.msg}", file=str(path), path=f"line {err.lineno}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}", file=str(path))
-    return resolve_refs(data, base=path.parent, file=str(path))
+    return resolve_refs(data, base=path.parent, file=str(path), locate=locate)
 
 
-def resolve_refs(data: Any, *, base: Path, file: str | None = None, path: str = "") -> Any:
+def resolve_refs(
+    data: Any, *, base: Path, file: str | None = None, path: str = "", locate: Locator | None = None
+) -> Any:
     """Replace every `{ref: other.yaml}` (relative to `base`) with that file's content, recursively."""
     if isinstance(data, Mapping):
         if set(data) == {"ref"} and isinstance(data["ref"], str):
+            if locate is not None:
+                return load_config_file(locate(data["ref"], base), locate=locate)
             target = (base / data["ref"]).resolve()
             if not target.exists():
                 raise ConfigError(
@@ -50,11 +57,14 @@ def resolve_refs(data: Any, *, base: Path, file: str | None = None, path: str = 
                 )
             return load_config_file(target)
         return {
-            k: resolve_refs(v, base=base, file=file, path=f"{path}.{k}" if path else str(k))
+            k: resolve_refs(v, base=base, file=file, path=f"{path}.{k}" if path else str(k), locate=locate)
             for k, v in data.items()
         }
     if isinstance(data, list):
-        return [resolve_refs(v, base=base, file=file, path=f"{path}[{i}]") for i, v in enumerate(data)]
+        return [
+            resolve_refs(v, base=base, file=file, path=f"{path}[{i}]", locate=locate)
+            for i, v in enumerate(data)
+        ]
     return data
 
 
@@ -72,7 +82,7 @@ def resolve_env(data: Any, *, file: str | None = None, path: str = "") -> Any:
                 )
             return os.environ[name]
 
-        return _ENV.sub(lookup, data)
+        return ENV_REFERENCE.sub(lookup, data)
     if isinstance(data, Mapping):
         return {k: resolve_env(v, file=file, path=f"{path}.{k}" if path else str(k)) for k, v in data.items()}
     if isinstance(data, list):
