@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+
 import diffusers
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch
 from worldgen.models.tiny import preset_pipeline_components, save_preset_pipeline
 
 PROMPT = "a harbor at dawn"
+SERVER_KEY_ENV = "WORLDGEN_TEST_SERVER_KEY"
 
 # worldgen solver name -> (diffusers scheduler class, extra config) as a diffusers user would set it up
 SOLVER_SCHEDULERS = {
@@ -54,6 +58,9 @@ def ray_session():
 
     from actors.model_host import NAMESPACE, cluster_address, unload_hosts
 
+    # A key only the server's environment holds (as an operator exports one before the cluster starts): the
+    # trust tests check that no posted config gets it out of the server (tests/test_gateway_trust.py).
+    os.environ.setdefault(SERVER_KEY_ENV, "sk-server-" + secrets.token_hex(16))
     ray.init(address="local", num_cpus=2, logging_level="warning", include_dashboard=True)
     try:
         yield ray
