@@ -142,10 +142,13 @@ def test_refs_only_under_roots_inlined_and_never_an_oracle(files):
 def test_prompts_base_and_adapters_only_under_roots(files):
     root, outside = files
     policy = TrustPolicy(roots=[str(root)])
+    refused({**world_config(), "base": "graphs"}, policy, "adapters", "names its adapters folder")
     for key in ("prompts", "base", "adapters"):
-        config = {**world_config(), key: str(outside / "prompts")}
+        config = {**world_config(), "adapters": "graphs", key: str(outside / "prompts")}
         refused(config, policy, key, "relative path")
-        refused({**world_config(), key: "../outside/prompts"}, policy, key, "relative path")
+        refused(
+            {**world_config(), "adapters": "graphs", key: "../outside/prompts"}, policy, key, "relative path"
+        )
     admitted = admit_config({**world_config(), "prompts": "prompts"}, policy)
     assert admitted["prompts"] == str((root / "prompts").resolve())
 

@@ -141,6 +141,8 @@ class _Admission:
 
     # ---- the walk --------------------------------------------------------------------------------------
     def world(self, config: dict[str, Any]) -> dict[str, Any]:
+        if "base" in config and "adapters" not in config:  # its default is relative to the server's cwd
+            raise TrustError("a custom world sent over HTTP names its adapters folder", path="adapters")
         for key in PATH_KEYS:  # first, so `file:` prompts can be looked up in the world's own prompts
             if config.get(key) is not None:
                 path = self.locate(config[key], where=key, what=f"{key}:")
