@@ -19,8 +19,8 @@ in parallel, and any gateway replica reaches the same driver by name.
     GET    /docs, /openapi.json                OpenAPI docs
 
 Optional bearer-token auth: when the environment variable named by `token_env` (WORLDGEN_API_TOKEN) is set
-where the application is built, every request needs `Authorization: Bearer <token>`; only the token's SHA-256
-travels to the replicas. Request bodies larger than `max_body_bytes` get 413.
+where the application is built, every request, on every path (`/docs` and `/openapi.json` included), needs
+`Authorization: Bearer <token>`; only the token's SHA-256 travels to the replicas. Request bodies larger than `max_body_bytes` get 413.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request models on the methods Serve wraps.
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
@@ -48,8 +48,8 @@ from actors.world_driver import (
     get_or_create_driver,
     name_slug,
 )
-from serve_apps.auth import bearer_ok, token_digest
-from serve_apps.guard import BodyLimit
+from serve_apps.auth import token_digest
+from serve_apps.guard import BearerAuth, BodyLimit
 from worldgen.errors import WorldgenError, format_validation_error
 from worldgen.storage import WorldStorage
 
@@ -106,14 +106,7 @@ api = FastAPI(
 api.state.max_body_bytes = GatewaySettings.model_fields["max_body_bytes"].default
 api.state.token_sha256 = None
 api.add_middleware(BodyLimit)
-
-
-def _check_token(request: Request) -> None:
-    if not bearer_ok(request.headers.get("authorization"), request.app.state.token_sha256):
-        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-
-authorised = [Depends(_check_token)]
+api.add_middleware(BearerAuth)  # the last added runs first: no token, no body read
 
 
 def _event(name: str, data: Any) -> str:
@@ -177,7 +170,7 @@ class WorldGateway:
         return episode
 
     # ---- worlds ----------------------------------------------------------------------------------------
-    @api.post("/v1/worlds", status_code=201, dependencies=authorised)
+    @api.post("/v1/worlds", status_code=201)
     async def create(self, body: CreateWorld) -> dict[str, Any]:
         if body.template is not None:
             from worldgen.templates import build_template
@@ -202,7 +195,7 @@ class WorldGateway:
         self.handles[world_id] = handle
         return {"id": world_id, **await self.call(handle.info.remote())}
 
-    @api.get("/v1/worlds", dependencies=authorised)
+    @api.get("/v1/worlds")
     async def all_worlds(self) -> dict[str, Any]:
         worlds = []
         for directory in sorted(p for p in self.root.iterdir() if (p / "world.yaml").is_file()):
@@ -215,17 +208,17 @@ class WorldGateway:
             worlds.append(entry)
         return {"worlds": worlds}
 
-    @api.get("/v1/worlds/{world_id}", dependencies=authorised)
+    @api.get("/v1/worlds/{world_id}")
     async def info(self, world_id: str) -> dict[str, Any]:
         handle = await self.driver(world_id)
         return {"id": world_id, **await self.call(handle.info.remote())}
 
-    @api.get("/v1/worlds/{world_id}/state", dependencies=authorised)
+    @api.get("/v1/worlds/{world_id}/state")
     async def state(self, world_id: str) -> dict[str, Any]:
         handle = await self.driver(world_id)
         return await self.call(handle.state.remote())
 
-    @api.post("/v1/worlds/{world_id}/step", dependencies=authorised)
+    @api.post("/v1/worlds/{world_id}/step")
     async def step(
         self,
         world_id: str,
@@ -261,7 +254,7 @@ class WorldGateway:
             yield _event("error", {"status": err.status_code, "detail": err.detail})
 
     # ---- episodes and artifacts ------------------------------------------------------------------------
-    @api.get("/v1/worlds/{world_id}/episodes", dependencies=authorised)
+    @api.get("/v1/worlds/{world_id}/episodes")
     async def episodes(
         self,
         world_id: str,
@@ -276,7 +269,7 @@ class WorldGateway:
         page["items"] = [self.with_urls(request, world_id, e) for e in page["items"]]
         return page
 
-    @api.get("/v1/worlds/{world_id}/episodes/{number}", dependencies=authorised)
+    @api.get("/v1/worlds/{world_id}/episodes/{number}")
     async def episode(self, world_id: str, number: int, request: Request) -> dict[str, Any]:
         handle = await self.driver(world_id)
         page = await self.call(handle.episodes.remote(max(number - 1, 0), 1))
@@ -284,13 +277,13 @@ class WorldGateway:
             raise HTTPException(404, f"world {world_id!r} has no episode {number} ({page['total']} saved)")
         return self.with_urls(request, world_id, page["items"][0])
 
-    @api.get("/v1/worlds/{world_id}/artifacts/{path:path}", dependencies=authorised)
+    @api.get("/v1/worlds/{world_id}/artifacts/{path:path}")
     async def artifact(self, world_id: str, path: str) -> Response:
         handle = await self.driver(world_id)
         data = await self.call(handle.artifact.remote(path))
         return Response(data, media_type=ARTIFACT_TYPES[Path(path).suffix.lower()])
 
-    @api.delete("/v1/worlds/{world_id}", status_code=204, dependencies=authorised)
+    @api.delete("/v1/worlds/{world_id}", status_code=204)
     async def delete(self, world_id: str) -> Response:
         directory = self.directory(world_id)
         if not WorldStorage(directory).exists():

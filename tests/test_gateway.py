@@ -184,6 +184,10 @@ def test_wrong_or_missing_token_gets_401(gateway, serve_url):
         wrong = anonymous.get("/v1/worlds", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
         assert anonymous.post("/v1/worlds", json=SMALL).status_code == 401
+        for path in ("/docs", "/redoc", "/openapi.json", "/no-such-path"):  # every path: the docs too
+            assert anonymous.get(path).status_code == 401, path
+    with Client(serve_url + PREFIX, {"Authorization": f"Bearer {TOKEN}"}) as client:
+        assert client.get("/docs").status_code == 200 and client.get("/openapi.json").json()["paths"]
 
 
 def test_delete_stops_the_driver_and_removes_the_world(gateway):
