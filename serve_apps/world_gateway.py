@@ -98,15 +98,43 @@ class GatewaySettings(BaseModel):
 
 
 # ---- the application -----------------------------------------------------------------------------------
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what is wrong")
+
+
+# Documented on every route (the OpenAPI document promises what a client may get; schemathesis holds us to it).
+# 422 (FastAPI's validation errors) is documented by FastAPI on the routes that take parameters.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "a body that is not JSON, or a world that cannot be built"},
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token (when the gateway has one)"},
+    404: {"model": ErrorResponse, "description": "no such world, episode or artifact"},
+    409: {"model": ErrorResponse, "description": "the world exists already, or a step is in flight"},
+    413: {"model": ErrorResponse, "description": "request body over `max_body_bytes`"},
+    500: {"model": ErrorResponse, "description": "the world failed (the message says where)"},
+    503: {"model": ErrorResponse, "description": "the world's driver is restarting; retry"},
+}
+
 api = FastAPI(
     title="worldgen world gateway",
     version="1",
     description="Create worlds, step them, read their state and episodes, fetch their images.",
+    responses=_ERRORS,
 )
 api.state.max_body_bytes = GatewaySettings.model_fields["max_body_bytes"].default
 api.state.token_sha256 = None
 api.add_middleware(BodyLimit)
 api.add_middleware(BearerAuth)  # the last added runs first: no token, no body read
+
+
+# One event of a streamed step (OpenAPI 3.1: a text/event-stream schema describes each event).
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["stage", "report", "error"]},
+        "data": {"type": "string", "description": "JSON: a stage's progress, the step's report, or an error"},
+    },
+}
 
 
 def _event(name: str, data: Any) -> str:
@@ -218,7 +246,10 @@ class WorldGateway:
         handle = await self.driver(world_id)
         return await self.call(handle.state.remote())
 
-    @api.post("/v1/worlds/{world_id}/step")
+    @api.post(
+        "/v1/worlds/{world_id}/step",
+        responses={200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}},
+    )
     async def step(
         self,
         world_id: str,
@@ -263,7 +294,9 @@ class WorldGateway:
         limit: int = Query(20, ge=1),
     ) -> dict[str, Any]:
         if limit > self.settings.page_limit:
-            raise HTTPException(422, f"limit: at most {self.settings.page_limit} episodes per page")
+            # in FastAPI's validation-error shape, as the document promises for 422
+            message = f"at most {self.settings.page_limit} episodes per page (setting 'page_limit')"
+            raise HTTPException(422, [{"loc": ["query", "limit"], "msg": message, "type": "value_error"}])
         handle = await self.driver(world_id)
         page = await self.call(handle.episodes.remote(offset, limit))
         page["items"] = [self.with_urls(request, world_id, e) for e in page["items"]]
@@ -277,7 +310,11 @@ class WorldGateway:
             raise HTTPException(404, f"world {world_id!r} has no episode {number} ({page['total']} saved)")
         return self.with_urls(request, world_id, page["items"][0])
 
-    @api.get("/v1/worlds/{world_id}/artifacts/{path:path}")
+    @api.get(
+        "/v1/worlds/{world_id}/artifacts/{path:path}",
+        response_class=Response,
+        responses={200: {"content": {media: {} for media in sorted(set(ARTIFACT_TYPES.values()))}}},
+    )
     async def artifact(self, world_id: str, path: str) -> Response:
         handle = await self.driver(world_id)
         data = await self.call(handle.artifact.remote(path))
