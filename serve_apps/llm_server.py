@@ -295,6 +295,20 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": said[status]} for status in statuses}
 
 
+# One server-sent event of a streamed completion (OpenAPI 3.1: a text/event-stream schema describes each event).
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "a chat.completion.chunk object as JSON ({error} if the model fails midway); "
+            "the last event is [DONE]",
+        }
+    },
+}
+
+
 def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None) -> str:
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
     return _sse(
@@ -414,7 +428,7 @@ class LLMServer:
             200: {
                 "description": "the completion; with `stream: true`, server-sent events of "
                 "chat.completion.chunk objects ending with `data: [DONE]`",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": _SSE_EVENT}},
             },
             **_errors(400, 401, 404, 413, 500),
         },
