@@ -368,6 +368,11 @@ def test_unknown_model_is_404_in_openais_shape(client, url):
         ({"model": "tiny", "messages": CHAT, "temperature": 5}, "temperature"),
         ({"model": "tiny", "messages": CHAT, "max_tokens": 0}, "max_tokens"),
         ({"model": "tiny", "messages": CHAT, "n": 2}, "n"),
+        ({"model": "tiny", "messages": CHAT, "max_tokens": True}, "max_tokens"),  # no bool for a number
+        ({"model": "tiny", "messages": CHAT, "seed": False}, "seed"),
+        ({"model": "tiny", "messages": CHAT, "temperature": True}, "temperature"),
+        ({"model": "tiny", "messages": CHAT, "stream": "yes"}, "stream"),
+        ({"model": "tiny", "messages": CHAT, "stream": 1}, "stream"),
         ({"model": "tiny", "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "role"),
         ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text"),
