@@ -51,6 +51,7 @@ from actors.world_driver import (
 from serve_apps.auth import token_digest
 from serve_apps.guard import BearerAuth, BodyLimit
 from worldgen.errors import WorldgenError, format_validation_error
+from worldgen.limits import LimitExceeded
 from worldgen.storage import WorldStorage
 
 WORLD_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -105,10 +106,13 @@ class ErrorResponse(BaseModel):
 # Documented on every route (the OpenAPI document promises what a client may get; schemathesis holds us to it).
 # 422 (FastAPI's validation errors) is documented by FastAPI on the routes that take parameters.
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "a body that is not JSON, or a world that cannot be built"},
+    400: {
+        "model": ErrorResponse,
+        "description": "a body that is not JSON, a world that cannot be built, or over a limit",
+    },
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token (when the gateway has one)"},
     404: {"model": ErrorResponse, "description": "no such world, episode or artifact"},
-    409: {"model": ErrorResponse, "description": "the world exists already, or a step is in flight"},
+    409: {"model": ErrorResponse, "description": "the world exists already"},
     413: {"model": ErrorResponse, "description": "request body over `max_body_bytes`"},
     500: {"model": ErrorResponse, "description": "the world failed (the message says where)"},
     503: {"model": ErrorResponse, "description": "the world's driver is restarting; retry"},
@@ -135,6 +139,14 @@ _SSE_EVENT = {
         "data": {"type": "string", "description": "JSON: a stage's progress, the step's report, or an error"},
     },
 }
+
+
+# A driver's error -> the answer's status, by type (the first that matches): the client's mistakes are 4xx.
+_STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
+    (ArtifactNotFound, 404),
+    (LimitExceeded, 400),  # the world asks for more than the server's budgets (the message names the limit)
+    (WorldgenError, 500),
+)
 
 
 def _event(name: str, data: Any) -> str:
@@ -181,10 +193,9 @@ class WorldGateway:
             return await ref
         except ray.exceptions.RayTaskError as err:
             cause = err.cause
-            if isinstance(cause, ArtifactNotFound):
-                raise HTTPException(404, str(cause)) from None
-            if isinstance(cause, WorldgenError):
-                raise HTTPException(409 if "in flight" in str(cause) else 500, str(cause)) from None
+            for error, status in _STATUS_BY_ERROR:
+                if isinstance(cause, error):
+                    raise HTTPException(status, str(cause)) from None
             raise HTTPException(500, f"{type(cause).__name__}: {cause}") from None
         except ray.exceptions.RayActorError as err:
             raise HTTPException(
