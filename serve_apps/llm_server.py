@@ -21,8 +21,12 @@ validate the JSON, as `llm/openai` does with its retries.
 
 Optional bearer-token auth: when the environment variable named by `api_key_env` (WORLDGEN_LLM_API_KEY) is set
 where the application is built (`serve run`: your shell; `serve deploy`: the cluster's environment), every
-request needs `Authorization: Bearer <key>`. Only the key's SHA-256 reaches the deployments: the key is in no
-config, no deployment argument and no log.
+request, on every path (`/docs` and `/openapi.json` included), needs `Authorization: Bearer <key>`. Only the key's
+SHA-256 reaches the deployments: the key is in no config, no deployment argument and no log.
+
+Bounded work: a body over `max_body_bytes` gets 413 before anything reads it; `limits` (worldgen.limits.Limits)
+caps `max_tokens` (`max_new_tokens`) and the characters of a chat (`max_prompt_chars`), and a prompt longer than the
+model's context is refused after tokenizing, all with a 400 naming the limit before any generation starts.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the handlers' annotations (`Request`) at runtime,
@@ -43,9 +47,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_apps.auth import bearer_ok, token_digest
+from serve_apps.auth import token_digest
+from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
 from serve_apps.llm_runtime import DType, GenerationRequest, ModelRuntime, RequestError, ServedModel
 from worldgen.errors import format_validation_error
+from worldgen.limits import LimitExceeded, Limits
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -81,6 +87,11 @@ class LLMServerArgs(BaseModel):
     )
     dtype: DType = Field("auto", description="weights' dtype; auto: the checkpoint's on GPU, float32 on CPU")
     default_max_tokens: int = Field(512, ge=1, description="tokens generated when a request sets no limit")
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="larger request bodies get 413")
+    limits: Limits = Field(
+        default_factory=Limits,
+        description="budgets of one request: max_new_tokens (max_tokens), max_prompt_chars (all messages)",
+    )
 
     @field_validator("models")
     @classmethod
@@ -100,6 +111,13 @@ class LLMServerArgs(BaseModel):
             if adapter.base not in self.models:
                 known = ", ".join(sorted(self.models))
                 raise ValueError(f"adapters.{name}.base: '{adapter.base}' is not in `models` ({known})")
+        if self.default_max_tokens > self.limits.max_new_tokens:
+            if "default_max_tokens" in self.model_fields_set:  # two settings that contradict each other
+                raise ValueError(
+                    f"default_max_tokens: {self.default_max_tokens} is over limits.max_new_tokens "
+                    f"({self.limits.max_new_tokens})"
+                )
+            self.default_max_tokens = self.limits.max_new_tokens  # the default follows a lower limit
         return self
 
 
@@ -133,7 +151,7 @@ class _ResponseFormat(BaseModel):
 
 class _StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -142,16 +160,17 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="a torch generator's seed")
+    # Numbers and flags are strict, as the schema says: `true` is no token count, `"yes"` or 1 no flag.
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, strict=True)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, strict=True)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, strict=True, description="a torch generator's seed")
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
     stream_options: _StreamOptions | None = None
     response_format: _ResponseFormat | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: int = Field(1, ge=1, le=1, strict=True, description="one choice per request")
 
     @field_validator("stop")
     @classmethod
@@ -160,11 +179,27 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stop
 
-    def generation(self) -> GenerationRequest:
+    def generation(self, limits: Limits) -> GenerationRequest:
+        """What the model is asked; RequestError for content it cannot take, LimitExceeded (with the request
+        field in `path`) for a request over the server's budgets."""
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        if max_tokens is not None and max_tokens > limits.max_new_tokens:
+            field = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+            raise LimitExceeded(
+                "max_new_tokens", f"{field} {max_tokens} is over {limits.max_new_tokens}", path=field
+            )
+        messages = [m.plain() for m in self.messages]
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > limits.max_prompt_chars:
+            raise LimitExceeded(
+                "max_prompt_chars",
+                f"the messages hold {chars:,} characters, over {limits.max_prompt_chars:,}",
+                path="messages",
+            )
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return GenerationRequest(
-            messages=[m.plain() for m in self.messages],
-            max_tokens=self.max_completion_tokens or self.max_tokens,
+            messages=messages,
+            max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,  # OpenAI's defaults
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed,
@@ -173,23 +208,106 @@ class ChatCompletionRequest(BaseModel):
 
 
 # ---- answers -------------------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, which its clients turn into typed exceptions."""
+
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    parent: str | None = Field(description="an adapter's base model; null for a base model")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class _AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class _Choice(BaseModel):
+    index: int
+    message: _AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """OpenAI's chat.completion object (one choice)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[_Choice]
+    usage: Usage
+
+
 def error_response(
     status: int,
     message: str,
     type_: str = "invalid_request_error",
     code: str | None = None,
-    param: Any = None,
+    param: str | None = None,
 ) -> JSONResponse:
-    """An error in OpenAI's shape, which its clients turn into typed exceptions."""
+    """An error in OpenAI's shape (ErrorResponse)."""
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _validation_message(err: ValidationError) -> tuple[str, str | None]:
-    first = err.errors()[0] if err.errors() else {}
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    return format_validation_error(err), param
+def _guard_reply(status: int, message: str) -> JSONResponse:
+    """The guards' refusals (serve_apps/guard.py) in OpenAI's shape, with the codes its clients know."""
+    if status == 401:
+        return error_response(401, "missing or incorrect API key", code="invalid_api_key")
+    return error_response(status, message)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route answers (all in OpenAI's shape)."""
+    said = {
+        400: "the request is malformed or over a limit (the message names the field or the limit)",
+        401: "missing or incorrect API key (when the server has one)",
+        404: "no such model",
+        413: "request body over `max_body_bytes`",
+        500: "the model failed",
+    }
+    return {status: {"model": ErrorResponse, "description": said[status]} for status in statuses}
+
+
+# One server-sent event of a streamed completion (OpenAPI 3.1: a text/event-stream schema describes each event).
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "a chat.completion.chunk object as JSON ({error} if the model fails midway); "
+            "the last event is [DONE]",
+        }
+    },
+}
 
 
 def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None) -> str:
@@ -219,6 +337,10 @@ api = FastAPI(
     title="worldgen LLM server",
     description="OpenAI-compatible chat completions for local transformers models and LoRA adapters.",
 )
+api.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+api.state.token_sha256 = None
+api.add_middleware(BodyLimit, reply=_guard_reply)
+api.add_middleware(BearerAuth, reply=_guard_reply)  # the last added runs first: no key, no body read
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -228,25 +350,52 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-    return error_response(400, str(err.errors()))
+    """OpenAI answers a malformed request with 400 (FastAPI's default is 422), naming the first bad field."""
+    errors = err.errors()
+    # malformed JSON, or a body FastAPI left as bytes because its Content-Type is not JSON
+    if any(e.get("type") == "json_invalid" or isinstance(e.get("input"), bytes) for e in errors):
+        return error_response(400, "the request body is not JSON (Content-Type: application/json)")
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ())]
+    return error_response(400, format_validation_error(err), param=".".join(loc[1:]) or None)
+
+
+def _openapi_without_422() -> dict[str, Any]:
+    """The OpenAPI document without FastAPI's automatic 422 answers: validation errors are 400s here."""
+    if api.openapi_schema is None:
+        schema = FastAPI.openapi(api)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return api.openapi_schema
+
+
+api.openapi = _openapi_without_422  # type: ignore[method-assign]
 
 
 # The ingress only waits on the model replicas (streams included): no CPU reserved, many requests at once.
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class LLMServer:
-    """The HTTP side: auth, OpenAI request checking, routing by model id, OpenAI-shaped answers."""
+    """The HTTP side: OpenAI request checking and budgets, routing by model id, OpenAI-shaped answers (the
+    key and the body size are checked by the app's guards)."""
 
-    def __init__(self, models: DeploymentHandle, catalog: dict[str, str | None], key_sha256: str | None):
+    def __init__(
+        self,
+        models: DeploymentHandle,
+        catalog: dict[str, str | None],
+        key_sha256: str | None,
+        limits: dict[str, Any] | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ):
         self.models = models
         self.catalog = catalog  # model id -> its base (adapters) or None (base models)
-        self.key_sha256 = key_sha256
+        self.limits = Limits.model_validate(limits or {})
         self.created = int(time.time())
-
-    def _unauthorized(self, request: Request) -> JSONResponse | None:
-        if bearer_ok(request.headers.get("authorization"), self.key_sha256):
-            return None
-        return error_response(401, "missing or incorrect API key", code="invalid_api_key")
+        api.state.token_sha256 = key_sha256
+        api.state.max_body_bytes = max_body_bytes
 
     def _model_card(self, name: str) -> dict[str, Any]:
         return {
@@ -265,32 +414,31 @@ class LLMServer:
             param="model",
         )
 
-    @api.get("/v1/models")
-    async def list_models(self, request: Request) -> Any:
-        if denied := self._unauthorized(request):
-            return denied
+    @api.get("/v1/models", response_model=ModelList, responses=_errors(401))
+    async def list_models(self) -> Any:
         return {"object": "list", "data": [self._model_card(name) for name in self.catalog]}
 
-    @api.get("/v1/models/{name:path}")
-    async def get_model(self, name: str, request: Request) -> Any:
-        if denied := self._unauthorized(request):
-            return denied
+    @api.get("/v1/models/{name:path}", response_model=ModelCard, responses=_errors(401, 404))
+    async def get_model(self, name: str) -> Any:
         return self._model_card(name) if name in self.catalog else self._unknown(name)
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Any:
-        if denied := self._unauthorized(request):
-            return denied
+    @api.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={
+            200: {
+                "description": "the completion; with `stream: true`, server-sent events of "
+                "chat.completion.chunk objects ending with `data: [DONE]`",
+                "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+            },
+            **_errors(400, 401, 404, 413, 500),
+        },
+    )
+    async def chat_completions(self, chat: ChatCompletionRequest) -> Any:
         try:
-            body = await request.json()
-        except ValueError:
-            return error_response(400, "the request body is not JSON")
-        try:
-            chat = ChatCompletionRequest.model_validate(body)
-            generation = chat.generation().model_dump()
-        except ValidationError as err:
-            message, param = _validation_message(err)
-            return error_response(400, message, param=param)
+            generation = chat.generation(self.limits).model_dump()
+        except LimitExceeded as err:
+            return error_response(400, err.detail, code="limit_exceeded", param=err.path)
         except RequestError as err:
             return error_response(400, str(err), param="messages")
         if chat.model not in self.catalog:
@@ -443,4 +591,6 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     catalog: dict[str, str | None] = {name: None for name in models} | {
         name: base for name, (base, _) in adapters.items()
     }
-    return LLMServer.bind(model_deployment, catalog, key_sha256)
+    return LLMServer.bind(
+        model_deployment, catalog, key_sha256, settings.limits.model_dump(), settings.max_body_bytes
+    )

@@ -19,8 +19,8 @@ in parallel, and any gateway replica reaches the same driver by name.
     GET    /docs, /openapi.json                OpenAPI docs
 
 Optional bearer-token auth: when the environment variable named by `token_env` (WORLDGEN_API_TOKEN) is set
-where the application is built, every request needs `Authorization: Bearer <token>`; only the token's SHA-256
-travels to the replicas. Request bodies larger than `max_body_bytes` get 413.
+where the application is built, every request, on every path (`/docs` and `/openapi.json` included), needs
+`Authorization: Bearer <token>`; only the token's SHA-256 travels to the replicas. Request bodies larger than `max_body_bytes` get 413.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request models on the methods Serve wraps.
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
@@ -48,9 +48,10 @@ from actors.world_driver import (
     get_or_create_driver,
     name_slug,
 )
-from serve_apps.auth import bearer_ok, token_digest
-from serve_apps.guard import BodyLimit
+from serve_apps.auth import token_digest
+from serve_apps.guard import BearerAuth, BodyLimit
 from worldgen.errors import ConfigError, WorldgenError, format_validation_error
+from worldgen.limits import LimitExceeded
 from worldgen.storage import WorldStorage
 from worldgen.trust import TrustPolicy, admit_config
 
@@ -103,22 +104,54 @@ class GatewaySettings(BaseModel):
 
 
 # ---- the application -----------------------------------------------------------------------------------
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what is wrong")
+
+
+# Documented on every route (the OpenAPI document promises what a client may get; schemathesis holds us to it).
+# 422 (FastAPI's validation errors) is documented by FastAPI on the routes that take parameters.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "a body that is not JSON, a world that cannot be built, or over a limit",
+    },
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token (when the gateway has one)"},
+    404: {"model": ErrorResponse, "description": "no such world, episode or artifact"},
+    409: {"model": ErrorResponse, "description": "the world exists already"},
+    413: {"model": ErrorResponse, "description": "request body over `max_body_bytes`"},
+    500: {"model": ErrorResponse, "description": "the world failed (the message says where)"},
+    503: {"model": ErrorResponse, "description": "the world's driver is restarting; retry"},
+}
+
 api = FastAPI(
     title="worldgen world gateway",
     version="1",
     description="Create worlds, step them, read their state and episodes, fetch their images.",
+    responses=_ERRORS,
 )
 api.state.max_body_bytes = GatewaySettings.model_fields["max_body_bytes"].default
 api.state.token_sha256 = None
 api.add_middleware(BodyLimit)
+api.add_middleware(BearerAuth)  # the last added runs first: no token, no body read
 
 
-def _check_token(request: Request) -> None:
-    if not bearer_ok(request.headers.get("authorization"), request.app.state.token_sha256):
-        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+# One event of a streamed step (OpenAPI 3.1: a text/event-stream schema describes each event).
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["stage", "report", "error"]},
+        "data": {"type": "string", "description": "JSON: a stage's progress, the step's report, or an error"},
+    },
+}
 
 
-authorised = [Depends(_check_token)]
+# A driver's error -> the answer's status, by type (the first that matches): the client's mistakes are 4xx.
+_STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
+    (ArtifactNotFound, 404),
+    (LimitExceeded, 400),  # the world asks for more than the server's budgets (the message names the limit)
+    (WorldgenError, 500),
+)
 
 
 def _event(name: str, data: Any) -> str:
@@ -165,10 +198,9 @@ class WorldGateway:
             return await ref
         except ray.exceptions.RayTaskError as err:
             cause = err.cause
-            if isinstance(cause, ArtifactNotFound):
-                raise HTTPException(404, str(cause)) from None
-            if isinstance(cause, WorldgenError):
-                raise HTTPException(409 if "in flight" in str(cause) else 500, str(cause)) from None
+            for error, status in _STATUS_BY_ERROR:
+                if isinstance(cause, error):
+                    raise HTTPException(status, str(cause)) from None
             raise HTTPException(500, f"{type(cause).__name__}: {cause}") from None
         except ray.exceptions.RayActorError as err:
             raise HTTPException(
@@ -182,7 +214,7 @@ class WorldGateway:
         return episode
 
     # ---- worlds ----------------------------------------------------------------------------------------
-    @api.post("/v1/worlds", status_code=201, dependencies=authorised)
+    @api.post("/v1/worlds", status_code=201)
     async def create(self, body: CreateWorld) -> dict[str, Any]:
         if body.template is not None:
             from worldgen.templates import build_template
@@ -218,7 +250,7 @@ class WorldGateway:
         self.handles[world_id] = handle
         return {"id": world_id, **await self.call(handle.info.remote())}
 
-    @api.get("/v1/worlds", dependencies=authorised)
+    @api.get("/v1/worlds")
     async def all_worlds(self) -> dict[str, Any]:
         worlds = []
         for directory in sorted(p for p in self.root.iterdir() if (p / "world.yaml").is_file()):
@@ -231,17 +263,20 @@ class WorldGateway:
             worlds.append(entry)
         return {"worlds": worlds}
 
-    @api.get("/v1/worlds/{world_id}", dependencies=authorised)
+    @api.get("/v1/worlds/{world_id}")
     async def info(self, world_id: str) -> dict[str, Any]:
         handle = await self.driver(world_id)
         return {"id": world_id, **await self.call(handle.info.remote())}
 
-    @api.get("/v1/worlds/{world_id}/state", dependencies=authorised)
+    @api.get("/v1/worlds/{world_id}/state")
     async def state(self, world_id: str) -> dict[str, Any]:
         handle = await self.driver(world_id)
         return await self.call(handle.state.remote())
 
-    @api.post("/v1/worlds/{world_id}/step", dependencies=authorised)
+    @api.post(
+        "/v1/worlds/{world_id}/step",
+        responses={200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}},
+    )
     async def step(
         self,
         world_id: str,
@@ -277,7 +312,7 @@ class WorldGateway:
             yield _event("error", {"status": err.status_code, "detail": err.detail})
 
     # ---- episodes and artifacts ------------------------------------------------------------------------
-    @api.get("/v1/worlds/{world_id}/episodes", dependencies=authorised)
+    @api.get("/v1/worlds/{world_id}/episodes")
     async def episodes(
         self,
         world_id: str,
@@ -286,13 +321,15 @@ class WorldGateway:
         limit: int = Query(20, ge=1),
     ) -> dict[str, Any]:
         if limit > self.settings.page_limit:
-            raise HTTPException(422, f"limit: at most {self.settings.page_limit} episodes per page")
+            # in FastAPI's validation-error shape, as the document promises for 422
+            message = f"at most {self.settings.page_limit} episodes per page (setting 'page_limit')"
+            raise HTTPException(422, [{"loc": ["query", "limit"], "msg": message, "type": "value_error"}])
         handle = await self.driver(world_id)
         page = await self.call(handle.episodes.remote(offset, limit))
         page["items"] = [self.with_urls(request, world_id, e) for e in page["items"]]
         return page
 
-    @api.get("/v1/worlds/{world_id}/episodes/{number}", dependencies=authorised)
+    @api.get("/v1/worlds/{world_id}/episodes/{number}")
     async def episode(self, world_id: str, number: int, request: Request) -> dict[str, Any]:
         handle = await self.driver(world_id)
         page = await self.call(handle.episodes.remote(max(number - 1, 0), 1))
@@ -300,13 +337,17 @@ class WorldGateway:
             raise HTTPException(404, f"world {world_id!r} has no episode {number} ({page['total']} saved)")
         return self.with_urls(request, world_id, page["items"][0])
 
-    @api.get("/v1/worlds/{world_id}/artifacts/{path:path}", dependencies=authorised)
+    @api.get(
+        "/v1/worlds/{world_id}/artifacts/{path:path}",
+        response_class=Response,
+        responses={200: {"content": {media: {} for media in sorted(set(ARTIFACT_TYPES.values()))}}},
+    )
     async def artifact(self, world_id: str, path: str) -> Response:
         handle = await self.driver(world_id)
         data = await self.call(handle.artifact.remote(path))
         return Response(data, media_type=ARTIFACT_TYPES[Path(path).suffix.lower()])
 
-    @api.delete("/v1/worlds/{world_id}", status_code=204, dependencies=authorised)
+    @api.delete("/v1/worlds/{world_id}", status_code=204)
     async def delete(self, world_id: str) -> Response:
         directory = self.directory(world_id)
         if not WorldStorage(directory).exists():

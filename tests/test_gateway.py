@@ -9,6 +9,10 @@ import threading
 import pytest
 import requests
 
+from actors.world_driver import ArtifactNotFound
+from worldgen.errors import ExecutionError
+from worldgen.limits import LimitExceeded
+
 TOKEN = "gateway-test-token"
 PREFIX = "/gateway-test"
 
@@ -184,6 +188,10 @@ def test_wrong_or_missing_token_gets_401(gateway, serve_url):
         wrong = anonymous.get("/v1/worlds", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
         assert anonymous.post("/v1/worlds", json=SMALL).status_code == 401
+        for path in ("/docs", "/redoc", "/openapi.json", "/no-such-path"):  # every path: the docs too
+            assert anonymous.get(path).status_code == 401, path
+    with Client(serve_url + PREFIX, {"Authorization": f"Bearer {TOKEN}"}) as client:
+        assert client.get("/docs").status_code == 200 and client.get("/openapi.json").json()["paths"]
 
 
 def test_delete_stops_the_driver_and_removes_the_world(gateway):
@@ -193,3 +201,29 @@ def test_delete_stops_the_driver_and_removes_the_world(gateway):
     assert client.get("/v1/worlds/doomed").status_code == 404
     assert not (root / "doomed").exists()
     assert client.delete("/v1/worlds/doomed").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("cause", "status"),
+    [
+        (ArtifactNotFound("artifact 'x.png': not found"), 404),
+        (LimitExceeded("max_steps", "500 steps is over 100"), 400),
+        (ExecutionError("node 'unet' failed"), 500),
+        (KeyError("surprise"), 500),
+    ],
+)
+def test_driver_errors_map_to_statuses_by_type(cause, status):
+    """What a world driver raises reaches the client with a status chosen by the error's type."""
+    import asyncio
+
+    import ray
+    from fastapi import HTTPException
+
+    from serve_apps.world_gateway import WorldGateway
+
+    async def failing():
+        raise ray.exceptions.RayTaskError("step", "Traceback: ...", cause)
+
+    with pytest.raises(HTTPException) as err:
+        asyncio.run(WorldGateway.func_or_class.call(failing()))
+    assert err.value.status_code == status and str(cause) in err.value.detail

@@ -1,8 +1,9 @@
 """The OpenAI-compatible LLM server (serve_apps/llm_server.py) on real Ray Serve (multiplexing does not run in
 Serve's local testing mode), with tiny random-initialised models and LoRA adapters built here: answers equal
 plain transformers generation token for token, streams, serves adapters on one base loaded once per replica,
-answers OpenAI-shaped errors (404, 400, 401) and never logs its key. `llm_server()` also serves the `llm/openai`
-tests in test_llm.py and test_world.py."""
+answers OpenAI-shaped errors (404, 400, 401, 413), keeps every path (docs included) behind its key, holds requests
+to its budgets before generating, and never logs its key. `llm_server()` also serves the `llm/openai` tests in
+test_llm.py and test_world.py, and test_fuzz.py."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ CHAT = [
     {"role": "user", "content": "a harbor at dawn"},
 ]
 TOKENS = 12
+# The test server's budgets: small, so that going over them costs the tests nothing.
+LIMITS = {"max_new_tokens": 64, "max_prompt_chars": 4000}
+MAX_BODY = 64 * 1024
 
 
 # ---- helpers (test_llm.py and test_world.py use them too) ---------------------------------------------
@@ -46,15 +50,18 @@ def llm_server(
     key: str | None = None,
     max_models_per_replica: int = 4,
     name: str = APP,
+    **more_args: Any,
 ) -> Iterator[str]:
     """The server deployed on the running Serve as application `name`, its OpenAI base URL while the `with`
-    lasts. `key` is put in `key_env` only while the application is built: the builder keeps its hash."""
+    lasts. `key` is put in `key_env` only while the application is built: the builder keeps its hash.
+    `more_args`: further LLMServerArgs (limits, max_body_bytes, ...)."""
     args = {
         "models": {k: str(v) for k, v in models.items()},
         "adapters": {k: {"base": a["base"], "path": str(a["path"])} for k, a in (adapters or {}).items()},
         "max_models_per_replica": max_models_per_replica,
         "api_key_env": key_env,
         "ray_actor_options": {"num_cpus": 0},  # tiny models; leave the test cluster's CPUs to the others
+        **more_args,
     }
     with pytest.MonkeyPatch.context() as patch:
         if key is None:
@@ -138,7 +145,15 @@ def url(serve_url, dirs) -> Iterator[str]:
     so the tests also exercise eviction; a key is required."""
     adapters = {name: {"base": "tiny", "path": dirs[name]} for name in ("tiny-a", "tiny-b")}
     models = {"tiny": dirs["tiny"], "plain": dirs["plain"]}
-    with llm_server(serve_url, models, adapters=adapters, key=KEY, max_models_per_replica=2) as base_url:
+    with llm_server(
+        serve_url,
+        models,
+        adapters=adapters,
+        key=KEY,
+        max_models_per_replica=2,
+        limits=LIMITS,
+        max_body_bytes=MAX_BODY,
+    ) as base_url:
         yield base_url
 
 
@@ -180,12 +195,24 @@ def test_serve_config_file_loads_with_serves_schema():
         ({"models": {"m": "d"}, "max_models_per_replica": 0}, "max_models_per_replica: "),
         ({"models": {"m": "d"}, "api_key_env": "sk-not-a-name"}, "api_key_env: "),
         ({"models": {"m": "d"}, "modles": {}}, "modles: Extra inputs"),
+        ({"models": {"m": "d"}, "max_body_bytes": 0}, "max_body_bytes: "),
+        ({"models": {"m": "d"}, "limits": {"max_new_tokens": 0}}, "limits.max_new_tokens: "),
+        ({"models": {"m": "d"}, "limits": {"max_tokens": 9}}, "limits.max_tokens: Extra inputs"),
+        (
+            {"models": {"m": "d"}, "default_max_tokens": 600, "limits": {"max_new_tokens": 500}},
+            "default_max_tokens: 600 is over limits.max_new_tokens (500)",
+        ),
     ],
 )
 def test_builder_validates_args_naming_the_field(args, field):
     with pytest.raises(ValueError, match="llm server args") as err:
         app_builder(args)
     assert field in str(err.value)
+
+
+def test_default_max_tokens_follows_a_lower_limit():
+    args = LLMServerArgs.model_validate({"models": {"m": "d"}, "limits": {"max_new_tokens": 100}})
+    assert args.default_max_tokens == 100 and LLMServerArgs(models={"m": "d"}).default_max_tokens == 512
 
 
 def test_replica_refuses_missing_model_dirs_naming_the_field(tmp_path, dirs):
@@ -341,6 +368,11 @@ def test_unknown_model_is_404_in_openais_shape(client, url):
         ({"model": "tiny", "messages": CHAT, "temperature": 5}, "temperature"),
         ({"model": "tiny", "messages": CHAT, "max_tokens": 0}, "max_tokens"),
         ({"model": "tiny", "messages": CHAT, "n": 2}, "n"),
+        ({"model": "tiny", "messages": CHAT, "max_tokens": True}, "max_tokens"),  # no bool for a number
+        ({"model": "tiny", "messages": CHAT, "seed": False}, "seed"),
+        ({"model": "tiny", "messages": CHAT, "temperature": True}, "temperature"),
+        ({"model": "tiny", "messages": CHAT, "stream": "yes"}, "stream"),
+        ({"model": "tiny", "messages": CHAT, "stream": 1}, "stream"),
         ({"model": "tiny", "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "role"),
         ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text"),
@@ -364,7 +396,80 @@ def test_a_body_that_is_not_json_is_400(url):
         f"{url}/chat/completions", data=b"{not json", headers={"Authorization": f"Bearer {KEY}"}, timeout=30
     )
     assert response.status_code == 400 and "not JSON" in response.json()["error"]["message"]
-    assert requests.get(f"{url}/no-such-route", timeout=30).json()["error"]["message"] == "Not Found"
+    missing = requests.get(f"{url}/no-such-route", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found"
+
+
+@pytest.mark.parametrize(
+    ("options", "limit", "param"),
+    [
+        ({"max_tokens": LIMITS["max_new_tokens"] + 1}, "max_new_tokens", "max_tokens"),
+        ({"max_completion_tokens": 10**9}, "max_new_tokens", "max_completion_tokens"),
+        (
+            {"messages": [{"role": "user", "content": "x" * (LIMITS["max_prompt_chars"] + 1)}]},
+            "max_prompt_chars",
+            "messages",
+        ),
+        (  # the characters of all messages count, content parts included
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "y" * 2001}]}] * 2},
+            "max_prompt_chars",
+            "messages",
+        ),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_requests_over_the_budgets_are_400_naming_the_limit(url, options, limit, param, stream):
+    before = server_report()["completions"]
+    response = post(url, {"model": "tiny", "messages": CHAT, "stream": stream} | options)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert f"limit '{limit}'" in error["message"] and error["param"] == param
+    assert error["code"] == "limit_exceeded" and error["type"] == "invalid_request_error"
+    assert server_report()["completions"] == before  # refused before any generation
+    # at the limit, the request is served (the answer ends early at this tiny model's context)
+    if limit == "max_new_tokens":
+        at_limit = {"model": "tiny", "messages": CHAT, "max_tokens": LIMITS["max_new_tokens"]}
+        assert post(url, at_limit).status_code == 200
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(url):
+    huge = {"model": "tiny", "messages": [{"role": "user", "content": "z" * MAX_BODY}]}
+    response = post(url, huge)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert "max_body_bytes" in error["message"] and str(MAX_BODY) in error["message"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the guard counts what arrives
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(MAX_BODY // 1024 + 1):
+            yield b"z" * 1024
+        yield b'"}]}'
+
+    streamed = requests.post(
+        f"{url}/chat/completions", data=chunks(), headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    )
+    assert streamed.status_code == 413 and streamed.json()["error"]["type"] == "invalid_request_error"
+    # without the key, the body is not even looked at
+    assert post(url, huge, key=None).status_code == 401
+
+
+def test_docs_and_openapi_need_the_key_and_show_the_request_schema(url):
+    root = url.removesuffix("/v1")
+    for path in ("/docs", "/openapi.json", "/redoc", "/v1/models/tiny"):
+        response = requests.get(root + path, timeout=30)
+        assert response.status_code == 401, path
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    api = requests.get(f"{root}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    operation = api["paths"]["/v1/chat/completions"]["post"]
+    ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    request = api["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+    assert set(request["required"]) == {"model", "messages"}
+    assert {"max_tokens", "temperature", "stream", "stop", "seed"} <= set(request["properties"])
+    # what it answers, as documented: the completion (or its event stream), and OpenAI-shaped errors; no 422
+    responses = operation["responses"]
+    assert set(responses) == {"200", "400", "401", "404", "413", "500"}
+    assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
 
 
 def test_key_is_required_and_never_logged(url):
