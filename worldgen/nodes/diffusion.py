@@ -547,9 +547,26 @@ class VAECodecBlock(ModelBlock):
                 path="image",
             )
         batch, _, height, width = image.shape
-        if min(batch, height, width) < 1:
-            raise ConfigError(f"image is empty: {tuple(image.shape)}", path="image")
+        # The encoder's last norm needs more than one value per group: a latent of at least 2x2.
+        least = 2 * self._scale_factor_unloaded()
+        if batch < 1 or min(height, width) < least:
+            raise ConfigError(
+                f"image must be at least {least}x{least} pixels (and hold one), got {tuple(image.shape)}",
+                path="image",
+            )
         return Work(width=width, height=height, batch={"image": batch})
+
+    def _scale_factor_unloaded(self) -> int:
+        """`scale_factor` without loading weights: from the model's config unless the model is loaded."""
+        if self.model_loaded:
+            return self.scale_factor
+        from diffusers import AutoencoderKL
+
+        from worldgen.models.loading import component_config
+
+        ref = self.config.model
+        config = component_config(ref.source, ref.subfolder or "", ref.revision, AutoencoderKL)
+        return 2 ** (len(config["block_out_channels"]) - 1)
 
     @torch.no_grad()
     def forward(self, **inputs: Any) -> dict[str, Any]:
