@@ -508,8 +508,6 @@ class GraphEndpoint:
         self.token_sha256 = token_sha256
         self.limits = Limits.model_validate(limits or {})
         self.max_body_bytes = max_body_bytes
-        if token_sha256 is None:
-            _warn_open(self.engine)
 
     def run(self, inputs: dict[str, Any], seed: int | None, iterations: int | None) -> dict[str, Any]:
         return self.engine.run(inputs, seed=seed, iterations=iterations, executor=self.executor)
@@ -522,15 +520,6 @@ class GraphEndpoint:
             limits=self.limits,
             max_body_bytes=self.max_body_bytes,
         )
-
-
-def _warn_open(engine: Engine) -> None:
-    log.warning(
-        "graph endpoint for %s '%s' has NO AUTHENTICATION: anyone who reaches Serve's HTTP port can run it "
-        "(set WORLDGEN_API_TOKEN, or the variable named by args.token_env, where the app is built)",
-        engine.level,
-        engine.name,
-    )
 
 
 class GraphAppArgs(BaseModel):
@@ -584,6 +573,15 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     if token_sha256 is None and config.token_env and "token_env" in config.model_fields_set:
         # named on purpose: serving without the auth the operator asked for would be worse than not serving
         raise ConfigError(f"environment variable {config.token_env} is not set", path="args.token_env")
+    if token_sha256 is None:
+        # Open by default like the gateway (a laptop's `serve run` needs no secret), but never silently: whoever
+        # reaches Serve's HTTP port can spend this machine's accelerator.
+        log.warning(
+            "graph endpoint %s has NO AUTHENTICATION: anyone who reaches Serve's HTTP port can run it; set %s "
+            "where the app is built to require a bearer token",
+            config.graph,
+            config.token_env or "WORLDGEN_API_TOKEN (args.token_env)",
+        )
     options: dict[str, Any] = {"num_replicas": config.num_replicas}
     if config.ray_actor_options:
         options["ray_actor_options"] = config.ray_actor_options
