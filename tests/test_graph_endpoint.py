@@ -216,6 +216,9 @@ def test_bad_image_payloads_get_422_naming_the_field(i2i_url, init_image_32):
         ({**good, "data_base64": "not base64!"}, "data_base64: not valid base64"),
         ({**good, "shape": [1, 3, 32, 31]}, "do not match shape [1, 3, 32, 31]"),
         ({**good, "dtype": "float99"}, "unknown tensor dtype 'float99'"),
+        # no bytes, so the size check passes, but no tensor torch can make (was a 500)
+        ({**good, "shape": [0, 10**20], "data_base64": ""}, "shape: not a tensor shape torch can make"),
+        ({**good, "shape": [0, 2**62, 2**62], "data_base64": ""}, "shape: not a tensor shape torch can make"),
         ({"png_base64": ["%%%"]}, "png_base64[0]: not valid base64"),
         ({"png_base64": [base64.b64encode(b"not a png").decode()]}, "png_base64[0]: not a readable image"),
     ]
