@@ -43,6 +43,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import (
@@ -60,6 +61,7 @@ from pydantic import (
 )
 from ray import serve
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_apps.auth import BearerAuth, token_digest
 from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BodyLimit
@@ -383,6 +385,28 @@ def _input_values(model: BaseModel, ports: dict[str, Port]) -> dict[str, Any]:
     return values
 
 
+class ErrorDetail(BaseModel):
+    error: str = Field(
+        description="the error's type: ConfigError, GraphError, LimitExceeded, ExecutionError…"
+    )
+    message: str = Field(description="what is wrong and where (the input, the node, the limit)")
+    limit: str | None = Field(
+        None, description="LimitExceeded: the limit's name (a field of worldgen Limits)"
+    )
+
+
+class RunError(BaseModel):
+    """400 and 500 answers of POST /run."""
+
+    detail: ErrorDetail
+
+
+class Refusal(BaseModel):
+    """401 and 413 answers (of any path)."""
+
+    detail: str
+
+
 # ---- the app -------------------------------------------------------------------------------------------
 Runner = Callable[[dict[str, Any], int | None, int | None], dict[str, Any]]
 
@@ -402,7 +426,11 @@ def build_app(
     output_ports = served_ports(engine, "output")
     RunRequest, RunResponse = run_models(engine, input_ports, output_ports, limits)
 
-    app = FastAPI(title=f"worldgen {engine.level} '{engine.name}'", description=WIRE_DOC)
+    refusals: dict[int | str, dict[str, Any]] = {  # answered by the middlewares, on every path
+        401: {"model": Refusal, "description": "no or a wrong bearer token (when the server has one)"},
+        413: {"model": Refusal, "description": f"the body is over {max_body_bytes} bytes"},
+    }
+    app = FastAPI(title=f"worldgen {engine.level} '{engine.name}'", description=WIRE_DOC, responses=refusals)
     app.state.token_sha256 = token_sha256
     app.state.max_body_bytes = max_body_bytes
     # Outermost first: a caller without the token gets 401 before its body is read at all.
@@ -414,6 +442,15 @@ def build_app(
         # FastAPI's own 422, except that a NaN the request held (Python's JSON reads it) is quoted as a string:
         # echoed as a number it would make the 422 itself unrenderable (a 500).
         return JSONResponse({"detail": _json_safe(jsonable_encoder(err.errors()))}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> Any:
+        if err.status_code == 400 and isinstance(err.detail, str):
+            # FastAPI's "There was an error parsing the body" (e.g. bytes that are not UTF-8): a body that is
+            # not JSON, answered like malformed JSON (422), not as a 400 outside the documented shape
+            problem = {"loc": ["body"], "msg": f"the body is not JSON: {err.detail}", "type": "json_invalid"}
+            return JSONResponse({"detail": [problem]}, status_code=422)
+        return await http_exception_handler(request, err)
 
     @app.get("/", summary="the graph's name, level and input/output spec")
     def get_spec() -> dict[str, Any]:
@@ -445,16 +482,10 @@ def build_app(
         except (TypeError, ValueError) as err:
             raise HTTPException(500, {"error": "EncodingError", "message": str(err)}) from None
 
-    errors = {
-        400: {
-            "description": "the graph refused the inputs, or they exceed a limit: {detail: {error, message, "
-            "limit?}}"
-        },
-        401: {"description": "no or a wrong bearer token (when the server has one)"},
-        413: {"description": f"the body is over {max_body_bytes} bytes"},
-        422: {"description": "the request does not fit the schema: {detail: [{loc, msg, type}]}"},
-        500: {"description": "the run failed: {detail: {error, message}}"},
-    }
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": RunError, "description": "the graph refused the inputs, or they exceed a limit"},
+        500: {"model": RunError, "description": "the run failed (the message says where)"},
+    }  # and 422, FastAPI's own: {detail: [{loc, msg, type, input}]}
 
     async def run(body: RunRequest) -> JSONResponse:  # type: ignore[valid-type]
         # The run blocks for seconds: off the event loop, so the replica keeps answering health checks.

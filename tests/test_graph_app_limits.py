@@ -106,6 +106,13 @@ def test_nan_gets_422_not_an_unrenderable_error(url):
     assert error["loc"] == ["body", "inputs", "guidance_scale"] and error["input"] == "nan"
 
 
+def test_a_body_that_is_not_utf8_gets_422_like_malformed_json(url):
+    # FastAPI's own answer was a 400 with a bare string: outside the documented {detail: {error, message}}
+    status, answer = run(url, raw=b'{"inputs": {"prompt": "\xff"}}')  # not UTF-8
+    assert status == 422
+    assert answer["detail"][0]["loc"] == ["body"] and answer["detail"][0]["type"] == "json_invalid"
+
+
 def test_the_top_of_torchs_seed_range_runs(url):
     status, answer = run(url, {"inputs": INPUTS, "seed": 2**64 - 1, "encoding": "tensor"})
     assert status == 200, answer
