@@ -200,6 +200,10 @@ def test_openapi_states_the_bounds_the_app_enforces(url):
     responses = api["paths"]["/run"]["post"]["responses"]
     assert f"over {MAX_BODY} bytes" in responses["413"]["description"]
     assert {"400", "401", "413", "422", "500"} <= set(responses)
+    for code, model in [("400", "RunError"), ("500", "RunError"), ("401", "Refusal"), ("413", "Refusal")]:
+        assert responses[code]["content"]["application/json"]["schema"]["$ref"].endswith(f"/{model}")
+    assert {"401", "413"} <= set(api["paths"]["/"]["get"]["responses"])  # the middlewares answer any path
+    assert schemas["ErrorDetail"]["required"] == ["error", "message"]
 
 
 # ---- the app's args and its error mapping (no Serve needed) ----------------------------------------------
