@@ -14,23 +14,37 @@ Values travel in the wire format of worldgen/nodes/endpoint.py: text/int/scalar/
 nodes use, so a remote run reproduces a local one exactly). An image input is accepted either way. An optional
 input given as null is the same as leaving it out (the graph's default applies).
 
-Status codes: 422 for a request that does not fit the schema (the body's `detail` names the field), 400 for
-inputs the graph rejects (ConfigError/GraphError), 500 only when the run itself fails (the message says where).
+Every request is checked before anything runs: the schema (strict types, the seed's range), then the graph's own
+constraints (each block's `check_inputs`: the scheduler's steps, sizes that are positive multiples of the VAE's
+scale factor, prompt lists that agree with the batch) and the server's budgets (`limits`: worldgen/limits.py).
+
+Status codes: 401 without the bearer token (every path, /docs and /openapi.json included, when a token is set);
+413 for a body over `max_body_bytes`; 422 for a request that does not fit the schema (the body's `detail` names
+the field); 400 for inputs the graph refuses or a budget they exceed (`{detail: {error, message, limit?}}`, the
+message naming the input and the limit); 500 only when the run itself fails (the message says where).
 
 Args (`app_builder`, validated by `GraphAppArgs`): `graph` (file, saved directory or template:NAME), `params`
-(template parameters), `executor`, `num_replicas`, `ray_actor_options`, and `token_env`: the environment variable
-holding a bearer token every request must carry (read where the app is built; only its SHA-256 reaches replicas).
+(template parameters), `executor`, `num_replicas`, `ray_actor_options`, `limits`, `max_body_bytes`, and
+`token_env`: the environment variable holding a bearer token every request must carry (default
+WORLDGEN_API_TOKEN, as the world gateway; read where the app is built, only its SHA-256 reaches replicas). With no
+token the endpoint is open to whoever reaches Serve's HTTP port, and says so loudly in the logs.
 
 The graph is loaded once per replica; its models load lazily on the first run, in the replica's pool (executor
 `local`, the default) or on the cluster's model host actors (executor `ray`).
 """
 
+import base64
+import io
 import logging
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import (
     BaseModel,
@@ -38,6 +52,8 @@ from pydantic import (
     Discriminator,
     Field,
     PrivateAttr,
+    StrictInt,
+    StrictStr,
     Tag,
     ValidationError,
     create_model,
@@ -45,12 +61,15 @@ from pydantic import (
 )
 from ray import serve
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_apps.auth import bearer_ok, token_digest
+from serve_apps.auth import BearerAuth, token_digest
+from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from worldgen.config import load_config_file
 from worldgen.engine import Engine
 from worldgen.errors import ConfigError, GraphError, WorldgenError, format_validation_error
 from worldgen.graph import Graph
+from worldgen.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from worldgen.nodes.endpoint import (
     ENCODINGS,
     TENSOR_KINDS,
@@ -62,16 +81,23 @@ from worldgen.nodes.endpoint import (
 )
 from worldgen.pipeline import Pipeline
 from worldgen.ports import Port, PortKind
+from worldgen.preflight import preflight
+from worldgen.rng import MAX_SEED
 
 log = logging.getLogger("ray.serve")
 K = PortKind
 TEMPLATE_PREFIX = "template:"
+# Integer bounds are written as exclusive powers of two: FastAPI's OpenAPI document holds them as floats, and
+# 2**63 and 2**64 are the bounds a float states exactly (2**64 - 1 would read as 2**64).
+INT64 = 2**63  # an int port's values travel as 64-bit integers (what a torch tensor holds)
+SEEDS = MAX_SEED + 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 WIRE_DOC = (
     "`POST /run` takes `{inputs, seed, iterations, encoding}`. Text, int, scalar and json ports are JSON values; "
     "tensors are `{dtype, shape, data_base64}` (raw little-endian bytes, lossless); images are "
     "`{png_base64: [one PNG per batch item]}`, or tensors with `encoding: tensor`. An optional input given as "
-    "null takes the graph's default. 422: the request does not fit the schema; 400: the graph refused the "
-    "inputs; 500: the run failed."
+    "null takes the graph's default. 401: no or a wrong bearer token; 413: the body is too large; 422: the "
+    "request does not fit the schema; 400: the graph refused the inputs, or they ask for more than a limit "
+    "allows (named in the message); 500: the run failed."
 )
 
 
@@ -159,7 +185,7 @@ def describe(engine: Engine) -> dict[str, Any]:
         "inputs": {name: port.spec() for name, port in served_ports(engine, "input").items()},
         "outputs": {name: port.spec() for name, port in served_ports(engine, "output").items()},
         "options": {
-            "seed": "integer >= 0: same seed, same result (default: unseeded)",
+            "seed": f"integer 0 to {MAX_SEED}: same seed, same result (default: unseeded)",
             "iterations": "integer >= 1: overrides the loops' iteration counts",
             "encoding": list(ENCODINGS),
         },
@@ -179,7 +205,10 @@ class TensorPayload(BaseModel):
 
     @model_validator(mode="after")
     def _decode(self) -> "TensorPayload":
-        self._value = decode_tensor(self.model_dump())  # a ValueError naming the field -> 422
+        try:
+            self._value = decode_tensor(self.model_dump())  # a ValueError naming the field -> 422
+        except (TypeError, RuntimeError) as err:  # torch refuses the shape (e.g. a dimension over int64)
+            raise ValueError(f"shape: not a tensor shape torch can make ({type(err).__name__})") from None
         return self
 
 
@@ -190,35 +219,68 @@ class PngPayload(BaseModel):
 
     png_base64: list[str] = Field(min_length=1, description="one base64 PNG per batch item")
     _value: Any = PrivateAttr(None)
+    # A PNG of a few KB can hold a 100k x 100k image: sides are read from its header before it is decoded.
+    # Set per app from its limits (`_png_payload`).
+    max_side: ClassVar[int] = DEFAULT_LIMITS.max_image_side
 
     @model_validator(mode="after")
     def _decode(self) -> "PngPayload":
-        self._value = decode_png(self.model_dump())
+        from PIL import Image
+
+        for i, text in enumerate(self.png_base64):
+            try:
+                width, height = Image.open(io.BytesIO(base64.b64decode(text, validate=True))).size
+            except Exception:
+                continue  # not a readable PNG: decode_png says what is wrong with it
+            if max(width, height) > self.max_side:
+                raise ValueError(
+                    f"png_base64[{i}]: {width}x{height} is over {self.max_side} pixels (limit 'max_image_side')"
+                )
+        try:
+            self._value = decode_png(self.model_dump())
+        except ValueError:
+            raise
+        except Exception as err:  # e.g. PIL's DecompressionBombError under a very high max_image_side
+            raise ValueError(f"png_base64: not a decodable image ({type(err).__name__}: {err})") from None
         return self
+
+
+def _png_payload(max_side: int) -> type[PngPayload]:
+    """PngPayload for an app whose limits allow images up to `max_side` pixels."""
+    if max_side == PngPayload.max_side:
+        return PngPayload
+    return type("PngPayload", (PngPayload,), {"max_side": max_side, "__module__": __name__})
 
 
 def _image_tag(value: Any) -> str:
     return "png" if isinstance(value, Mapping) and "png_base64" in value else "tensor"
 
 
-# An image input: PNG or tensor, told apart by its keys (so an error names one shape, not both).
-ImagePayload = Annotated[
-    Annotated[PngPayload, Tag("png")] | Annotated[TensorPayload, Tag("tensor")], Discriminator(_image_tag)
-]
+def _image_payload(png: type[PngPayload]) -> Any:
+    """An image input: PNG or tensor, told apart by its keys (so an error names one shape, not both)."""
+    return Annotated[
+        Annotated[png, Tag("png")] | Annotated[TensorPayload, Tag("tensor")], Discriminator(_image_tag)
+    ]
+
+
 _WIRE_HINT = {kind: "a tensor payload {dtype, shape, data_base64}" for kind in TENSOR_KINDS} | {
     K.IMAGE: "{png_base64: [...]} or a tensor payload {dtype, shape, data_base64}"
 }
 
 
-def _value_type(kind: PortKind, direction: str) -> Any:
+def _value_type(kind: PortKind, direction: str, limits: Limits, png: type[PngPayload]) -> Any:
+    # Strict types: `true` is no int and "2" no number (lax pydantic would take both, and a run then fails).
     if kind is K.TEXT:
-        return str | list[str]
+        # The bound is the total over all text inputs (`max_prompt_chars`, checked with the limit's name: 400);
+        # one string's maxLength tells a client (or a fuzzer) the same.
+        text = Annotated[StrictStr, Field(json_schema_extra={"maxLength": limits.max_prompt_chars})]
+        return text | Annotated[list[text], Field(min_length=1)]  # a list is a batch: never empty
     if kind is K.INT:
-        return int
+        return Annotated[StrictInt, Field(ge=-INT64, lt=INT64)]
     if kind is K.SCALAR:
-        return float
+        return Annotated[float, Field(strict=True, allow_inf_nan=False)]  # Python's JSON reads NaN
     if kind is K.IMAGE:
-        return ImagePayload if direction == "input" else PngPayload | TensorPayload
+        return _image_payload(png) if direction == "input" else png | TensorPayload
     if kind in TENSOR_KINDS:
         return TensorPayload
     if kind is K.TIMESTEP:
@@ -236,11 +298,13 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def _ports_model(title: str, ports: dict[str, Port], direction: str) -> type[BaseModel]:
+def _ports_model(
+    title: str, ports: dict[str, Port], direction: str, limits: Limits, png: type[PngPayload]
+) -> type[BaseModel]:
     # Field names are positional and the port names aliases: a port may be called `json` or `model_config`.
     fields: dict[str, Any] = {}
     for i, (name, port) in enumerate(ports.items()):
-        typ = _value_type(port.kind, direction)
+        typ = _value_type(port.kind, direction, limits, png)
         doc = " — ".join(d for d in (port.doc, _WIRE_HINT.get(port.kind, "")) if d) or None
         if direction == "input" and port.optional:
             default = port.default if _jsonable(port.default) else None
@@ -256,19 +320,34 @@ def _title(engine: Engine) -> str:
 
 
 def run_models(
-    engine: Engine, input_ports: dict[str, Port], output_ports: dict[str, Port]
+    engine: Engine,
+    input_ports: dict[str, Port],
+    output_ports: dict[str, Port],
+    limits: Limits = DEFAULT_LIMITS,
 ) -> tuple[type[BaseModel], type[BaseModel]]:
-    """(request model, response model) from the graph's served ports (`served_ports`)."""
+    """(request model, response model) from the graph's served ports (`served_ports`) and the app's limits."""
     title = _title(engine)
-    inputs = _ports_model(f"{title}Inputs", input_ports, "input")
-    outputs = _ports_model(f"{title}Outputs", output_ports, "output")
+    png = _png_payload(limits.max_image_side)
+    inputs = _ports_model(f"{title}Inputs", input_ports, "input", limits, png)
+    outputs = _ports_model(f"{title}Outputs", output_ports, "output", limits, png)
     all_optional = all(p.optional for p in input_ports.values())
     request = create_model(
         f"{title}RunRequest",
         __config__=ConfigDict(extra="forbid"),
         inputs=(inputs, Field(default_factory=inputs) if all_optional else Field(...)),
-        seed=(int | None, Field(None, ge=0, description="same seed, same result (default: unseeded)")),
-        iterations=(int | None, Field(None, ge=1, description="overrides the loops' iteration counts")),
+        seed=(
+            Annotated[StrictInt, Field(ge=0, lt=SEEDS)] | None,
+            Field(None, description="same seed, same result (default: unseeded)"),
+        ),
+        iterations=(
+            # the maximum is checked with the limit's name (400) rather than by the schema (422), but stated
+            Annotated[StrictInt, Field(ge=1, json_schema_extra={"maximum": limits.max_iterations})] | None,
+            Field(
+                None,
+                description=f"overrides the loops' iteration counts (at most {limits.max_iterations}: "
+                "limit 'max_iterations')",
+            ),
+        ),
         encoding=(
             Literal["png", "tensor"],
             Field("png", description="images as PNG (default) or every tensor losslessly"),
@@ -306,26 +385,72 @@ def _input_values(model: BaseModel, ports: dict[str, Port]) -> dict[str, Any]:
     return values
 
 
+class ErrorDetail(BaseModel):
+    error: str = Field(
+        description="the error's type: ConfigError, GraphError, LimitExceeded, ExecutionError…"
+    )
+    message: str = Field(description="what is wrong and where (the input, the node, the limit)")
+    limit: str | None = Field(
+        None, description="LimitExceeded: the limit's name (a field of worldgen Limits)"
+    )
+
+
+class RunError(BaseModel):
+    """400 and 500 answers of POST /run."""
+
+    detail: ErrorDetail
+
+
+class Refusal(BaseModel):
+    """401 and 413 answers (of any path)."""
+
+    detail: str
+
+
 # ---- the app -------------------------------------------------------------------------------------------
 Runner = Callable[[dict[str, Any], int | None, int | None], dict[str, Any]]
 
 
-def build_app(engine: Engine, runner: Runner, *, token_sha256: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`; `runner(inputs, seed, iterations)` runs it."""
+def build_app(
+    engine: Engine,
+    runner: Runner,
+    *,
+    token_sha256: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The FastAPI app serving `engine`; `runner(inputs, seed, iterations)` runs it once `preflight` has
+    checked the inputs against the graph's constraints and `limits`."""
     spec = describe(engine)
     input_ports = served_ports(engine, "input")
     output_ports = served_ports(engine, "output")
-    RunRequest, RunResponse = run_models(engine, input_ports, output_ports)
+    RunRequest, RunResponse = run_models(engine, input_ports, output_ports, limits)
 
-    def authorize(request: Request) -> None:
-        if not bearer_ok(request.headers.get("authorization"), token_sha256):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    refusals: dict[int | str, dict[str, Any]] = {  # answered by the middlewares, on every path
+        401: {"model": Refusal, "description": "no or a wrong bearer token (when the server has one)"},
+        413: {"model": Refusal, "description": f"the body is over {max_body_bytes} bytes"},
+    }
+    app = FastAPI(title=f"worldgen {engine.level} '{engine.name}'", description=WIRE_DOC, responses=refusals)
+    app.state.token_sha256 = token_sha256
+    app.state.max_body_bytes = max_body_bytes
+    # Outermost first: a caller without the token gets 401 before its body is read at all.
+    app.add_middleware(BodyLimit)
+    app.add_middleware(BearerAuth)
 
-    app = FastAPI(
-        title=f"worldgen {engine.level} '{engine.name}'",
-        description=WIRE_DOC,
-        dependencies=[Depends(authorize)],
-    )
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422, except that a NaN the request held (Python's JSON reads it) is quoted as a string:
+        # echoed as a number it would make the 422 itself unrenderable (a 500).
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(err.errors()))}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> Any:
+        if err.status_code == 400 and isinstance(err.detail, str):
+            # FastAPI's "There was an error parsing the body" (e.g. bytes that are not UTF-8): a body that is
+            # not JSON, answered like malformed JSON (422), not as a 400 outside the documented shape
+            problem = {"loc": ["body"], "msg": f"the body is not JSON: {err.detail}", "type": "json_invalid"}
+            return JSONResponse({"detail": [problem]}, status_code=422)
+        return await http_exception_handler(request, err)
 
     @app.get("/", summary="the graph's name, level and input/output spec")
     def get_spec() -> dict[str, Any]:
@@ -336,9 +461,13 @@ def build_app(engine: Engine, runner: Runner, *, token_sha256: str | None = None
     def execute(body: Any) -> JSONResponse:
         inputs = _input_values(body.inputs, input_ports)
         try:
+            preflight(engine, inputs, iterations=body.iterations, limits=limits)  # before any model runs
             outputs = runner(inputs, body.seed, body.iterations)
-        except (ConfigError, GraphError) as err:  # the graph refused these inputs
-            raise HTTPException(400, {"error": type(err).__name__, "message": str(err)}) from None
+        except (ConfigError, GraphError) as err:  # the graph refused these inputs, or a limit did
+            detail = {"error": type(err).__name__, "message": str(err)}
+            if isinstance(err, LimitExceeded):
+                detail["limit"] = err.limit
+            raise HTTPException(400, detail) from None
         except Exception as err:  # the run itself failed
             log.exception("run of %s '%s' failed", engine.level, engine.name)
             message = str(err) if isinstance(err, WorldgenError) else f"{type(err).__name__}: {err}"
@@ -353,11 +482,10 @@ def build_app(engine: Engine, runner: Runner, *, token_sha256: str | None = None
         except (TypeError, ValueError) as err:
             raise HTTPException(500, {"error": "EncodingError", "message": str(err)}) from None
 
-    errors = {
-        400: {"description": "the graph refused the inputs: {detail: {error, message}}"},
-        422: {"description": "the request does not fit the schema: {detail: [{loc, msg, type}]}"},
-        500: {"description": "the run failed: {detail: {error, message}}"},
-    }
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": RunError, "description": "the graph refused the inputs, or they exceed a limit"},
+        500: {"model": RunError, "description": "the run failed (the message says where)"},
+    }  # and 422, FastAPI's own: {detail: [{loc, msg, type, input}]}
 
     async def run(body: RunRequest) -> JSONResponse:  # type: ignore[valid-type]
         # The run blocks for seconds: off the event loop, so the replica keeps answering health checks.
@@ -374,6 +502,16 @@ def build_app(engine: Engine, runner: Runner, *, token_sha256: str | None = None
     return app
 
 
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 # ---- the deployment -------------------------------------------------------------------------------------
 @serve.deployment(name="GraphEndpoint")
 @serve.ingress()
@@ -386,6 +524,8 @@ class GraphEndpoint:
         params: dict[str, Any] | None = None,
         executor: str | None = None,
         token_sha256: str | None = None,
+        limits: dict[str, Any] | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ):
         import ray
 
@@ -397,12 +537,20 @@ class GraphEndpoint:
         self.engine = load_graph(graph, params)
         self.executor = executor or self.engine.executor
         self.token_sha256 = token_sha256
+        self.limits = Limits.model_validate(limits or {})
+        self.max_body_bytes = max_body_bytes
 
     def run(self, inputs: dict[str, Any], seed: int | None, iterations: int | None) -> dict[str, Any]:
         return self.engine.run(inputs, seed=seed, iterations=iterations, executor=self.executor)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_app(self.engine, self.run, token_sha256=self.token_sha256)
+        return build_app(
+            self.engine,
+            self.run,
+            token_sha256=self.token_sha256,
+            limits=self.limits,
+            max_body_bytes=self.max_body_bytes,
+        )
 
 
 class GraphAppArgs(BaseModel):
@@ -423,8 +571,12 @@ class GraphAppArgs(BaseModel):
         default_factory=dict, description="per replica, e.g. {num_cpus: 1, num_gpus: 1}"
     )
     token_env: str | None = Field(
-        None, description="environment variable holding a bearer token every request must carry"
+        "WORLDGEN_API_TOKEN",
+        description="environment variable holding the bearer token every request must carry; unset (or null "
+        "here): no auth, warned about in the logs. Named explicitly, it must be set.",
     )
+    limits: Limits = Field(default_factory=Limits, description="budgets each run is checked against")
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="larger request bodies get 413")
 
     @model_validator(mode="after")
     def _check(self) -> "GraphAppArgs":
@@ -449,10 +601,27 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     except WorldgenError as err:
         raise ConfigError(str(err), file=config.graph) from None
     token_sha256 = token_digest(config.token_env)
-    if config.token_env and token_sha256 is None:
+    if token_sha256 is None and config.token_env and "token_env" in config.model_fields_set:
+        # named on purpose: serving without the auth the operator asked for would be worse than not serving
         raise ConfigError(f"environment variable {config.token_env} is not set", path="args.token_env")
+    if token_sha256 is None:
+        # Open by default like the gateway (a laptop's `serve run` needs no secret), but never silently: whoever
+        # reaches Serve's HTTP port can spend this machine's accelerator.
+        log.warning(
+            "graph endpoint %s has NO AUTHENTICATION: anyone who reaches Serve's HTTP port can run it; set %s "
+            "where the app is built to require a bearer token",
+            config.graph,
+            config.token_env or "WORLDGEN_API_TOKEN (args.token_env)",
+        )
     options: dict[str, Any] = {"num_replicas": config.num_replicas}
     if config.ray_actor_options:
         options["ray_actor_options"] = config.ray_actor_options
     deployment = GraphEndpoint.options(**options)
-    return deployment.bind(config.graph, config.params, config.executor, token_sha256)
+    return deployment.bind(
+        config.graph,
+        config.params,
+        config.executor,
+        token_sha256,
+        config.limits.model_dump(),
+        config.max_body_bytes,
+    )

@@ -61,7 +61,8 @@ def deploy(app, name: str, serve_url: str):
 def t2i_url(serve_url):
     from ray import serve
 
-    app = app_builder({"graph": str(T2I), "ray_actor_options": NO_CPU})
+    # open on purpose (token_env: null), whatever WORLDGEN_API_TOKEN the environment holds
+    app = app_builder({"graph": str(T2I), "token_env": None, "ray_actor_options": NO_CPU})
     try:
         yield deploy(app, "graph-test", serve_url)
     finally:
@@ -136,7 +137,7 @@ def test_openapi_shows_request_and_response_built_from_the_ports(t2i_url):
     assert run["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "TextToImageTinyRunResponse"
     )
-    assert {"400", "422", "500"} <= set(run["responses"])
+    assert {"400", "401", "413", "422", "500"} <= set(run["responses"])
 
 
 def test_run_with_tensor_encoding_equals_the_local_run(t2i_url, local_image):
@@ -179,7 +180,10 @@ def test_inputs_the_graph_refuses_get_400_with_its_message(t2i_url):
     status, answer = call(f"{t2i_url}/run", {"inputs": {**INPUTS, "height": 33}, "seed": 0})
     assert status == 400
     assert answer["detail"]["error"] == "ConfigError"
-    assert "height and width must be multiples of 2, got 33x32" in answer["detail"]["message"]
+    assert (
+        "at inputs.height: height and width must be positive multiples of 2, got 33x32"
+        in (answer["detail"]["message"])
+    )
 
 
 def test_image_inputs_as_tensor_or_png_match_local_runs(i2i_url, init_image_32):
@@ -212,6 +216,9 @@ def test_bad_image_payloads_get_422_naming_the_field(i2i_url, init_image_32):
         ({**good, "data_base64": "not base64!"}, "data_base64: not valid base64"),
         ({**good, "shape": [1, 3, 32, 31]}, "do not match shape [1, 3, 32, 31]"),
         ({**good, "dtype": "float99"}, "unknown tensor dtype 'float99'"),
+        # no bytes, so the size check passes, but no tensor torch can make (was a 500)
+        ({**good, "shape": [0, 10**20], "data_base64": ""}, "shape: not a tensor shape torch can make"),
+        ({**good, "shape": [0, 2**62, 2**62], "data_base64": ""}, "shape: not a tensor shape torch can make"),
         ({"png_base64": ["%%%"]}, "png_base64[0]: not valid base64"),
         ({"png_base64": [base64.b64encode(b"not a png").decode()]}, "png_base64[0]: not a readable image"),
     ]
@@ -222,14 +229,17 @@ def test_bad_image_payloads_get_422_naming_the_field(i2i_url, init_image_32):
         assert any(message in item["msg"] for item in answer["detail"]), answer
 
 
-def test_a_failing_run_gets_500_with_the_error(i2i_url):
+def test_an_image_the_codec_cannot_take_gets_400_before_the_run(i2i_url):
+    # Was a 500 from inside the VAE ("expected 3 channels"); now the codec's own check refuses it up front.
     five_channels = encode_tensor(torch.rand(1, 5, 32, 32))
     status, answer = call(
         f"{i2i_url}/run", {"inputs": {"prompt": PROMPT, "image": five_channels}}, token=TOKEN
     )
-    assert status == 500
-    assert answer["detail"]["error"] == "ExecutionError"
-    assert "node 'vae_enc'" in answer["detail"]["message"] and "5 channels" in answer["detail"]["message"]
+    assert status == 400
+    assert answer["detail"]["error"] == "ConfigError"
+    message = answer["detail"]["message"]
+    assert message.startswith("at inputs.image: image must be a float tensor (B, 3, H, W)")
+    assert "(1, 5, 32, 32)" in message and "node 'vae_enc'" in message
 
 
 def test_bearer_token_is_required_when_configured(i2i_url):
@@ -389,6 +399,9 @@ def test_serve_config_validates_and_builds():
         ),
         ({"graph": "template:text_to_imag"}, "unknown template 'text_to_imag'"),
         ({"graph": str(T2I), "token_env": "WG_TEST_UNSET_TOKEN"}, "WG_TEST_UNSET_TOKEN is not set"),
+        ({"graph": str(T2I), "max_body_bytes": 0}, "args.max_body_bytes: Input should be greater than 0"),
+        ({"graph": str(T2I), "limits": {"max_stpes": 5}}, "args.limits.max_stpes: Extra inputs"),
+        ({"graph": str(T2I), "limits": {"max_steps": 0}}, "args.limits.max_steps: Input should be greater"),
     ],
 )
 def test_bad_app_args_fail_at_build_with_a_clear_message(args, message):

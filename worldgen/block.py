@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -51,6 +52,22 @@ class ModelRef(BaseModel):
         digest = hashlib.sha1(self.identity_key().encode()).hexdigest()[:12]
         tail = (self.subfolder or self.source.rstrip("/").split("/")[-1] or "model").replace(":", "-")
         return f"{tail}-{digest}"
+
+
+@dataclass
+class Work:
+    """What one call's values ask of a block, as far as the block itself sets it (`Block.check_inputs`): what a
+    server's budgets (worldgen/limits.py) are checked against, and the batch sizes a graph must agree on."""
+
+    width: int | None = None  # pixels of the images the call makes or takes
+    height: int | None = None
+    steps: int | None = None  # denoising steps
+    batch: dict[str, int] = field(
+        default_factory=dict
+    )  # port -> the batch its value fixes (a latent's, an image's)
+    items: dict[str, int] = field(
+        default_factory=dict
+    )  # port -> items in its value (a prompt list); 1 broadcasts
 
 
 class BlockConfig(BaseModel):
@@ -102,6 +119,15 @@ class Block:
 
     def __call__(self, **inputs: Any) -> dict[str, Any]:
         return self.forward(**inputs)
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
+        """Check, before a run, the values this block will be called with, and say what they ask of it.
+
+        `inputs` holds the values known before anything runs (the run's inputs, defaults); a port fed by another
+        node is absent. Raise ConfigError(path=<port>) for a value the block cannot take, so a server answers
+        400 instead of failing mid-run. Loads no weights (a scheduler's or tokenizer's config is fine).
+        """
+        return Work()
 
     def loop_iterations(self, inputs: Mapping[str, Any]) -> int | None:
         """How many iterations a loop containing this block runs, given the values entering it (or None)."""

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and negatives, folded onto those)
+
 
 @dataclass(frozen=True)
 class RngState:

@@ -129,6 +129,29 @@ def _check_local(ref: ModelRef, cls: type, kind: str) -> None:
         )
 
 
+def component_config(source: str, subfolder: str, revision: str | None, cls: type) -> dict[str, Any]:
+    """A diffusers component's config (its config.json) without loading its weights: a preset's from its table,
+    a local directory's or a hub id's through `cls.load_config`. Templates size graphs by it, and blocks check
+    a run's inputs by it (`Block.check_inputs`) before any weights are loaded."""
+    if source.startswith(PRESET_PREFIX):
+        from worldgen.models.tiny import PRESETS
+
+        name = source[len(PRESET_PREFIX) :]
+        if name not in PRESETS:
+            raise ModelLoadError(
+                f"unknown preset '{name}'{did_you_mean(name, PRESETS)}; available: {', '.join(PRESETS)}"
+            )
+        if subfolder not in PRESETS[name]:
+            raise ModelLoadError(
+                f"preset '{name}' has no component '{subfolder}' (a preset needs a subfolder)"
+            )
+        return dict(PRESETS[name][subfolder])
+    try:
+        return dict(cls.load_config(str(Path(source).expanduser()), subfolder=subfolder, revision=revision))
+    except Exception as err:  # reported naming the source
+        raise ModelLoadError(f"cannot read {subfolder}/config.json of '{source}': {err}") from None
+
+
 def load_component(ref: ModelRef, cls: type) -> Any:
     """Load the component of class `cls` that `ref` points to (preset, local directory or hub id).
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, ModelRef
+from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, ModelRef, Work
 from worldgen.errors import ConfigError
 from worldgen.ports import Port, PortKind
 from worldgen.registry import register_block
@@ -50,6 +50,14 @@ class CLIPTokenizerBlock(ModelBlock):
         from transformers import CLIPTokenizer
 
         return CLIPTokenizer
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
+        text = inputs.get("text")
+        if isinstance(text, list):
+            if not text:  # a batch of no prompts: the tokenizer would fail on it
+                raise ConfigError("an empty list of prompts (give at least one)", path="text")
+            return Work(items={"text": len(text)})
+        return Work(items={"text": 1}) if isinstance(text, str) else Work()
 
     def forward(self, text: str | list[str]) -> dict[str, Any]:
         tokenizer = self.model
@@ -138,6 +146,8 @@ class UNet2DBackboneBlock(ModelBlock):
     ) -> dict[str, Any]:
         unet = self.model
         sample, condition = _on_model(sample, self), _on_model(condition, self)
+        if condition.shape[0] == 1 and sample.shape[0] > 1:  # one prompt for a batch (e.g. of init images)
+            condition = condition.expand(sample.shape[0], *condition.shape[1:])
         if condition_uncond is None:
             pred = unet(sample, timestep, encoder_hidden_states=condition, return_dict=False)[0]
             return {"pred": pred, "pred_uncond": None}
@@ -208,6 +218,28 @@ class GaussianNoiseBlock(Block):
     )
     OUTPUTS = (Port("latent", K.LATENT), Port("rng", K.RNG))
 
+    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) in pixels: the config's when not given; positive multiples of the scale factor."""
+        height = self.config.height if height is None else int(height)
+        width = self.config.width if width is None else int(width)
+        f = self.config.scale_factor
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise ConfigError(
+                f"height and width must be positive multiples of {f}, got {height}x{width}",
+                path="height" if height <= 0 or height % f else "width",
+            )
+        return height, width
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
+        if "like" not in inputs or inputs["like"] is not None:
+            return Work()  # shaped like another latent: that one's block sets the size
+        height, width = self._size(inputs.get("height"), inputs.get("width"))
+        batch = inputs.get("batch_size")
+        batch = 1 if batch is None else int(batch)
+        if batch < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch}", path="batch_size")
+        return Work(width=width, height=height, batch={"batch_size": batch})
+
     def forward(self, height=None, width=None, batch_size=1, like=None, rng: RngState | None = None):
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -216,10 +248,8 @@ class GaussianNoiseBlock(Block):
         if like is not None:
             shape, dtype = tuple(like.shape), like.dtype
         else:
-            height, width = int(height or self.config.height), int(width or self.config.width)
             f = self.config.scale_factor
-            if height % f or width % f:
-                raise ConfigError(f"height and width must be multiples of {f}, got {height}x{width}")
+            height, width = self._size(height or None, width or None)  # 0: the config's size, as before
             shape = (int(batch_size or 1), self.config.channels, height // f, width // f)
             dtype = dtype_from_name(self.config.dtype)
         generator = generator_or_none(rng)
@@ -329,6 +359,25 @@ class SchedulerSolver(Block):
     def _snapshot(scheduler: Any) -> dict[str, Any]:
         return {k: _copy_container(v) for k, v in scheduler.__dict__.items() if k != "_internal_dict"}
 
+    def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
+        if "state" not in inputs:
+            return Work()  # a step call: its schedule was set up (and checked) by the setup call
+        steps = inputs.get("num_steps")
+        steps = self.config.num_inference_steps if steps is None else int(steps)
+        most = int(self.scheduler.config.num_train_timesteps)
+        if not 1 <= steps <= most:
+            raise ConfigError(
+                f"steps must be 1 to {most} (the timesteps the scheduler was trained with), got {steps}",
+                path="num_steps",
+            )
+        strength = inputs.get("strength")
+        if strength is not None:
+            if not 0.0 <= float(strength) <= 1.0:
+                raise ConfigError(f"strength must be 0 to 1, got {strength}", path="strength")
+            if "noise" not in inputs:  # noise comes from another node: image-to-image
+                _denoising_steps(steps, float(strength))
+        return Work(steps=steps)
+
     def forward(self, latent, pred=None, state=None, noise=None, strength=1.0, num_steps=None, rng=None):
         if state is None:
             return self._setup(latent, noise, 1.0 if strength is None else float(strength), num_steps, rng)
@@ -342,8 +391,7 @@ class SchedulerSolver(Block):
         scheduler.set_timesteps(steps, device=latent.device)
         timesteps = scheduler.timesteps
         if noise is not None:  # image-to-image: start part-way down the schedule (as get_timesteps does)
-            init_timestep = min(int(steps * strength), steps)
-            t_start = max(steps - init_timestep, 0)
+            t_start = max(steps - _denoising_steps(steps, strength), 0)
             timesteps = scheduler.timesteps[t_start * scheduler.order :]
             if len(timesteps) == 0:
                 raise ConfigError(
@@ -359,6 +407,11 @@ class SchedulerSolver(Block):
         return {"latent": latent, "model_input": model_input, "timestep": timesteps[0], "state": state}
 
     def _step(self, latent, pred, state: SolverState):
+        if state.remaining <= 0:  # a run's `iterations` asked for more steps than the schedule has
+            raise ConfigError(
+                f"the schedule has {len(state.timesteps)} steps and all have run; ask for fewer iterations "
+                "(or more steps)"
+            )
         scheduler = self._restore(state)
         t = state.timesteps[state.step]
         generator = generator_or_none(state.rng)
@@ -376,6 +429,16 @@ class SchedulerSolver(Block):
         new_rng = RngState.of(generator) if generator is not None else None
         new_state = SolverState(self._snapshot(scheduler), state.timesteps, step, new_rng)
         return {"latent": latent, "model_input": model_input, "timestep": t_next, "state": new_state}
+
+
+def _denoising_steps(steps: int, strength: float) -> int:
+    """Steps image-to-image runs (as diffusers' get_timesteps): a ConfigError when there would be none."""
+    count = min(int(steps * strength), steps)
+    if count <= 0:
+        raise ConfigError(
+            f"strength {strength} with {steps} steps leaves no denoising step; raise either", path="strength"
+        )
+    return count
 
 
 def _copy_container(value: Any) -> Any:
@@ -470,6 +533,40 @@ class VAECodecBlock(ModelBlock):
     @property
     def scale_factor(self) -> int:
         return 2 ** (len(self.model.config.block_out_channels) - 1)
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
+        image = inputs.get("image")
+        if self.config.mode == "decode" or not isinstance(image, torch.Tensor):
+            return Work()  # a latent from another node, or PIL images (their own checks)
+        if image.dim() == 3:
+            image = image.unsqueeze(0)
+        if image.dim() != 4 or image.shape[1] != 3 or not image.dtype.is_floating_point:
+            raise ConfigError(
+                f"image must be a float tensor (B, 3, H, W) in [0, 1] (RGB), got {image.dtype} "
+                f"{tuple(image.shape)}",
+                path="image",
+            )
+        batch, _, height, width = image.shape
+        # The encoder's last norm needs more than one value per group: a latent of at least 2x2.
+        least = 2 * self._scale_factor_unloaded()
+        if batch < 1 or min(height, width) < least:
+            raise ConfigError(
+                f"image must be at least {least}x{least} pixels (and hold one), got {tuple(image.shape)}",
+                path="image",
+            )
+        return Work(width=width, height=height, batch={"image": batch})
+
+    def _scale_factor_unloaded(self) -> int:
+        """`scale_factor` without loading weights: from the model's config unless the model is loaded."""
+        if self.model_loaded:
+            return self.scale_factor
+        from diffusers import AutoencoderKL
+
+        from worldgen.models.loading import component_config
+
+        ref = self.config.model
+        config = component_config(ref.source, ref.subfolder or "", ref.revision, AutoencoderKL)
+        return 2 ** (len(config["block_out_channels"]) - 1)
 
     @torch.no_grad()
     def forward(self, **inputs: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from worldgen.block import ModelRef
-from worldgen.errors import ConfigError, did_you_mean
+from worldgen.errors import ConfigError, ModelLoadError, did_you_mean
 from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
 from worldgen.templates import register_template
@@ -32,22 +32,15 @@ def _source(model: str | None, preset: str | None) -> str:
 
 def _component_config(source: str, subfolder: str, revision: str | None) -> dict[str, Any]:
     """A component's config without loading its weights."""
-    if source.startswith("preset:"):
-        from worldgen.models.tiny import PRESETS
-
-        name = source.split(":", 1)[1]
-        if name not in PRESETS:
-            raise ConfigError(
-                f"unknown preset '{name}'{did_you_mean(name, PRESETS)}; available: {', '.join(PRESETS)}"
-            )
-        return PRESETS[name][subfolder]
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from worldgen.models.loading import component_config
 
     cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[subfolder]
     try:
-        return dict(cls.load_config(source, subfolder=subfolder, revision=revision))
-    except Exception as err:  # reported as a config error naming the source
-        raise ConfigError(f"cannot read {subfolder}/config.json of '{source}': {err}") from None
+        return component_config(source, subfolder, revision, cls)
+    except ModelLoadError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _add_text_nodes(g: Graph, ref: dict[str, Any]) -> None:
