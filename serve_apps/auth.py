@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Any
 
 
 def token_digest(env_name: str | None) -> str | None:
@@ -22,26 +21,3 @@ def bearer_ok(authorization: str | None, digest: str | None) -> bool:
     scheme, _, token = (authorization or "").partition(" ")
     given = hashlib.sha256(token.strip().encode()).hexdigest()
     return scheme.lower() == "bearer" and hmac.compare_digest(given, digest)
-
-
-class BearerAuth:
-    """ASGI middleware: 401 for any HTTP request without the app's bearer token (`app.state.token_sha256`; None:
-    open), whatever its path: the OpenAPI document and /docs describe the API, so they are behind it too."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            digest = getattr(scope["app"].state, "token_sha256", None)
-            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            if not bearer_ok(header, digest):
-                from fastapi.responses import JSONResponse
-
-                response = JSONResponse(
-                    {"detail": "missing or wrong bearer token"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)

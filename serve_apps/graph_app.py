@@ -63,8 +63,8 @@ from ray import serve
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_apps.auth import BearerAuth, token_digest
-from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BodyLimit
+from serve_apps.auth import token_digest
+from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
 from worldgen.config import load_config_file
 from worldgen.engine import Engine
 from worldgen.errors import ConfigError, GraphError, WorldgenError, format_validation_error

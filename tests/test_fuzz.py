@@ -238,15 +238,14 @@ def gateway_url(serve_url, tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def graph_url(serve_url) -> Iterator[str]:
     """The tiny text-to-image graph behind a token, its replica's memory capped."""
-    from serve_apps.graph_app import GraphAppArgs, app_builder
+    from serve_apps.graph_app import app_builder
 
     args: dict[str, Any] = {
         "graph": str(T2I),
         "token_env": "WG_FUZZ_GRAPH_TOKEN",
         "ray_actor_options": {"num_cpus": 0},
+        "limits": GRAPH_LIMITS,
     }
-    if "limits" in GraphAppArgs.model_fields:
-        args["limits"] = GRAPH_LIMITS
     app = built_with_token(app_builder, args, "WG_FUZZ_GRAPH_TOKEN")
     with deployed(app, "graph-fuzz", serve_url) as url:
         cap_replica_memory("graph-fuzz", "GraphEndpoint")
@@ -275,10 +274,6 @@ def test_fuzz_world_gateway(gateway_url):
     assert not run.failures, run.report()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10 deliverable 3: the graph app answers 500s for some inputs until it validates them",
-)
 def test_fuzz_graph_endpoint(graph_url):
     run = fuzz("graph endpoint", graph_url, examples=30)
     assert not run.failures, run.report()
