@@ -1,8 +1,9 @@
 """Prompt templates are bounded: what a template builds, what it renders and how long it runs (issue 10).
 
-Each attack renders under small limits (10,000 characters, half a second), so that with its check broken it
-still costs little, and prints only a length: the check that fires is the one at the point of creation,
-not the count of the rendered text.
+Each attack renders under small limits (10,000 characters, half a second) and prints only a length, so the
+check that fires is the one at the point of creation (its message says which), not the count of the rendered
+text; and its sizes stay small enough (a doubling runs `n` = DOUBLINGS times) that with its check broken it fails
+in a few megabytes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from worldgen.prompts import render_prompt, set_template_limits, template_limits
 
 CHARS = 10_000
 SECONDS = 0.5
+DOUBLINGS = 20  # 2**20: a million times the start, far over CHARS
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +37,7 @@ def refused(template: str, limit: str = "template_chars", **context) -> LimitExc
     return info.value
 
 
-BIG_LIST = "{% set l = [] %}{% for i in range(100) %}{{ l.append('x' * 5000) or '' }}{% endfor %}"
+BIG_LIST = "{% set l = [] %}{% for i in range(10) %}{{ l.append('x' * 5000) or '' }}{% endfor %}"
 
 # (template, what the message names: the check that must fire)
 MEMORY_ATTACKS = {
@@ -44,14 +46,16 @@ MEMORY_ATTACKS = {
     "int * str": ("{{ (10**7 * 'x') | length }}", "'*'"),
     "list * int": ("{{ ([1, 2] * 10**7) | length }}", "'*'"),
     "bytes * int": ("{{ ('x'.encode() * 10**7) | length }}", "'*'"),
-    "int ** huge": ("{{ (10 ** (10 ** 10)) is number }}", "'**'"),
+    "int ** huge": ("{{ (10 ** (10 ** 6)) is number }}", "'**'"),
     "int squared in a loop": (
-        "{% set ns = namespace(x=10**100) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}"
+        "{% set ns = namespace(x=10**100) %}{% for i in range(12) %}{% set ns.x = ns.x * ns.x %}{% endfor %}"
         "{{ ns.x > 0 }}",
         "'*'",
     ),
     "str + str doubling": (
-        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}"
+        "{% set ns = namespace(s='x') %}{% for i in range("
+        + str(DOUBLINGS)
+        + ") %}{% set ns.s = ns.s + ns.s %}{% endfor %}"
         "{{ ns.s | length }}",
         "'+'",
     ),
@@ -61,17 +65,19 @@ MEMORY_ATTACKS = {
     "% repeated field": ("{% set s = 'x' * 5000 %}{{ ('%(a)s%(a)s%(a)s' % {'a': s}) | length }}", "'%'"),
     # ~ concatenation, namespace attributes, top-level set, macro arguments
     "~ doubling through namespace()": (
-        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+        "{% set ns = namespace(s='x') %}{% for i in range("
+        + str(DOUBLINGS)
+        + ") %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
         "{{ ns.s | length }}",
         "'~'",
     ),
     "~ doubling by top-level sets": (
-        "{% set s = 'xx' %}" + "{% set s = s ~ s %}" * 40 + "{{ s | length }}",
+        "{% set s = 'xx' %}" + "{% set s = s ~ s %}" * DOUBLINGS + "{{ s | length }}",
         "'~'",
     ),
     "~ doubling through macro arguments": (
         "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% else %}{{ s | length }}{% endif %}{% endmacro %}"
-        "{{ f('x', 40) }}",
+        "{{ f('x', n) }}",
         "'~'",
     ),
     # str methods
@@ -103,30 +109,38 @@ MEMORY_ATTACKS = {
     "|sum of lists": ("{{ range(5000) | batch(1) | sum(start=[]) | length }}", "filter 'sum'"),
     # containers: literals, list and dict methods, dict()
     "list literal doubling": (
-        "{% set ns = namespace(a=[1]) %}{% for i in range(40) %}{% set ns.a = [ns.a, ns.a] %}{% endfor %}"
+        "{% set ns = namespace(a=[1]) %}{% for i in range("
+        + str(DOUBLINGS)
+        + ") %}{% set ns.a = [ns.a, ns.a] %}{% endfor %}"
         "{{ ns.a | length }}",
         "a literal",
     ),
     "dict literal doubling": (
-        "{% set ns = namespace(a={}) %}{% for i in range(40) %}{% set ns.a = {'l': ns.a, 'r': ns.a} %}"
+        "{% set ns = namespace(a={}) %}{% for i in range("
+        + str(DOUBLINGS)
+        + ") %}{% set ns.a = {'l': ns.a, 'r': ns.a} %}"
         "{% endfor %}{{ ns.a | length }}",
         "a literal",
     ),
     "list.extend doubling": (
-        "{% set l = [1] %}{% for i in range(40) %}{{ l.extend(l) or '' }}{% endfor %}{{ l | length }}",
+        "{% set l = [1] %}{% for i in range("
+        + str(DOUBLINGS)
+        + ") %}{{ l.extend(l) or '' }}{% endfor %}{{ l | length }}",
         "calling extend",
     ),
     "list.append nesting": (
-        "{% set ns = namespace(a=[1]) %}{% for i in range(40) %}{% set n = [] %}"
+        "{% set ns = namespace(a=[1]) %}{% for i in range(" + str(DOUBLINGS) + ") %}{% set n = [] %}"
         "{{ n.append(ns.a) or n.append(ns.a) or '' }}{% set ns.a = n %}{% endfor %}{{ ns.a | length }}",
         "calling append",
     ),
     "dict() nesting": (
-        "{% set ns = namespace(d={}) %}{% for i in range(40) %}{% set ns.d = dict(l=ns.d, r=ns.d) %}{% endfor %}"
+        "{% set ns = namespace(d={}) %}{% for i in range("
+        + str(DOUBLINGS)
+        + ") %}{% set ns.d = dict(l=ns.d, r=ns.d) %}{% endfor %}"
         "{{ ns.d | length }}",
         "calling dict",
     ),
-    # printing a container (here `l`, 100 strings of 5,000 characters, built by appends that each fit)
+    # printing a container (here `l`, 10 strings of 5,000 characters, built by appends that each fit)
     "printing a list": (BIG_LIST + "{{ l }}", "output"),
     "~ of a list": (BIG_LIST + "{{ (l ~ '') | length }}", "'~'"),
     "|string of a list": (BIG_LIST + "{{ l | string | length }}", "filter 'string'"),
@@ -140,7 +154,9 @@ MEMORY_ATTACKS = {
     "a list as template names": (BIG_LIST + "{% include l %}", "a template name"),
     # shared namespaces, block captures
     "printing shared namespaces": (
-        "{% set ns = namespace(t=namespace(s='x' * 100)) %}{% for i in range(40) %}{% set n = namespace() %}"
+        "{% set ns = namespace(t=namespace(s='x')) %}{% for i in range("
+        + str(DOUBLINGS)
+        + ") %}{% set n = namespace() %}"
         "{% set n.a = ns.t %}{% set n.b = ns.t %}{% set ns.t = n %}{% endfor %}{{ ns.t }}",
         "output",
     ),
@@ -161,8 +177,16 @@ MEMORY_ATTACKS = {
 
 @pytest.mark.parametrize("template, check", MEMORY_ATTACKS.values(), ids=MEMORY_ATTACKS.keys())
 def test_a_template_cannot_build_anything_over_template_chars(template, check):
-    err = refused(template)
+    render_prompt("{{ 1 }}", {})  # Jinja's own first-use allocations, out of the measure
+    tracemalloc.start()
+    try:
+        err = refused(template, n=DOUBLINGS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert check in str(err), str(err)
+    print(f"peak {peak:,}")
+    assert peak < 1_000_000  # refused before it was built: compiling the template costs more
     assert "prompt template" in str(err) and "limit 'template_chars'" in str(err)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import jinja2
 from jinja2 import FileSystemLoader, StrictUndefined, nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 from jinja2.utils import Namespace, _PassArg
 from jinja2.visitor import NodeTransformer
@@ -384,11 +385,34 @@ def _literal(value: Any) -> Any:
     return value
 
 
-def _join(parts: Iterable[str]) -> str:
-    """A block's output joined (a macro's, `{% set %}...{% endset %}`, `{% filter %}`): measured first."""
-    parts = list(parts)
-    _step(sum(map(len, parts)), "a block")
-    return "".join(parts)
+class _Buffer(list[str]):
+    """A block's output (a macro's, `{% set %}...{% endset %}`, `{% filter %}`, `{% call %}`), counted as it
+    is written: a loop in a block would otherwise pile up strings until the deadline."""
+
+    __slots__ = ("chars",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chars = 0
+
+    def append(self, part: str) -> None:
+        self._count(len(part))
+        super().append(part)
+
+    def extend(self, parts: Iterable[str]) -> None:
+        parts = tuple(parts)
+        self._count(sum(map(len, parts)))
+        super().extend(parts)
+
+    def _count(self, chars: int) -> None:
+        self.chars += chars
+        _step(self.chars, "a block")
+
+
+class _CodeGenerator(CodeGenerator):
+    def buffer(self, frame: Frame) -> None:
+        frame.buffer = self.temporary_identifier()
+        self.writeline(f"{frame.buffer} = environment.buffer_class()")
 
 
 def _template_name(value: Any) -> Any:
@@ -449,9 +473,11 @@ class _BoundedEnvironment(SandboxedEnvironment):
 
     intercepted_binops = frozenset({"+", "*", "%", "**"})  # the ones that can grow a value; - / // shrink
 
+    code_generator_class = _CodeGenerator
+    buffer_class = _Buffer
+
     def __init__(self, **options: Any):
         super().__init__(finalize=_output, **options)
-        self.concat = _join  # type: ignore[assignment]
         # lipsum(n) writes n paragraphs: unbounded, and no prompt needs it; urlize adds the (unbounded)
         # `target`/`rel` to every link it finds, and prompts are not HTML
         del self.globals["lipsum"], self.filters["urlize"]
