@@ -37,7 +37,7 @@ def refused(template: str, limit: str = "template_chars", **context) -> LimitExc
     return info.value
 
 
-BIG_LIST = "{% set l = [] %}{% for i in range(10) %}{{ l.append('x' * 5000) or '' }}{% endfor %}"
+BIG_LIST = "{% set s = 'x' * 5000 %}{% set l = [s, s, s, s, s] %}"
 
 # (template, what the message names: the check that must fire)
 MEMORY_ATTACKS = {
@@ -133,6 +133,16 @@ MEMORY_ATTACKS = {
         "{{ n.append(ns.a) or n.append(ns.a) or '' }}{% set ns.a = n %}{% endfor %}{{ ns.a | length }}",
         "calling append",
     ),
+    "list.append of fresh strings in a loop": (
+        "{% set l = [] %}{% for i in range(1000) %}{{ l.append('x' * 2000 ~ i) or '' }}{% endfor %}"
+        "{{ l | length }}",
+        "calling append",
+    ),
+    "dict.update in a loop": (
+        "{% set d = {} %}{% for i in range(1000) %}{{ d.update({i: 'x' * 2000 ~ i}) or '' }}{% endfor %}"
+        "{{ d | length }}",
+        "calling update",
+    ),
     "dict() nesting": (
         "{% set ns = namespace(d={}) %}{% for i in range("
         + str(DOUBLINGS)
@@ -140,7 +150,7 @@ MEMORY_ATTACKS = {
         "{{ ns.d | length }}",
         "calling dict",
     ),
-    # printing a container (here `l`, 10 strings of 5,000 characters, built by appends that each fit)
+    # printing a container (here `l`, a literal of 5 strings of 5,000 characters)
     "printing a list": (BIG_LIST + "{{ l }}", "output"),
     "~ of a list": (BIG_LIST + "{{ (l ~ '') | length }}", "'~'"),
     "|string of a list": (BIG_LIST + "{{ l | string | length }}", "filter 'string'"),

@@ -77,12 +77,13 @@ def describe(template: str) -> str:
 class _Budget:
     """The limits of the render running in a thread; `deadline` is a time.monotonic() (inf: no render)."""
 
-    __slots__ = ("chars", "seconds", "deadline")
+    __slots__ = ("chars", "seconds", "deadline", "held")
 
     def __init__(self, limits: Limits, deadline: float = math.inf):
         self.chars = limits.template_chars
         self.seconds = limits.template_seconds
         self.deadline = deadline
+        self.held: dict[int, tuple[Any, int]] = {}  # see _hold
 
 
 class _Local(threading.local):
@@ -278,6 +279,21 @@ _TEXT_METHODS: dict[str, Callable[..., int]] = {
     "translate": _translate_size,
     "join": lambda s, items: _size(items) + len(s) * len(items),
 }
+
+
+# the methods of list, dict and set that store their arguments
+_STORING = frozenset({"append", "extend", "insert", "update", "setdefault", "add"})
+
+
+def _hold(container: Any, added: int, what: str) -> None:
+    """A list, dict or set a template stores `added` characters' worth into: what it holds is kept for the
+    render (walked the first time, then summed), so appending fresh strings in a loop stops at
+    template_chars, and so does nesting (`l.append(l2)` twice doubles what `l` prints)."""
+    budget = _local.budget
+    held = budget.held.get(id(container))
+    size = (held[1] if held and held[0] is container else _size(container)) + added
+    _step(size, what)
+    budget.held[id(container)] = (container, size)  # holding `container` keeps its id from being reused
 
 
 def _indent_size(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> int:
@@ -503,16 +519,16 @@ class _BoundedEnvironment(SandboxedEnvironment):
     def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         owner = getattr(obj, "__self__", None)
         name = getattr(obj, "__name__", type(obj).__name__)
-        size = 0
+        what = f"calling {name}"
         if isinstance(owner, (str, bytes)) and (estimate := _TEXT_METHODS.get(name)):
             if name == "join" and args and not isinstance(args[0], Sized):
                 args = (list(args[0]),)
-            size = estimate(owner, *args, **kwargs)
-        elif isinstance(owner, (list, dict, set)) or obj is dict:
-            # list.append, dict.update, dict(...) store their arguments: what the container then holds
-            size = (len(owner) if owner is not None else 0) + _size(args) + _size(kwargs)
-        _step(size, f"calling {name}")
-        return _checked(super().call(context, obj, *args, **kwargs), f"calling {name}")
+            _step(estimate(owner, *args, **kwargs), what)
+        elif isinstance(owner, (list, dict, set)) and name in _STORING:
+            _hold(owner, _size(args) + _size(kwargs), what)
+        else:  # dict(...) stores its arguments too
+            _step(_size(args) + _size(kwargs) if obj is dict else 0, what)
+        return _checked(super().call(context, obj, *args, **kwargs), what)
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
         fmt = super().wrap_str_format(value)
