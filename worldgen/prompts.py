@@ -7,7 +7,8 @@ A prompt in a config is either a template string (`"Describe {{ content.title }}
 
 - no string, list or number a template builds may exceed `Limits.template_chars` (characters, items or
   digits); every place a template creates something big is checked *before* it is built (operators, `~`,
-  literals, calls, filters, block captures), so a `{{ 'x' * 10**9 }}` allocates nothing;
+  literals, calls, filters, a block's output), so a `{{ 'x' * 10**9 }}` allocates nothing, and what a
+  list or dict holds is counted over the render, so a loop cannot pile up strings in one either;
 - the rendered text may not exceed `template_chars` either, counted while it is generated;
 - a render stops after `Limits.template_seconds`: loops, calls, filters and operators check the clock.
 
