@@ -16,7 +16,8 @@ import pytest
 
 from worldgen.errors import ConfigError
 from worldgen.limits import DEFAULT_LIMITS, LimitExceeded, Limits
-from worldgen.prompts import render_prompt, set_template_limits, template_limits
+from worldgen.prompt_sandbox import set_template_limits, template_limits
+from worldgen.prompts import render_prompt
 
 CHARS = 10_000
 SECONDS = 0.5
