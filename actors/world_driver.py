@@ -340,6 +340,9 @@ def get_or_create_driver(
             ray.kill(handle, no_restart=True)  # free the name for a corrected config
             cause = err.cause
             raise (cause if isinstance(cause, Exception) else err) from None
+        # The name may have led to a driver that a concurrent call started with another config of the same
+        # name (`get_if_exists` ignores ours): the world it opened must be ours. Its driver is left running.
+        _check(directory, config)
     return handle
 
 

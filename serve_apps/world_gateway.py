@@ -51,7 +51,7 @@ from actors.world_driver import (
 from serve_apps.auth import bearer_ok, token_digest
 from serve_apps.guard import BodyLimit
 from worldgen.errors import WorldgenError, format_validation_error
-from worldgen.storage import WorldStorage
+from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
 
 WORLD_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _WORLD_ID = re.compile(WORLD_ID)
@@ -147,11 +147,14 @@ class WorldGateway:
             try:
                 self.handles[world_id] = ray.get_actor(driver_name(directory), namespace=NAMESPACE)
             except ValueError:
-                self.handles[world_id] = await asyncio.to_thread(self._start, directory, None)
+                try:
+                    self.handles[world_id] = await asyncio.to_thread(self._start, directory, None)
+                except WorldDamagedError as err:
+                    raise HTTPException(409, str(err)) from None
         return self.handles[world_id]
 
-    def _start(self, directory: Path, config: dict[str, Any] | None) -> Any:
-        return get_or_create_driver(directory, config, num_cpus=self.settings.driver_num_cpus)
+    def _start(self, directory: Path, config: dict[str, Any] | None, claim: str | None = None) -> Any:
+        return get_or_create_driver(directory, config, num_cpus=self.settings.driver_num_cpus, claim=claim)
 
     @staticmethod
     async def call(ref: Any) -> Any:
@@ -162,6 +165,8 @@ class WorldGateway:
             cause = err.cause
             if isinstance(cause, ArtifactNotFound):
                 raise HTTPException(404, str(cause)) from None
+            if isinstance(cause, (WorldDamagedError, WorldExistsError)):
+                raise HTTPException(409, str(cause)) from None
             if isinstance(cause, WorldgenError):
                 raise HTTPException(409 if "in flight" in str(cause) else 500, str(cause)) from None
             raise HTTPException(500, f"{type(cause).__name__}: {cause}") from None
@@ -178,7 +183,10 @@ class WorldGateway:
 
     # ---- worlds ----------------------------------------------------------------------------------------
     @api.post("/v1/worlds", status_code=201, dependencies=authorised)
-    async def create(self, body: CreateWorld) -> dict[str, Any]:
+    async def create(self, body: CreateWorld, response: Response) -> dict[str, Any]:
+        """201 and the new world; 200 and the world when the id holds this same world already; 409 when it
+        holds another. Of concurrent creates of one id exactly one gets 201: the world directory's atomic claim
+        (`WorldStorage.create`) decides, whichever gateway replica each request reaches."""
         if body.template is not None:
             from worldgen.templates import build_template
 
@@ -191,15 +199,21 @@ class WorldGateway:
         name = config.get("name") if isinstance(config, dict) else None
         world_id = body.id or f"{name_slug(name)}-{uuid.uuid4().hex[:8]}"
         directory = self.directory(world_id)
-        if directory.exists():
-            raise HTTPException(409, f"world {world_id!r} exists already")
+        claim = uuid.uuid4().hex  # tells this request's create from a concurrent one's (`created_for`)
         try:
-            handle = await asyncio.to_thread(self._start, directory, config)
+            handle = await asyncio.to_thread(self._start, directory, config, claim)
+        except WorldExistsError:
+            raise HTTPException(409, f"world {world_id!r} exists already, with another config") from None
+        except WorldDamagedError as err:
+            raise HTTPException(409, str(err)) from None
         except (WorldgenError, ValidationError, TypeError, ValueError, KeyError) as err:
-            shutil.rmtree(directory, ignore_errors=True)  # nothing of a world that never opened stays
+            with contextlib.suppress(OSError):  # a world that never opened leaves no folder (and the folder
+                directory.rmdir()  # is removed only when empty: what is in it belongs to another request)
             message = format_validation_error(err) if isinstance(err, ValidationError) else str(err)
             raise HTTPException(400, f"cannot create the world: {message}") from None
         self.handles[world_id] = handle
+        if not await self.call(handle.created_for.remote(claim)):
+            response.status_code = 200  # this same world was there already, or another request just made it
         return {"id": world_id, **await self.call(handle.info.remote())}
 
     @api.get("/v1/worlds", dependencies=authorised)
