@@ -100,9 +100,12 @@ class WorldDamagedError(StorageError):
     """Files a world needs are missing or unreadable; `damage` lists them (`worldgen check DIR` shows all)."""
 
     def __init__(self, root: Path, damage: list[Damage]):
-        self.damage = damage
+        self.root, self.damage = root, damage
         shown = "; ".join(map(str, damage[:5])) + (f"; and {len(damage) - 5} more" if len(damage) > 5 else "")
         super().__init__(f"world damaged: {shown} (in {root}; `worldgen check {root}` lists the damage)")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt from its fields where it crosses processes (Ray)
+        return type(self), (self.root, self.damage)
 
 
 class WorldStorage:
