@@ -274,22 +274,23 @@ def test_world_from_template(tmp_path):
 
 
 def test_a_mapping_config_with_a_ref_is_stored_resolved(tmp_path, monkeypatch):
-    """A `ref:` in a mapping config is read once (relative to the working directory) and world.yaml holds its
-    content: a reload reads no other file (here the file is gone) and still finds the same world."""
+    """A `ref:` in a mapping config (here in a free-form mapping, as `extra_body` is) is read once, relative to
+    the working directory, and world.yaml holds its content: a reload reads no other file (here the file is
+    gone) and finds the same world."""
     monkeypatch.chdir(tmp_path)
-    Path("initial.yaml").write_text(yaml.safe_dump({"title": "Harbor of refs", "story": "Fog."}))
-    config = fast_config() | {"initial_world": {"ref": "initial.yaml"}}
+    Path("glossary.yaml").write_text(yaml.safe_dump({"the fog": "it leaves objects behind"}))
+    config = fast_config()
+    config["initial_world"]["glossary"] = {"ref": "glossary.yaml"}
     world = World.from_config(config, directory=tmp_path / "w")
     assert world.created and world.step().step == 1
-    assert WorldStorage(tmp_path / "w").load_config()["initial_world"] == {
-        "title": "Harbor of refs",
-        "story": "Fog.",
-    }
+    stored = WorldStorage(tmp_path / "w").load_config()
+    assert stored["initial_world"]["glossary"] == {"the fog": "it leaves objects behind"}
     assert World.from_config(config, directory=tmp_path / "w").progress.step == 1  # the same world
-    Path("initial.yaml").unlink()
+    Path("glossary.yaml").unlink()
     monkeypatch.chdir(tmp_path / "w")
     again = World.load(tmp_path / "w")
-    assert not again.created and again.content.title == "Harbor of refs" and again.step().step == 2
+    assert not again.created and again.content.glossary == {"the fog": "it leaves objects behind"}
+    assert again.step().step == 2
 
 
 @pytest.fixture(scope="module")

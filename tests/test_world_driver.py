@@ -243,17 +243,18 @@ def test_a_world_with_a_ref_survives_its_driver(ray_session, new_dir, tmp_path, 
     from actors.world_driver import RemoteWorld
 
     monkeypatch.chdir(tmp_path)
-    Path("initial.yaml").write_text(yaml.safe_dump({"title": "Harbor of refs", "story": "Fog."}))
-    config = fast_config() | {"initial_world": {"ref": "initial.yaml"}}
+    Path("glossary.yaml").write_text(yaml.safe_dump({"the fog": "it leaves objects behind"}))
+    config = fast_config()
+    config["initial_world"]["glossary"] = {"ref": "glossary.yaml"}  # free-form, as `extra_body` is
     directory = new_dir()
     world = RemoteWorld(directory, config)
     assert world.step()["step"] == 1
-    Path("initial.yaml").unlink()  # nothing may read it again
+    Path("glossary.yaml").unlink()  # nothing may read it again
     pid = world.info()["pid"]
     ray_session.kill(world.handle, no_restart=False)
     wait_ready(world.handle, ray_session)
     info = world.info()
-    assert info["restarted"] and info["pid"] != pid and info["title"] == "Harbor of refs"
+    assert info["restarted"] and info["pid"] != pid and info["step"] == 1
     assert world.step()["step"] == 2 and world.step()["episode"] == 2
     world.shutdown()
 
