@@ -37,6 +37,7 @@ from worldgen.errors import ConfigError
 from worldgen.storage import WorldExistsError, WorldStorage, normalize_config
 
 PREFIX = "wg-world-"
+_START_ATTEMPTS = 3  # tries to reach a driver that concurrent creates of one world keep replacing
 
 Config = Mapping[str, Any] | str | Path
 
@@ -332,18 +333,28 @@ def get_or_create_driver(
         options["num_cpus"] = num_cpus
     if num_gpus is not None:
         options["num_gpus"] = num_gpus
-    handle = WorldDriver.options(**options).remote(str(directory), config, claim)
-    if wait:
+    failures = 0
+    while True:
+        handle = WorldDriver.options(**options).remote(str(directory), config, claim)
+        if not wait:
+            return handle
         try:
             ray.get(handle.ready.remote(), timeout=timeout)
         except ray.exceptions.RayTaskError as err:
             ray.kill(handle, no_restart=True)  # free the name for a corrected config
             cause = err.cause
             raise (cause if isinstance(cause, Exception) else err) from None
+        except ray.exceptions.RayActorError:
+            # a driver found by name whose world failed to open for a concurrent caller, who removed it:
+            # start again (a new driver, or the one a third caller started meanwhile)
+            failures += 1
+            if failures == _START_ATTEMPTS:
+                raise
+            continue
         # The name may have led to a driver that a concurrent call started with another config of the same
         # name (`get_if_exists` ignores ours): the world it opened must be ours. Its driver is left running.
         _check(directory, config)
-    return handle
+        return handle
 
 
 def list_worlds(address: str | None = None) -> list[dict[str, Any]]:
