@@ -12,7 +12,7 @@ import yaml
 
 from worldgen.errors import ConfigError
 from worldgen.stage import CYCLE
-from worldgen.storage import WorldDamagedError, WorldStorage
+from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,3 +271,16 @@ def test_a_damaged_world_is_named_at_driver_start(ray_session, new_dir):
         WorldDamagedError, match="world damaged: episode 2: episodes/000002/meta.json is unread"
     ):
         RemoteWorld(directory)
+
+
+def test_a_driver_found_by_name_must_hold_the_callers_world(ray_session, new_dir):
+    """Configs of one name share a driver name: a caller that reaches the driver another caller's create
+    started (its world.yaml not written yet) is refused, never handed that world as its own."""
+    from actors.world_driver import get_or_create_driver
+
+    directory = new_dir()
+    first = get_or_create_driver(directory, fast_config(), wait=False)
+    with pytest.raises(WorldExistsError, match="already holds a different world"):
+        get_or_create_driver(directory, {**fast_config(), "seed": 7})
+    assert ray_session.get(first.ready.remote(), timeout=120)  # the first world is intact
+    assert WorldStorage(directory).load_config()["seed"] == 0
