@@ -6,7 +6,8 @@ Every world lives in `<root>/<world id>/` and is owned by its world driver actor
 gateway only talks to drivers, so steps on one world are serialised by its driver while different worlds step
 in parallel, and any gateway replica reaches the same driver by name.
 
-    POST   /v1/worlds                          create: {"id"?, "config": {...}} or {"id"?, "template", "params"}
+    POST   /v1/worlds                          create: {"id"?, "config": {...}} or {"id"?, "template", "params"};
+                                               201, or 200 when the id holds the same world, 409 another
     GET    /v1/worlds                          the worlds under the root
     GET    /v1/worlds/{id}                     info (answered during a step)
     GET    /v1/worlds/{id}/state               the state in flight (five blocks)
@@ -158,7 +159,8 @@ class WorldGateway:
 
     @staticmethod
     async def call(ref: Any) -> Any:
-        """Await a driver call; world errors become 4xx/5xx with their message, a dead driver 503."""
+        """Await a driver call; world errors become 4xx/5xx with their message (a damaged world, or another
+        world where one was expected: 409), a dead driver 503."""
         try:
             return await ref
         except ray.exceptions.RayTaskError as err:
