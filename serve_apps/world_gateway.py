@@ -184,7 +184,15 @@ class WorldGateway:
         return episode
 
     # ---- worlds ----------------------------------------------------------------------------------------
-    @api.post("/v1/worlds", status_code=201, dependencies=authorised)
+    @api.post(
+        "/v1/worlds",
+        status_code=201,
+        dependencies=authorised,
+        responses={
+            200: {"description": "the id holds this same world already: the world"},
+            409: {"description": "the id holds another world, or a damaged one"},
+        },
+    )
     async def create(self, body: CreateWorld, response: Response) -> dict[str, Any]:
         """201 and the new world; 200 and the world when the id holds this same world already; 409 when it
         holds another. Of concurrent creates of one id exactly one gets 201: the world directory's atomic claim

@@ -241,6 +241,8 @@ def test_creates_are_exclusive(gateway):
     assert again.status_code == 200 and again.json()["id"] == "twin"
     other = client.post("/v1/worlds", json={"id": "twin", **SMALL, "params": {**SMALL["params"], "seed": 9}})
     assert other.status_code == 409, other.text
+    documented = client.get("/openapi.json").json()["paths"]["/v1/worlds"]["post"]["responses"]
+    assert {"200", "201", "409"} <= set(documented)
 
 
 def _restart_driver(client: Client, root, world_id: str) -> requests.Response:
