@@ -217,8 +217,9 @@ class WorldGateway:
         except WorldDamagedError as err:
             raise HTTPException(409, str(err)) from None
         except (WorldgenError, ValidationError, TypeError, ValueError, KeyError) as err:
-            with contextlib.suppress(OSError):  # a world that never opened leaves no folder (and the folder
-                directory.rmdir()  # is removed only when empty: what is in it belongs to another request)
+            # a world that never opened leaves no folder; one that is not empty belongs to another request
+            with contextlib.suppress(OSError):
+                directory.rmdir()
             message = format_validation_error(err) if isinstance(err, ValidationError) else str(err)
             raise HTTPException(400, f"cannot create the world: {message}") from None
         self.handles[world_id] = handle

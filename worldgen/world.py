@@ -99,9 +99,8 @@ class World:
     ):
         self.settings = settings
         self.stages = stages
-        self.config = dict(
-            config
-        )  # as stored (`stored_config`): `${env:...}` stays a reference, no secret saved
+        # as stored (`stored_config`): `${env:...}` stays a reference, so no secret is saved
+        self.config = dict(config)
         self.storage = WorldStorage(directory)
         self.content = WorldContent(**settings.initial_world.model_dump())
         self.progress = Progress()
