@@ -33,11 +33,11 @@ from typing import Any
 import ray
 
 from actors.model_host import NAMESPACE, cluster_address, set_torch_threads
-from worldgen.config import load_config_file
 from worldgen.errors import ConfigError
-from worldgen.storage import WorldStorage, normalize_config
+from worldgen.storage import WorldExistsError, WorldStorage, normalize_config
 
 PREFIX = "wg-world-"
+_START_ATTEMPTS = 3  # tries to reach a driver that concurrent creates of one world keep replacing
 
 Config = Mapping[str, Any] | str | Path
 
@@ -52,17 +52,20 @@ def _dir_hash(directory: str | Path) -> str:
 
 
 def _load(config: Config) -> dict[str, Any]:
-    return load_config_file(config) if isinstance(config, (str, Path)) else dict(config)
+    """The config as the world directory stores it, so that it compares like with like with world.yaml."""
+    from worldgen.world import stored_config
+
+    return stored_config(config)
 
 
 def _check(directory: Path, config: Config | None) -> dict[str, Any]:
     """The config of the world that lives (or will live) in `directory`; refuses a missing config for a new
-    directory and a config that differs from the world already there."""
+    directory and (WorldExistsError) a config that differs from the world already there."""
     storage = WorldStorage(directory)
     if storage.exists():
         stored = storage.load_config()
         if config is not None and normalize_config(_load(config)) != normalize_config(stored):
-            raise ConfigError(
+            raise WorldExistsError(
                 f"directory {directory} already holds a different world; continue it without a config "
                 "(RemoteWorld(directory)) or choose another directory",
                 file=str(storage.config_path),
@@ -101,16 +104,14 @@ class ArtifactNotFound(ConfigError, LookupError):
 
 
 def read_artifact(storage: WorldStorage, path: str) -> bytes:
-    """An artifact's bytes: images under `episodes/` or `artifacts/` only (not the config or the content)."""
-    parts = path.replace("\\", "/").split("/")
-    if parts[0] not in ("episodes", "artifacts") or Path(path).suffix.lower() not in ARTIFACT_TYPES:
-        raise ArtifactNotFound(f"artifact {path!r}: expected an image under episodes/ or artifacts/")
+    """An image's bytes: only the world's own artifacts (`WorldStorage.read_artifact`), never its config or
+    content, nor a file that leaves the world (`..`, absolute, symlinks, hard links from outside)."""
+    if Path(path).suffix.lower() not in ARTIFACT_TYPES:
+        raise ArtifactNotFound(f"artifact {path!r}: expected an image ({', '.join(ARTIFACT_TYPES)})")
     try:
-        target = storage.artifact_path(path)  # refuses absolute paths, `..` and symlinks out of the world
+        return storage.read_artifact(path)
     except ConfigError as err:
         raise ArtifactNotFound(str(err)) from None
-    try:
-        return target.read_bytes()
     except OSError:
         raise ArtifactNotFound(f"artifact {path!r} does not exist") from None
 
@@ -120,8 +121,12 @@ def read_artifact(storage: WorldStorage, path: str) -> bytes:
 class WorldDriver:
     """Owns one `World`: runs its steps one at a time and answers about it. Restarted by Ray, it resumes."""
 
-    def __init__(self, directory: str, config: Mapping[str, Any] | str | None = None):
+    def __init__(
+        self, directory: str, config: Mapping[str, Any] | str | None = None, claim: str | None = None
+    ):
         self.directory = str(_resolve(directory))
+        self.created = False  # True when this driver created the world's directory
+        self._claim = claim  # the token of the create call that started this driver (see `created_for`)
         self.started = time.time()
         self.error: Exception | None = None
         self._lock = threading.Lock()  # guards the snapshot `progress()` reads from another thread
@@ -149,8 +154,14 @@ class WorldDriver:
         from worldgen.world import World
 
         self.resumed = WorldStorage(self.directory).exists()
+        if self.restarted:  # the world was opened before: its world.yaml is the config, nothing else is read
+            return World.load(self.directory)
         _check(Path(self.directory), config)  # config required for a new world; the same world for an old one
-        return World.load(self.directory) if self.resumed else World.from_config(config, self.directory)
+        if self.resumed:
+            return World.load(self.directory)
+        world = World.from_config(config, self.directory)
+        self.created = world.created
+        return world
 
     def _ok(self) -> None:
         if self.error is not None:
@@ -161,6 +172,13 @@ class WorldDriver:
         """True once the world is open; raises the error that kept it from opening."""
         self._ok()
         return True
+
+    @ray.method(concurrency_group="read")
+    def created_for(self, claim: str) -> bool:
+        """True when this driver created its world for the create call that passed `claim`: of concurrent
+        creates of one world (which share its driver), exactly one is told it created it."""
+        self._ok()
+        return self.created and claim == self._claim
 
     # ---- progress (answered from the "read" group while a step runs) -----------------------------------
     def _make_snapshot(self) -> dict[str, Any]:
@@ -283,6 +301,7 @@ def get_or_create_driver(
     num_gpus: float | None = None,
     wait: bool = True,
     timeout: float | None = None,
+    claim: str | None = None,
 ) -> Any:
     """The driver actor of the world in `directory`: the running one, or a new one (named, detached).
 
@@ -290,16 +309,18 @@ def get_or_create_driver(
     given for it must be the same world). Ray restarts a driver that dies up to `max_restarts` times (-1:
     always); calls in flight when it dies fail and are not retried. With `wait`, returns once the world is
     open, and a world that cannot be opened (a bad config) raises its error here and leaves no driver behind.
+    `claim`: a token of the caller's own; `handle.created_for.remote(claim)` then tells whether this call's
+    driver created the world (see `WorldDriver.created_for`).
     """
     from worldgen.execution.ray import ensure_ray
 
     ensure_ray()
     directory = _resolve(directory)
-    name = driver_name(directory, config)  # checks the directory and config on the caller's side
     if isinstance(config, (str, Path)):
         config = str(Path(config).expanduser().resolve())  # the actor's working directory may differ
     elif config is not None:
-        config = dict(config)
+        config = _load(config)  # `ref:`s read here, relative to the caller's working directory
+    name = driver_name(directory, config)  # checks the directory and config on the caller's side
     options: dict[str, Any] = {
         "name": name,
         "namespace": NAMESPACE,
@@ -312,15 +333,28 @@ def get_or_create_driver(
         options["num_cpus"] = num_cpus
     if num_gpus is not None:
         options["num_gpus"] = num_gpus
-    handle = WorldDriver.options(**options).remote(str(directory), config)
-    if wait:
+    failures = 0
+    while True:
+        handle = WorldDriver.options(**options).remote(str(directory), config, claim)
+        if not wait:
+            return handle
         try:
             ray.get(handle.ready.remote(), timeout=timeout)
         except ray.exceptions.RayTaskError as err:
             ray.kill(handle, no_restart=True)  # free the name for a corrected config
             cause = err.cause
             raise (cause if isinstance(cause, Exception) else err) from None
-    return handle
+        except ray.exceptions.RayActorError:
+            # a driver found by name whose world failed to open for a concurrent caller, who removed it:
+            # start again (a new driver, or the one a third caller started meanwhile)
+            failures += 1
+            if failures == _START_ATTEMPTS:
+                raise
+            continue
+        # The name may have led to a driver that a concurrent call started with another config of the same
+        # name (`get_if_exists` ignores ours): the world it opened must be ours. Its driver is left running.
+        _check(directory, config)
+        return handle
 
 
 def list_worlds(address: str | None = None) -> list[dict[str, Any]]:

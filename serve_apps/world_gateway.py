@@ -6,7 +6,8 @@ Every world lives in `<root>/<world id>/` and is owned by its world driver actor
 gateway only talks to drivers, so steps on one world are serialised by its driver while different worlds step
 in parallel, and any gateway replica reaches the same driver by name.
 
-    POST   /v1/worlds                          create: {"id"?, "config": {...}} or {"id"?, "template", "params"}
+    POST   /v1/worlds                          create: {"id"?, "config": {...}} or {"id"?, "template", "params"};
+                                               201, or 200 when the id holds the same world, 409 another
     GET    /v1/worlds                          the worlds under the root
     GET    /v1/worlds/{id}                     info (answered during a step)
     GET    /v1/worlds/{id}/state               the state in flight (five blocks)
@@ -52,7 +53,7 @@ from serve_apps.auth import token_digest
 from serve_apps.guard import BearerAuth, BodyLimit
 from worldgen.errors import ConfigError, WorldgenError, format_validation_error
 from worldgen.limits import LimitExceeded
-from worldgen.storage import WorldStorage
+from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
 from worldgen.trust import TrustPolicy, admit_config
 
 WORLD_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -147,9 +148,10 @@ _SSE_EVENT = {
 
 
 # A driver's error -> the answer's status, by type (the first that matches): the client's mistakes are 4xx.
-_STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
+_STATUS_BY_ERROR: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
     (ArtifactNotFound, 404),
     (LimitExceeded, 400),  # the world asks for more than the server's budgets (the message names the limit)
+    ((WorldDamagedError, WorldExistsError), 409),  # the id holds another world, or a damaged one
     (WorldgenError, 500),
 )
 
@@ -185,15 +187,19 @@ class WorldGateway:
             try:
                 self.handles[world_id] = ray.get_actor(driver_name(directory), namespace=NAMESPACE)
             except ValueError:
-                self.handles[world_id] = await asyncio.to_thread(self._start, directory, None)
+                try:
+                    self.handles[world_id] = await asyncio.to_thread(self._start, directory, None)
+                except WorldDamagedError as err:
+                    raise HTTPException(409, str(err)) from None
         return self.handles[world_id]
 
-    def _start(self, directory: Path, config: dict[str, Any] | None) -> Any:
-        return get_or_create_driver(directory, config, num_cpus=self.settings.driver_num_cpus)
+    def _start(self, directory: Path, config: dict[str, Any] | None, claim: str | None = None) -> Any:
+        return get_or_create_driver(directory, config, num_cpus=self.settings.driver_num_cpus, claim=claim)
 
     @staticmethod
     async def call(ref: Any) -> Any:
-        """Await a driver call; world errors become 4xx/5xx with their message, a dead driver 503."""
+        """Await a driver call; world errors become 4xx/5xx with their message (a damaged world, or another
+        world where one was expected: 409), a dead driver 503."""
         try:
             return await ref
         except ray.exceptions.RayTaskError as err:
@@ -214,8 +220,18 @@ class WorldGateway:
         return episode
 
     # ---- worlds ----------------------------------------------------------------------------------------
-    @api.post("/v1/worlds", status_code=201)
-    async def create(self, body: CreateWorld) -> dict[str, Any]:
+    @api.post(
+        "/v1/worlds",
+        status_code=201,
+        responses={
+            200: {"description": "the id holds this same world already: the world"},
+            409: {"description": "the id holds another world, or a damaged one"},
+        },
+    )
+    async def create(self, body: CreateWorld, response: Response) -> dict[str, Any]:
+        """201 and the new world; 200 and the world when the id holds this same world already; 409 when it
+        holds another. Of concurrent creates of one id exactly one gets 201: the world directory's atomic claim
+        (`WorldStorage.create`) decides, whichever gateway replica each request reaches."""
         if body.template is not None:
             from worldgen.templates import build_template
 
@@ -239,15 +255,22 @@ class WorldGateway:
         name = config.get("name") if isinstance(config, dict) else None
         world_id = body.id or f"{name_slug(name)}-{uuid.uuid4().hex[:8]}"
         directory = self.directory(world_id)
-        if directory.exists():
-            raise HTTPException(409, f"world {world_id!r} exists already")
+        claim = uuid.uuid4().hex  # tells this request's create from a concurrent one's (`created_for`)
         try:
-            handle = await asyncio.to_thread(self._start, directory, config)
+            handle = await asyncio.to_thread(self._start, directory, config, claim)
+        except WorldExistsError:
+            raise HTTPException(409, f"world {world_id!r} exists already, with another config") from None
+        except WorldDamagedError as err:
+            raise HTTPException(409, str(err)) from None
         except (WorldgenError, ValidationError, TypeError, ValueError, KeyError) as err:
-            shutil.rmtree(directory, ignore_errors=True)  # nothing of a world that never opened stays
+            # a world that never opened leaves no folder; one that is not empty belongs to another request
+            with contextlib.suppress(OSError):
+                directory.rmdir()
             message = format_validation_error(err) if isinstance(err, ValidationError) else str(err)
             raise HTTPException(400, f"cannot create the world: {message}") from None
         self.handles[world_id] = handle
+        if not await self.call(handle.created_for.remote(claim)):
+            response.status_code = 200  # this same world was there already, or another request just made it
         return {"id": world_id, **await self.call(handle.info.remote())}
 
     @api.get("/v1/worlds")

@@ -254,3 +254,36 @@ def test_images_save_png_batch(tmp_path):
         assert image.size == (12, 8)
     assert to_pil(batch[0])[0].size == (12, 8)
     assert not list((tmp_path / "sub").glob(".*.tmp"))
+
+
+# ---- check ----------------------------------------------------------------------------------------------------
+def test_check_lists_damage_and_repair_rebuilds_what_is_derivable(tmp_path, capsys):
+    from tests.test_storage import CONFIG, saved_episodes
+    from worldgen.storage import WorldStorage
+
+    store = WorldStorage(tmp_path / "w")
+    store.create(CONFIG)
+    saved_episodes(store, 3)
+    assert main(["check", str(store.root)]) == 0
+    assert capsys.readouterr().out.strip() == f"ok: {store.root} (3 episodes)"
+
+    store.index_path.unlink()
+    state = store.episode_dir(2) / "state.json"
+    kept = state.read_bytes()
+    state.unlink()
+    assert main(["check", str(store.root)]) == 1
+    out = capsys.readouterr().out
+    assert "  - episode 2: episodes/000002/state.json is missing (cannot be rebuilt" in out
+    assert "  - episodes/index.jsonl is out of step with the episode folders (--repair rebuilds it)" in out
+    assert not store.index_path.exists()  # check alone writes nothing
+
+    assert main(["check", "--repair", str(store.root)]) == 1  # the index is rebuilt, state.json cannot be
+    out = capsys.readouterr().out
+    assert "repaired: episodes/index.jsonl is out of step" in out and "1 problem(s)" in out
+    assert store.index_path.exists() and store.episodes() == [1, 2, 3]
+
+    state.write_bytes(kept)  # restored from a backup
+    assert main(["check", "--repair", str(store.root)]) == 0
+    assert (store.root / "report.html").exists()
+    assert main(["check", str(tmp_path)]) == 2
+    assert "no world at" in _error_line(capsys)

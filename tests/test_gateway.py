@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
 import requests
+import yaml
 
 from actors.world_driver import ArtifactNotFound
 from worldgen.errors import ExecutionError
@@ -227,3 +229,93 @@ def test_driver_errors_map_to_statuses_by_type(cause, status):
     with pytest.raises(HTTPException) as err:
         asyncio.run(WorldGateway.func_or_class.call(failing()))
     assert err.value.status_code == status and str(cause) in err.value.detail
+
+
+def _race(client: Client, bodies: list[dict]) -> list[requests.Response]:
+    """POST /v1/worlds with every body at once."""
+    barrier = threading.Barrier(len(bodies))
+    answers: list = [None] * len(bodies)
+
+    def create(i: int) -> None:
+        barrier.wait()
+        answers[i] = client.post("/v1/worlds", json=bodies[i])
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers
+
+
+def test_creates_are_exclusive(gateway):
+    """Of concurrent creates of one id exactly one gets 201: with other configs the rest get 409 (never a world
+    that is another's), with the same config 200 and that world. Later creates: 200 the same, 409 another."""
+    client, root = gateway
+    from worldgen.templates import build_template
+
+    # two share the world's name (so the driver's name), two have names of their own
+    bodies = [
+        {"id": "raced", "config": build_template(SMALL["template"], **SMALL["params"] | {"seed": i})}
+        for i in range(4)
+    ]
+    for i, body in enumerate(bodies):
+        body["config"]["name"] = "racer" if i < 2 else f"racer{i}"
+    answers = _race(client, bodies)
+    assert sorted(a.status_code for a in answers) == [201, 409, 409, 409], [a.text for a in answers]
+    (winner,) = [i for i, a in enumerate(answers) if a.status_code == 201]
+    assert yaml.safe_load((root / "raced" / "world.yaml").read_text())["seed"] == winner
+    assert all("exists already" in a.json()["detail"] for a in answers if a.status_code == 409)
+    assert client.get("/v1/worlds/raced").json()["name"] == bodies[winner]["config"]["name"]
+
+    answers = _race(client, [{"id": "twin", **SMALL}] * 4)
+    assert sorted(a.status_code for a in answers) == [200, 200, 200, 201], [a.text for a in answers]
+    assert len({a.json()["actor"] for a in answers}) == 1
+    again = client.post("/v1/worlds", json={"id": "twin", **SMALL})
+    assert again.status_code == 200 and again.json()["id"] == "twin"
+    other = client.post("/v1/worlds", json={"id": "twin", **SMALL, "params": {**SMALL["params"], "seed": 9}})
+    assert other.status_code == 409, other.text
+    documented = client.get("/openapi.json").json()["paths"]["/v1/worlds"]["post"]["responses"]
+    assert {"200", "201", "409"} <= set(documented)
+
+
+def _restart_driver(client: Client, root, world_id: str) -> requests.Response:
+    """Kill the world's driver as a crash would (Ray restarts it); the first answer that is not a 503."""
+    import ray
+
+    from actors.world_driver import NAMESPACE, driver_name
+
+    ray.kill(ray.get_actor(driver_name(root / world_id), namespace=NAMESPACE), no_restart=False)
+    deadline = time.monotonic() + 120
+    while (answer := client.get(f"/v1/worlds/{world_id}")).status_code == 503:
+        assert time.monotonic() < deadline, "the driver did not come back"
+        time.sleep(0.2)
+    return answer
+
+
+def test_damage_and_outside_links_get_a_clear_4xx(gateway, tmp_path):
+    client, root = gateway
+    assert client.post("/v1/worlds", json={"id": "scarred", **SMALL}).status_code == 201
+    for _ in range(2):
+        assert client.post("/v1/worlds/scarred/step").status_code == 200
+    (artifact,) = client.get("/v1/worlds/scarred/episodes/1").json()["state"]["artifacts"]
+    url = artifact["url"].removeprefix(PREFIX)
+    assert client.get(url).status_code == 200
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"\x89PNG not the world's")
+    png = root / "scarred" / artifact["path"]
+    png.unlink()
+    os.link(outside, png)  # the world's name for an outside file
+    refused = client.get(url)
+    assert (
+        refused.status_code == 404 and "hard-linked to a file outside the world" in refused.json()["detail"]
+    )
+
+    (root / "scarred/episodes/000001/state.json").unlink()
+    damaged = "world damaged: episode 1: episodes/000001/state.json is missing"
+    page = client.get("/v1/worlds/scarred/episodes")
+    assert page.status_code == 409 and page.json()["detail"].startswith(damaged), page.text
+    answer = _restart_driver(client, root, "scarred")  # a restarted driver finds it at load
+    assert answer.status_code == 409 and answer.json()["detail"].startswith(damaged), answer.text
+    assert client.post("/v1/worlds/scarred/step").status_code == 409

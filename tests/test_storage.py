@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,13 @@ from PIL import Image
 
 from worldgen.errors import ConfigError
 from worldgen.state import ArtifactRef, GenerationConfig, Progress, WorldContent, WorldState
-from worldgen.storage import StorageError, UnsafePathError, WorldStorage
+from worldgen.storage import (
+    StorageError,
+    UnsafePathError,
+    WorldDamagedError,
+    WorldExistsError,
+    WorldStorage,
+)
 
 CONFIG = {
     "kind": "world",
@@ -364,3 +371,122 @@ def test_report_renders_in_chromium(store, tmp_path):  # pragma: no cover - depe
         timeout=60,
     )
     assert shot.is_file() and shot.stat().st_size > 0
+
+
+# ---------------------------------------------------------------- exclusive creates, damage, served files
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["different-configs", "same-config"])
+def test_concurrent_creates_claim_the_directory_once(tmp_path, same):
+    """Of concurrent creates in one directory exactly one creates the world; with another config the others
+    are refused (never told the world is theirs), with the same config they find it (a resume)."""
+    configs = [CONFIG if same else {**CONFIG, "seed": i} for i in range(8)]
+    barrier = threading.Barrier(len(configs))
+    outcomes: dict[int, object] = {}
+
+    def create(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = WorldStorage(tmp_path / "world").create(configs[i])
+        except WorldExistsError:
+            outcomes[i] = "refused"
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(len(configs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (winner,) = [i for i, outcome in outcomes.items() if outcome is True]
+    assert sorted(map(str, outcomes.values())) == sorted(["True"] + ["False" if same else "refused"] * 7)
+    assert WorldStorage(tmp_path / "world").load_config() == configs[winner]
+    assert [p.name for p in (tmp_path / "world").iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+def saved_episodes(store: WorldStorage, count: int) -> list[WorldState]:
+    store.save_content(WorldContent(title="Harbor"))
+    states = [complete_state(store, f"state-{n}", text=str(n)) for n in range(1, count + 1)]
+    for n, state in enumerate(states, 1):
+        assert store.save_episode(state, step=n + 1, action=None, ran=["world_update"]) == n
+    return states
+
+
+def test_check_names_the_damage_and_repair_rebuilds_what_is_derivable(store):
+    saved_episodes(store, 5)
+    store.save_progress(Progress(step=6))
+    assert store.check() == []
+    with open(store.progress_path, "ab") as fh:
+        fh.write(b"{garbage\n")
+    store.save_progress(Progress(step=7))
+
+    ep = store.episode_dir
+    shutil.rmtree(ep(2))  # a gap
+    (ep(3) / "state.json").unlink()
+    (ep(4) / "meta.json").write_text("garbage")
+    (ep(5) / "episode.md").unlink()
+    (ep(1) / "001.png").unlink()
+    found = {str(d): d.repairable for d in store.check()}
+    assert found == {
+        "progress.jsonl has bad line(s) 2": True,
+        "episode 2: episodes/000002/ is missing (a gap in the numbering)": False,
+        "episode 1: episodes/000001/001.png is missing": False,
+        "episode 3: episodes/000003/state.json is missing": False,
+        "episode 4: episodes/000004/meta.json is unreadable: malformed JSON: Expecting value": False,
+        "episode 5: episodes/000005/episode.md is missing": True,
+        "episodes/index.jsonl is out of step with the episode folders": True,
+    }
+    with pytest.raises(WorldDamagedError, match=r"episode 3: episodes/000003/state.json is missing"):
+        store.load_episode(3)
+
+    repaired, remaining = store.repair()
+    assert {str(d) for d in repaired} == {k for k, v in found.items() if v}
+    assert {str(d) for d in remaining} == {k for k, v in found.items() if not v}
+    assert store.episodes() == [1, 3, 4, 5]  # no episode deleted
+    assert store._read_index() == {"state-1": 1, "state-4": 4, "state-5": 5}
+    assert (ep(5) / "episode.md").read_text().startswith("# Episode 5")
+    assert store.progress_path.read_bytes().count(b"\n") == 1 and store.load_progress().step == 7
+    assert not (store.root / "report.html").exists()  # not every episode is readable: no report
+
+    (store.root / "content.json").write_text("{}}")
+    assert any(str(d).startswith("content.json is unreadable: malformed JSON") for d in store.check())
+
+
+def test_repair_of_derivable_damage_leaves_none_and_writes_the_report(store):
+    saved_episodes(store, 2)
+    store.index_path.write_text('{"episode": 1, "state_id": "state-2"}\n')  # wrong, same numbers
+    (store.episode_dir(1) / "episode.md").unlink()
+    repaired, remaining = store.repair()
+    assert len(repaired) == 2 and remaining == [] and store.check() == []
+    assert store.find_episode("state-2") == 2
+    assert "Episode 2" in (store.root / "report.html").read_text()
+
+
+def test_only_the_worlds_own_regular_files_are_served(store, tmp_path, monkeypatch):
+    state = complete_state(store, "state-a")
+    # the episode's images are hard links to the in-flight ones: keep those to see both names pass
+    monkeypatch.setattr(WorldStorage, "discard_artifacts", lambda self, state_id: None)
+    store.save_episode(state, step=2, action=None, ran=[])
+    episode_png, in_flight_png = "episodes/000001/000.png", "artifacts/state-a/000.png"
+    assert os.stat(store.root / episode_png).st_nlink == 2
+    data = store.read_artifact(episode_png)
+    assert data.startswith(b"\x89PNG") and store.read_artifact(in_flight_png) == data
+
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"\x89PNG not the world's")
+    (store.root / "episodes/000001/001.png").unlink()
+    os.link(outside, store.root / "episodes/000001/001.png")
+    with pytest.raises(UnsafePathError, match="hard-linked to a file outside the world"):
+        store.read_artifact("episodes/000001/001.png")
+    assert "episode 1: episodes/000001/001.png is hard-linked to a file outside the world" in map(
+        str, store.check()
+    )
+    os.link(store.root / episode_png, tmp_path / "copy.png")  # one more name, outside: no longer served
+    with pytest.raises(UnsafePathError, match="hard-linked"):
+        store.read_artifact(episode_png)
+
+    os.mkfifo(store.root / "episodes/000001/pipe.png")
+    with pytest.raises(UnsafePathError, match="not a regular file"):
+        store.read_artifact("episodes/000001/pipe.png")
+    with pytest.raises(UnsafePathError, match="under episodes/ or artifacts/"):
+        store.read_artifact("content.json")
+    with pytest.raises(FileNotFoundError):
+        store.read_artifact("episodes/000001/404.png")

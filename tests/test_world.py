@@ -5,6 +5,8 @@ its key."""
 from __future__ import annotations
 
 import copy
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import worldgen as wg
 from tests.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
 from tests.test_llm_server import direct_generation, llm_server, server_report
 from worldgen.config import load_config_file
-from worldgen.storage import WorldStorage
+from worldgen.storage import WorldDamagedError, WorldStorage
 from worldgen.world import World
 
 DEFAULT = Path(__file__).parents[1] / "configs" / "worlds" / "default.yaml"
@@ -269,3 +271,55 @@ def test_world_from_template(tmp_path):
     reports = world.run(2)
     assert reports[1].episode == 1 and (world.directory / "report.html").exists()
     assert "Glass Orchard" in (world.directory / "report.html").read_text()
+
+
+def test_a_mapping_config_with_a_ref_is_stored_resolved(tmp_path, monkeypatch):
+    """A `ref:` in a mapping config (here in a free-form mapping, as `extra_body` is) is read once, relative to
+    the working directory, and world.yaml holds its content: a reload reads no other file (here the file is
+    gone) and finds the same world."""
+    monkeypatch.chdir(tmp_path)
+    Path("glossary.yaml").write_text(yaml.safe_dump({"the fog": "it leaves objects behind"}))
+    config = fast_config()
+    config["initial_world"]["glossary"] = {"ref": "glossary.yaml"}
+    world = World.from_config(config, directory=tmp_path / "w")
+    assert world.created and world.step().step == 1
+    stored = WorldStorage(tmp_path / "w").load_config()
+    assert stored["initial_world"]["glossary"] == {"the fog": "it leaves objects behind"}
+    assert World.from_config(config, directory=tmp_path / "w").progress.step == 1  # the same world
+    Path("glossary.yaml").unlink()
+    monkeypatch.chdir(tmp_path / "w")
+    again = World.load(tmp_path / "w")
+    assert not again.created and again.content.glossary == {"the fog": "it leaves objects behind"}
+    assert again.step().step == 2
+
+
+@pytest.fixture(scope="module")
+def two_episodes(tmp_path_factory) -> Path:
+    world = World.from_config(fast_config(), directory=tmp_path_factory.mktemp("worlds") / "w")
+    world.run(3)
+    assert world.storage.episodes() == [1, 2]
+    return world.directory
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda d: (d / "episodes/000001/state.json").unlink(),
+            "episode 1: episodes/000001/state.json is missing",
+        ),
+        (
+            lambda d: (d / "episodes/000002/meta.json").write_text("garbage"),
+            "episode 2: episodes/000002/meta.json is unreadable: malformed JSON",
+        ),
+        (lambda d: shutil.rmtree(d / "episodes/000001"), "episode 1: episodes/000001/ is missing (a gap"),
+    ],
+    ids=["state.json deleted", "meta.json garbage", "episode folder deleted"],
+)
+def test_a_damaged_world_names_episode_and_file_at_load(tmp_path, two_episodes, damage, message):
+    directory = shutil.copytree(two_episodes, tmp_path / "w")
+    damage(directory)
+    with pytest.raises(WorldDamagedError, match=re.escape(f"world damaged: {message}")):
+        World.load(directory)
+    with pytest.raises(WorldDamagedError, match=re.escape(message)):  # the same through from_config
+        World.from_config(fast_config(), directory=directory)

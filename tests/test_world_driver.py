@@ -12,7 +12,7 @@ import yaml
 
 from worldgen.errors import ConfigError
 from worldgen.stage import CYCLE
-from worldgen.storage import WorldStorage
+from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,3 +223,64 @@ def test_existing_directory_resumes_without_config(ray_session, new_dir):
     while [w for w in list_worlds() if w["actor"].startswith("wg-world-bad-")]:
         assert time.monotonic() < deadline, "the driver of a bad config was left behind"
         time.sleep(0.1)
+
+
+def wait_ready(handle, ray, seconds: float = 120) -> None:
+    """Wait for a driver Ray is restarting (a call reaching it mid-restart fails: ask again)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            ray.get(handle.ready.remote(), timeout=seconds)
+            return
+        except ray.exceptions.RayActorError:
+            assert time.monotonic() < deadline, "the driver did not come back"
+            time.sleep(0.2)
+
+
+def test_a_world_with_a_ref_survives_its_driver(ray_session, new_dir, tmp_path, monkeypatch):
+    """A `ref:` in a mapping config is read once, on the caller's side (relative to its working directory),
+    and stored resolved: a killed driver restarts from world.yaml alone, answers and steps."""
+    from actors.world_driver import RemoteWorld
+
+    monkeypatch.chdir(tmp_path)
+    Path("glossary.yaml").write_text(yaml.safe_dump({"the fog": "it leaves objects behind"}))
+    config = fast_config()
+    config["initial_world"]["glossary"] = {"ref": "glossary.yaml"}  # free-form, as `extra_body` is
+    directory = new_dir()
+    world = RemoteWorld(directory, config)
+    assert world.step()["step"] == 1
+    Path("glossary.yaml").unlink()  # nothing may read it again
+    pid = world.info()["pid"]
+    ray_session.kill(world.handle, no_restart=False)
+    wait_ready(world.handle, ray_session)
+    info = world.info()
+    assert info["restarted"] and info["pid"] != pid and info["step"] == 1
+    assert world.step()["step"] == 2 and world.step()["episode"] == 2
+    world.shutdown()
+
+
+def test_a_damaged_world_is_named_at_driver_start(ray_session, new_dir):
+    from actors.world_driver import RemoteWorld
+
+    directory = new_dir()
+    world = RemoteWorld(directory, fast_config())
+    world.run(3)
+    world.shutdown()
+    (directory / "episodes/000002/meta.json").write_text("garbage")
+    with pytest.raises(
+        WorldDamagedError, match="world damaged: episode 2: episodes/000002/meta.json is unread"
+    ):
+        RemoteWorld(directory)
+
+
+def test_a_driver_found_by_name_must_hold_the_callers_world(ray_session, new_dir):
+    """Configs of one name share a driver name: a caller that reaches the driver another caller's create
+    started (its world.yaml not written yet) is refused, never handed that world as its own."""
+    from actors.world_driver import get_or_create_driver
+
+    directory = new_dir()
+    first = get_or_create_driver(directory, fast_config(), wait=False)
+    with pytest.raises(WorldExistsError, match="already holds a different world"):
+        get_or_create_driver(directory, {**fast_config(), "seed": 7})
+    assert ray_session.get(first.ready.remote(), timeout=120)  # the first world is intact
+    assert WorldStorage(directory).load_config()["seed"] == 0

@@ -1,6 +1,7 @@
 """The `worldgen` command: validate, show, list templates, run worlds, generate, train, serve, manage models.
 
     worldgen validate FILE                       check a graph or world config (no weights are loaded)
+    worldgen check DIR [--repair]                list the damage in a world directory; rebuild what is derivable
     worldgen show FILE --format mermaid|dot|json [-o OUT]
     worldgen templates                           list the built-in templates
     worldgen run [WORLD] [--steps N] [--action TEXT] [--out DIR] [--address ADDR]
@@ -137,6 +138,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"invalid: {what} has {len(problems)} problem(s):")
     for problem in problems:
         print(f"  - {problem}")
+    return 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from worldgen.storage import WorldStorage
+
+    storage = WorldStorage(args.directory)
+    storage.load_config()  # no world here, or an unreadable world.yaml: an error (exit 2)
+    if args.repair:
+        repaired, damage = storage.repair()
+        for item in repaired:
+            print(f"repaired: {item}")
+    else:
+        damage = storage.check()
+    if not damage:
+        print(f"ok: {args.directory} ({len(storage.episodes())} episodes)")
+        return 0
+    print(f"damaged: {args.directory} has {len(damage)} problem(s):")
+    for item in damage:
+        how = "--repair rebuilds it" if item.repairable else "cannot be rebuilt: restore it from a backup"
+        print(f"  - {item} ({how})")
     return 1
 
 
@@ -635,6 +657,20 @@ def build_parser() -> argparse.ArgumentParser:
         "file", metavar="FILE", help="graph YAML/JSON file, saved graph directory, or template:NAME"
     )
     p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser(
+        "check",
+        parents=[common],
+        help="list the damage in a world directory (--repair rebuilds what is derivable)",
+        description="Check a world directory: missing or unreadable episode files, gaps in the episode "
+        "numbering, an index out of step with the episodes, missing artifacts, bad progress journal lines, "
+        "a bad content.json. --repair rebuilds what the rest of the world determines (the episode index, "
+        "episode.md files, the progress journal, the report) and deletes nothing. Exit 0 when no damage "
+        "remains, 1 when some does, 2 when the directory holds no world.",
+    )
+    p.add_argument("directory", metavar="DIR", help="a world directory (holding world.yaml)")
+    p.add_argument("--repair", action="store_true", help="rebuild what is derivable")
+    p.set_defaults(handler=cmd_check)
 
     p = sub.add_parser(
         "show",

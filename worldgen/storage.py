@@ -2,7 +2,7 @@
 
 ```
 <root>/
-  world.yaml            the world config as given (no secrets: `${env:NAME}` references stay unresolved)
+  world.yaml            the world config, `ref:` includes inlined (no secrets: `${env:NAME}` references stay)
   content.json          WorldContent: title, story, history, glossary, style, rules
   progress.jsonl        Progress: the state in flight and where the cycle stands (the resume point is the last
                         line; appended after every stage, compacted to one line when it grows past 64 KiB)
@@ -26,8 +26,11 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
-from collections.abc import Callable, Mapping
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, TypeVar
@@ -42,7 +45,15 @@ from worldgen.images import png_bytes, to_pil
 from worldgen.state import ArtifactRef, Progress, WorldContent, WorldState
 from worldgen.storage_io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["StorageError", "UnsafePathError", "WorldStorage", "normalize_config"]
+__all__ = [
+    "Damage",
+    "StorageError",
+    "UnsafePathError",
+    "WorldDamagedError",
+    "WorldExistsError",
+    "WorldStorage",
+    "normalize_config",
+]
 
 _M = TypeVar("_M", bound=BaseModel)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -64,6 +75,37 @@ class StorageError(WorldgenError):
 
 class UnsafePathError(ConfigError, ValueError):
     """An artifact path or state id would point outside the world directory."""
+
+
+class WorldExistsError(StorageError, ConfigError):
+    """The directory already holds a different world (creates are exclusive: see `WorldStorage.create`); a
+    ConfigError too, naming the world.yaml the config was compared with."""
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One thing wrong in a world directory: the file (relative to the root), what is wrong with it, the episode
+    it belongs to, and whether `WorldStorage.repair` can rebuild it from the rest of the world."""
+
+    file: str
+    problem: str
+    episode: int | None = None
+    repairable: bool = False
+
+    def __str__(self) -> str:
+        return f"{'' if self.episode is None else f'episode {self.episode}: '}{self.file} {self.problem}"
+
+
+class WorldDamagedError(StorageError):
+    """Files a world needs are missing or unreadable; `damage` lists them (`worldgen check DIR` shows all)."""
+
+    def __init__(self, root: Path, damage: list[Damage]):
+        self.root, self.damage = root, damage
+        shown = "; ".join(map(str, damage[:5])) + (f"; and {len(damage) - 5} more" if len(damage) > 5 else "")
+        super().__init__(f"world damaged: {shown} (in {root}; `worldgen check {root}` lists the damage)")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt from its fields where it crosses processes (Ray)
+        return type(self), (self.root, self.damage)
 
 
 class WorldStorage:
@@ -125,21 +167,50 @@ class WorldStorage:
         """True when a world lives here (its world.yaml is there)."""
         return self.config_path.is_file()
 
-    def create(self, config: Mapping[str, Any], *, overwrite: bool = False) -> None:
-        """Make the directory layout and write world.yaml. A directory already holding a *different* world config
-        is refused unless `overwrite=True` (the same config again is fine: that is a resume)."""
-        if (
-            self.exists()
-            and not overwrite
-            and normalize_config(self.load_config()) != normalize_config(config)
-        ):
-            raise StorageError(
-                f"{self.root} already holds a different world (its world.yaml differs); "
-                "choose another directory or pass overwrite=True"
-            )
-        for folder in (self.root, self.artifacts_dir, self.episodes_dir, self.checkpoints_dir):
+    def create(self, config: Mapping[str, Any], *, overwrite: bool = False) -> bool:
+        """Claim the directory for the world `config` describes and make its layout; True when this call created
+        the world, False when the same world is there already (a resume). A directory holding a *different* world
+        raises WorldExistsError unless `overwrite=True`.
+
+        The claim is atomic across processes and hosts sharing the directory: world.yaml is written to a temp
+        file and hard-linked into place, which fails when the name exists, so of several concurrent creates
+        exactly one returns True and the others compare their config with the one that won."""
+        if overwrite:
+            self.save_config(config)
+        elif not self._claim(config):
+            if normalize_config(self.load_config()) != normalize_config(config):
+                raise WorldExistsError(
+                    f"{self.root} already holds a different world (its world.yaml differs); continue that "
+                    "world as it is, or choose another directory",
+                    file=str(self.config_path),
+                )
+            return False
+        for folder in (self.artifacts_dir, self.episodes_dir, self.checkpoints_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self.save_config(config)
+        return True
+
+    def _claim(self, config: Mapping[str, Any]) -> bool:
+        """Write world.yaml only if there is none: True when this call wrote it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{self.config_path.name}"
+        dump_config(_plain(config), tmp)  # whole and fsynced before it gets its name: readers never see half
+        try:
+            os.link(tmp, self.config_path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: O_EXCL still makes the claim exclusive
+            try:
+                fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(tmp.read_bytes())
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.root)
+        return True
 
     def save_config(self, config: Mapping[str, Any]) -> None:
         """Write world.yaml atomically, as given (never pass a config with resolved secrets)."""
@@ -252,6 +323,41 @@ class WorldStorage:
             raise UnsafePathError(f"artifact path {raw!r} leads outside {self.root} (through a symlink)")
         return target
 
+    def read_artifact(self, path: str) -> bytes:
+        """The bytes of one of the world's artifacts (a file under episodes/ or artifacts/). Only a regular file
+        inside the world whose every name is the world's own is read: a path leaving the root (see
+        `artifact_path`), anything but a regular file, or a file hard-linked from outside the world raises
+        UnsafePathError; a missing file raises FileNotFoundError."""
+        if PurePosixPath(path.replace("\\", "/")).parts[:1] not in (("episodes",), ("artifacts",)):
+            raise UnsafePathError(f"artifact path {path!r}: expected a file under episodes/ or artifacts/")
+        target = self.artifact_path(path)
+        # checked on the open file (not the name), so the file read is the file checked; O_NONBLOCK keeps a
+        # FIFO from blocking the reader, O_NOFOLLOW a symlink swapped in since `artifact_path` resolved it
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as fh:
+            problem = self._file_problem(target, os.fstat(fd))
+            if problem:
+                raise UnsafePathError(f"artifact {path!r} {problem}")
+            return fh.read()
+
+    def _file_problem(self, target: Path, info: os.stat_result) -> str | None:
+        """Why the world would not serve `target` (a resolved path inside the root), or None."""
+        if not stat.S_ISREG(info.st_mode):
+            return "is not a regular file"
+        if info.st_nlink > self._own_links(target, info):
+            return "is hard-linked to a file outside the world"
+        return None
+
+    def _own_links(self, target: Path, info: os.stat_result) -> int:
+        """How many names the world itself gives the file `target`: 1, or 2 while an episode's image and the
+        in-flight artifact it was hard-linked from (`save_episode`) both exist. A file with more names than
+        this shares its data with a file outside the world."""
+        if info.st_nlink == 1:
+            return 1
+        area = target.relative_to(self._resolved_root()).parts[0]
+        twins = (self.artifacts_dir if area == "episodes" else self.episodes_dir).glob(f"*/{target.name}")
+        return 1 + sum(1 for twin in twins if _same_file(twin, info))
+
     def discard_artifacts(self, state_id: str) -> None:
         """Remove the in-flight artifacts of a state (one that was dropped, or whose episode is saved)."""
         shutil.rmtree(self.artifacts_dir / _check_id(state_id), ignore_errors=True)
@@ -311,19 +417,154 @@ class WorldStorage:
     def load_episode(self, number: int) -> tuple[WorldState, dict[str, Any]]:
         """The state of episode `number` (artifact paths point at its own copies) and its meta
         (episode, state_id, step, action, ran, time)."""
-        folder = self.episode_dir(number)
-        state = _read_model(folder / "state.json", WorldState)
-        if state is None:
+        if not self.episode_dir(number).is_dir():
             raise StorageError(f"no episode {number} in {self.episodes_dir}")
-        meta_path = folder / "meta.json"
-        meta = _read_json(meta_path) if meta_path.is_file() else {}
-        if not isinstance(meta, dict):
-            raise ConfigError("expected a JSON object", file=str(meta_path))
+        state, meta, damage = self._read_episode(number)
+        if damage:
+            raise WorldDamagedError(self.root, damage)
         return state, meta
 
     def find_episode(self, state_id: str) -> int | None:
         """The number of the episode saved from state `state_id`, or None."""
         return self._index().get(state_id)
+
+    # ---------------------------------------------------------------- damage
+
+    def check(self) -> list[Damage]:
+        """Everything wrong in the directory, read-only: a bad content.json, bad lines in the progress journal (a
+        line cut short at the end by a crash is normal, not damage), missing or unreadable episode files, gaps in
+        the episode numbering, missing artifacts (or ones that are not the world's own regular files), missing
+        episode.md files and an index.jsonl out of step with the episode folders."""
+        damage = self._content_damage() + self._progress_damage()
+        numbers = self.episodes()
+        present = set(numbers)
+        for n in range(1, numbers[-1] if numbers else 0):
+            if n not in present:
+                damage.append(
+                    Damage(f"{self._rel(self.episode_dir(n))}/", "is missing (a gap in the numbering)", n)
+                )
+        states: dict[str, int] = {}
+        for n in numbers:
+            state, meta, found = self._read_episode(n)
+            damage += found
+            if state is None:
+                continue
+            states[state.id] = n
+            damage += [Damage(path, problem, n) for path, problem in self._artifact_damage(state)]
+            if meta is not None and not (self.episode_dir(n) / "episode.md").is_file():
+                damage.append(Damage(self._rel(self.episode_dir(n) / "episode.md"), "is missing", n, True))
+        if (numbers or self.index_path.exists()) and self._read_index() != states:
+            damage.append(
+                Damage(self._rel(self.index_path), "is out of step with the episode folders", None, True)
+            )
+        return damage
+
+    def repair(self) -> tuple[list[Damage], list[Damage]]:
+        """Rebuild what the rest of the world determines: episodes/index.jsonl, missing episode.md files, a progress
+        journal with bad lines (rewritten as its resume point) and, when every episode is readable, report.md and
+        report.html. Never deletes an episode. Returns (what was repaired, the damage that remains)."""
+        repaired = [d for d in self.check() if d.repairable]
+        for d in repaired:
+            if d.file == self._rel(self.index_path):
+                self._write_index({state.id: n for n in self.episodes() if (state := self._read_state(n))})
+            elif d.file == self._rel(self.progress_path):
+                atomic_write_bytes(
+                    self.progress_path, (self.load_progress().model_dump_json() + "\n").encode()
+                )
+                self._progress_size = None
+            elif d.episode is not None:  # episode.md, from the episode's state.json and meta.json
+                state, meta, _ = self._read_episode(d.episode)
+                atomic_write_text(
+                    self.episode_dir(d.episode) / "episode.md", _episode_file_md(d.episode, state, meta)
+                )
+        self._index_cache = None
+        remaining = self.check()
+        if not any(d.episode is not None for d in remaining) and self.exists():
+            self.write_report()
+        return repaired, remaining
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def _read_state(self, number: int) -> WorldState | None:
+        """An episode's state, or None when its state.json is missing or unreadable (`check` says which)."""
+        try:
+            return _read_model(self.episode_dir(number) / "state.json", WorldState)
+        except ConfigError:
+            return None
+
+    def _read_episode(self, number: int) -> tuple[WorldState | None, dict[str, Any] | None, list[Damage]]:
+        """An episode's state and meta as far as they are readable, and what is wrong with those two files."""
+        folder = self.episode_dir(number)
+        damage: list[Damage] = []
+        state = meta = None
+        try:
+            state = _read_model(folder / "state.json", WorldState)
+            if state is None:
+                damage.append(Damage(self._rel(folder / "state.json"), "is missing", number))
+        except ConfigError as err:
+            damage.append(Damage(self._rel(folder / "state.json"), f"is unreadable: {err.detail}", number))
+        meta_path = folder / "meta.json"
+        try:
+            meta = _read_json(meta_path)
+        except ConfigError as err:
+            problem = "is missing" if not meta_path.exists() else f"is unreadable: {err.detail}"
+            damage.append(Damage(self._rel(meta_path), problem, number))
+        if meta is not None and not isinstance(meta, dict):
+            damage.append(Damage(self._rel(meta_path), "is not a JSON object", number))
+            meta = None
+        return state, meta, damage
+
+    def _artifact_damage(self, state: WorldState) -> Iterator[tuple[str, str]]:
+        """(path, problem) for each artifact of a saved state the world would not serve."""
+        for ref in state.artifacts or []:
+            try:
+                target = self.artifact_path(ref)
+            except UnsafePathError:
+                yield ref.path, "points outside the world"
+                continue
+            try:
+                problem = self._file_problem(target, os.stat(target))
+            except FileNotFoundError:
+                problem = "is missing"
+            except OSError as err:
+                problem = f"is unreadable: {err.strerror}"
+            if problem:
+                yield ref.path, problem
+
+    def _content_damage(self) -> list[Damage]:
+        try:
+            content = self.load_content()
+        except ConfigError as err:
+            return [Damage(self._rel(self.content_path), f"is unreadable: {err.detail}")]
+        if content is None and self.episodes():
+            return [
+                Damage(self._rel(self.content_path), "is missing (the story and history of the episodes)")
+            ]
+        return []
+
+    def _progress_damage(self) -> list[Damage]:
+        """Bad lines of the progress journal; repairable when the resume point (its last good line) is readable."""
+        try:
+            lines = self.progress_path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            return [Damage(self._rel(self.progress_path), f"is unreadable: {err.strerror}")]
+        bad = []
+        for number, line in enumerate(lines[:-1], 1):  # lines[-1] is b"" or a line cut short by a crash
+            try:
+                Progress.model_validate_json(line)
+            except ValidationError:
+                bad.append(str(number))
+        if not bad:
+            return []
+        try:
+            repairable = self.load_progress() is not None
+        except ConfigError:
+            repairable = False
+        problem = f"has bad line(s) {', '.join(bad[:10])}{' …' if len(bad) > 10 else ''}"
+        return [Damage(self._rel(self.progress_path), problem, None, repairable)]
 
     # ---------------------------------------------------------------- report
 
@@ -388,10 +629,8 @@ class WorldStorage:
         }
         _write_synced(folder / "state.json", (saved.model_dump_json(indent=2) + "\n").encode())
         _write_synced(folder / "meta.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
-        # episode.md is derived from state.json and meta.json: no fsync needed
-        (folder / "episode.md").write_bytes(
-            _episode_md(number, saved, meta, link=lambda r: PurePosixPath(r.path).name).encode()
-        )
+        # episode.md is derived from state.json and meta.json (`repair` rebuilds it): no fsync needed
+        (folder / "episode.md").write_bytes(_episode_file_md(number, saved, meta).encode())
         return saved
 
     def _clean_tmp(self) -> None:
@@ -418,16 +657,7 @@ class WorldStorage:
         if self._index_cache is not None and self._index_cache[0] == signature:
             return dict(self._index_cache[1])
         numbers = self.episodes()
-        index: dict[str, int] = {}
-        try:
-            for line in self.index_path.read_text(encoding="utf-8").splitlines():
-                try:  # a line cut short by a crash is skipped (the folder check below catches what it missed)
-                    entry = json.loads(line)
-                    index[str(entry["state_id"])] = int(entry["episode"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-        except OSError:
-            pass
+        index = self._read_index()
         if sorted(index.values()) != numbers:
             index = {}
             for n in numbers:
@@ -435,11 +665,29 @@ class WorldStorage:
                 if state is not None:
                     index[state.id] = n
             if numbers or self.index_path.exists():
-                lines = "".join(json.dumps({"episode": n, "state_id": k}) + "\n" for k, n in index.items())
-                atomic_write_text(self.index_path, lines, durable=False)
+                self._write_index(index)
             signature = self._episodes_signature()
         self._index_cache = (signature, index, numbers[-1] if numbers else 0)
         return dict(index)
+
+    def _read_index(self) -> dict[str, int]:
+        """state id -> episode number as index.jsonl says (a line cut short by a crash is skipped)."""
+        index: dict[str, int] = {}
+        try:
+            lines = self.index_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return index
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                index[str(entry["state_id"])] = int(entry["episode"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return index
+
+    def _write_index(self, index: Mapping[str, int]) -> None:
+        lines = "".join(json.dumps({"episode": n, "state_id": k}) + "\n" for k, n in index.items())
+        atomic_write_text(self.index_path, lines, durable=False)
 
     def _link(self, ref: ArtifactRef) -> str | None:
         """A URL-quoted link from the root to an existing artifact, or None when it is unsafe or missing."""
@@ -534,6 +782,14 @@ def _check_id(state_id: str) -> str:
             f"state id {state_id!r}: expected 1-128 letters, digits, '_', '.' or '-' (first a letter or digit)"
         )
     return state_id
+
+
+def _same_file(path: Path, info: os.stat_result) -> bool:
+    try:
+        other = os.lstat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (info.st_dev, info.st_ino)
 
 
 def _plain(value: Any) -> Any:
@@ -694,6 +950,11 @@ def _episode_md(
     block(4, (state.description or "").strip() or "—")
     block(5, (state.outcome or "").strip() or "—")
     return "\n".join(lines)
+
+
+def _episode_file_md(number: int, state: WorldState, meta: Mapping[str, Any]) -> str:
+    """An episode's own episode.md (its artifacts sit beside it)."""
+    return _episode_md(number, state, meta, link=lambda r: PurePosixPath(r.path).name)
 
 
 def _paragraphs(text: str | None) -> str:

@@ -17,12 +17,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from worldgen.config import SCHEMA_VERSION, check_schema, load_config_file
+from worldgen.config import SCHEMA_VERSION, check_schema, load_config_file, resolve_refs
 from worldgen.engine import Problem, _check_executor
 from worldgen.errors import ConfigError, ExecutionError, GraphError, WorldgenError, format_validation_error
 from worldgen.stage import CYCLE, Stage, build_item
 from worldgen.state import GenerationConfig, Progress, WorldContent, WorldState
-from worldgen.storage import WorldStorage, normalize_config
+from worldgen.storage import WorldDamagedError, WorldStorage
 
 log = logging.getLogger("worldgen.world")
 
@@ -99,12 +99,14 @@ class World:
     ):
         self.settings = settings
         self.stages = stages
-        self.config = dict(config)  # as given: `${env:...}` references stay unresolved, so no secret is saved
+        # as stored (`stored_config`): `${env:...}` stays a reference, so no secret is saved
+        self.config = dict(config)
         self.storage = WorldStorage(directory)
         self.content = WorldContent(**settings.initial_world.model_dump())
         self.progress = Progress()
         self.callbacks: list[StageCallback] = []
         self.prompts_dir: Path | None = None
+        self.created = False  # True when `from_config` created the world's directory (won its claim)
 
     # ---- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -116,22 +118,15 @@ class World:
         A directory that already holds this world is continued where it stopped; one holding a different world
         is refused (nothing saved is ever overwritten).
         """
-        file = None
-        base = Path.cwd()
-        if isinstance(config, (str, Path)):
-            file, base = str(config), Path(config).resolve().parent
-            config = load_config_file(config)
+        config, file, base = _source(config)
         check_schema(config, "world", file=file)
-        world = cls._build(dict(config), file, base, directory)
-        if world.storage.exists():
-            if normalize_config(world.storage.load_config()) != normalize_config(world.config):
-                raise ConfigError(
-                    f"directory {world.storage.root} already holds a different world; continue it with "
-                    "World.load(directory) or choose another directory",
-                    file=file,
-                )
+        world = cls._build(config, file, base, directory)
+        # the atomic claim: of concurrent creates in one directory exactly one starts the world; a different
+        # world there raises WorldExistsError
+        if not world.storage.create(world.config):
             return cls.load(world.storage.root)
         world._start()
+        world.created = True
         return world
 
     @classmethod
@@ -185,7 +180,7 @@ class World:
         the base config's. Paths are relative to the file that names them, and saved resolved."""
         from worldgen.lora import use_adapters
 
-        reference = (base / str(config["base"])).resolve()
+        reference, adapters = _custom_paths(config, base)
         base_file = reference / "world.yaml" if reference.is_dir() else reference
         try:
             base_config = load_config_file(base_file)
@@ -195,7 +190,6 @@ class World:
             raise ConfigError(
                 "the base world is itself a custom world: name its base", file=file, path="base"
             )
-        adapters = (base / str(config.get("adapters", "adapters"))).resolve()
         overrides = {k: v for k, v in config.items() if k not in ("base", "adapters")}
         world = cls._build({**base_config, **overrides}, str(base_file), base_file.parent, directory)
         try:
@@ -218,12 +212,9 @@ class World:
     @classmethod
     def check(cls, config: Mapping[str, Any] | str | Path) -> World:
         """Build a world from its config without creating or touching its directory (for validation)."""
-        file, base = None, Path.cwd()
-        if isinstance(config, (str, Path)):
-            file, base = str(config), Path(config).resolve().parent
-            config = load_config_file(config)
+        config, file, base = _source(config)
         check_schema(config, "world", file=file)
-        return cls._build(dict(config), file, base, None)
+        return cls._build(config, file, base, None)
 
     @classmethod
     def load(cls, directory: str | Path) -> World:
@@ -235,6 +226,9 @@ class World:
             raise ConfigError(
                 f"no world here (no world.yaml in {Path(directory).resolve()})", file=str(directory)
             )
+        damage = [d for d in storage.check() if not d.repairable]  # named here, not steps later
+        if damage:
+            raise WorldDamagedError(storage.root, damage)
         world = cls._build(storage.load_config(), str(storage.config_path), storage.root, directory)
         world.content = storage.load_content() or world.content
         world.progress = storage.load_progress() or world.progress
@@ -482,6 +476,32 @@ class World:
 
     def __repr__(self) -> str:
         return f"World({self.settings.name!r}, step={self.progress.step}, directory='{self.storage.root}')"
+
+
+def stored_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """A world config as its directory stores it (world.yaml): `ref:` includes inlined (relative to the config's
+    file, or the working directory for a mapping) and a custom world's `base` and `adapters` made absolute, so a
+    reload reads no other file and two configs of one world compare equal. `${env:NAME}` stays a reference."""
+    config, _, base = _source(config)
+    if "base" in config:
+        reference, adapters = _custom_paths(config, base)
+        config = {**config, "base": str(reference), "adapters": str(adapters)}
+    return config
+
+
+def _source(config: Mapping[str, Any] | str | Path) -> tuple[dict[str, Any], str | None, Path]:
+    """(the config with its `ref:` includes inlined, its file, the folder its relative paths start from)."""
+    if isinstance(config, (str, Path)):
+        return load_config_file(config), str(config), Path(config).resolve().parent
+    return resolve_refs(dict(config), base=Path.cwd()), None, Path.cwd()
+
+
+def _custom_paths(config: Mapping[str, Any], base: Path) -> tuple[Path, Path]:
+    """A custom world's base world (directory or config file) and adapters folder, absolute."""
+    return (
+        (base / str(config["base"])).resolve(),
+        (base / str(config.get("adapters", "adapters"))).resolve(),
+    )
 
 
 # ---- what a stage is given (shared with worldgen.training, which rebuilds it from saved episodes) --------
