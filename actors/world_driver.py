@@ -35,6 +35,7 @@ import ray
 from actors.model_host import NAMESPACE, cluster_address, set_torch_threads
 from worldgen.config import load_config_file
 from worldgen.errors import ConfigError
+from worldgen.limits import Limits
 from worldgen.storage import WorldStorage, normalize_config
 
 PREFIX = "wg-world-"
@@ -118,10 +119,19 @@ def read_artifact(storage: WorldStorage, path: str) -> bytes:
 # ---- the actor -----------------------------------------------------------------------------------------
 @ray.remote(concurrency_groups={"read": 4})
 class WorldDriver:
-    """Owns one `World`: runs its steps one at a time and answers about it. Restarted by Ray, it resumes."""
+    """Owns one `World`: runs its steps one at a time and answers about it. Restarted by Ray, it resumes.
 
-    def __init__(self, directory: str, config: Mapping[str, Any] | str | None = None):
+    `limits` (a `Limits` as a dict; None: no budget) are constructor arguments so that a driver Ray restarts
+    runs its world under the same limits."""
+
+    def __init__(
+        self,
+        directory: str,
+        config: Mapping[str, Any] | str | None = None,
+        limits: Mapping[str, Any] | None = None,
+    ):
         self.directory = str(_resolve(directory))
+        self.limits = Limits.model_validate(limits) if limits is not None else None
         self.started = time.time()
         self.error: Exception | None = None
         self._lock = threading.Lock()  # guards the snapshot `progress()` reads from another thread
@@ -150,7 +160,9 @@ class WorldDriver:
 
         self.resumed = WorldStorage(self.directory).exists()
         _check(Path(self.directory), config)  # config required for a new world; the same world for an old one
-        return World.load(self.directory) if self.resumed else World.from_config(config, self.directory)
+        if self.resumed:
+            return World.load(self.directory, limits=self.limits)
+        return World.from_config(config, self.directory, limits=self.limits)
 
     def _ok(self) -> None:
         if self.error is not None:
@@ -281,6 +293,7 @@ def get_or_create_driver(
     max_restarts: int = -1,
     num_cpus: float | None = None,
     num_gpus: float | None = None,
+    limits: Limits | None = None,
     wait: bool = True,
     timeout: float | None = None,
 ) -> Any:
@@ -290,6 +303,7 @@ def get_or_create_driver(
     given for it must be the same world). Ray restarts a driver that dies up to `max_restarts` times (-1:
     always); calls in flight when it dies fail and are not retried. With `wait`, returns once the world is
     open, and a world that cannot be opened (a bad config) raises its error here and leaves no driver behind.
+    A new driver runs its world under `limits` (None: no budget); a running one keeps the limits it has.
     """
     from worldgen.execution.ray import ensure_ray
 
@@ -312,7 +326,9 @@ def get_or_create_driver(
         options["num_cpus"] = num_cpus
     if num_gpus is not None:
         options["num_gpus"] = num_gpus
-    handle = WorldDriver.options(**options).remote(str(directory), config)
+    handle = WorldDriver.options(**options).remote(
+        str(directory), config, limits.model_dump() if limits is not None else None
+    )
     if wait:
         try:
             ray.get(handle.ready.remote(), timeout=timeout)
