@@ -51,6 +51,7 @@ from actors.world_driver import (
 from serve_apps.auth import bearer_ok, token_digest
 from serve_apps.guard import BodyLimit
 from worldgen.errors import WorldgenError, format_validation_error
+from worldgen.limits import DeadlineExceeded, Limits
 from worldgen.storage import WorldStorage
 
 WORLD_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -95,6 +96,10 @@ class GatewaySettings(BaseModel):
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(200, ge=1, description="per replica (a streamed step holds one)")
     driver_num_cpus: float | None = Field(None, ge=0, description="CPUs reserved by each world driver")
+    limits: Limits = Field(
+        default_factory=Limits,
+        description="budgets of every world (generation, stage time) and the world count",
+    )
 
 
 # ---- the application -----------------------------------------------------------------------------------
@@ -151,7 +156,13 @@ class WorldGateway:
         return self.handles[world_id]
 
     def _start(self, directory: Path, config: dict[str, Any] | None) -> Any:
-        return get_or_create_driver(directory, config, num_cpus=self.settings.driver_num_cpus)
+        return get_or_create_driver(
+            directory, config, num_cpus=self.settings.driver_num_cpus, limits=self.settings.limits
+        )
+
+    def world_dirs(self) -> list[Path]:
+        """The directories of the worlds under the root, sorted."""
+        return sorted(p for p in self.root.iterdir() if (p / "world.yaml").is_file())
 
     @staticmethod
     async def call(ref: Any) -> Any:
@@ -162,6 +173,8 @@ class WorldGateway:
             cause = err.cause
             if isinstance(cause, ArtifactNotFound):
                 raise HTTPException(404, str(cause)) from None
+            if isinstance(cause, DeadlineExceeded):  # the stage is not kept; stepping again resumes
+                raise HTTPException(504, str(cause)) from None
             if isinstance(cause, WorldgenError):
                 raise HTTPException(409 if "in flight" in str(cause) else 500, str(cause)) from None
             raise HTTPException(500, f"{type(cause).__name__}: {cause}") from None
@@ -193,6 +206,13 @@ class WorldGateway:
         directory = self.directory(world_id)
         if directory.exists():
             raise HTTPException(409, f"world {world_id!r} exists already")
+        # 409, not 429: the refusal is about the server's state (the worlds it holds), waiting does not lift it
+        # (a DELETE does), and clients retry a 429 on their own.
+        limit = self.settings.limits.max_worlds
+        if len(self.world_dirs()) >= limit:
+            raise HTTPException(
+                409, f"this server holds {limit} worlds, its most (limit 'max_worlds'); delete one first"
+            )
         try:
             handle = await asyncio.to_thread(self._start, directory, config)
         except (WorldgenError, ValidationError, TypeError, ValueError, KeyError) as err:
@@ -205,7 +225,7 @@ class WorldGateway:
     @api.get("/v1/worlds", dependencies=authorised)
     async def all_worlds(self) -> dict[str, Any]:
         worlds = []
-        for directory in sorted(p for p in self.root.iterdir() if (p / "world.yaml").is_file()):
+        for directory in self.world_dirs():
             entry: dict[str, Any] = {"id": directory.name}
             try:
                 handle = ray.get_actor(driver_name(directory), namespace=NAMESPACE)
