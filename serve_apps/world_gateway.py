@@ -21,6 +21,10 @@ in parallel, and any gateway replica reaches the same driver by name.
 Optional bearer-token auth: when the environment variable named by `token_env` (WORLDGEN_API_TOKEN) is set
 where the application is built, every request needs `Authorization: Bearer <token>`; only the token's SHA-256
 travels to the replicas. Request bodies larger than `max_body_bytes` get 413.
+
+`limits` (worldgen.limits.Limits) go to every world driver the gateway starts: generation settings over them
+are refused before any model runs (400 at create), a stage past `stage_seconds` answers 504 (nothing of it is
+kept; the next step resumes), and a create beyond `max_worlds` answers 409.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request models on the methods Serve wraps.
