@@ -67,7 +67,10 @@ class Limits(BaseModel):
     )
     max_worlds: int = Field(32, ge=1, description="worlds one gateway holds (a world driver is ~0.5 GB)")
     placement_seconds: float = Field(
-        30.0, gt=0, description="how long a model host may wait for a node that fits its placement"
+        600.0,
+        gt=0,
+        description="how long a model host may wait for a node the autoscaler adds to fit its placement "
+        "(a cloud GPU node takes minutes to start; with no autoscaler, no wait: an error at once)",
     )
 
     def check_generation(
