@@ -227,7 +227,7 @@ def _await_placement(handle: Any, block: ModelBlock, placement: Placement) -> No
     until = time.time() + wait
     while True:
         try:
-            actor = get_actor(handle._actor_id.hex(), address=cluster_address())
+            actor = get_actor(handle._actor_id.hex(), address=cluster_address())  # no public id getter
         except Exception:  # no state API (no dashboard): cannot tell; leave the host to Ray as before
             return
         if actor is not None and (actor.state == "ALIVE" or actor.pid):  # placed: pid of its worker
@@ -272,11 +272,7 @@ def _who(block: ModelBlock) -> str:
 
 
 def _resources(request: Mapping[str, float]) -> str:
-    return (
-        "{" + ", ".join(f"{k}: {_amount(k, v)}" for k, v in sorted(request.items())) + "}"
-        if request
-        else "{}"
-    )
+    return "{" + ", ".join(f"{k}: {_amount(k, v)}" for k, v in sorted(request.items())) + "}"
 
 
 def _amount(name: str, value: float) -> str:
