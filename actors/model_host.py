@@ -15,11 +15,14 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import ray
 
-from worldgen.block import Block, ModelBlock, ModelRef
+from worldgen.block import Block, ModelBlock, ModelRef, Placement
+from worldgen.errors import ConfigError
+from worldgen.limits import DEFAULT_LIMITS, Deadline, current_deadline, current_limits, within
 
 NAMESPACE = os.environ.get("WORLDGEN_NAMESPACE", "worldgen")
 PREFIX = "wg-model-"
@@ -110,9 +113,11 @@ class ModelHost:
         ports: tuple[str, ...],
         seed: int | None,
         iterations: int | None,
+        deadline: Deadline | None = None,
         **inputs: Any,
     ) -> Any:
-        """Run a whole (loop) subgraph here with the local executor; outputs in `ports` order."""
+        """Run a whole (loop) subgraph here with the local executor; outputs in `ports` order. Under the
+        caller's `deadline` the loop stops between iterations once it has passed (DeadlineExceeded)."""
         from worldgen.execution.local import in_port_order, run_local
 
         self.calls += 1
@@ -120,9 +125,10 @@ class ModelHost:
             for node_id, block in graph.blocks():
                 graph._items[node_id] = self._bind(block)
             self._subgraphs[key] = graph
-        outputs = run_local(
-            self._subgraphs[key], inputs, seed=seed, iterations=iterations
-        )  # errors name the node
+        with within(deadline):
+            outputs = run_local(
+                self._subgraphs[key], inputs, seed=seed, iterations=iterations
+            )  # errors name the node
         return in_port_order(outputs, ports)
 
     def info(self) -> dict[str, Any]:
@@ -172,11 +178,119 @@ def host_for(block: ModelBlock) -> Any:
         }
         if placement.memory:
             options["memory"] = placement.memory
+        if placement.resources:
+            options["resources"] = dict(placement.resources)
+        fits = fits_a_node(block, placement)  # before creating: Ray would keep an unplaceable host pending
         handle = ModelHost.options(**options).remote(
             ref.model_dump(mode="json"), _class_path(block.model_class()), model
         )
+        if not fits:  # only a node the cluster adds can take it: wait for one, but not forever
+            _await_placement(handle, block, placement)
     _handles[name] = handle
     return handle
+
+
+# ---- placement -----------------------------------------------------------------------------------------
+class InfeasiblePlacement(ConfigError):
+    """A model host asks for resources (`placement`) that no node of the cluster has, or that no node
+    started to provide within `placement_seconds` on a cluster that may grow."""
+
+
+def placement_request(placement: Placement) -> dict[str, float]:
+    """The resources a host with this placement reserves, by Ray's resource names (zero amounts left out)."""
+    request = {"CPU": placement.num_cpus, "GPU": placement.num_gpus, **placement.resources}
+    if placement.memory:
+        request["memory"] = float(placement.memory)
+    return {name: amount for name, amount in request.items() if amount}
+
+
+def fits_a_node(block: ModelBlock, placement: Placement) -> bool:
+    """True when one alive node has every resource of the request (a host runs on one node). Otherwise raises
+    InfeasiblePlacement at once, unless the cluster may add nodes: then False (the caller waits for one)."""
+    request = placement_request(placement)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0.0) >= v for k, v in request.items()) for node in nodes):
+        return True
+    if _may_add_nodes():
+        return False
+    raise InfeasiblePlacement(_no_node_message(block, request, nodes))
+
+
+def _await_placement(handle: Any, block: ModelBlock, placement: Placement) -> None:
+    """Wait until the new host is placed on a node (its model may still be loading), at most the placement
+    wait (the run's limits, or the default), and within the run's deadline; then kill it and raise."""
+    from ray.util.state import get_actor
+
+    deadline = current_deadline()
+    seconds = (current_limits() or DEFAULT_LIMITS).placement_seconds  # no limits (the CLI): the default wait
+    wait = seconds if deadline is None else min(seconds, max(deadline.remaining(), 0.0))
+    until = time.time() + wait
+    while True:
+        try:
+            actor = get_actor(handle._actor_id.hex(), address=cluster_address())  # no public id getter
+        except Exception:  # no state API (no dashboard): cannot tell; leave the host to Ray as before
+            return
+        if actor is not None and (actor.state == "ALIVE" or actor.pid):  # placed: pid of its worker
+            return
+        if time.time() >= until:
+            break
+        time.sleep(0.5)
+    ray.kill(handle, no_restart=True)
+    forget_host(host_name(block))
+    if deadline is not None and deadline.remaining() <= 0:
+        raise deadline.exceeded()
+    request = placement_request(placement)
+    raise InfeasiblePlacement(
+        f"{_who(block)} asks for {_resources(request)}; no node that has it joined the cluster within "
+        f"{seconds:g} s (limit 'placement_seconds'), so the host was removed"
+    )
+
+
+def _may_add_nodes() -> bool:
+    """Whether an autoscaler may add nodes. Ray has no public answer, so: autoscaler v2 (KubeRay) publishes
+    its node groups; the v1 autoscaler (`ray up`) reports each node's type by name, while a cluster without
+    an autoscaling config (a laptop, `ray start` by hand, `ray.cluster_utils.Cluster`) names every node's
+    type after the node itself ("node_<id>"). Unreadable: assume it may grow (the wait is bounded)."""
+    import json
+
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        config = state.get_cluster_config()
+        if config is not None and config.node_group_configs:
+            return True
+        status = json.loads(_internal_kv_get("__autoscaling_status") or "{}")
+        types = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    except Exception:
+        return True
+    return any(kind != f"node_{node}" for node, kind in types.items())
+
+
+def _who(block: ModelBlock) -> str:
+    return f"the model host of {block.block_type} (model {block.config.model.source!r})"
+
+
+def _resources(request: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {_amount(k, v)}" for k, v in sorted(request.items())) + "}"
+
+
+def _amount(name: str, value: float) -> str:
+    if name in ("memory", "object_store_memory"):
+        return f"{value / 2**30:.1f} GiB"
+    return f"{value:g}"
+
+
+def _no_node_message(block: ModelBlock, request: dict[str, float], nodes: list[dict[str, float]]) -> str:
+    shown = [
+        _resources({k: v for k, v in node.items() if k in ("CPU", "GPU", "memory") or k in request})
+        for node in nodes
+    ]
+    return (
+        f"{_who(block)} asks for {_resources(request)} (its `placement`), and no node of this cluster has that "
+        f"(one node must have all of it); the nodes have: {'; '.join(shown) or 'no alive node'}. Lower the "
+        "placement or add a node that fits"
+    )
 
 
 def forget_host(name: str | None = None) -> None:

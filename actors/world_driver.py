@@ -34,6 +34,7 @@ import ray
 
 from actors.model_host import NAMESPACE, cluster_address, set_torch_threads
 from worldgen.errors import ConfigError
+from worldgen.limits import Limits
 from worldgen.storage import WorldExistsError, WorldStorage, normalize_config
 
 PREFIX = "wg-world-"
@@ -119,12 +120,20 @@ def read_artifact(storage: WorldStorage, path: str) -> bytes:
 # ---- the actor -----------------------------------------------------------------------------------------
 @ray.remote(concurrency_groups={"read": 4})
 class WorldDriver:
-    """Owns one `World`: runs its steps one at a time and answers about it. Restarted by Ray, it resumes."""
+    """Owns one `World`: runs its steps one at a time and answers about it. Restarted by Ray, it resumes.
+
+    `limits` (a `Limits` as a dict; None: no budget) are constructor arguments so that a driver Ray restarts
+    runs its world under the same limits."""
 
     def __init__(
-        self, directory: str, config: Mapping[str, Any] | str | None = None, claim: str | None = None
+        self,
+        directory: str,
+        config: Mapping[str, Any] | str | None = None,
+        limits: Mapping[str, Any] | None = None,
+        claim: str | None = None,
     ):
         self.directory = str(_resolve(directory))
+        self.limits = Limits.model_validate(limits) if limits is not None else None
         self.created = False  # True when this driver created the world's directory
         self._claim = claim  # the token of the create call that started this driver (see `created_for`)
         self.started = time.time()
@@ -155,11 +164,11 @@ class WorldDriver:
 
         self.resumed = WorldStorage(self.directory).exists()
         if self.restarted:  # the world was opened before: its world.yaml is the config, nothing else is read
-            return World.load(self.directory)
+            return World.load(self.directory, limits=self.limits)
         _check(Path(self.directory), config)  # config required for a new world; the same world for an old one
         if self.resumed:
-            return World.load(self.directory)
-        world = World.from_config(config, self.directory)
+            return World.load(self.directory, limits=self.limits)
+        world = World.from_config(config, self.directory, limits=self.limits)
         self.created = world.created
         return world
 
@@ -299,6 +308,7 @@ def get_or_create_driver(
     max_restarts: int = -1,
     num_cpus: float | None = None,
     num_gpus: float | None = None,
+    limits: Limits | None = None,
     wait: bool = True,
     timeout: float | None = None,
     claim: str | None = None,
@@ -311,6 +321,7 @@ def get_or_create_driver(
     open, and a world that cannot be opened (a bad config) raises its error here and leaves no driver behind.
     `claim`: a token of the caller's own; `handle.created_for.remote(claim)` then tells whether this call's
     driver created the world (see `WorldDriver.created_for`).
+    A new driver runs its world under `limits` (None: no budget); a running one keeps the limits it has.
     """
     from worldgen.execution.ray import ensure_ray
 
@@ -334,8 +345,9 @@ def get_or_create_driver(
     if num_gpus is not None:
         options["num_gpus"] = num_gpus
     failures = 0
+    limits_data = limits.model_dump() if limits is not None else None
     while True:
-        handle = WorldDriver.options(**options).remote(str(directory), config, claim)
+        handle = WorldDriver.options(**options).remote(str(directory), config, limits_data, claim)
         if not wait:
             return handle
         try:

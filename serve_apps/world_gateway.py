@@ -21,7 +21,14 @@ in parallel, and any gateway replica reaches the same driver by name.
 
 Optional bearer-token auth: when the environment variable named by `token_env` (WORLDGEN_API_TOKEN) is set
 where the application is built, every request, on every path (`/docs` and `/openapi.json` included), needs
-`Authorization: Bearer <token>`; only the token's SHA-256 travels to the replicas. Request bodies larger than `max_body_bytes` get 413.
+`Authorization: Bearer <token>`; only the token's SHA-256 travels to the replicas. Request bodies larger than
+`max_body_bytes` get 413.
+
+`trust` (worldgen.trust.TrustPolicy) says what a posted config may use (files under roots, environment names
+in secret fields, URLs, model sources); anything else is refused with 400 before a world is built.
+`limits` (worldgen.limits.Limits) go to every world driver the gateway starts: generation settings over them
+are refused before any model runs (400 at create), a stage past `stage_seconds` answers 504 (nothing of it is
+kept; the next step resumes), and a create beyond `max_worlds` answers 409.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request models on the methods Serve wraps.
@@ -52,7 +59,7 @@ from actors.world_driver import (
 from serve_apps.auth import token_digest
 from serve_apps.guard import BearerAuth, BodyLimit
 from worldgen.errors import ConfigError, WorldgenError, format_validation_error
-from worldgen.limits import LimitExceeded
+from worldgen.limits import DeadlineExceeded, LimitExceeded, Limits
 from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
 from worldgen.trust import TrustPolicy, admit_config
 
@@ -102,6 +109,10 @@ class GatewaySettings(BaseModel):
         default_factory=TrustPolicy,
         description="what posted configs may use: files under roots, env names, URLs, model sources",
     )
+    limits: Limits = Field(
+        default_factory=Limits,
+        description="budgets of every world (generation, stage time) and the world count",
+    )
 
 
 # ---- the application -----------------------------------------------------------------------------------
@@ -118,10 +129,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     },
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token (when the gateway has one)"},
     404: {"model": ErrorResponse, "description": "no such world, episode or artifact"},
-    409: {"model": ErrorResponse, "description": "the world exists already"},
+    409: {
+        "model": ErrorResponse,
+        "description": "the id holds another world or a damaged one, or the server holds `max_worlds` worlds",
+    },
     413: {"model": ErrorResponse, "description": "request body over `max_body_bytes`"},
     500: {"model": ErrorResponse, "description": "the world failed (the message says where)"},
     503: {"model": ErrorResponse, "description": "the world's driver is restarting; retry"},
+    504: {"model": ErrorResponse, "description": "a stage ran past `stage_seconds`; stepping again resumes"},
 }
 
 api = FastAPI(
@@ -152,6 +167,10 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int
     (ArtifactNotFound, 404),
     (LimitExceeded, 400),  # the world asks for more than the server's budgets (the message names the limit)
     ((WorldDamagedError, WorldExistsError), 409),  # the id holds another world, or a damaged one
+    (
+        DeadlineExceeded,
+        504,
+    ),  # a stage ran past `stage_seconds`: nothing of it is kept, stepping again resumes
     (WorldgenError, 500),
 )
 
@@ -194,7 +213,17 @@ class WorldGateway:
         return self.handles[world_id]
 
     def _start(self, directory: Path, config: dict[str, Any] | None, claim: str | None = None) -> Any:
-        return get_or_create_driver(directory, config, num_cpus=self.settings.driver_num_cpus, claim=claim)
+        return get_or_create_driver(
+            directory,
+            config,
+            num_cpus=self.settings.driver_num_cpus,
+            limits=self.settings.limits,
+            claim=claim,
+        )
+
+    def world_dirs(self) -> list[Path]:
+        """The directories of the worlds under the root, sorted."""
+        return sorted(p for p in self.root.iterdir() if (p / "world.yaml").is_file())
 
     @staticmethod
     async def call(ref: Any) -> Any:
@@ -256,6 +285,13 @@ class WorldGateway:
         world_id = body.id or f"{name_slug(name)}-{uuid.uuid4().hex[:8]}"
         directory = self.directory(world_id)
         claim = uuid.uuid4().hex  # tells this request's create from a concurrent one's (`created_for`)
+        # 409, not 429: the refusal is about the server's state (the worlds it holds), waiting does not lift it
+        # (a DELETE does), and clients retry a 429 on their own.
+        limit = self.settings.limits.max_worlds
+        if not directory.exists() and len(self.world_dirs()) >= limit:
+            raise HTTPException(
+                409, f"this server holds {limit} worlds, its most (limit 'max_worlds'); delete one first"
+            )
         try:
             handle = await asyncio.to_thread(self._start, directory, config, claim)
         except WorldExistsError:
@@ -276,7 +312,7 @@ class WorldGateway:
     @api.get("/v1/worlds")
     async def all_worlds(self) -> dict[str, Any]:
         worlds = []
-        for directory in sorted(p for p in self.root.iterdir() if (p / "world.yaml").is_file()):
+        for directory in self.world_dirs():
             entry: dict[str, Any] = {"id": directory.name}
             try:
                 handle = ray.get_actor(driver_name(directory), namespace=NAMESPACE)

@@ -319,3 +319,54 @@ def test_damage_and_outside_links_get_a_clear_4xx(gateway, tmp_path):
     answer = _restart_driver(client, root, "scarred")  # a restarted driver finds it at load
     assert answer.status_code == 409 and answer.json()["detail"].startswith(damaged), answer.text
     assert client.post("/v1/worlds/scarred/step").status_code == 409
+
+
+# ---- limits (issue 10) ---------------------------------------------------------------------------------
+def test_generation_defaults_the_creator_cannot_run_are_refused_at_creation(gateway):
+    client, root = gateway
+    body = {"id": "sixty", "template": "offline_world", "params": {"preset": "tiny", "size": 60}}
+    response = client.post("/v1/worlds", json=body)
+    assert response.status_code == 400, response.text
+    assert (
+        "generation_defaults.width" in response.json()["detail"]
+        and "multiple of 8" in response.json()["detail"]
+    )
+    assert not (root / "sixty").exists()
+
+
+@pytest.fixture
+def limited_gateway(serve_url, tmp_path):
+    """A gateway holding at most one world, whose stages get 10 ms each (any Creator takes longer)."""
+    from ray import serve
+
+    from serve_apps.world_gateway import app_builder
+
+    limits = {"max_worlds": 1, "stage_seconds": 0.01, "max_image_side": 32}
+    serve.run(app_builder({"root": str(tmp_path), "limits": limits}), name="limited", route_prefix="/limited")
+    client = Client(serve_url + "/limited")
+    try:
+        yield client
+    finally:
+        for world in client.get("/v1/worlds").json()["worlds"]:
+            client.delete(f"/v1/worlds/{world['id']}")
+        client.close()
+        serve.delete("limited")
+
+
+def test_a_gateway_holds_at_most_max_worlds_and_names_its_limits(limited_gateway):
+    client = limited_gateway
+    big = {"id": "big", "template": "offline_world", "params": {"preset": "tiny", "size": 64}}
+    response = client.post("/v1/worlds", json=big)  # the driver checks its defaults against the limits
+    assert response.status_code == 400 and "limit 'max_image_side'" in response.json()["detail"]
+
+    assert client.post("/v1/worlds", json={"id": "one", **SMALL}).status_code == 201
+    second = client.post("/v1/worlds", json={"id": "two", **SMALL})
+    assert second.status_code == 409 and "limit 'max_worlds'" in second.json()["detail"], second.text
+
+    step = client.post("/v1/worlds/one/step")  # a stage past its time: 504 naming the stage and the limit
+    assert step.status_code == 504, step.text
+    assert "stage '" in step.json()["detail"] and "limit 'stage_seconds'" in step.json()["detail"]
+    assert client.get("/v1/worlds/one").json()["step"] == 0  # the world is intact; a retry resumes it
+
+    assert client.delete("/v1/worlds/one").status_code == 204
+    assert client.post("/v1/worlds", json={"id": "two", **SMALL}).status_code == 201  # room again

@@ -323,3 +323,83 @@ def test_a_damaged_world_names_episode_and_file_at_load(tmp_path, two_episodes, 
         World.load(directory)
     with pytest.raises(WorldDamagedError, match=re.escape(message)):  # the same through from_config
         World.from_config(fast_config(), directory=directory)
+
+
+# ---- limits (issue 10): checked before any model runs; a stage past its wall time fails cleanly -----------
+@pytest.mark.parametrize(
+    "defaults, field, message",
+    [
+        ({"width": 100000, "height": 100000}, "width", "less than or equal to 4096"),
+        ({"width": -8, "height": 0}, "width", "greater than or equal to 8"),
+        ({"width": 60, "height": 60}, "width", "must be a multiple of 8, got 60"),
+        ({"steps": 0}, "steps", "greater than or equal to 1"),
+    ],
+)
+def test_generation_defaults_validate_as_block_2_does(defaults, field, message):
+    config = fast_config()
+    config["generation_defaults"] |= defaults
+    with pytest.raises(wg.ConfigError, match=f"generation_defaults.{field}: .*{message}"):
+        World.check(config)
+
+
+def test_limits_refuse_generation_settings_before_any_model_runs(tmp_path):
+    from worldgen.limits import LimitExceeded, Limits
+
+    config = fast_config()  # defaults: 32x32, 2 steps
+    with pytest.raises(LimitExceeded, match=r"at generation_defaults: width 32 is over 16 pixels") as err:
+        World.check(config, limits=Limits(max_image_side=16))
+    assert err.value.limit == "max_image_side"
+    World.check(config)  # no limits (the CLI, the Python API): the config's author decides
+
+    world = World.from_config(config, directory=tmp_path / "w", limits=Limits(max_steps=2))
+    given = user_state(2, "unused") | {2: {"prompt": "a ship", "width": 32, "height": 32, "steps": 3}}
+    with pytest.raises(LimitExceeded, match=r"at state.generation: 3 steps is over 2 \(limit 'max_steps'\)"):
+        world.step(state=given)
+    assert world.progress.step == 0 and world.state.filled() == set()  # refused before anything ran
+
+    # the Architect asks for more than the server allows: its stage fails, naming the limit, before the Creator
+    config["stages"]["architect"]["nodes"]["llm"]["config"]["template"] = (
+        '{"prompt": "{{ state.happening }}", "width": 32, "height": 32, "steps": 2, "count": 3}'
+    )
+    world = World.from_config(config, directory=tmp_path / "a", limits=Limits(max_count=2))
+    with pytest.raises(LimitExceeded, match=r"stage 'architect': block 2: count 3 is over 2") as err:
+        world.step()
+    assert err.value.limit == "max_count"
+    saved = WorldStorage(tmp_path / "a").load_progress()
+    assert saved.stage_index == 4 and saved.state.filled() == {1}  # Development kept; no block 2, no images
+    assert not list((tmp_path / "a").rglob("*.png"))
+
+
+def slow_stage(seconds: float) -> dict:
+    """An Architect that passes the offline Architect's JSON through three slow nodes."""
+    config = copy.deepcopy(load_config_file(DEFAULT)["stages"]["architect"])
+    config["nodes"] |= {f"slow{i}": {"type": "toy/slow", "config": {"seconds": seconds}} for i in range(3)}
+    config["edges"] = ["llm.data -> slow0.x", "slow0.x -> slow1.x", "slow1.x -> slow2.x"]
+    config["outputs"] = {"data": "slow2.x"}
+    return config
+
+
+def test_a_stage_past_its_time_limit_fails_cleanly_and_the_world_resumes(tmp_path):
+    import tests.toy_blocks  # noqa: F401 - registers the toy blocks
+    from worldgen.limits import DeadlineExceeded, Limits
+
+    config = fast_config()
+    config["stages"]["architect"] = slow_stage(0.4)
+    world = World.from_config(config, directory=tmp_path / "w", limits=Limits(stage_seconds=0.5))
+    with pytest.raises(DeadlineExceeded) as err:
+        world.step()
+    message = str(err.value)
+    assert message.startswith(
+        "stage 'architect': node 'main': node 'slow2': the stage ran past its time limit"
+    )
+    assert err.value.limit == "stage_seconds" and message.endswith("(limit 'stage_seconds')")
+    saved = WorldStorage(tmp_path / "w").load_progress()
+    assert saved.stage_index == 4 and saved.state.filled() == {
+        1
+    }  # Development kept, nothing of the Architect
+
+    again = World.load(tmp_path / "w", limits=Limits(stage_seconds=30))  # a restarted driver, a bigger limit
+    report = again.step()
+    assert report.ran == ["development", "architect", "creator"] and report.state.filled() == {1, 2, 3}
+    assert report.state.happening == saved.state.happening  # Development was not run again
+    assert again.step().episode == 1

@@ -284,3 +284,23 @@ def test_a_driver_found_by_name_must_hold_the_callers_world(ray_session, new_dir
         get_or_create_driver(directory, {**fast_config(), "seed": 7})
     assert ray_session.get(first.ready.remote(), timeout=120)  # the first world is intact
     assert WorldStorage(directory).load_config()["seed"] == 0
+
+
+def test_a_restarted_driver_keeps_its_limits(new_dir):
+    from actors.world_driver import RemoteWorld
+    from worldgen.limits import LimitExceeded, Limits
+
+    world = RemoteWorld(new_dir(), fast_config(), limits=Limits(max_steps=2))  # the defaults ask for 2
+    too_many = {1: "a ship", 2: {"prompt": "a ship", "width": 32, "height": 32, "steps": 3}}
+    with pytest.raises(LimitExceeded, match=r"3 steps is over 2 \(limit 'max_steps'\)") as err:
+        world.step(state=too_many)
+    assert err.value.limit == "max_steps"  # the error crossed from the driver with its type and limit
+    pid = world.info()["pid"]
+    world.kill()  # Ray restarts the driver with its constructor's arguments: the limits come back with it
+    deadline = time.monotonic() + 60
+    while world.info()["pid"] == pid and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert world.info()["restarted"]
+    with pytest.raises(LimitExceeded, match="limit 'max_steps'"):
+        world.step(state=too_many)
+    assert world.info()["step"] == 0

@@ -94,3 +94,23 @@ class WhereInline(wg.Block):
 class WhereTask(WhereInline):
     block_type = "toy/where_task"
     inline = False
+
+
+class SlowConfig(wg.BlockConfig):
+    seconds: float = Field(0.2, description="how long each call takes")
+
+
+@wg.register_block
+class Slow(wg.Block):
+    """Passes its input on after `seconds` (for wall-time limits)."""
+
+    block_type = "toy/slow"
+    Config = SlowConfig
+    INPUTS = (Port("x", K.ANY),)
+    OUTPUTS = (Port("x", K.ANY),)
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.config.seconds)
+        return {"x": x}

@@ -22,6 +22,9 @@ class Placement(BaseModel):
     num_cpus: float = Field(0.0, ge=0, description="CPUs reserved by the host actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the host actor (fractions share a GPU)")
     memory: int | None = Field(None, ge=0, description="bytes of memory reserved by the host actor")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources reserved by the host actor, e.g. {L4: 1}"
+    )
     max_restarts: int = Field(3, ge=-1, description="restarts of a failed host actor (-1: unlimited)")
 
 

@@ -9,6 +9,19 @@ from collections.abc import Iterable
 class WorldgenError(Exception):
     """Base class of every error worldgen raises on purpose (the CLI prints these without a traceback)."""
 
+    def __reduce__(self) -> tuple:
+        # Errors cross processes (a Ray task's error, a world driver's answer to the gateway): rebuild them from
+        # their message and attributes, not by calling __init__ again with the message, which fails for
+        # subclasses whose __init__ takes other arguments (LimitExceeded(limit, message), ...).
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[WorldgenError], args: tuple, state: dict) -> WorldgenError:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
+
 
 class ConfigError(WorldgenError):
     """A config file or mapping is malformed; the message names the file and the YAML path."""

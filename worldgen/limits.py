@@ -5,13 +5,24 @@ the Python API run worlds without generation/stage budgets (their user is the co
 templates are always bounded (a template may come from anyone who wrote a config).
 
 Every refusal is a `LimitExceeded` that names the limit (its field here) and the value asked for.
+
+Wall-time limits (a world stage's `stage_seconds`) are one cooperative `Deadline` carried in a context variable:
+`time_limit(...)` sets it around the work, and every executor honours it — the local executor checks it between
+node calls and loop iterations, the Ray executor waits at most until it and cancels what it started, and a
+fused loop on a model host gets it with the call. Work past it raises `DeadlineExceeded`.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from worldgen.errors import ConfigError
+from worldgen.errors import ConfigError, ExecutionError
 
 
 class LimitExceeded(ConfigError):
@@ -56,22 +67,36 @@ class Limits(BaseModel):
     )
     max_worlds: int = Field(32, ge=1, description="worlds one gateway holds (a world driver is ~0.5 GB)")
     placement_seconds: float = Field(
-        30.0, gt=0, description="how long a model host may wait for a node that fits its placement"
+        600.0,
+        gt=0,
+        description="how long a model host may wait for a node the autoscaler adds to fit its placement "
+        "(a cloud GPU node takes minutes to start; with no autoscaler, no wait: an error at once)",
     )
 
     def check_generation(
-        self, *, width: int, height: int, steps: int, count: int = 1, path: str | None = None
+        self,
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        count: int = 1,
+        path: str | None = None,
+        file: str | None = None,
     ) -> None:
-        """Raise LimitExceeded when one generation of `count` images of width x height at `steps` is too big."""
+        """Raise LimitExceeded when one generation of `count` images of width x height at `steps` is too big;
+        `path` (and `file`) say where the settings were given."""
         for name, value in (("width", width), ("height", height)):
             if value > self.max_image_side:
                 raise LimitExceeded(
-                    "max_image_side", f"{name} {value} is over {self.max_image_side} pixels", path=path
+                    "max_image_side",
+                    f"{name} {value} is over {self.max_image_side} pixels",
+                    path=path,
+                    file=file,
                 )
         if steps > self.max_steps:
-            raise LimitExceeded("max_steps", f"{steps} steps is over {self.max_steps}", path=path)
+            raise LimitExceeded("max_steps", f"{steps} steps is over {self.max_steps}", path=path, file=file)
         if count > self.max_count:
-            raise LimitExceeded("max_count", f"count {count} is over {self.max_count}", path=path)
+            raise LimitExceeded("max_count", f"count {count} is over {self.max_count}", path=path, file=file)
         cost = width * height * count * steps
         if cost > self.max_pixel_steps:
             raise LimitExceeded(
@@ -79,7 +104,90 @@ class Limits(BaseModel):
                 f"{width}x{height} x {count} image(s) x {steps} steps = {cost:,} pixel-steps is over "
                 f"{self.max_pixel_steps:,}",
                 path=path,
+                file=file,
             )
 
 
 DEFAULT_LIMITS = Limits()
+
+
+# ---- wall-time limits --------------------------------------------------------------------------------------
+class DeadlineExceeded(ExecutionError):
+    """Work ran past a wall-time limit; `limit` names the field in `Limits`. Nothing it was doing is kept, so
+    running it again (a world's next step) starts over from the last persisted point."""
+
+    def __init__(self, limit: str, message: str):
+        self.limit = limit
+        super().__init__(f"{message} (limit '{limit}')")
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When work must be done by. `at` is wall-clock time (time.time()), not a monotonic clock, so the deadline
+    means the same in another process or on another node (a model host actor) and counts time spent queued."""
+
+    at: float
+    seconds: float  # the limit's value, for messages
+    limit: str = "stage_seconds"
+    what: str = "the work"  # e.g. "stage 'creator'"
+
+    def remaining(self) -> float:
+        return self.at - time.time()
+
+    def check(self) -> None:
+        """Raise DeadlineExceeded once the deadline has passed."""
+        if self.remaining() <= 0:
+            raise self.exceeded()
+
+    def exceeded(self) -> DeadlineExceeded:
+        return DeadlineExceeded(self.limit, f"{self.what} ran past its time limit of {self.seconds:g} s")
+
+
+_deadline: ContextVar[Deadline | None] = ContextVar("worldgen_deadline", default=None)
+_limits: ContextVar[Limits | None] = ContextVar("worldgen_limits", default=None)
+
+
+def current_limits() -> Limits | None:
+    """The limits the running work is under (a world's, set around its stages), or None (full trust)."""
+    return _limits.get()
+
+
+@contextmanager
+def applying(limits: Limits | None) -> Iterator[None]:
+    """Run the block under `limits`, for the parts that read them while running (a model host's placement)."""
+    token = _limits.set(limits)
+    try:
+        yield
+    finally:
+        _limits.reset(token)
+
+
+def current_deadline() -> Deadline | None:
+    """The deadline the running work must honour, or None (no limit)."""
+    return _deadline.get()
+
+
+def check_deadline() -> None:
+    """Raise DeadlineExceeded when the running work is past its deadline (a cheap no-op without one)."""
+    deadline = _deadline.get()
+    if deadline is not None:
+        deadline.check()
+
+
+@contextmanager
+def within(deadline: Deadline | None) -> Iterator[Deadline | None]:
+    """Run the block under `deadline` (None: no new limit). An enclosing deadline that comes sooner wins."""
+    outer = _deadline.get()
+    if deadline is None or (outer is not None and outer.at <= deadline.at):
+        yield outer
+        return
+    token = _deadline.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _deadline.reset(token)
+
+
+def time_limit(seconds: float | None, what: str, limit: str = "stage_seconds") -> Deadline | None:
+    """A deadline `seconds` from now for `what` (None: no limit); use with `within(...)`."""
+    return None if seconds is None else Deadline(time.time() + seconds, seconds, limit, what)

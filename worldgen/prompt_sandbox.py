@@ -32,7 +32,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from jinja2.utils import Namespace, _PassArg
 from jinja2.visitor import NodeTransformer
 
-from worldgen.limits import DEFAULT_LIMITS, Limits
+from worldgen.limits import DEFAULT_LIMITS, Limits, current_limits
 
 
 # ---- bounds: what a render may build, and for how long ---------------------------------------------------
@@ -513,7 +513,7 @@ class BoundedEnvironment(SandboxedEnvironment):
 
 def render_bounded(template: Any, context: Mapping[str, Any]) -> str:
     """Render under the process's limits: the budget set for this thread, the text counted as it comes."""
-    limits = _limits
+    limits = current_limits() or _limits  # a world's or server's limits where the work runs under them
     outer = _local.__dict__.get("budget")  # renders do not nest, but if one did it keeps its own budget
     _local.budget = _Budget(limits, time.monotonic() + limits.template_seconds)
     try:

@@ -13,14 +13,29 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from worldgen.errors import ConfigError, format_validation_error
 
 BLOCKS = (1, 2, 3, 4, 5)
 _FIELDS = {1: "happening", 2: "generation", 3: "artifacts", 4: "description", 5: "outcome"}
+
+
+def _multiple_of_8(value: int) -> int:
+    if value % 8:
+        raise ValueError(f"must be a multiple of 8, got {value}")
+    return value
+
+
+# One rule for an image side, the steps and the guidance scale, wherever generation settings are given (block 2,
+# a world's `generation_defaults`): a value that passes here is one the diffusion pipelines can run.
+ImageSide = Annotated[
+    int, Field(ge=8, le=4096, description="pixels, a multiple of 8"), AfterValidator(_multiple_of_8)
+]
+Steps = Annotated[int, Field(ge=1, le=500)]
+Guidance = Annotated[float, Field(ge=0.0, le=50.0)]
 
 
 class GenerationConfig(BaseModel):
@@ -31,19 +46,12 @@ class GenerationConfig(BaseModel):
     pipeline: str = Field("text_to_image", description="name of one of the Creator's pipelines")
     prompt: str = Field(min_length=1, max_length=2000)
     negative_prompt: str = Field("", max_length=2000)
-    width: int = Field(512, ge=8, le=4096, description="pixels, a multiple of 8")
-    height: int = Field(512, ge=8, le=4096, description="pixels, a multiple of 8")
-    steps: int = Field(30, ge=1, le=500)
-    guidance: float = Field(7.5, ge=0.0, le=50.0)
+    width: ImageSide = 512
+    height: ImageSide = 512
+    steps: Steps = 30
+    guidance: Guidance = 7.5
     seed: int | None = Field(None, ge=0, description="None: derived from the world's seed and step")
     count: int = Field(1, ge=1, le=16, description="how many artifacts to generate")
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8, got {value}")
-        return value
 
 
 class ArtifactRef(BaseModel):

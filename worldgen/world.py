@@ -20,8 +20,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from worldgen.config import SCHEMA_VERSION, check_schema, load_config_file, resolve_refs
 from worldgen.engine import Problem, _check_executor
 from worldgen.errors import ConfigError, ExecutionError, GraphError, WorldgenError, format_validation_error
+from worldgen.limits import LimitExceeded, Limits, applying, time_limit, within
 from worldgen.stage import CYCLE, Stage, build_item
-from worldgen.state import GenerationConfig, Progress, WorldContent, WorldState
+from worldgen.state import (
+    GenerationConfig,
+    Guidance,
+    ImageSide,
+    Progress,
+    Steps,
+    WorldContent,
+    WorldState,
+)
 from worldgen.storage import WorldDamagedError, WorldStorage
 
 log = logging.getLogger("worldgen.world")
@@ -38,14 +47,15 @@ class InitialWorld(BaseModel):
 
 
 class GenerationDefaults(BaseModel):
-    """Generation settings offered to the Architect (its prompt shows them)."""
+    """Generation settings offered to the Architect (its prompt shows them); validated as block 2 is, so a
+    world never starts with defaults its Creator cannot run."""
 
     model_config = ConfigDict(extra="forbid")
 
-    width: int = 512
-    height: int = 512
-    steps: int = 30
-    guidance: float = 7.5
+    width: ImageSide = 512
+    height: ImageSide = 512
+    steps: Steps = 30
+    guidance: Guidance = 7.5
 
 
 class WorldSettings(BaseModel):
@@ -88,7 +98,12 @@ StageCallback = Callable[[str, str, int], None]  # (role, "ran" | "skipped", ste
 
 
 class World:
-    """One world: settings, six stages, content, the in-flight state, and its directory."""
+    """One world: settings, six stages, content, the in-flight state, and its directory.
+
+    `limits` are a server's budgets (worldgen.limits): the generation settings it accepts (the config's
+    defaults, the Architect's block 2, a user's block 2) and the wall time of one stage. None (the CLI, the
+    Python API: the config's author runs it) means no budget.
+    """
 
     def __init__(
         self,
@@ -96,8 +111,10 @@ class World:
         stages: dict[str, Stage],
         directory: str | Path,
         config: Mapping[str, Any],
+        limits: Limits | None = None,
     ):
         self.settings = settings
+        self.limits = limits
         self.stages = stages
         # as stored (`stored_config`): `${env:...}` stays a reference, so no secret is saved
         self.config = dict(config)
@@ -111,7 +128,11 @@ class World:
     # ---- construction ----------------------------------------------------------------------------------
     @classmethod
     def from_config(
-        cls, config: Mapping[str, Any] | str | Path, directory: str | Path | None = None
+        cls,
+        config: Mapping[str, Any] | str | Path,
+        directory: str | Path | None = None,
+        *,
+        limits: Limits | None = None,
     ) -> World:
         """Build a world from its YAML (or mapping); its directory defaults to `worlds/<name>`.
 
@@ -120,21 +141,26 @@ class World:
         """
         config, file, base = _source(config)
         check_schema(config, "world", file=file)
-        world = cls._build(config, file, base, directory)
+        world = cls._build(config, file, base, directory, limits)
         # the atomic claim: of concurrent creates in one directory exactly one starts the world; a different
         # world there raises WorldExistsError
         if not world.storage.create(world.config):
-            return cls.load(world.storage.root)
+            return cls.load(world.storage.root, limits=limits)
         world._start()
         world.created = True
         return world
 
     @classmethod
     def _build(
-        cls, config: dict[str, Any], file: str | None, base: Path, directory: str | Path | None
+        cls,
+        config: dict[str, Any],
+        file: str | None,
+        base: Path,
+        directory: str | Path | None,
+        limits: Limits | None = None,
     ) -> World:
         if "base" in config:
-            return cls._build_custom(config, file, base, directory)
+            return cls._build_custom(config, file, base, directory, limits)
         try:
             settings = WorldSettings.model_validate(config)
             _check_executor(settings.executor)
@@ -142,6 +168,15 @@ class World:
             raise ConfigError(format_validation_error(err), file=file) from None
         except GraphError as err:
             raise ConfigError(str(err), file=file, path="executor") from None
+        if limits is not None:  # before any stage is built (and any model loaded)
+            defaults = settings.generation_defaults
+            limits.check_generation(
+                width=defaults.width,
+                height=defaults.height,
+                steps=defaults.steps,
+                path="generation_defaults",
+                file=file,
+            )
         prompts = None
         if settings.prompts:
             from worldgen.prompts import set_prompt_dirs
@@ -167,13 +202,18 @@ class World:
             except WorldgenError as err:
                 raise ConfigError(str(err), file=file, path=f"stages.{role}") from None
         directory = Path(directory) if directory is not None else Path("worlds") / settings.name
-        world = cls(settings, stages, directory, config)
+        world = cls(settings, stages, directory, config, limits)
         world.prompts_dir = prompts
         return world
 
     @classmethod
     def _build_custom(
-        cls, config: dict[str, Any], file: str | None, base: Path, directory: str | Path | None
+        cls,
+        config: dict[str, Any],
+        file: str | None,
+        base: Path,
+        directory: str | Path | None,
+        limits: Limits | None,
     ) -> World:
         """A custom (LoRA) world: `base:` a world directory or config file, `adapters:` the folder of its
         trained adapters (worldgen/lora.py); any other top-level key (name, seed, initial_world, ...) overrides
@@ -191,7 +231,7 @@ class World:
                 "the base world is itself a custom world: name its base", file=file, path="base"
             )
         overrides = {k: v for k, v in config.items() if k not in ("base", "adapters")}
-        world = cls._build({**base_config, **overrides}, str(base_file), base_file.parent, directory)
+        world = cls._build({**base_config, **overrides}, str(base_file), base_file.parent, directory, limits)
         try:
             use_adapters(world, adapters)
         except ConfigError as err:
@@ -200,24 +240,26 @@ class World:
         return world
 
     @classmethod
-    def from_template(cls, name: str, directory: str | Path | None = None, **params: Any) -> World:
+    def from_template(
+        cls, name: str, directory: str | Path | None = None, *, limits: Limits | None = None, **params: Any
+    ) -> World:
         """A world from a registered world template (a function returning a world config)."""
         from worldgen.templates import build_template
 
         config = build_template(name, **params)
         if not isinstance(config, Mapping) or config.get("kind") != "world":
             raise GraphError(f"template '{name}' does not build a world")
-        return cls.from_config(config, directory)
+        return cls.from_config(config, directory, limits=limits)
 
     @classmethod
-    def check(cls, config: Mapping[str, Any] | str | Path) -> World:
+    def check(cls, config: Mapping[str, Any] | str | Path, *, limits: Limits | None = None) -> World:
         """Build a world from its config without creating or touching its directory (for validation)."""
         config, file, base = _source(config)
         check_schema(config, "world", file=file)
-        return cls._build(config, file, base, None)
+        return cls._build(config, file, base, None, limits)
 
     @classmethod
-    def load(cls, directory: str | Path) -> World:
+    def load(cls, directory: str | Path, *, limits: Limits | None = None) -> World:
         """Continue a world from its directory: config, content, in-flight state (and trained weights)."""
         from worldgen.checkpoint import load_weights
 
@@ -229,7 +271,7 @@ class World:
         damage = [d for d in storage.check() if not d.repairable]  # named here, not steps later
         if damage:
             raise WorldDamagedError(storage.root, damage)
-        world = cls._build(storage.load_config(), str(storage.config_path), storage.root, directory)
+        world = cls._build(storage.load_config(), str(storage.config_path), storage.root, directory, limits)
         world.content = storage.load_content() or world.content
         world.progress = storage.load_progress() or world.progress
         if storage.checkpoints_dir.exists():
@@ -314,6 +356,7 @@ class World:
             p.ran, p.skipped, p.episode = [], [], None
             if state is not None:
                 given = WorldState.from_blocks(state)
+                self._check_generation(given.generation, path="state.generation")
                 if given.id != p.state.id:
                     self.storage.discard_artifacts(p.state.id)  # the state it replaces will never be saved
                 p.state, p.state_action = self._adopt(given), None
@@ -322,7 +365,11 @@ class World:
             stage = self.stages[role]
             ran = role == "development" or stage.should_run(p.state)
             if ran:
-                self._run(role, stage)
+                # A stage past its wall time fails (DeadlineExceeded) before anything of it is persisted, so
+                # the next step runs it again from the last persisted point.
+                seconds = self.limits.stage_seconds if self.limits is not None else None
+                with applying(self.limits), within(time_limit(seconds, "the stage")):
+                    self._run(role, stage)
                 p.ran.append(role)
             else:
                 if role == "world_update" and p.state.filled():  # incomplete: the state is dropped
@@ -433,8 +480,20 @@ class World:
             raise ExecutionError(
                 f"stage 'architect': invalid generation config: {format_validation_error(err)}"
             ) from None
+        try:
+            self._check_generation(config)
+        except LimitExceeded as err:
+            err.args = (f"stage 'architect': block 2: {err}",)  # keep the type (and the limit); say where
+            raise
         self.stages["creator"].selected(WorldState(generation=config))  # the pipeline must exist
         return config
+
+    def _check_generation(self, config: GenerationConfig | None, path: str | None = None) -> None:
+        """Block 2 within the world's limits (checked before the Creator runs anything)."""
+        if self.limits is not None and config is not None:
+            self.limits.check_generation(
+                width=config.width, height=config.height, steps=config.steps, count=config.count, path=path
+            )
 
     def _create(self, stage: Stage) -> list:
         import torch

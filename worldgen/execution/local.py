@@ -9,6 +9,7 @@ from worldgen.block import Block
 from worldgen.engine import Engine, Loop, gather_inputs
 from worldgen.errors import ExecutionError, GraphError, WorldgenError, did_you_mean
 from worldgen.execution.callbacks import RunCallback
+from worldgen.limits import check_deadline
 
 
 def check_inputs(engine: Engine, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -69,10 +70,14 @@ def loop_iterations(
 def call_node(
     engine: Engine, node_id: str, kwargs: dict[str, Any], iteration: int | None, run_options: dict[str, Any]
 ) -> dict[str, Any]:
-    """Call one node's item (a block, or a whole graph in a pipeline), naming the node in any failure."""
+    """Call one node's item (a block, or a whole graph in a pipeline), naming the node in any failure.
+
+    A run under a deadline (worldgen.limits) stops here, before the next node call or loop iteration, once
+    the deadline has passed (cooperative: a call already running is not interrupted)."""
     item = engine.item(node_id)
     where = f"node '{node_id}'" + (f" (loop iteration {iteration})" if iteration is not None else "")
     try:
+        check_deadline()
         outputs = run_local(item, kwargs, **run_options) if isinstance(item, Engine) else item(**kwargs)
     except WorldgenError as err:
         err.args = (f"{where}: {err}",)  # keep the error's type; say where it happened

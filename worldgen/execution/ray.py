@@ -3,10 +3,15 @@ travel as ObjectRefs (so independent nodes run in parallel), and pipelines unfol
 chained by ObjectRefs. A loop whose models all live on one host runs there as a single call (loop fusion).
 
 Same seed → same result as the local executor: random state travels on `rng` ports, never in a process.
+
+A run under a deadline (worldgen.limits, e.g. a world stage's `stage_seconds`) waits for Ray at most until it,
+hands it to fused loops on model hosts (which stop on their own between iterations), and on any failure
+cancels what it submitted, so no task or queued host call works on for a run that has ended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
@@ -22,6 +27,7 @@ from worldgen.errors import ExecutionError, WorldgenError
 from worldgen.execution.callbacks import RunCallback
 from worldgen.execution.local import call_in_port_order, check_inputs, loop_iterations
 from worldgen.graph import Graph
+from worldgen.limits import check_deadline, current_deadline
 from worldgen.ports import AGGREGATORS, Aggregation
 
 
@@ -29,6 +35,22 @@ def ensure_ray(address: str | None = None) -> None:
     """Connect to Ray once: `address` (or RAY_ADDRESS), else start a local instance."""
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="warning")
+
+
+# Past a deadline, how long to wait for work that stops on its own: a fused loop on a host then reports the
+# node and iteration it stopped at, which says more than "the wait timed out".
+_GRACE_SECONDS = 1.0
+
+
+def _get(refs: Any) -> Any:
+    """`ray.get`, waiting no longer than the run's deadline (plus the grace); past it, DeadlineExceeded."""
+    deadline = current_deadline()
+    if deadline is None:
+        return ray.get(refs)
+    try:
+        return ray.get(refs, timeout=max(deadline.remaining(), 0.0) + _GRACE_SECONDS)
+    except ray.exceptions.GetTimeoutError:
+        raise deadline.exceeded() from None
 
 
 # ---- tasks -------------------------------------------------------------------------------------------
@@ -124,6 +146,7 @@ class _Run:
             else:
                 n = self.loop_count(engine, step.loop, values, inputs)
                 for i in range(n):
+                    check_deadline()  # a long loop takes a while to submit
                     for node_id in step.loop.order:
                         kwargs = self.gather(engine, node_id, values, inputs, loop=step.loop, iteration=i)
                         values[node_id] = self.submit_block(node_id, engine.item(node_id), kwargs)
@@ -146,13 +169,22 @@ class _Run:
         key = hashlib.sha1(repr(sub.to_config()).encode()).hexdigest()
         ports = tuple(leaving)
         ref = host.run_subgraph.options(num_returns=len(ports)).remote(
-            key, sub, ports, self.seed, self.iterations, **_resolve_local(kwargs)
+            key, sub, ports, self.seed, self.iterations, current_deadline(), **_resolve_local(kwargs)
         )
         refs = [ref] if len(ports) == 1 else list(ref)
         for name, out in zip(ports, refs, strict=True):
             node, port = leaving[name]
             values.setdefault(node, {})[port] = out
         self.submitted.append(_Submitted(loop.order[-1], None, dict(zip(ports, refs, strict=True))))
+
+    def cancel(self) -> None:
+        """Cancel every task and queued host call of this run (best effort: done ones are unaffected, and a
+        host call already running finishes, or stops at its deadline)."""
+        for item in self.submitted:
+            for ref in item.refs.values():
+                if isinstance(ref, ray.ObjectRef):
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref)
 
 
 def _resolve_local(kwargs: dict[str, Any], fetch: bool = False) -> dict[str, Any]:
@@ -161,9 +193,9 @@ def _resolve_local(kwargs: dict[str, Any], fetch: bool = False) -> dict[str, Any
     out = {}
     for k, v in kwargs.items():
         if isinstance(v, _Gather):
-            v = AGGREGATORS[v.policy](ray.get(list(v.refs)))
+            v = AGGREGATORS[v.policy](_get(list(v.refs)))
         elif fetch and isinstance(v, ray.ObjectRef):
-            v = ray.get(v)
+            v = _get(v)
         out[k] = v
     return out
 
@@ -200,13 +232,16 @@ def run_ray(
     run = _Run(seed, iterations, fuse_loops)
     callbacks = list(callbacks)
     try:
-        outputs = run.submit(engine, dict(inputs or {}))
-        for item in run.submitted if callbacks else ():
-            pending = [r for r in item.refs.values() if isinstance(r, ray.ObjectRef)]
-            ray.wait(pending, num_returns=len(pending))
-            for cb in callbacks:
-                cb.on_node_end(item.node_id, item.iteration, item.refs)
-        values = [ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in outputs.values()]
+        try:
+            outputs = run.submit(engine, dict(inputs or {}))
+            for item in run.submitted if callbacks else ():
+                _get([r for r in item.refs.values() if isinstance(r, ray.ObjectRef)])
+                for cb in callbacks:
+                    cb.on_node_end(item.node_id, item.iteration, item.refs)
+            values = [_get(v) if isinstance(v, ray.ObjectRef) else v for v in outputs.values()]
+        except BaseException:
+            run.cancel()  # nothing of a failed (or timed-out, or interrupted) run keeps working
+            raise
     except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as err:
         forget_host()  # the next run looks hosts up again (Ray restarts them, or a new one is created)
         actor = getattr(err, "actor_id", None) or "?"
