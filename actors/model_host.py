@@ -99,10 +99,20 @@ class ModelHost:
             self._blocks[key] = block
         return self._blocks[key]
 
-    def call(self, block: Block, node_id: str, ports: tuple[str, ...], **inputs: Any) -> Any:
-        """Run one block; returns its outputs in `ports` order (one value when there is one port)."""
+    def call(
+        self,
+        block: Block,
+        node_id: str,
+        ports: tuple[str, ...],
+        deadline: Deadline | None = None,
+        **inputs: Any,
+    ) -> Any:
+        """Run one block; returns its outputs in `ports` order (one value when there is one port). A call
+        queued past the caller's `deadline` fails at once instead of running for a run that has ended."""
         from worldgen.execution.local import call_in_port_order
 
+        if deadline is not None:
+            deadline.check()
         self.calls += 1
         return call_in_port_order(self._bind(block), node_id, ports, inputs, " on its model host")
 

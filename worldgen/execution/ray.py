@@ -5,13 +5,14 @@ chained by ObjectRefs. A loop whose models all live on one host runs there as a 
 Same seed → same result as the local executor: random state travels on `rng` ports, never in a process.
 
 A run under a deadline (worldgen.limits, e.g. a world stage's `stage_seconds`) waits for Ray at most until it,
-hands it to fused loops on model hosts (which stop on their own between iterations), and on any failure
-cancels what it submitted, so no task or queued host call works on for a run that has ended.
+and hands it to every task and host call it submits: one that starts past it fails at once (and so does all
+that depends on it), a fused loop on a model host stops between iterations. Nothing is `ray.cancel`led:
+cancelling a chain of tasks while they complete crashes the driver's core worker in Ray 2.60 ("Tried to
+complete task that was not pending"), and work that checks the deadline itself stops as soon.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
@@ -27,7 +28,7 @@ from worldgen.errors import ExecutionError, WorldgenError
 from worldgen.execution.callbacks import RunCallback
 from worldgen.execution.local import call_in_port_order, check_inputs, loop_iterations
 from worldgen.graph import Graph
-from worldgen.limits import check_deadline, current_deadline
+from worldgen.limits import Deadline, check_deadline, current_deadline
 from worldgen.ports import AGGREGATORS, Aggregation
 
 
@@ -66,10 +67,15 @@ class _Gather:
 
 
 @ray.remote
-def _run_block(call: tuple[Block, str, tuple[str, ...], dict[str, Any]], **upstream: Any) -> Any:
-    """`call` = (block, node id, output ports, plain inputs) in one argument (each task argument costs a
-    serialisation of its own); inputs that are ObjectRefs come as `upstream`, resolved by Ray before the call."""
-    block, node_id, ports, inputs = call
+def _run_block(
+    call: tuple[Block, str, tuple[str, ...], dict[str, Any], Deadline | None], **upstream: Any
+) -> Any:
+    """`call` = (block, node id, output ports, plain inputs, the run's deadline) in one argument (each task
+    argument costs a serialisation of its own); inputs that are ObjectRefs come as `upstream`, resolved by Ray
+    before the call."""
+    block, node_id, ports, inputs, deadline = call
+    if deadline is not None:
+        deadline.check()  # the run has ended: fail fast, and so does every task waiting on this one
     # One instance per block behaviour per worker process: what a block caches (a scheduler config) stays.
     block = _worker_blocks.setdefault(block_key(block), block)
     return call_in_port_order(block, node_id, ports, _resolve_local(inputs | upstream))
@@ -113,7 +119,7 @@ class _Run:
             ref = (
                 host_for(block)
                 .call.options(num_returns=len(ports))
-                .remote(block, node_id, ports, **_resolve_local(kwargs))
+                .remote(block, node_id, ports, current_deadline(), **_resolve_local(kwargs))
             )
         elif block.inline:  # cheaper than a task: run here on the (fetched) inputs; outputs stay plain values
             ref = call_in_port_order(block, node_id, ports, _resolve_local(kwargs, fetch=True))
@@ -121,7 +127,7 @@ class _Run:
             upstream = {k: v for k, v in kwargs.items() if isinstance(v, ray.ObjectRef)}
             plain = {k: v for k, v in kwargs.items() if k not in upstream}
             ref = _run_block.options(num_returns=len(ports)).remote(
-                (block, node_id, ports, plain), **upstream
+                (block, node_id, ports, plain, current_deadline()), **upstream
             )
         refs = [ref] if len(ports) == 1 else list(ref)
         return dict(zip(ports, refs, strict=True))
@@ -177,15 +183,6 @@ class _Run:
             values.setdefault(node, {})[port] = out
         self.submitted.append(_Submitted(loop.order[-1], None, dict(zip(ports, refs, strict=True))))
 
-    def cancel(self) -> None:
-        """Cancel every task and queued host call of this run (best effort: done ones are unaffected, and a
-        host call already running finishes, or stops at its deadline)."""
-        for item in self.submitted:
-            for ref in item.refs.values():
-                if isinstance(ref, ray.ObjectRef):
-                    with contextlib.suppress(Exception):
-                        ray.cancel(ref)
-
 
 def _resolve_local(kwargs: dict[str, Any], fetch: bool = False) -> dict[str, Any]:
     """Aggregated refs resolved and combined (inside a task, or here before an actor call); `fetch` also gets
@@ -232,16 +229,12 @@ def run_ray(
     run = _Run(seed, iterations, fuse_loops)
     callbacks = list(callbacks)
     try:
-        try:
-            outputs = run.submit(engine, dict(inputs or {}))
-            for item in run.submitted if callbacks else ():
-                _get([r for r in item.refs.values() if isinstance(r, ray.ObjectRef)])
-                for cb in callbacks:
-                    cb.on_node_end(item.node_id, item.iteration, item.refs)
-            values = [_get(v) if isinstance(v, ray.ObjectRef) else v for v in outputs.values()]
-        except BaseException:
-            run.cancel()  # nothing of a failed (or timed-out, or interrupted) run keeps working
-            raise
+        outputs = run.submit(engine, dict(inputs or {}))
+        for item in run.submitted if callbacks else ():
+            _get([r for r in item.refs.values() if isinstance(r, ray.ObjectRef)])
+            for cb in callbacks:
+                cb.on_node_end(item.node_id, item.iteration, item.refs)
+        values = [_get(v) if isinstance(v, ray.ObjectRef) else v for v in outputs.values()]
     except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as err:
         forget_host()  # the next run looks hosts up again (Ray restarts them, or a new one is created)
         actor = getattr(err, "actor_id", None) or "?"
