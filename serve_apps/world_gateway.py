@@ -59,7 +59,7 @@ from actors.world_driver import (
 from serve_apps.auth import token_digest
 from serve_apps.guard import BearerAuth, BodyLimit
 from worldgen.errors import ConfigError, WorldgenError, format_validation_error
-from worldgen.limits import DeadlineExceeded, LimitExceeded, Limits
+from worldgen.limits import DeadlineExceeded, Limits
 from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
 from worldgen.trust import TrustPolicy, admit_config
 
@@ -165,12 +165,11 @@ _SSE_EVENT = {
 # A driver's error -> the answer's status, by type (the first that matches): the client's mistakes are 4xx.
 _STATUS_BY_ERROR: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
     (ArtifactNotFound, 404),
-    (LimitExceeded, 400),  # the world asks for more than the server's budgets (the message names the limit)
     ((WorldDamagedError, WorldExistsError), 409),  # the id holds another world, or a damaged one
-    (
-        DeadlineExceeded,
-        504,
-    ),  # a stage ran past `stage_seconds`: nothing of it is kept, stepping again resumes
+    (DeadlineExceeded, 504),  # a stage ran past `stage_seconds`: nothing of it is kept, stepping again resumes
+    # the world's (posted) config asks for what it may not: over a limit (the message names it), a prompt
+    # template the sandbox stops, a placement no node fits
+    (ConfigError, 400),
     (WorldgenError, 500),
 )
 

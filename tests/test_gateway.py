@@ -12,8 +12,8 @@ import requests
 import yaml
 
 from actors.world_driver import ArtifactNotFound
-from worldgen.errors import ExecutionError
-from worldgen.limits import LimitExceeded
+from worldgen.errors import ConfigError, ExecutionError
+from worldgen.limits import DeadlineExceeded, LimitExceeded
 
 TOKEN = "gateway-test-token"
 PREFIX = "/gateway-test"
@@ -210,6 +210,8 @@ def test_delete_stops_the_driver_and_removes_the_world(gateway):
     [
         (ArtifactNotFound("artifact 'x.png': not found"), 404),
         (LimitExceeded("max_steps", "500 steps is over 100"), 400),
+        (ConfigError("prompt template 'x' tried something the sandbox forbids"), 400),
+        (DeadlineExceeded("stage_seconds", "stage 'creator' ran past its time limit of 1 s"), 504),
         (ExecutionError("node 'unet' failed"), 500),
         (KeyError("surprise"), 500),
     ],

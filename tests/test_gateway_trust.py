@@ -197,3 +197,26 @@ def test_refs_under_a_root_are_stored_resolved_and_survive_a_driver_restart(trus
     assert episode["state"]["outcome"]
     assert client.get("/v1/worlds/included").json()["restarted"] is True
     assert "Told at step 3" in (worlds / "included" / "content.json").read_text()
+
+
+def test_posted_work_is_bounded_before_any_model_runs(trusted):
+    """A template that would build a gigabyte, one that escapes the sandbox, and generation settings over the
+    server's limits: each a 400 naming the limit or the rule, and the world stays usable."""
+    client = trusted["client"]
+    big = small_world()
+    big["generation_defaults"] |= {"width": 4096, "height": 4096}  # valid for block 2, over max_image_side
+    refused = create(client, big, "huge")
+    assert refused.status_code == 400 and "max_image_side" in refused.json()["detail"], refused.text
+    assert not (trusted["worlds"] / "huge").exists()
+
+    for world_id, template in [
+        ("bomb", "{{ 'x' * 10**9 }}"),
+        ("escape", "{{ ''.__class__.__mro__[1].__subclasses__() }}"),
+    ]:
+        config = small_world()
+        config["stages"]["development"]["nodes"]["llm"]["config"]["template"] = template
+        assert create(client, config, world_id).status_code == 201
+        step = client.post(f"/v1/worlds/{world_id}/step")
+        assert step.status_code == 400, step.text
+        assert ("template_chars" if world_id == "bomb" else "sandbox") in step.json()["detail"]
+        assert client.get(f"/v1/worlds/{world_id}").json()["step"] == 0  # nothing of the step was kept

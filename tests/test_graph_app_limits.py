@@ -162,7 +162,7 @@ def test_a_body_over_max_body_bytes_gets_413(url):
     body = json.dumps({"inputs": {**INPUTS, "prompt": "x" * MAX_BODY}}).encode()
     status, answer = run(url, raw=body)
     assert status == 413
-    assert answer == {"detail": f"request body larger than {MAX_BODY} bytes"}
+    assert answer == {"detail": f"request body larger than {MAX_BODY} bytes (limit 'max_body_bytes')"}
 
 
 # ---- auth ----------------------------------------------------------------------------------------------
