@@ -57,7 +57,7 @@ from actors.world_driver import (
     name_slug,
 )
 from serve_apps.auth import token_digest
-from serve_apps.guard import BearerAuth, BodyLimit
+from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
 from worldgen.errors import ConfigError, WorldgenError, format_validation_error
 from worldgen.limits import DeadlineExceeded, Limits
 from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
@@ -100,7 +100,7 @@ class GatewaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     root: str = Field("worlds", description="folder holding one directory per world")
     token_env: str = Field("WORLDGEN_API_TOKEN", description="env var with the bearer token (unset: no auth)")
-    max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="larger request bodies get 413")
     page_limit: int = Field(100, gt=0, description="the most episodes one page may ask for")
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(200, ge=1, description="per replica (a streamed step holds one)")
@@ -166,7 +166,10 @@ _SSE_EVENT = {
 _STATUS_BY_ERROR: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
     (ArtifactNotFound, 404),
     ((WorldDamagedError, WorldExistsError), 409),  # the id holds another world, or a damaged one
-    (DeadlineExceeded, 504),  # a stage ran past `stage_seconds`: nothing of it is kept, stepping again resumes
+    (
+        DeadlineExceeded,
+        504,
+    ),  # a stage ran past `stage_seconds`: nothing of it is kept, stepping again resumes
     # the world's (posted) config asks for what it may not: over a limit (the message names it), a prompt
     # template the sandbox stops, a placement no node fits
     (ConfigError, 400),
