@@ -20,36 +20,128 @@ The Creator holds one pipeline per name; block 2's `pipeline` field picks the on
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum
+from typing import Any, Literal
 
 from worldgen.engine import Engine, Problem
 from worldgen.errors import ConfigError, GraphError, did_you_mean
 from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
-from worldgen.state import WorldState
+from worldgen.state import BLOCKS, WorldState
+
+
+class Schema(Enum):
+    """What a stage's output holds, and so how the world stores it (worldgen.world reads it by this)."""
+
+    TEXT = "text"  # a string: a text block (1, 4, 5), or the world's new story
+    GENERATION_CONFIG = "generation config"  # a mapping, validated as state.GenerationConfig (block 2)
+    IMAGES = "images"  # image tensors, one run of the selected pipeline each, saved as artifacts (block 3)
+
+
+# The examples a role's episodes give (worldgen.training): "chat" an llm/transformers block's messages and the
+# block it wrote; "caption" block 3's images and block 4 per image (a vlm/transformers block); "denoising"
+# block 2's prompt and block 3's images (a diffusion backbone).
+TrainedAs = Literal["chat", "caption", "denoising"]
 
 
 @dataclass(frozen=True)
 class Contract:
-    """What a role reads and writes (`writes` None: the stage changes the world's content, not the state)."""
+    """A role's behaviour in the cycle, as data: the world, the stage and training read these fields and
+    never compare role names.
+
+    reads             the blocks that must be filled for it to run
+    writes            the block it fills (None: it changes the world's content, not the state)
+    output            the stage output that carries what it writes
+    output_schema     what that output holds (Schema), so how the world stores it
+    always_runs       it runs on every step, whatever the state holds (else the execution rule decides)
+    receives_action   the user's Action is in its context (no other role sees it)
+    starts_state      what it writes begins a new state, which records the action it was started with
+    selects_pipeline  block 2's `pipeline` picks the one of its pipelines that runs (else all run, wired)
+    saves_episode     it saves the complete state as an episode; skipped, it drops an incomplete state
+    trained_as        the examples its episodes give to training (TrainedAs); empty: it is not trained
+    """
 
     reads: frozenset[int]
     writes: int | None
-    output: str  # the stage output that carries what it writes
+    output: str
+    output_schema: Schema
+    always_runs: bool = False
+    receives_action: bool = False
+    starts_state: bool = False
+    selects_pipeline: bool = False
+    saves_episode: bool = False
+    trained_as: frozenset[TrainedAs] = frozenset()
+
+    @property
+    def sees(self) -> frozenset[int]:
+        """The blocks the state holds when this role runs: a state fills in block order, so every block before
+        the one it writes (all of them for a role that writes none)."""
+        return frozenset(range(1, self.writes)) if self.writes is not None else frozenset(BLOCKS)
 
 
-# The canon's cycle order and contracts (DESIGN.md §2.3).
+# The canon's cycle order and contracts (DESIGN.md §2.3): each role's behaviour in one table.
 CYCLE = ("philosopher", "author", "world_update", "development", "architect", "creator")
 CONTRACTS: dict[str, Contract] = {
-    "philosopher": Contract(frozenset({1, 2, 3}), 4, "text"),
-    "author": Contract(frozenset({1, 2, 3, 4}), 5, "text"),
-    "world_update": Contract(frozenset({1, 2, 3, 4, 5}), None, "text"),
-    "development": Contract(frozenset(), 1, "text"),
-    "architect": Contract(frozenset({1}), 2, "data"),
-    "creator": Contract(frozenset({2}), 3, "image"),
+    "philosopher": Contract(
+        reads=frozenset({1, 2, 3}),
+        writes=4,
+        output="text",
+        output_schema=Schema.TEXT,
+        trained_as=frozenset({"chat", "caption"}),
+    ),
+    "author": Contract(
+        reads=frozenset({1, 2, 3, 4}),
+        writes=5,
+        output="text",
+        output_schema=Schema.TEXT,
+        trained_as=frozenset({"chat"}),
+    ),
+    "world_update": Contract(
+        reads=frozenset({1, 2, 3, 4, 5}),
+        writes=None,
+        output="text",
+        output_schema=Schema.TEXT,
+        saves_episode=True,
+    ),
+    "development": Contract(
+        reads=frozenset(),
+        writes=1,
+        output="text",
+        output_schema=Schema.TEXT,
+        always_runs=True,
+        receives_action=True,
+        starts_state=True,
+        trained_as=frozenset({"chat"}),
+    ),
+    "architect": Contract(
+        reads=frozenset({1}),
+        writes=2,
+        output="data",
+        output_schema=Schema.GENERATION_CONFIG,
+        trained_as=frozenset({"chat"}),
+    ),
+    "creator": Contract(
+        reads=frozenset({2}),
+        writes=3,
+        output="image",
+        output_schema=Schema.IMAGES,
+        selects_pipeline=True,
+        trained_as=frozenset({"denoising"}),
+    ),
 }
+
+
+def role_that(test: Callable[[Contract], bool]) -> str:
+    """The one role whose contract passes `test`: how code finds a role by what it does, not by its name
+    (`role_that(lambda c: c.selects_pipeline)` is the Creator)."""
+    found = [role for role in CYCLE if test(CONTRACTS[role])]
+    if len(found) != 1:
+        raise GraphError(
+            f"expected exactly one role to match, found {found or 'none'} (worldgen.stage.CONTRACTS)"
+        )
+    return found[0]
 
 
 class Stage(Pipeline):
@@ -78,10 +170,13 @@ class Stage(Pipeline):
     @property
     def selects(self) -> bool:
         """The Creator runs one of its pipelines, chosen by block 2; other roles run all of theirs."""
-        return self.role == "creator"
+        return self.contract.selects_pipeline
 
     def should_run(self, state: WorldState) -> bool:
-        """The execution rule: the blocks it needs are filled and the block it writes is still empty."""
+        """The execution rule: the blocks it needs are filled and the block it writes is still empty (a role
+        that always runs, Development, runs whatever the state holds)."""
+        if self.contract.always_runs:
+            return True
         filled = state.filled()
         if not self.contract.reads <= filled:
             return False

@@ -21,7 +21,7 @@ from worldgen.config import SCHEMA_VERSION, check_schema, load_config_file, reso
 from worldgen.engine import Problem, _check_executor
 from worldgen.errors import ConfigError, ExecutionError, GraphError, WorldgenError, format_validation_error
 from worldgen.limits import LimitExceeded, Limits, applying, time_limit, within
-from worldgen.stage import CYCLE, Stage, build_item
+from worldgen.stage import CONTRACTS, CYCLE, Schema, Stage, build_item, role_that
 from worldgen.state import (
     GenerationConfig,
     Guidance,
@@ -346,7 +346,7 @@ class World:
                 "a step is in flight (resumed after a stop); finish it with step() before passing a state"
             )
         if in_flight and action is not None:
-            if p.stage_index > CYCLE.index("development"):
+            if p.stage_index > CYCLE.index(role_that(lambda c: c.receives_action)):
                 raise ExecutionError(
                     "a step is in flight past Development; finish it with step() before a new action"
                 )
@@ -363,7 +363,7 @@ class World:
         for index in range(p.stage_index, len(CYCLE)):
             role = CYCLE[index]
             stage = self.stages[role]
-            ran = role == "development" or stage.should_run(p.state)
+            ran = stage.should_run(p.state)
             if ran:
                 # A stage past its wall time fails (DeadlineExceeded) before anything of it is persisted, so
                 # the next step runs it again from the last persisted point.
@@ -372,7 +372,7 @@ class World:
                     self._run(role, stage)
                 p.ran.append(role)
             else:
-                if role == "world_update" and p.state.filled():  # incomplete: the state is dropped
+                if stage.contract.saves_episode and p.state.filled():  # incomplete: the state is dropped
                     self.storage.discard_artifacts(p.state.id)
                     p.state, p.state_action = WorldState(), None
                 p.skipped.append(role)
@@ -428,7 +428,7 @@ class World:
             self.content,
             action=self.progress.action,
             step=self.progress.step + 1,
-            pipelines=list(self.stages["creator"].node_ids),
+            pipelines=list(self.selecting_stage.node_ids),
             defaults=self.settings.generation_defaults.model_dump(),
             seed=self._seed(role),
         )
@@ -455,37 +455,50 @@ class World:
             err.args = (f"stage '{role}': {err}",)  # keep the error's type; say which stage
             raise
 
+    @property
+    def selecting_stage(self) -> Stage:
+        """The stage whose pipeline block 2 selects (the Creator): its pipelines are the names block 2 may ask
+        for."""
+        return self.stages[role_that(lambda c: c.selects_pipeline)]
+
     def _run(self, role: str, stage: Stage) -> None:
+        """Run a stage and put what it made where its contract says."""
         p = self.progress
-        if role == "creator":
-            p.state = p.state.with_block(3, self._create(stage))
-            return
+        contract = stage.contract
+        if contract.output_schema is Schema.IMAGES:
+            value: Any = self._create(role, stage)
+        elif contract.output_schema is Schema.GENERATION_CONFIG:
+            value = self._generation(role, self._output(role, stage))
+        else:
+            value = str(self._output(role, stage))
+        if contract.saves_episode:
+            self._update_world(value)
+        elif contract.starts_state:
+            p.state, p.state_action = WorldState().with_block(contract.writes, value), p.action
+        else:
+            p.state = p.state.with_block(contract.writes, value)
+
+    def _output(self, role: str, stage: Stage) -> Any:
+        """What the stage's contract output holds after one run of the whole stage."""
         output = stage.contract.output
         result = self._call(role, stage, self._seed(role)).get(output)
         if result is None:
             raise ExecutionError(f"stage '{role}' produced no '{output}' output")
-        if role == "development":
-            p.state, p.state_action = WorldState(happening=str(result)), p.action
-        elif role == "architect":
-            p.state = p.state.with_block(2, self._generation(result))
-        elif role == "world_update":
-            self._update_world(str(result))
-        else:
-            p.state = p.state.with_block(stage.contract.writes, str(result))
+        return result
 
-    def _generation(self, data: Any) -> GenerationConfig:
+    def _generation(self, role: str, data: Any) -> GenerationConfig:
         try:
             config = GenerationConfig.model_validate(data)
         except ValidationError as err:
             raise ExecutionError(
-                f"stage 'architect': invalid generation config: {format_validation_error(err)}"
+                f"stage '{role}': invalid generation config: {format_validation_error(err)}"
             ) from None
         try:
             self._check_generation(config)
         except LimitExceeded as err:
-            err.args = (f"stage 'architect': block 2: {err}",)  # keep the type (and the limit); say where
+            err.args = (f"stage '{role}': block 2: {err}",)  # keep the type (and the limit); say where
             raise
-        self.stages["creator"].selected(WorldState(generation=config))  # the pipeline must exist
+        self.selecting_stage.selected(WorldState(generation=config))  # the pipeline must exist
         return config
 
     def _check_generation(self, config: GenerationConfig | None, path: str | None = None) -> None:
@@ -495,13 +508,15 @@ class World:
                 width=config.width, height=config.height, steps=config.steps, count=config.count, path=path
             )
 
-    def _create(self, stage: Stage) -> list:
+    def _create(self, role: str, stage: Stage) -> list:
+        """Block 2's pipeline run once per image asked for (seeds in a row), the images saved as artifacts."""
         import torch
 
         state = self.progress.state
         engine = stage.selected(state)
-        seed = state.generation.seed if state.generation.seed is not None else self._seed("creator")
-        images = [self._call("creator", engine, seed + i)["image"] for i in range(state.generation.count)]
+        seed = state.generation.seed if state.generation.seed is not None else self._seed(role)
+        output = stage.contract.output
+        images = [self._call(role, engine, seed + i)[output] for i in range(state.generation.count)]
         return self.storage.save_artifacts(state.id, torch.cat(images))
 
     def _update_world(self, story: str) -> None:
@@ -586,7 +601,7 @@ def stage_context(
     return {
         "state": blocks,
         "content": content.model_dump(mode="json", exclude={"last_state_id"}),
-        "action": action if role == "development" else None,  # the Action goes only to Development
+        "action": action if CONTRACTS[role].receives_action else None,  # the Action goes only to Development
         "step": step,
         "pipelines": list(pipelines),
         "defaults": dict(defaults),
@@ -624,9 +639,10 @@ def _build_stage(role: str, spec: Mapping[str, Any]) -> Stage:
     if "pipelines" in spec:
         return Stage.from_config({**spec, "kind": "stage", "role": role, "name": spec.get("name", role)})
     stage = Stage(role, role=role)
-    item_id = stage.add_pipeline(build_item(spec), id="main" if role != "creator" else None)
+    # a selecting stage's pipelines are alternatives named by block 2 (so keep the item's own name), not wired
+    item_id = stage.add_pipeline(build_item(spec), id=None if stage.selects else "main")
     item = stage.item(item_id)
-    if role != "creator":
+    if not stage.selects:
         for name in item.exposed_inputs:
             stage.expose_input(name, f"{item_id}.{name}")
         for name in item.exposed_outputs:

@@ -8,9 +8,10 @@
 | philosopher | block 3's images (+ the VLM's prompt), or its messages | block 4 (per image for VLMs) |
 | author      | the messages the Author's LLM got (blocks 1-4 + world) | block 5                      |
 
-Only a role whose stage holds a trainable model block yields examples: an `llm/transformers` block for the text
-roles (a Philosopher may also hold a `vlm/transformers` captioner), a diffusion backbone for the Creator. An
-`llm/template` or `vlm/image_stats` stage has nothing to train; World update is not trained.
+Which roles are trained, and as what, is their contract's `trained_as` (worldgen.stage.CONTRACTS): "chat" an
+`llm/transformers` block, "caption" a `vlm/transformers` captioner (the Philosopher), "denoising" a diffusion
+backbone (the Creator). Only a role whose stage holds such a block yields examples: an `llm/template` or
+`vlm/image_stats` stage has nothing to train; World update is not trained.
 
 The messages are rebuilt the way the world builds them — `worldgen.world.stage_context` and `world_inputs`,
 then the LLM block's own `messages()` — for the state as it stood when the stage ran (Development saw an empty
@@ -40,6 +41,7 @@ import torch
 from worldgen.block import Block
 from worldgen.engine import Engine
 from worldgen.errors import ConfigError
+from worldgen.stage import CONTRACTS, CYCLE, Schema, role_that
 from worldgen.state import WorldContent, WorldState
 from worldgen.training.episodes import Episode
 from worldgen.world import stage_context, stage_seed, world_inputs
@@ -62,16 +64,10 @@ __all__ = [
 ]
 
 Message = dict[str, str]
-TRAINED_ROLES = ("development", "architect", "creator", "philosopher", "author")
-
-# role -> (its step relative to the step World update saved the episode in, blocks it saw, block it wrote)
-_VIEW: dict[str, tuple[int, tuple[int, ...], int]] = {
-    "development": (-1, (), 1),
-    "architect": (-1, (1,), 2),
-    "creator": (-1, (1, 2), 3),
-    "philosopher": (0, (1, 2, 3), 4),
-    "author": (0, (1, 2, 3, 4), 5),
-}
+# The roles whose contract trains them, in the order an episode's blocks were written (development first).
+TRAINED_ROLES = tuple(
+    sorted((r for r in CYCLE if CONTRACTS[r].trained_as), key=lambda r: CONTRACTS[r].writes or 0)
+)
 _NUMBERED = re.compile(r"^Image (\d+): ", re.MULTILINE)
 
 
@@ -162,10 +158,11 @@ def stage_llm(world: Any, role: str) -> tuple[str, Block, list[tuple[Engine, str
     stage holds none. A stage whose output does not come straight from its one trainable block cannot be
     supervised from episodes (what happens in between is not recorded): that is an error, not a skip."""
     stage = world.stages[role]
+    trained_as = stage.contract.trained_as
     found = [
         (p, c, b)
         for p, c, b in _walk(stage)
-        if _is_local_llm(b) or (role == "philosopher" and _is_local_vlm(b))
+        if ("chat" in trained_as and _is_local_llm(b)) or ("caption" in trained_as and _is_local_vlm(b))
     ]
     if not found:
         return None
@@ -267,9 +264,14 @@ def _identity(block: Block) -> Any:
 
 def trainable_roles(world: Any) -> list[str]:
     """The roles of `world` that yield examples (in cycle order)."""
-    creator = world.stages["creator"]
-    diffuses = any(diffusion_blocks(creator.item(n)) is not None for n in creator.node_ids)
-    return [r for r in TRAINED_ROLES if (diffuses if r == "creator" else stage_llm(world, r) is not None)]
+    return [r for r in TRAINED_ROLES if _trainable(world, r)]
+
+
+def _trainable(world: Any, role: str) -> bool:
+    if "denoising" in CONTRACTS[role].trained_as:
+        stage = world.stages[role]
+        return any(diffusion_blocks(stage.item(n)) is not None for n in stage.node_ids)
+    return stage_llm(world, role) is not None
 
 
 # ---- what a stage saw ----------------------------------------------------------------------------------
@@ -285,7 +287,7 @@ def episode_content(world: Any, episodes: Sequence[Episode], index: int) -> Worl
 def _seen_state(world: Any, state: WorldState, role: str) -> WorldState:
     """The state as it stood when `role` ran: only the blocks it saw, block 3 at its in-flight paths."""
     blocks = WorldState(id=state.id)
-    for number in _VIEW[role][1]:
+    for number in sorted(CONTRACTS[role].sees):
         blocks = blocks.with_block(number, state.block(number))
     if blocks.artifacts:
         # where save_artifacts put them while the state was in flight (the episode holds copies)
@@ -302,7 +304,9 @@ def _role_step(episode: Episode, role: str) -> int:
     """The step `role` ran in for this episode; without a recorded step the episode is taken to be the
     world's n-th, saved in step n + 1 (as in a world started empty)."""
     saved = episode.meta.step if episode.meta.step is not None else episode.number + 1
-    return max(1, saved + _VIEW[role][0])
+    # a role after the episode-saving stage in the cycle ran in the step before the one that saved it
+    after_saving = CYCLE.index(role) > CYCLE.index(role_that(lambda c: c.saves_episode))
+    return max(1, saved - 1 if after_saving else saved)
 
 
 def role_context(world: Any, episodes: Sequence[Episode], index: int, role: str) -> dict[str, Any]:
@@ -315,7 +319,7 @@ def role_context(world: Any, episodes: Sequence[Episode], index: int, role: str)
         episode_content(world, episodes, index),
         action=episode.meta.action,
         step=step,
-        pipelines=list(world.stages["creator"].node_ids),
+        pipelines=list(world.selecting_stage.node_ids),
         defaults=world.settings.generation_defaults.model_dump(),
         seed=stage_seed(world.settings.seed, step, role),
     )
@@ -364,16 +368,16 @@ def build_examples(
 
 def role_examples(world: Any, episodes: Sequence[Episode], role: str) -> list[Example]:
     """The examples of one role ([] when its stage has nothing to train, or no episode has its blocks)."""
-    if role == "creator":
-        return [x for episode in episodes for x in _creator_examples(world, episode)]
+    contract = CONTRACTS[role]
+    if "denoising" in contract.trained_as:
+        return [x for episode in episodes for x in _denoising_examples(world, episode, role)]
     found = stage_llm(world, role)
     if found is None:
         return []
     path, block, chain = found
-    _, seen, writes = _VIEW[role]
     out: list[Example] = []
     for index, episode in enumerate(episodes):
-        if not {*seen, writes} <= episode.filled:
+        if not {*contract.sees, contract.writes} <= episode.filled:
             continue
         context = role_context(world, episodes, index, role)
         # (the `images` entry is unused: a text block never sees it, a VLM gets the episode's own images)
@@ -383,14 +387,17 @@ def role_examples(world: Any, episodes: Sequence[Episode], role: str) -> list[Ex
             continue
         inputs = _block_inputs(chain, ("context", "prompt", "system"), available, f"stages.{role}")
         messages = block.messages(dict(inputs["context"] or {}), inputs["prompt"], inputs["system"])
-        out.append(TextExample(role, episode.number, path, messages, _target_text(episode.state, writes)))
+        out.append(TextExample(role, episode.number, path, messages, _target_text(episode.state, role)))
     return out
 
 
-def _target_text(state: WorldState, number: int) -> str:
-    if number == 2:  # the Architect answers with the generation config as JSON
-        return json.dumps(state.generation.model_dump(mode="json"), ensure_ascii=False)
-    return str(state.block(number))
+def _target_text(state: WorldState, role: str) -> str:
+    """What the role's LLM answered, as text: a generation config (the Architect's) as JSON."""
+    contract = CONTRACTS[role]
+    value = state.block(contract.writes)
+    if contract.output_schema is Schema.GENERATION_CONFIG:
+        return json.dumps(value.model_dump(mode="json"), ensure_ascii=False)
+    return str(value)
 
 
 def _caption_examples(
@@ -423,13 +430,13 @@ def _per_image(episode: Episode, count: int) -> list[str]:
     return [text[m.end() : end].strip() for m, end in zip(marks, ends, strict=True)]
 
 
-def _creator_examples(world: Any, episode: Episode) -> list[ImageExample]:
+def _denoising_examples(world: Any, episode: Episode, role: str) -> list[ImageExample]:
     state = episode.state
-    if not {2, 3} <= episode.filled or not episode.images:
+    contract = CONTRACTS[role]
+    if not {*contract.reads, contract.writes} <= episode.filled or not episode.images:
         return []
-    creator = world.stages["creator"]
     try:
-        engine = creator.selected(state)
+        engine = world.stages[role].selected(state)
     except ConfigError as err:
         raise ConfigError(
             err.detail, file=str(episode.folder / "state.json"), path="generation.pipeline"
@@ -439,7 +446,7 @@ def _creator_examples(world: Any, episode: Episode) -> list[ImageExample]:
     g = state.generation
     return [
         ImageExample(
-            "creator",
+            role,
             episode.number,
             g.pipeline,
             g.prompt,

@@ -198,10 +198,10 @@ def caption_loss(block: Block, image: torch.Tensor, target: str) -> torch.Tensor
 
 # ---- by example ----------------------------------------------------------------------------------------
 def _creator_blocks(world: Any, pipeline: str) -> DiffusionBlocks:
-    creator = world.stages["creator"]
+    creator = world.selecting_stage  # the stage whose pipelines block 2 names
     if pipeline not in creator.node_ids:
         raise ConfigError(f"this world's creator has no pipeline '{pipeline}'")
-    blocks = diffusion_blocks(creator.item(pipeline), f"creator.{pipeline}.")
+    blocks = diffusion_blocks(creator.item(pipeline), f"{creator.role}.{pipeline}.")
     if blocks is None:
         raise ConfigError(f"the creator's pipeline '{pipeline}' has no diffusion backbone to train")
     return blocks
