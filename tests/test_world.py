@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,10 @@ import worldgen as wg
 from tests.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
 from tests.test_llm_server import direct_generation, llm_server, server_report
 from worldgen.config import load_config_file
+from worldgen.stage import CONTRACTS
+from worldgen.state import WorldContent, WorldState
 from worldgen.storage import WorldDamagedError, WorldStorage
-from worldgen.world import World
+from worldgen.world import World, stage_context
 
 DEFAULT = Path(__file__).parents[1] / "configs" / "worlds" / "default.yaml"
 EXAMPLES = sorted((Path(__file__).parents[1] / "configs" / "worlds").glob("*.yaml"))
@@ -142,6 +145,26 @@ def test_action_goes_only_to_development(tmp_path):
     assert episode.outcome == "author sees action=None"
     # the episode records the action its happening was developed from (step 1's), not the saving step's
     assert meta["action"] == "open the gate" and world.storage.load_progress().step == 2
+
+
+def test_the_action_goes_where_the_contracts_say(tmp_path, monkeypatch):
+    """Who hears the user's action is a contract field, not a role name: moved to the Author, the Author's
+    text shows it and Development's does not."""
+    monkeypatch.setitem(CONTRACTS, "development", replace(CONTRACTS["development"], receives_action=False))
+    monkeypatch.setitem(CONTRACTS, "author", replace(CONTRACTS["author"], receives_action=True))
+    config = fast_config()
+    for role in ["author", "development"]:
+        config["stages"][role]["nodes"]["llm"]["config"]["template"] = f"{role} sees action={{{{ action }}}}"
+    world = World.from_config(config, directory=tmp_path / "w")
+    world.step(action="open the gate")
+    assert world.state.happening == "development sees action=None"
+    world.step(action="close it")
+    episode, _ = world.storage.load_episode(1)
+    assert episode.outcome == "author sees action=close it"
+    context = stage_context(
+        "author", WorldState(), WorldContent(), action="a", step=1, pipelines=[], defaults={}, seed=0
+    )
+    assert context["action"] == "a"  # training rebuilds the same context (worldgen.training)
 
 
 def test_world_resumes_after_a_failed_stage_without_losing_or_repeating(tmp_path, monkeypatch):
