@@ -1,7 +1,9 @@
 """Stage: a role in the world cycle — a DAG of pipelines (or graphs) plus a contract on the world state.
 
-The contract is fixed by the role (DESIGN.md §2.3): which state blocks the stage needs, which it writes, and
-so when it runs. The stage talks to the world through exposed ports with standard names:
+The contract is fixed by the role (DESIGN.md §2.3, the CONTRACTS table below): which state blocks the stage
+needs, which it writes, and so when it runs; what its output holds; whether it always runs, hears the action,
+starts a state, selects a pipeline or saves the episode; how training learns it. The world, the stage and
+training read those fields; nothing compares role names. The stage talks to the world through exposed ports with standard names:
 
 | stage input      | fed with                                                              |
 |------------------|-----------------------------------------------------------------------|
