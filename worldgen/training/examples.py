@@ -416,7 +416,7 @@ def _per_image(episode: Episode, count: int) -> list[str]:
         raise ConfigError(
             f"block 4 must describe the episode's {count} image(s) as 'Image 1: ...', 'Image 2: ...' lines "
             f"(one per image, in order); found {numbers or 'none'}",
-            file=str(episode.folder / "state.json"),
+            file=str(episode.state_path),
             path="description",
         )
     ends = [m.start() for m in marks[1:]] + [len(text)]
@@ -431,9 +431,7 @@ def _creator_examples(world: Any, episode: Episode) -> list[ImageExample]:
     try:
         engine = creator.selected(state)
     except ConfigError as err:
-        raise ConfigError(
-            err.detail, file=str(episode.folder / "state.json"), path="generation.pipeline"
-        ) from None
+        raise ConfigError(err.detail, file=str(episode.state_path), path="generation.pipeline") from None
     if diffusion_blocks(engine) is None:
         return []
     g = state.generation
