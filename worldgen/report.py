@@ -88,20 +88,13 @@ def _episode_html(number: int, state: WorldState, meta: EpisodeMeta, link: Link)
             for k, v in state.generation.model_dump().items()
         )
         out.append(_block_html(2, f'<table class="generation">{rows}</table>'))
-    figures = []
-    for i, ref in enumerate(state.artifacts or [], 1):
-        target = link(ref)
-        if target is None:
-            figures.append(f'<p class="missing">missing artifact: {e(ref.path)}</p>')
-        elif ref.kind == "image":
-            small = ' class="small"' if (ref.width or 999) < 128 else ""
-            size = f' width="{ref.width}" height="{ref.height}"' if ref.width and ref.height else ""
-            figures.append(
-                f'<figure><a href="{e(target)}"><img src="{e(target)}" alt="episode {number}, image {i}"'
-                f'{size}{small} loading="lazy"></a><figcaption>{i}</figcaption></figure>'
-            )
-        else:
-            figures.append(f'<p><a href="{e(target)}">{e(ref.kind)} {i}</a></p>')
+    figures = _shown_artifacts(
+        state,
+        link,
+        missing=lambda ref: f'<p class="missing">missing artifact: {e(ref.path)}</p>',
+        image=lambda i, ref, target: _figure_html(number, i, ref, target),
+        other=lambda i, ref, target: f'<p><a href="{e(target)}">{e(ref.kind)} {i}</a></p>',
+    )
     out.append(_block_html(3, f'<div class="images">{"".join(figures)}</div>'))
     out.append(_block_html(4, _paragraphs(state.description)))
     out.append(_block_html(5, _paragraphs(state.outcome)))
@@ -134,19 +127,47 @@ def episode_markdown(
         )
         fence = _fence(dumped)
         block(2, f"{fence}yaml\n{dumped}{fence}")
-    shown = []
-    for i, ref in enumerate(state.artifacts or [], 1):
-        target = link(ref)
-        if target is None:
-            shown.append(f"_missing artifact: {ref.path}_")
-        elif ref.kind == "image":
-            shown.append(f"![episode {number}, image {i}]({target})")
-        else:
-            shown.append(f"[{ref.kind} {i}]({target})")
+    shown = _shown_artifacts(
+        state,
+        link,
+        missing=lambda ref: f"_missing artifact: {ref.path}_",
+        image=lambda i, ref, target: f"![episode {number}, image {i}]({target})",
+        other=lambda i, ref, target: f"[{ref.kind} {i}]({target})",
+    )
     block(3, "\n".join(shown) or "—")
     block(4, (state.description or "").strip() or "—")
     block(5, (state.outcome or "").strip() or "—")
     return "\n".join(lines)
+
+
+def _shown_artifacts(
+    state: WorldState,
+    link: Link,
+    *,
+    missing: Callable[[ArtifactRef], str],
+    image: Callable[[int, ArtifactRef, str], str],
+    other: Callable[[int, ArtifactRef, str], str],
+) -> list[str]:
+    """Block 3, one entry per artifact (numbered from 1): `missing(ref)` for one without a link, `image(i, ref,
+    link)` for an image, `other(i, ref, link)` for any other kind. The two formats differ only in these."""
+    shown = []
+    for i, ref in enumerate(state.artifacts or [], 1):
+        target = link(ref)
+        if target is None:
+            shown.append(missing(ref))
+        else:
+            shown.append((image if ref.kind == "image" else other)(i, ref, target))
+    return shown
+
+
+def _figure_html(number: int, i: int, ref: ArtifactRef, target: str) -> str:
+    e = html.escape
+    small = ' class="small"' if (ref.width or 999) < 128 else ""
+    size = f' width="{ref.width}" height="{ref.height}"' if ref.width and ref.height else ""
+    return (
+        f'<figure><a href="{e(target)}"><img src="{e(target)}" alt="episode {number}, image {i}"'
+        f'{size}{small} loading="lazy"></a><figcaption>{i}</figcaption></figure>'
+    )
 
 
 def _step(meta: EpisodeMeta) -> str:
