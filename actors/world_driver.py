@@ -14,8 +14,9 @@ Steps on one world are serialised: the driver's default concurrency group runs o
 read-only `progress()`, `info()`, `state()`, `episodes()` and `artifact()` run in a separate group ("read"), so
 they answer while a step runs (they read what is persisted, or the state object, which a step replaces whole).
 
-Drivers are detached and named `wg-world-<world name>-<hash of the resolved directory>` in the project's
-namespace, created with `get_if_exists=True`: any process connected to the cluster reaches the same driver.
+Drivers are detached and named `wg-world-<directory name>-<hash of the resolved directory>` in the project's
+namespace, created with `get_if_exists=True`: any process connected to the cluster reaches the same driver, and
+finding it needs the directory alone (nothing is read from it).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import ray
 from actors.model_host import NAMESPACE, cluster_address, set_torch_threads
 from worldgen.errors import ConfigError
 from worldgen.limits import Limits
-from worldgen.storage import WorldExistsError, WorldStorage, normalize_config
+from worldgen.storage import WorldStorage
 
 PREFIX = "wg-world-"
 _START_ATTEMPTS = 3  # tries to reach a driver that concurrent creates of one world keep replacing
@@ -59,36 +60,27 @@ def _load(config: Config) -> dict[str, Any]:
     return stored_config(config)
 
 
-def _check(directory: Path, config: Config | None) -> dict[str, Any]:
-    """The config of the world that lives (or will live) in `directory`; refuses a missing config for a new
-    directory and (WorldExistsError) a config that differs from the world already there."""
+def _check(directory: Path, config: Config | None) -> None:
+    """Refuses a missing config for a new directory and (WorldExistsError, `WorldStorage.check_same_world`) a
+    config that differs from the world already there."""
     storage = WorldStorage(directory)
-    if storage.exists():
-        stored = storage.load_config()
-        if config is not None and normalize_config(_load(config)) != normalize_config(stored):
-            raise WorldExistsError(
-                f"directory {directory} already holds a different world; continue it without a config "
-                "(RemoteWorld(directory)) or choose another directory",
-                file=str(storage.config_path),
-            )
-        return stored
     if config is None:
-        raise ConfigError(
-            f"no world in {directory} (no world.yaml) and no config given: pass the world's config to start "
-            "a new world there, or the directory of an existing world to continue it",
-            file=str(directory),
-        )
-    return _load(config)
+        if not storage.exists():
+            raise ConfigError(
+                f"no world in {directory} (no {storage.config_path.name}) and no config given: pass the "
+                "world's config to start a new world there, or the directory of an existing world to continue it",
+                file=str(directory),
+            )
+        return
+    storage.check_same_world(_load(config))
 
 
-def driver_name(directory: str | Path, config: Config | None = None) -> str:
-    """The driver's actor name: `wg-world-<world name>-<short hash of the resolved directory>`.
-
-    The world's name comes from the directory's world.yaml, or from `config` for a world not started yet.
-    Two worlds with the same name in different directories get different drivers.
-    """
+def driver_name(directory: str | Path) -> str:
+    """The driver's actor name: `wg-world-<directory name>-<short hash of the resolved directory>`, from the
+    directory alone (nothing is read: a driver is found before, or without, opening its world). Two worlds
+    of one directory name in different places get different drivers."""
     directory = _resolve(directory)
-    return f"{PREFIX}{name_slug(_check(directory, config).get('name'))}-{_dir_hash(directory)}"
+    return f"{PREFIX}{name_slug(directory.name)}-{_dir_hash(directory)}"
 
 
 def name_slug(name: object) -> str:
@@ -331,7 +323,8 @@ def get_or_create_driver(
         config = str(Path(config).expanduser().resolve())  # the actor's working directory may differ
     elif config is not None:
         config = _load(config)  # `ref:`s read here, relative to the caller's working directory
-    name = driver_name(directory, config)  # checks the directory and config on the caller's side
+    _check(directory, config)  # on the caller's side: a new world needs a config, an old one the same world
+    name = driver_name(directory)
     options: dict[str, Any] = {
         "name": name,
         "namespace": NAMESPACE,
@@ -363,8 +356,8 @@ def get_or_create_driver(
             if failures == _START_ATTEMPTS:
                 raise
             continue
-        # The name may have led to a driver that a concurrent call started with another config of the same
-        # name (`get_if_exists` ignores ours): the world it opened must be ours. Its driver is left running.
+        # The name may have led to a driver that a concurrent call started with another config for the same
+        # directory (`get_if_exists` ignores ours): the world it opened must be ours. Its driver is left running.
         _check(directory, config)
         return handle
 
@@ -436,7 +429,7 @@ class RemoteWorld:
         **options: Any,
     ):
         self.directory = _resolve(directory)
-        self.name = driver_name(self.directory, config)
+        self.name = driver_name(self.directory)
         self.timeout = timeout
         self.handle = get_or_create_driver(
             self.directory, config, max_restarts=max_restarts, timeout=timeout, **options

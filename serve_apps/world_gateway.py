@@ -58,7 +58,7 @@ from actors.world_driver import (
 )
 from serve_apps.auth import token_digest
 from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
-from worldgen.errors import ConfigError, WorldgenError, format_validation_error
+from worldgen.errors import ConfigError, StepInFlightError, WorldgenError, format_validation_error
 from worldgen.limits import DeadlineExceeded, Limits
 from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
 from worldgen.trust import TrustPolicy, admit_config
@@ -162,10 +162,13 @@ _SSE_EVENT = {
 }
 
 
-# A driver's error -> the answer's status, by type (the first that matches): the client's mistakes are 4xx.
+# A world's error -> the answer's status, by type (the first that matches): the client's mistakes are 4xx.
+# Every error the gateway answers with goes through here (`_status`), whether a driver call or starting a
+# driver raised it.
 _STATUS_BY_ERROR: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
     (ArtifactNotFound, 404),
-    ((WorldDamagedError, WorldExistsError), 409),  # the id holds another world, or a damaged one
+    # the id holds another world, or a damaged one; or the world's step in flight must finish first
+    ((WorldDamagedError, WorldExistsError, StepInFlightError), 409),
     (
         DeadlineExceeded,
         504,
@@ -175,6 +178,23 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int
     (ConfigError, 400),
     (WorldgenError, 500),
 )
+
+
+def _status(error: BaseException) -> int | None:
+    """The status `_STATUS_BY_ERROR` gives this error (None: not a world's error)."""
+    for kind, status in _STATUS_BY_ERROR:
+        if isinstance(error, kind):
+            return status
+    return None
+
+
+def _http_error(error: BaseException, detail: str | None = None) -> HTTPException:
+    """The answer to a world's error: the status its type has in `_STATUS_BY_ERROR` (500 for any other error)
+    and its message (or `detail`)."""
+    status = _status(error)
+    if status is None:
+        return HTTPException(500, detail or f"{type(error).__name__}: {error}")
+    return HTTPException(status, detail or str(error))
 
 
 def _event(name: str, data: Any) -> str:
@@ -188,7 +208,7 @@ class WorldGateway:
         self.settings = GatewaySettings.model_validate(settings)
         self.root = Path(self.settings.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.handles: dict[str, Any] = {}  # world id -> driver handle (a name lookup reads world.yaml)
+        self.handles: dict[str, Any] = {}  # world id -> driver handle (saves a name lookup)
         api.state.token_sha256 = token_sha256
         api.state.max_body_bytes = self.settings.max_body_bytes
 
@@ -201,7 +221,7 @@ class WorldGateway:
     async def driver(self, world_id: str) -> Any:
         """The world's driver: the running one, or one started to continue the world from its directory."""
         directory = self.directory(world_id)
-        if not WorldStorage(directory).exists():
+        if not WorldStorage.is_world(directory):
             self.handles.pop(world_id, None)
             raise HTTPException(404, f"no world {world_id!r}")
         if world_id not in self.handles:
@@ -210,8 +230,8 @@ class WorldGateway:
             except ValueError:
                 try:
                     self.handles[world_id] = await asyncio.to_thread(self._start, directory, None)
-                except WorldDamagedError as err:
-                    raise HTTPException(409, str(err)) from None
+                except WorldgenError as err:  # a damaged world (409), one that cannot be opened (4xx/5xx)
+                    raise _http_error(err) from None
         return self.handles[world_id]
 
     def _start(self, directory: Path, config: dict[str, Any] | None, claim: str | None = None) -> Any:
@@ -225,7 +245,7 @@ class WorldGateway:
 
     def world_dirs(self) -> list[Path]:
         """The directories of the worlds under the root, sorted."""
-        return sorted(p for p in self.root.iterdir() if (p / "world.yaml").is_file())
+        return WorldStorage.world_dirs(self.root)
 
     @staticmethod
     async def call(ref: Any) -> Any:
@@ -234,11 +254,7 @@ class WorldGateway:
         try:
             return await ref
         except ray.exceptions.RayTaskError as err:
-            cause = err.cause
-            for error, status in _STATUS_BY_ERROR:
-                if isinstance(cause, error):
-                    raise HTTPException(status, str(cause)) from None
-            raise HTTPException(500, f"{type(cause).__name__}: {cause}") from None
+            raise _http_error(err.cause) from None
         except ray.exceptions.RayActorError as err:
             raise HTTPException(
                 503, f"the world's driver is restarting ({type(err).__name__}); retry"
@@ -296,11 +312,11 @@ class WorldGateway:
             )
         try:
             handle = await asyncio.to_thread(self._start, directory, config, claim)
-        except WorldExistsError:
-            raise HTTPException(409, f"world {world_id!r} exists already, with another config") from None
-        except WorldDamagedError as err:
-            raise HTTPException(409, str(err)) from None
+        except WorldExistsError as err:
+            raise _http_error(err, f"world {world_id!r} exists already, with another config") from None
         except (WorldgenError, ValidationError, TypeError, ValueError, KeyError) as err:
+            if _status(err) == 409:  # a damaged world there: kept as it is
+                raise _http_error(err) from None
             # a world that never opened leaves no folder; one that is not empty belongs to another request
             with contextlib.suppress(OSError):
                 directory.rmdir()

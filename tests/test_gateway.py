@@ -6,14 +6,16 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
 from actors.world_driver import ArtifactNotFound
-from worldgen.errors import ConfigError, ExecutionError
+from worldgen.errors import ConfigError, ExecutionError, StepInFlightError
 from worldgen.limits import DeadlineExceeded, LimitExceeded
+from worldgen.storage import Damage, WorldDamagedError, WorldExistsError
 
 TOKEN = "gateway-test-token"
 PREFIX = "/gateway-test"
@@ -213,6 +215,9 @@ def test_delete_stops_the_driver_and_removes_the_world(gateway):
         (ConfigError("prompt template 'x' tried something the sandbox forbids"), 400),
         (DeadlineExceeded("stage_seconds", "stage 'creator' ran past its time limit of 1 s"), 504),
         (ExecutionError("node 'unet' failed"), 500),
+        (StepInFlightError("a step is in flight past Development; finish it with step()"), 409),
+        (WorldExistsError("worlds/x already holds a different world"), 409),
+        (WorldDamagedError(Path("worlds/x"), [Damage("content.json", "is missing")]), 409),
         (KeyError("surprise"), 500),
     ],
 )

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from worldgen.errors import ConfigError
-from worldgen.state import ArtifactRef, GenerationConfig, Progress, WorldContent, WorldState
+from worldgen.state import ArtifactRef, EpisodeMeta, GenerationConfig, Progress, WorldContent, WorldState
 from worldgen.storage import (
+    EpisodeFolder,
     StorageError,
     UnsafePathError,
     WorldDamagedError,
@@ -78,6 +79,50 @@ def test_missing_world(tmp_path):
     assert store.episodes() == [] and store.find_episode("abc") is None
     with pytest.raises(StorageError, match="world.yaml is missing"):
         store.load_config()
+
+
+def test_worlds_are_found_by_asking_the_storage(tmp_path, store):
+    assert WorldStorage.is_world(store.root) and not WorldStorage.is_world(tmp_path / "nowhere")
+    (tmp_path / "not-a-world").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    WorldStorage(tmp_path / "another").create(CONFIG)
+    assert WorldStorage.world_dirs(tmp_path) == [tmp_path / "another", store.root]
+    assert WorldStorage.world_dirs(tmp_path / "nowhere") == []
+    assert store.write_report() == store.report_path and store.report_markdown_path.is_file()
+
+
+def test_one_same_world_check(tmp_path, store):
+    assert store.check_same_world({**CONFIG, "stages": tuple(CONFIG["stages"])})  # as YAML stores it
+    assert not WorldStorage(tmp_path / "empty").check_same_world(CONFIG)  # no world there yet
+    assert not (tmp_path / "empty").exists()  # asking writes nothing
+    with pytest.raises(WorldExistsError, match="already holds a different world") as err:
+        store.check_same_world({**CONFIG, "name": "other"})
+    assert err.value.file == str(store.config_path)
+    assert store.load_config() == CONFIG
+
+
+def test_episode_meta_is_written_and_read_as_one_model(store):
+    store.save_content(WorldContent(title="Harbor"))
+    store.save_episode(complete_state(store, "state-a", images=1), step=3, action="wait", ran=["author"])
+    files = store.episode_folder(1)
+    assert files == EpisodeFolder(store.episode_dir(1))
+    assert files.state_path.is_file() and files.page_path.is_file()
+    recorded = json.loads(files.meta_path.read_text())
+    meta = files.read_meta()
+    assert isinstance(meta, EpisodeMeta) and meta == EpisodeMeta.model_validate(recorded)
+    given = {"episode": 1, "state_id": "state-a", "step": 3, "action": "wait", "ran": ["author"]}
+    assert meta.time and recorded == {**given, "time": meta.time}  # World.history()'s shape
+    # as recorded: the keys the file holds, no defaults added
+    assert store.load_episode(1)[1] == recorded == meta.recorded()
+    assert EpisodeFolder(store.root / "nowhere").read_meta() is None
+
+    files.meta_path.write_text(json.dumps({**recorded, "step": 0}))  # valid JSON, not a valid EpisodeMeta
+    (damage,) = store.check()
+    assert str(damage).startswith(
+        "episode 1: episodes/000001/meta.json is unreadable: not a valid EpisodeMeta"
+    )
+    with pytest.raises(WorldDamagedError, match="meta.json is unreadable"):
+        store.load_episode(1)
 
 
 def test_content_and_progress_round_trip(store):

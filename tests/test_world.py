@@ -184,11 +184,31 @@ def test_world_resumes_after_a_failed_stage_without_losing_or_repeating(tmp_path
     monkeypatch.setattr(World, "_update_world", original)
     again = World.load(tmp_path / "w")  # a new process picks up from storage
     assert again.progress.stage_index == 2  # philosopher, author done; world update in flight
+    with pytest.raises(wg.StepInFlightError, match="finish it with step"):  # a new state: finish first
+        again.step(state={1: "a calm sea"})
     report = again.step()
     assert report.episode == 2
     assert again.storage.episodes() == [1, 2]
     assert len(again.content.history) == 2  # applied once
     assert again.progress.step == 3
+
+    # a step stopped past Development takes no new action: a typed conflict (the gateway's 409), nothing changes
+    def crash_in_creator(self, role, stage):
+        if role == "creator":
+            raise RuntimeError("power cut")
+        return original_run(self, role, stage)
+
+    original_run = World._run
+    monkeypatch.setattr(World, "_run", crash_in_creator)
+    with pytest.raises(RuntimeError, match="power cut"):
+        again.step(action="a storm")
+    monkeypatch.setattr(World, "_run", original_run)
+    again = World.load(tmp_path / "w")
+    in_flight = again.progress.model_copy()
+    with pytest.raises(wg.StepInFlightError, match="in flight past Development"):
+        again.step(action="another storm")
+    assert isinstance(wg.StepInFlightError("x"), wg.ExecutionError)
+    assert again.progress == in_flight and again.step().step == 4
 
 
 def test_same_directory_continues_and_a_different_world_is_refused(tmp_path):

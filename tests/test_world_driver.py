@@ -68,9 +68,10 @@ def check_episodes(directory: Path, steps: int) -> None:
 def test_driver_steps_and_answers(new_dir):
     from actors.world_driver import RemoteWorld, driver_name, list_worlds
 
-    directory = new_dir()
+    directory = new_dir("quay")  # the world "harbor" in the directory "quay"
     world = RemoteWorld(directory, fast_config())
-    assert world.name == driver_name(directory) and world.name.startswith("wg-world-harbor-")
+    # named from the directory alone: its name and the hash of its resolved path
+    assert world.name == driver_name(directory) and world.name.startswith("wg-world-quay-")
     first = world.step()
     assert first["step"] == 1 and first["episode"] is None
     assert first["ran"] == ["development", "architect", "creator"]
@@ -97,8 +98,11 @@ def test_driver_steps_and_answers(new_dir):
     assert (directory / "report.md").is_file() and (directory / "report.html").is_file()
     check_episodes(directory, 2)
 
-    # same world name, other directory: another driver
-    assert driver_name(new_dir("other"), fast_config()) != world.name
+    # same world, other directory (of the same name too): another driver
+    other = new_dir("other")
+    assert driver_name(other) != world.name
+    assert driver_name(other / "quay").startswith("wg-world-quay-")
+    assert driver_name(other / "quay") not in (world.name, driver_name(other))
     world.shutdown()
 
 
@@ -197,7 +201,7 @@ def test_killed_driver_resumes_without_losing_or_duplicating_episodes(ray_sessio
 
 
 def test_existing_directory_resumes_without_config(ray_session, new_dir):
-    from actors.world_driver import RemoteWorld, WorldDriver, get_or_create_driver, list_worlds
+    from actors.world_driver import RemoteWorld, WorldDriver, driver_name, get_or_create_driver, list_worlds
 
     directory = new_dir()
     world = RemoteWorld(directory, fast_config())
@@ -220,7 +224,7 @@ def test_existing_directory_resumes_without_config(ray_session, new_dir):
     with pytest.raises(ConfigError, match="exactly the stages"):  # a bad config: raised, no driver left
         get_or_create_driver(empty, {"kind": "world", "name": "bad", "stages": {}})
     deadline = time.monotonic() + 10
-    while [w for w in list_worlds() if w["actor"].startswith("wg-world-bad-")]:
+    while [w for w in list_worlds() if w["actor"] == driver_name(empty)]:
         assert time.monotonic() < deadline, "the driver of a bad config was left behind"
         time.sleep(0.1)
 
@@ -274,7 +278,7 @@ def test_a_damaged_world_is_named_at_driver_start(ray_session, new_dir):
 
 
 def test_a_driver_found_by_name_must_hold_the_callers_world(ray_session, new_dir):
-    """Configs of one name share a driver name: a caller that reaches the driver another caller's create
+    """Configs for one directory share its driver: a caller that reaches the driver another caller's create
     started (its world.yaml not written yet) is refused, never handed that world as its own."""
     from actors.world_driver import get_or_create_driver
 

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from worldgen.config import dump_config
 from worldgen.errors import ConfigError, format_validation_error
 from worldgen.lora import (
     TRAINING_ADAPTER,
@@ -38,6 +37,7 @@ from worldgen.lora import (
     save_adapters,
     trainable_parameters,
 )
+from worldgen.storage import WorldStorage
 from worldgen.storage_io import atomic_write_text
 
 STATE_FILE = "trainer_state.json"
@@ -254,8 +254,8 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     except ValidationError as err:
         raise ConfigError(f"training config: {format_validation_error(err)}") from None
     base = Path(cfg.world).expanduser().resolve()
-    if not (base / "world.yaml").is_file():
-        raise ConfigError(f"no world at {base} (no world.yaml)", path="world")
+    if not WorldStorage.is_world(base):
+        raise ConfigError(f"no world at {base} (no {WorldStorage(base).config_path.name})", path="world")
     cfg = cfg.model_copy(update={"world": str(base), "out": str(Path(cfg.out).expanduser().resolve())})
     storage = cfg.storage_path()
     # The same name and storage: Ray Train restores the run and `get_checkpoint()` returns its latest
@@ -288,9 +288,10 @@ def write_custom_world(cfg: TrainConfig, adapters: Path, state: dict[str, Any]) 
     shutil.copytree(adapters, staging)
     shutil.rmtree(out / "adapters", ignore_errors=True)
     staging.rename(out / "adapters")
-    if not (out / "world.yaml").exists():  # a world that already ran keeps its config (and its episodes)
+    world = WorldStorage(out)
+    if not world.exists():  # a world that already ran keeps its config (and its episodes)
         custom = {"schema_version": 1, "kind": "world", "base": cfg.world, "adapters": "adapters"}
-        dump_config({**custom, "name": f"{Path(cfg.world).name}-lora"}, out / "world.yaml")
+        world.save_config({**custom, "name": f"{Path(cfg.world).name}-lora"})
     history = {k: state[k] for k in ("epoch", "step", "initial_held_out_loss", "history")}
     atomic_write_text(
         out / "training.json", json.dumps({"config": cfg.model_dump(), **history}, indent=2) + "\n"

@@ -7,6 +7,7 @@ from worldgen.errors import (
     ExecutionError,
     GraphError,
     ModelLoadError,
+    StepInFlightError,
     UnknownBlockTypeError,
     WorldgenError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "UnknownBlockTypeError",
     "GenerationConfig",
     "Stage",
+    "StepInFlightError",
     "StepReport",
     "World",
     "WorldContent",

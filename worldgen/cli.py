@@ -356,7 +356,7 @@ def _world_summary(directory: Path) -> int:
 
     storage = WorldStorage(directory)
     episodes = storage.episodes()
-    report = directory / "report.html"
+    report = storage.report_path
     print(f"{PROG}: {len(episodes)} episode(s) in {directory}", file=sys.stderr)
     print(report if report.exists() else directory)
     return 0

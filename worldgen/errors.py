@@ -52,6 +52,12 @@ class ExecutionError(WorldgenError):
     """A node failed while a graph ran; the message names the node (and loop iteration)."""
 
 
+class StepInFlightError(ExecutionError):
+    """A world was asked for something its step in flight does not allow (a new state, or a new action once
+    Development has run): finish that step with `step()` first. A conflict with the world's state, not a
+    failure (the gateway answers 409)."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

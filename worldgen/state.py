@@ -1,4 +1,5 @@
-"""The world state that flows between stages: five typed blocks (DESIGN.md §2.3), and the world's content.
+"""The world state that flows between stages: five typed blocks (DESIGN.md §2.3), the world's content, its resume
+point and the metadata recorded with each episode.
 
 | # | block                                   | written by                 |
 |---|-----------------------------------------|----------------------------|
@@ -158,3 +159,26 @@ class Progress(BaseModel):
     ran: list[str] = Field(default_factory=list, description="stages run so far in the step in flight")
     skipped: list[str] = Field(default_factory=list)
     episode: int | None = Field(None, description="episode saved by the step in flight")
+
+
+class EpisodeMeta(BaseModel):
+    """What the world records beside an episode's five blocks when it saves it (the storage writes and reads it;
+    training reads it back, from a world's episodes or from episode folders written by hand).
+
+    Every field is optional (a hand-written episode may give none) and unknown keys are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    episode: int | None = Field(None, description="the episode's number")
+    state_id: str | None = Field(None, description="the id of the state saved as this episode")
+    step: int | None = Field(None, ge=1, description="the step in which World update saved the episode")
+    action: str | None = Field(None, description="the visitor's action Development was given")
+    ran: list[str] = Field(default_factory=list, description="stages run in the saving step before it")
+    time: str | None = Field(None, description="when it was saved (ISO 8601, UTC)")
+    content: WorldContent | None = Field(
+        None, description="the world's content as the episode's stages saw it (exact prompts when given)"
+    )
+
+    def recorded(self) -> dict[str, Any]:
+        """The fields as recorded (as JSON values): the keys the file holds, no defaults added."""
+        return self.model_dump(mode="json", exclude_unset=True)

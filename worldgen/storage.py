@@ -7,11 +7,15 @@
   progress.jsonl        Progress: the state in flight and where the cycle stands (the resume point is the last
                         line; appended after every stage, compacted to one line when it grows past 64 KiB)
   artifacts/<state_id>/ images of the state in flight (block 3): 000.png, 001.png, ...
-  episodes/000001/      state.json (five blocks + id), meta.json, the artifacts (000.png, ...), episode.md
+  episodes/000001/      state.json (WorldState: five blocks + id), meta.json (EpisodeMeta), the artifacts (000.png,
+                        ...), episode.md
   episodes/index.jsonl  one line per episode: {"episode": n, "state_id": ...} (appended; rebuilt when stale)
-  report.md/.html       every episode, newest last, images inline (relative links)
+  report.md/.html       every episode, newest last, images inline (relative links; rendered by worldgen.report)
   checkpoints/          reserved (checkpoints and adapters)
 ```
+
+This module is the only one that knows these names: others ask `WorldStorage` (`is_world`, `world_dirs`,
+`config_path`, `report_path`, `episode_folder`, ...) or `EpisodeFolder` (an episode folder's files).
 
 Every file is written atomically (temp file + fsync + rename); an episode is assembled in `episodes/.tmp-<id>/` and
 renamed into place, so a crash leaves either no episode or a complete one. Episodes are saved exactly once per state
@@ -21,7 +25,6 @@ id. One writer per world directory is assumed (the world driver); readers may lo
 from __future__ import annotations
 
 import hashlib
-import html
 import io
 import json
 import os
@@ -29,7 +32,7 @@ import re
 import secrets
 import shutil
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -42,17 +45,18 @@ from pydantic import BaseModel, ValidationError
 from worldgen.config import dump_config, load_config_file
 from worldgen.errors import ConfigError, WorldgenError, format_validation_error
 from worldgen.images import png_bytes, to_pil
-from worldgen.state import ArtifactRef, Progress, WorldContent, WorldState
+from worldgen.report import episode_markdown, report_html, report_markdown
+from worldgen.state import ArtifactRef, EpisodeMeta, Progress, WorldContent, WorldState
 from worldgen.storage_io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "Damage",
+    "EpisodeFolder",
     "StorageError",
     "UnsafePathError",
     "WorldDamagedError",
     "WorldExistsError",
     "WorldStorage",
-    "normalize_config",
 ]
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -60,13 +64,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _EPISODE_DIR = re.compile(r"^\d{6,}$")
 _TMP_PREFIX = ".tmp-"
 _PROGRESS_LOG_LIMIT = 64 * 1024
-_BLOCK_TITLES = {
-    1: "What was supposed to happen",
-    2: "Generation",
-    3: "Artifacts",
-    4: "Description",
-    5: "What really happened",
-}
+_CONFIG_FILE = "world.yaml"
 
 
 class StorageError(WorldgenError):
@@ -108,6 +106,34 @@ class WorldDamagedError(StorageError):
         return type(self), (self.root, self.damage)
 
 
+@dataclass(frozen=True)
+class EpisodeFolder:
+    """The files of one episode folder: a world's (`WorldStorage.episode_folder`) or one written by hand, which
+    training reads the same way (worldgen/training/episodes.py)."""
+
+    path: Path
+
+    @property
+    def state_path(self) -> Path:
+        """The five blocks and the state's id (a WorldState as JSON)."""
+        return self.path / "state.json"
+
+    @property
+    def meta_path(self) -> Path:
+        """What the world recorded when it saved the episode (an EpisodeMeta as JSON)."""
+        return self.path / "meta.json"
+
+    @property
+    def page_path(self) -> Path:
+        """The episode as Markdown, its artifacts beside it (derived from the other two: `repair` rebuilds it)."""
+        return self.path / "episode.md"
+
+    def read_meta(self) -> EpisodeMeta | None:
+        """The episode's metadata, or None when the folder has none; a bad file raises ConfigError naming the
+        file and the field."""
+        return _read_model(self.meta_path, EpisodeMeta)
+
+
 class WorldStorage:
     """The directory of one world: everything a person may want to open is a plain file (see the module doc)."""
 
@@ -121,9 +147,22 @@ class WorldStorage:
 
     # ---------------------------------------------------------------- layout
 
+    @staticmethod
+    def is_world(path: str | Path) -> bool:
+        """True when a world lives in the directory `path` (its config is there)."""
+        return (Path(path) / _CONFIG_FILE).is_file()
+
+    @classmethod
+    def world_dirs(cls, root: str | Path) -> list[Path]:
+        """The world directories directly under `root`, sorted ([] when `root` is not a folder)."""
+        root = Path(root)
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.iterdir() if cls.is_world(p))
+
     @property
     def config_path(self) -> Path:
-        return self.root / "world.yaml"
+        return self.root / _CONFIG_FILE
 
     @property
     def content_path(self) -> Path:
@@ -149,6 +188,15 @@ class WorldStorage:
     def index_path(self) -> Path:
         return self.episodes_dir / "index.jsonl"
 
+    @property
+    def report_path(self) -> Path:
+        """The HTML report (`write_report` writes it, and its Markdown twin `report_markdown_path`)."""
+        return self.root / "report.html"
+
+    @property
+    def report_markdown_path(self) -> Path:
+        return self.root / "report.md"
+
     def _resolved_root(self) -> Path:
         if self._root_resolved is None:  # resolving walks every parent folder: once per instance
             self._root_resolved = self.root.resolve()
@@ -158,6 +206,10 @@ class WorldStorage:
         """The folder of episode `number` (whether or not it exists)."""
         return self.episodes_dir / f"{int(number):06d}"
 
+    def episode_folder(self, number: int) -> EpisodeFolder:
+        """The files of episode `number` (whether or not they exist)."""
+        return EpisodeFolder(self.episode_dir(number))
+
     def __repr__(self) -> str:
         return f"WorldStorage({str(self.root)!r})"
 
@@ -165,7 +217,22 @@ class WorldStorage:
 
     def exists(self) -> bool:
         """True when a world lives here (its world.yaml is there)."""
-        return self.config_path.is_file()
+        return self.is_world(self.root)
+
+    def check_same_world(self, config: Mapping[str, Any]) -> bool:
+        """Whether the world `config` describes lives here: True when it does, False when no world lives here
+        yet, WorldExistsError when a *different* one does. `config` is compared as world.yaml stores it (give it
+        as the world stores it: `worldgen.world.stored_config`). The one "same world?" check: creates, world
+        drivers and their callers all ask it."""
+        if not self.exists():
+            return False
+        if _normalize_config(self.load_config()) != _normalize_config(config):
+            raise WorldExistsError(
+                f"{self.root} already holds a different world (its {self.config_path.name} differs from the "
+                "config given); continue that world as it is, without a config, or choose another directory",
+                file=str(self.config_path),
+            )
+        return True
 
     def create(self, config: Mapping[str, Any], *, overwrite: bool = False) -> bool:
         """Claim the directory for the world `config` describes and make its layout; True when this call created
@@ -178,12 +245,7 @@ class WorldStorage:
         if overwrite:
             self.save_config(config)
         elif not self._claim(config):
-            if normalize_config(self.load_config()) != normalize_config(config):
-                raise WorldExistsError(
-                    f"{self.root} already holds a different world (its world.yaml differs); continue that "
-                    "world as it is, or choose another directory",
-                    file=str(self.config_path),
-                )
+            self.check_same_world(config)
             return False
         for folder in (self.artifacts_dir, self.episodes_dir, self.checkpoints_dir):
             folder.mkdir(parents=True, exist_ok=True)
@@ -415,13 +477,18 @@ class WorldStorage:
         )
 
     def load_episode(self, number: int) -> tuple[WorldState, dict[str, Any]]:
-        """The state of episode `number` (artifact paths point at its own copies) and its meta
-        (episode, state_id, step, action, ran, time)."""
+        """The state of episode `number` (artifact paths point at its own copies) and its meta as recorded
+        (`EpisodeMeta.recorded()`: episode, state_id, step, action, ran, time)."""
+        state, meta = self._load_episode(number)
+        return state, meta.recorded()
+
+    def _load_episode(self, number: int) -> tuple[WorldState, EpisodeMeta]:
         if not self.episode_dir(number).is_dir():
             raise StorageError(f"no episode {number} in {self.episodes_dir}")
         state, meta, damage = self._read_episode(number)
         if damage:
             raise WorldDamagedError(self.root, damage)
+        assert state is not None and meta is not None  # no damage: both files were read
         return state, meta
 
     def find_episode(self, state_id: str) -> int | None:
@@ -451,8 +518,9 @@ class WorldStorage:
                 continue
             states[state.id] = n
             damage += [Damage(path, problem, n) for path, problem in self._artifact_damage(state)]
-            if meta is not None and not (self.episode_dir(n) / "episode.md").is_file():
-                damage.append(Damage(self._rel(self.episode_dir(n) / "episode.md"), "is missing", n, True))
+            page = self.episode_folder(n).page_path
+            if meta is not None and not page.is_file():
+                damage.append(Damage(self._rel(page), "is missing", n, True))
         if (numbers or self.index_path.exists()) and self._read_index() != states:
             damage.append(
                 Damage(self._rel(self.index_path), "is out of step with the episode folders", None, True)
@@ -475,7 +543,7 @@ class WorldStorage:
             elif d.episode is not None:  # episode.md, from the episode's state.json and meta.json
                 state, meta, _ = self._read_episode(d.episode)
                 atomic_write_text(
-                    self.episode_dir(d.episode) / "episode.md", _episode_file_md(d.episode, state, meta)
+                    self.episode_folder(d.episode).page_path, _episode_page(d.episode, state, meta)
                 )
         self._index_cache = None
         remaining = self.check()
@@ -489,30 +557,29 @@ class WorldStorage:
     def _read_state(self, number: int) -> WorldState | None:
         """An episode's state, or None when its state.json is missing or unreadable (`check` says which)."""
         try:
-            return _read_model(self.episode_dir(number) / "state.json", WorldState)
+            return _read_model(self.episode_folder(number).state_path, WorldState)
         except ConfigError:
             return None
 
-    def _read_episode(self, number: int) -> tuple[WorldState | None, dict[str, Any] | None, list[Damage]]:
+    def _read_episode(self, number: int) -> tuple[WorldState | None, EpisodeMeta | None, list[Damage]]:
         """An episode's state and meta as far as they are readable, and what is wrong with those two files."""
-        folder = self.episode_dir(number)
+        files = self.episode_folder(number)
         damage: list[Damage] = []
         state = meta = None
         try:
-            state = _read_model(folder / "state.json", WorldState)
+            state = _read_model(files.state_path, WorldState)
+        except ConfigError as err:
+            damage.append(Damage(self._rel(files.state_path), f"is unreadable: {err.detail}", number))
+        else:
             if state is None:
-                damage.append(Damage(self._rel(folder / "state.json"), "is missing", number))
-        except ConfigError as err:
-            damage.append(Damage(self._rel(folder / "state.json"), f"is unreadable: {err.detail}", number))
-        meta_path = folder / "meta.json"
+                damage.append(Damage(self._rel(files.state_path), "is missing", number))
         try:
-            meta = _read_json(meta_path)
+            meta = files.read_meta()
         except ConfigError as err:
-            problem = "is missing" if not meta_path.exists() else f"is unreadable: {err.detail}"
-            damage.append(Damage(self._rel(meta_path), problem, number))
-        if meta is not None and not isinstance(meta, dict):
-            damage.append(Damage(self._rel(meta_path), "is not a JSON object", number))
-            meta = None
+            damage.append(Damage(self._rel(files.meta_path), f"is unreadable: {err.detail}", number))
+        else:
+            if meta is None:
+                damage.append(Damage(self._rel(files.meta_path), "is missing", number))
         return state, meta, damage
 
     def _artifact_damage(self, state: WorldState) -> Iterator[tuple[str, str]]:
@@ -572,9 +639,9 @@ class WorldStorage:
         """Write report.md and report.html (atomically) from the content and every episode, newest last, images
         inline through relative links; returns the path of the HTML report."""
         content = self.load_content() or WorldContent()
-        episodes = [(n, *self.load_episode(n)) for n in self.episodes()]
-        atomic_write_text(self.root / "report.md", self._report_md(content, episodes))
-        return atomic_write_text(self.root / "report.html", self._report_html(content, episodes))
+        episodes = [(n, *self._load_episode(n)) for n in self.episodes()]
+        atomic_write_text(self.report_markdown_path, report_markdown(content, episodes, link=self._link))
+        return atomic_write_text(self.report_path, report_html(content, episodes, link=self._link))
 
     # ---------------------------------------------------------------- internals
 
@@ -619,18 +686,21 @@ class WorldStorage:
                 )
             )
         saved = state.model_copy(update={"artifacts": refs})
-        meta = {
-            "episode": number,
-            "state_id": state.id,
-            "step": step,
-            "action": action,
-            "ran": list(ran),
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        _write_synced(folder / "state.json", (saved.model_dump_json(indent=2) + "\n").encode())
-        _write_synced(folder / "meta.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
+        meta = EpisodeMeta(
+            episode=number,
+            state_id=state.id,
+            step=step,
+            action=action,
+            ran=list(ran),
+            time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        files = EpisodeFolder(folder)
+        _write_synced(files.state_path, (saved.model_dump_json(indent=2) + "\n").encode())
+        _write_synced(
+            files.meta_path, (json.dumps(meta.recorded(), indent=2, ensure_ascii=False) + "\n").encode()
+        )
         # episode.md is derived from state.json and meta.json (`repair` rebuilds it): no fsync needed
-        (folder / "episode.md").write_bytes(_episode_file_md(number, saved, meta).encode())
+        files.page_path.write_bytes(_episode_page(number, saved, meta).encode())
         return saved
 
     def _clean_tmp(self) -> None:
@@ -661,7 +731,7 @@ class WorldStorage:
         if sorted(index.values()) != numbers:
             index = {}
             for n in numbers:
-                state = _read_model(self.episode_dir(n) / "state.json", WorldState)
+                state = _read_model(self.episode_folder(n).state_path, WorldState)
                 if state is not None:
                     index[state.id] = n
             if numbers or self.index_path.exists():
@@ -699,78 +769,6 @@ class WorldStorage:
             return None
         return quote(target.relative_to(self._resolved_root()).as_posix())
 
-    def _report_md(self, content: WorldContent, episodes: list[tuple[int, WorldState, dict]]) -> str:
-        parts = [f"# {content.title}\n"]
-        if content.story.strip():
-            parts.append(f"## Story so far\n\n{content.story.strip()}\n")
-        if content.glossary:
-            parts.append(
-                "## Glossary\n\n" + "".join(f"- **{k}**: {v}\n" for k, v in content.glossary.items())
-            )
-        if not episodes:
-            parts.append("_No episodes yet._\n")
-        for number, state, meta in episodes:
-            parts.append(_episode_md(number, state, meta, link=self._link, level=2))
-        return "\n".join(parts)
-
-    def _report_html(self, content: WorldContent, episodes: list[tuple[int, WorldState, dict]]) -> str:
-        e = html.escape
-        body = [f"<header><h1>{e(content.title)}</h1>"]
-        if episodes:
-            links = " ".join(f'<a href="#episode-{n}">{n}</a>' for n, _, _ in episodes)
-            body.append(f'<nav><span class="label">Episodes</span> {links}</nav>')
-        body.append("</header>")
-        if content.story.strip():
-            body.append(f'<section class="story"><h2>Story so far</h2>{_paragraphs(content.story)}</section>')
-        if content.glossary:
-            items = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in content.glossary.items())
-            body.append(f'<section class="glossary"><h2>Glossary</h2><dl>{items}</dl></section>')
-        if not episodes:
-            body.append('<p class="empty">No episodes yet.</p>')
-        for number, state, meta in episodes:
-            body.append(self._episode_html(number, state, meta))
-        return (
-            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{e(content.title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
-            + "\n".join(body)
-            + "\n</main>\n</body>\n</html>\n"
-        )
-
-    def _episode_html(self, number: int, state: WorldState, meta: Mapping[str, Any]) -> str:
-        e = html.escape
-        facts = [f"step {e(str(meta.get('step', '?')))}", e(_when(meta))]
-        out = [f'<article class="episode" id="episode-{number}">', f"<h2>Episode {number}</h2>"]
-        out.append(f'<p class="meta">{" · ".join(f for f in facts if f)}</p>')
-        if meta.get("action"):
-            out.append(f'<p class="action"><span class="label">Action</span> {e(str(meta["action"]))}</p>')
-        out.append(_block_html(1, _paragraphs(state.happening)))
-        if state.generation is not None:
-            rows = "".join(
-                f"<tr><th>{e(k)}</th><td>{e(_scalar(v))}</td></tr>"
-                for k, v in state.generation.model_dump().items()
-            )
-            out.append(_block_html(2, f'<table class="generation">{rows}</table>'))
-        figures = []
-        for i, ref in enumerate(state.artifacts or [], 1):
-            link = self._link(ref)
-            if link is None:
-                figures.append(f'<p class="missing">missing artifact: {e(ref.path)}</p>')
-            elif ref.kind == "image":
-                small = ' class="small"' if (ref.width or 999) < 128 else ""
-                size = f' width="{ref.width}" height="{ref.height}"' if ref.width and ref.height else ""
-                figures.append(
-                    f'<figure><a href="{e(link)}"><img src="{e(link)}" alt="episode {number}, image {i}"'
-                    f'{size}{small} loading="lazy"></a><figcaption>{i}</figcaption></figure>'
-                )
-            else:
-                figures.append(f'<p><a href="{e(link)}">{e(ref.kind)} {i}</a></p>')
-        out.append(_block_html(3, f'<div class="images">{"".join(figures)}</div>'))
-        out.append(_block_html(4, _paragraphs(state.description)))
-        out.append(_block_html(5, _paragraphs(state.outcome)))
-        out.append("</article>")
-        return "\n".join(out)
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -801,10 +799,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def normalize_config(config: Mapping[str, Any]) -> Any:
+def _normalize_config(config: Mapping[str, Any]) -> Any:
     """A config as world.yaml stores it and reads it back (tuples as lists, keys as strings), for telling whether
     two configs describe the same world."""
     return yaml.safe_load(yaml.safe_dump(_plain(config), sort_keys=True))
+
+
+def _episode_page(number: int, state: WorldState, meta: EpisodeMeta) -> str:
+    """An episode's own Markdown page: its artifacts sit beside it, so each link is the file's name."""
+    return episode_markdown(number, state, meta, link=lambda ref: PurePosixPath(ref.path).name)
 
 
 def _write_model(path: Path, model: BaseModel) -> None:
@@ -875,9 +878,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present: the Python emitter is slow
-
-
 def _fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable (best effort: not every platform can open a directory)."""
     try:
@@ -890,124 +890,3 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _when(meta: Mapping[str, Any]) -> str:
-    """The episode's save time as 'YYYY-MM-DD HH:MM UTC' ('' when unknown)."""
-    try:
-        return (
-            datetime.fromisoformat(str(meta["time"])).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        )
-    except (KeyError, ValueError):
-        return str(meta.get("time") or "")
-
-
-def _scalar(value: Any) -> str:
-    return "—" if value is None or value == "" else str(value)
-
-
-def _fence(text: str) -> str:
-    """A code fence longer than any backtick run inside `text`."""
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    return "`" * max(3, longest + 1)
-
-
-def _episode_md(
-    number: int,
-    state: WorldState,
-    meta: Mapping[str, Any],
-    *,
-    link: Callable[[ArtifactRef], str | None],
-    level: int = 1,
-) -> str:
-    """One episode as Markdown; `link(ref)` gives each artifact's relative link (None: missing)."""
-    h = "#" * level
-    facts = [f"step {meta.get('step', '?')}", _when(meta)]
-    lines = [f"{h} Episode {number}", "", f"_{' · '.join(f for f in facts if f)}_", ""]
-    if meta.get("action"):
-        lines += [f"**Action:** {meta['action']}", ""]
-
-    def block(n: int, body: str) -> None:
-        lines.extend([f"{h}# {n}. {_BLOCK_TITLES[n]}", "", body.rstrip(), ""])
-
-    block(1, (state.happening or "").strip() or "—")
-    if state.generation is not None:
-        dumped = yaml.dump(
-            state.generation.model_dump(), Dumper=_DUMPER, sort_keys=False, allow_unicode=True, width=100
-        )
-        fence = _fence(dumped)
-        block(2, f"{fence}yaml\n{dumped}{fence}")
-    shown = []
-    for i, ref in enumerate(state.artifacts or [], 1):
-        target = link(ref)
-        if target is None:
-            shown.append(f"_missing artifact: {ref.path}_")
-        elif ref.kind == "image":
-            shown.append(f"![episode {number}, image {i}]({target})")
-        else:
-            shown.append(f"[{ref.kind} {i}]({target})")
-    block(3, "\n".join(shown) or "—")
-    block(4, (state.description or "").strip() or "—")
-    block(5, (state.outcome or "").strip() or "—")
-    return "\n".join(lines)
-
-
-def _episode_file_md(number: int, state: WorldState, meta: Mapping[str, Any]) -> str:
-    """An episode's own episode.md (its artifacts sit beside it)."""
-    return _episode_md(number, state, meta, link=lambda r: PurePosixPath(r.path).name)
-
-
-def _paragraphs(text: str | None) -> str:
-    """Plain text as escaped HTML paragraphs (blank line: new paragraph; newline: line break)."""
-    if not text or not text.strip():
-        return '<p class="empty">—</p>'
-    chunks = [c.strip() for c in re.split(r"\n\s*\n", text.strip()) if c.strip()]
-    return "".join(f"<p>{html.escape(c).replace(chr(10), '<br>')}</p>" for c in chunks)
-
-
-def _block_html(number: int, body: str) -> str:
-    return (
-        f'<section class="block block-{number}"><h3><span class="num">{number}</span>'
-        f"{html.escape(_BLOCK_TITLES[number])}</h3>{body}</section>"
-    )
-
-
-_CSS = """
-:root { color-scheme: light dark; --fg: #22211f; --muted: #6f6b64; --bg: #f6f4ef; --card: #ffffff;
-  --line: #e3dfd6; --accent: #8a5a2b; --chip: #efe7dc; }
-@media (prefers-color-scheme: dark) { :root { --fg: #e9e6e1; --muted: #a29d95; --bg: #1b1a18; --card: #252320;
-  --line: #3a3733; --accent: #d9a46c; --chip: #3a3128; } }
-* { box-sizing: border-box; }
-body { margin: 0; background: var(--bg); color: var(--fg);
-  font: 17px/1.6 Charter, "Iowan Old Style", Georgia, Cambria, serif; }
-main { max-width: 50rem; margin: 0 auto; padding: 2.5rem 1.25rem 4rem; }
-h1, h2, h3, nav, .meta, .label, table, figcaption { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; }
-h1 { font-size: 2.1rem; line-height: 1.2; margin: 0 0 .75rem; }
-h2 { font-size: 1.35rem; margin: 0 0 .25rem; }
-nav { font-size: .9rem; color: var(--muted); margin-bottom: 1.5rem; line-height: 2; }
-nav a { display: inline-block; min-width: 2rem; text-align: center; padding: 0 .35rem; margin-right: .2rem;
-  border-radius: 4px; background: var(--chip); color: var(--fg); text-decoration: none; }
-.label { font-size: .75rem; text-transform: uppercase; letter-spacing: .06em; color: var(--muted); margin-right: .5rem; }
-.story, .glossary { margin: 0 0 2rem; }
-.story h2, .glossary h2 { font-size: 1.1rem; color: var(--muted); text-transform: uppercase; letter-spacing: .05em; }
-dt { font-weight: bold; } dd { margin: 0 0 .5rem 1.25rem; }
-article.episode { background: var(--card); border: 1px solid var(--line); border-radius: 12px;
-  padding: 1.5rem 1.75rem 1rem; margin: 2rem 0; box-shadow: 0 1px 3px rgba(0,0,0,.05); }
-.meta { color: var(--muted); font-size: .85rem; margin: 0 0 1rem; }
-.action { border-left: 3px solid var(--accent); padding: .25rem 0 .25rem .75rem; margin: 0 0 1rem; }
-section.block { margin: 1.25rem 0; }
-h3 { font-size: .8rem; text-transform: uppercase; letter-spacing: .06em; color: var(--muted); margin: 0 0 .4rem;
-  display: flex; align-items: center; gap: .5rem; }
-h3 .num { display: inline-flex; align-items: center; justify-content: center; width: 1.4rem; height: 1.4rem;
-  border-radius: 50%; background: var(--accent); color: var(--card); font-size: .75rem; letter-spacing: 0; }
-p { margin: 0 0 .75rem; }
-.empty, .missing { color: var(--muted); font-style: italic; }
-table.generation { border-collapse: collapse; font-size: .85rem; width: 100%; }
-table.generation th { text-align: left; font-weight: 600; color: var(--muted); width: 9rem; vertical-align: top; }
-table.generation th, table.generation td { padding: .2rem .5rem .2rem 0; border-bottom: 1px solid var(--line); }
-.images { display: grid; grid-template-columns: repeat(auto-fill, minmax(14rem, 1fr)); gap: .75rem; }
-figure { margin: 0; }
-figure img { display: block; width: 100%; height: auto; border-radius: 8px; border: 1px solid var(--line); }
-figure img.small { image-rendering: pixelated; }
-figcaption { font-size: .75rem; color: var(--muted); text-align: center; margin-top: .2rem; }
-"""

@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worldgen.config import SCHEMA_VERSION, check_schema, load_config_file, resolve_refs
 from worldgen.engine import Problem, _check_executor
-from worldgen.errors import ConfigError, ExecutionError, GraphError, WorldgenError, format_validation_error
+from worldgen.errors import (
+    ConfigError,
+    ExecutionError,
+    GraphError,
+    StepInFlightError,
+    WorldgenError,
+    format_validation_error,
+)
 from worldgen.limits import LimitExceeded, Limits, applying, time_limit, within
 from worldgen.stage import CONTRACTS, CYCLE, Schema, Stage, build_item, role_that
 from worldgen.state import (
@@ -221,7 +228,7 @@ class World:
         from worldgen.lora import use_adapters
 
         reference, adapters = _custom_paths(config, base)
-        base_file = reference / "world.yaml" if reference.is_dir() else reference
+        base_file = WorldStorage(reference).config_path if reference.is_dir() else reference
         try:
             base_config = load_config_file(base_file)
         except ConfigError as err:
@@ -266,7 +273,8 @@ class World:
         storage = WorldStorage(directory)
         if not storage.exists():
             raise ConfigError(
-                f"no world here (no world.yaml in {Path(directory).resolve()})", file=str(directory)
+                f"no world here (no {storage.config_path.name} in {storage.root.resolve()})",
+                file=str(directory),
             )
         damage = [d for d in storage.check() if not d.repairable]  # named here, not steps later
         if damage:
@@ -342,12 +350,12 @@ class World:
         p = self.progress
         in_flight = p.stage_index > 0
         if in_flight and state is not None:
-            raise ExecutionError(
+            raise StepInFlightError(
                 "a step is in flight (resumed after a stop); finish it with step() before passing a state"
             )
         if in_flight and action is not None:
             if p.stage_index > CYCLE.index(role_that(lambda c: c.receives_action)):
-                raise ExecutionError(
+                raise StepInFlightError(
                     "a step is in flight past Development; finish it with step() before a new action"
                 )
             p.action = action

@@ -6,7 +6,8 @@ losses on the world's own blocks (plain PyTorch; the Ray Train job in train_jobs
     loss = batch_loss(world, examples, torch.Generator().manual_seed(0))
 """
 
-from worldgen.training.episodes import Episode, EpisodeMeta, load_image, read_episode, read_episodes
+from worldgen.state import EpisodeMeta  # the one model of episode metadata (the storage writes it)
+from worldgen.training.episodes import Episode, load_image, read_episode, read_episodes
 from worldgen.training.examples import (
     TRAINED_ROLES,
     CaptionExample,

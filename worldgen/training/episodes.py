@@ -40,32 +40,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from worldgen.errors import ConfigError, format_validation_error
-from worldgen.state import ArtifactRef, WorldContent, WorldState
-from worldgen.storage import _read_model
+from worldgen.state import ArtifactRef, EpisodeMeta, WorldState
+from worldgen.storage import EpisodeFolder, WorldStorage
 
-__all__ = ["Episode", "EpisodeMeta", "episode_folders", "read_episode", "read_episodes", "load_image"]
+__all__ = ["Episode", "episode_folders", "read_episode", "read_episodes", "load_image"]
 
 _NUMBER = re.compile(r"^\d+$")
 _STATE_FIELDS = set(WorldState.model_fields)
-
-
-class EpisodeMeta(BaseModel):
-    """An episode's meta.json (all optional; unknown keys are kept)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    episode: int | None = None
-    state_id: str | None = None
-    step: int | None = Field(None, ge=1, description="the step in which World update saved the episode")
-    action: str | None = Field(None, description="the visitor's action Development was given")
-    ran: list[str] = Field(default_factory=list, description="stages run in the saving step before it")
-    time: str | None = None
-    content: WorldContent | None = Field(
-        None, description="the world's content as the episode's stages saw it (exact prompts when given)"
-    )
 
 
 @dataclass(frozen=True)
@@ -83,6 +67,11 @@ class Episode:
     def filled(self) -> set[int]:
         return self.state.filled()
 
+    @property
+    def state_path(self) -> Path:
+        """The file the five blocks were read from (errors about them name it)."""
+        return EpisodeFolder(self.folder).state_path
+
 
 def episode_folders(path: str | Path) -> tuple[Path, list[tuple[int, Path]]]:
     """(world root, [(number, episode folder)] ascending) for any of the accepted layouts."""
@@ -91,7 +80,8 @@ def episode_folders(path: str | Path) -> tuple[Path, list[tuple[int, Path]]]:
         raise ConfigError(
             "no such folder (expected a world directory or a folder of episodes)", file=str(path)
         )
-    folder, root = (path / "episodes", path) if (path / "episodes").is_dir() else (path, path.parent)
+    episodes = WorldStorage(path).episodes_dir  # where a world keeps them
+    folder, root = (episodes, path) if episodes.is_dir() else (path, path.parent)
     found: dict[int, Path] = {}
     for child in sorted(folder.iterdir()):
         if child.is_dir() and _NUMBER.match(child.name):
@@ -131,13 +121,14 @@ def read_episode(folder: str | Path, number: int | None = None, *, root: str | P
     folder = Path(folder)
     number = int(folder.name) if number is None else int(number)
     root = Path(root) if root is not None else folder.parent.parent
-    state = _read_state(folder / "state.json")
-    meta = _read_model(folder / "meta.json", EpisodeMeta) or EpisodeMeta()
+    files = EpisodeFolder(folder)
+    state = _read_state(files.state_path)
+    meta = files.read_meta() or EpisodeMeta()
     images, paths = [], []
     for i, ref in enumerate(state.artifacts or []):
         if ref.kind != "image":
             continue
-        path = _find_artifact(ref, folder, root, where=(folder / "state.json", f"artifacts.{i}.path"))
+        path = _find_artifact(ref, folder, root, where=(files.state_path, f"artifacts.{i}.path"))
         images.append(load_image(path))
         paths.append(path)
     return Episode(number, state, meta, folder, images, paths)

@@ -423,7 +423,7 @@ def _per_image(episode: Episode, count: int) -> list[str]:
         raise ConfigError(
             f"block 4 must describe the episode's {count} image(s) as 'Image 1: ...', 'Image 2: ...' lines "
             f"(one per image, in order); found {numbers or 'none'}",
-            file=str(episode.folder / "state.json"),
+            file=str(episode.state_path),
             path="description",
         )
     ends = [m.start() for m in marks[1:]] + [len(text)]
@@ -438,9 +438,7 @@ def _denoising_examples(world: Any, episode: Episode, role: str) -> list[ImageEx
     try:
         engine = world.stages[role].selected(state)
     except ConfigError as err:
-        raise ConfigError(
-            err.detail, file=str(episode.folder / "state.json"), path="generation.pipeline"
-        ) from None
+        raise ConfigError(err.detail, file=str(episode.state_path), path="generation.pipeline") from None
     if diffusion_blocks(engine) is None:
         return []
     g = state.generation
