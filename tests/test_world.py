@@ -17,6 +17,7 @@ import worldgen as wg
 from tests.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
 from tests.test_llm_server import direct_generation, llm_server, server_report
 from worldgen.config import load_config_file
+from worldgen.errors import ConfigError
 from worldgen.storage import WorldDamagedError, WorldStorage
 from worldgen.world import World
 
@@ -271,6 +272,17 @@ def test_world_from_template(tmp_path):
     reports = world.run(2)
     assert reports[1].episode == 1 and (world.directory / "report.html").exists()
     assert "Glass Orchard" in (world.directory / "report.html").read_text()
+
+
+def test_world_from_a_graph_or_pipeline_template_names_what_it_builds_and_the_world_templates(tmp_path):
+    for template, kind in (("text_to_image", "graph"), ("generate_and_refine", "pipeline")):
+        with pytest.raises(ConfigError) as caught:
+            wg.World.from_template(template, directory=tmp_path / "w", preset="tiny")
+        assert str(caught.value) == (
+            f"template '{template}' builds a {kind}, not a world; the world templates: offline_world"
+        )
+    assert not (tmp_path / "w").exists()
+    assert list(wg.list_templates(kind="world")) == ["offline_world"]
 
 
 def test_a_mapping_config_with_a_ref_is_stored_resolved(tmp_path, monkeypatch):
