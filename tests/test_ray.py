@@ -166,6 +166,8 @@ def test_node_failure_on_ray_names_the_node(clean_hosts):
 
 
 def test_light_graph_with_aggregation_and_config_executor(clean_hosts):
+    import os
+
     import tests.toy_blocks  # noqa: F401 - registers the toy blocks
 
     config = {
@@ -174,15 +176,16 @@ def test_light_graph_with_aggregation_and_config_executor(clean_hosts):
         "nodes": {
             "a": {"type": "toy/scale", "config": {"factor": 1}},
             "b": {"type": "toy/scale", "config": {"factor": 10}},
-            "sum": {"type": "toy/sum"},
+            "sum": {"type": "toy/sum_where"},
         },
         "edges": ["a.y -> sum.values", "b.y -> sum.values"],
         "inputs": {"a": "a.x", "b": "b.x"},
-        "outputs": {"y": "sum.y"},
+        "outputs": {"y": "sum.y", "pid": "sum.pid"},
     }
     graph = wg.Graph.from_config(config)
-    assert graph.run({"a": 1.0, "b": 2.0}) == {"y": 21.0}  # on Ray: the config says so
-    assert graph.run({"a": 1.0, "b": 2.0}, executor="local") == {"y": 21.0}
+    on_ray = graph.run({"a": 1.0, "b": 2.0})  # on Ray: the config says so
+    assert on_ray["y"] == 21.0 and on_ray["pid"] != os.getpid()  # the sum ran as a task in a Ray worker
+    assert graph.run({"a": 1.0, "b": 2.0}, executor="local") == {"y": 21.0, "pid": os.getpid()}
 
 
 def test_inline_blocks_run_in_the_driving_process(clean_hosts):

@@ -16,6 +16,7 @@ from PIL import Image
 import worldgen as wg
 from tests.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
 from tests.test_llm_server import direct_generation, llm_server, server_report
+from worldgen.block import ModelBlock
 from worldgen.config import load_config_file
 from worldgen.errors import ConfigError
 from worldgen.storage import WorldDamagedError, WorldStorage
@@ -108,6 +109,13 @@ def test_user_supplied_state_table_local(tmp_path, picture, blocks, environment_
 def test_user_supplied_state_table_ray(ray_session, tmp_path, picture, blocks, environment_ran, saved):
     world = World.from_config(fast_config("ray"), directory=tmp_path / "w")
     check_row(world, blocks, environment_ran, saved, picture)
+    # Ray ran the Creator: its models live on named host actors and were never loaded in this process
+    # (the local executor loads every one of them here)
+    models = [b for _, b in world.named_blocks() if isinstance(b, ModelBlock)]
+    assert models and not any(b.model_loaded for b in models)
+    hosts = [a["name"] for a in ray_session.util.list_named_actors(all_namespaces=True)]
+    for block in models:
+        assert any(name.endswith("-" + block.model_class().__name__) for name in hosts), (block, hosts)
 
 
 def test_empty_start_saves_the_first_episode_on_step_two(tmp_path):
