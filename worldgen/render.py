@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -446,9 +446,9 @@ def _cycle(stages: list[_Stage]) -> list[tuple[_Stage, _Stage, str]]:
 
 
 def _world_heading(world: Any) -> str:
-    return f"world '{world.settings.name}': " + f" {ARROW} ".join(
-        [*(s.role for s in _stages(world)), _stages(world)[0].role]
-    )
+    from worldgen.stage import CYCLE
+
+    return f"world '{world.settings.name}': " + f" {ARROW} ".join([*CYCLE, CYCLE[0]])
 
 
 def _children(engine: Engine) -> list[tuple[str, Engine]]:
@@ -456,92 +456,99 @@ def _children(engine: Engine) -> list[tuple[str, Engine]]:
     return [(n, engine.item(n)) for n in engine.node_ids if isinstance(engine.item(n), Engine)]
 
 
-# Mermaid
-def _mermaid_engine(engine: Engine, scope: str, taken: set[str], pad: str) -> list[str]:
-    """An engine inside a world's diagram: a graph in full, or one nested subgraph per item with the edges
-    between them."""
+@dataclass(frozen=True)
+class _Dialect:
+    """How one text format draws a world's nesting: a graph in full, a group (Mermaid subgraph, DOT cluster)
+    opened and closed, and an edge between two groups."""
+
+    graph: Callable[[_View, set[str], str], list[str]]  # (view, taken ids, indent) -> lines
+    group_id: Callable[[str], str]  # a raw name -> the group's id before it is made unique
+    open: Callable[[str, list[str], str, bool], list[str]]  # (id, label lines, indent, is a stage) -> lines
+    close: str
+    edge: Callable[
+        [str, str, str, str, str], str
+    ]  # (from id, to id, label, "item"|"then"|"next step", indent)
+
+
+def _nested(engine: Engine, scope: str, taken: set[str], pad: str, dialect: _Dialect) -> list[str]:
+    """An engine inside a world's diagram: a graph in full, or one nested group per item (a stage's pipelines
+    and graphs, a pipeline's graphs) with the edges between them."""
     children = _children(engine)
     if not children:
-        return _mermaid_graph(_view(engine, scope, taken), taken, pad)
+        return dialect.graph(_view(engine, scope, taken), taken, pad)
     out, ids = [], {}
     for node_id, item in children:
-        ids[node_id] = _unique_id(f"{scope}{node_id}", taken)
-        out.append(
-            f"{pad}subgraph {ids[node_id]}[{_mermaid_label([f'{node_id}: {item.level} {item.name!r}'])}]"
-        )
-        out += _mermaid_engine(item, f"{ids[node_id]}__", taken, pad + "  ")
-        out.append(f"{pad}end")
+        ids[node_id] = _unique_id(dialect.group_id(f"{scope}{node_id}"), taken)
+        out += dialect.open(ids[node_id], [f"{node_id}: {item.level} {item.name!r}"], pad, False)
+        out += _nested(item, f"{scope}{node_id}__", taken, pad + "  ", dialect)
+        out.append(pad + dialect.close)
     for edge in engine.edges:
         if edge.source in ids and edge.target in ids:
-            label = _mermaid_label([_edge_label(edge.source_port, edge.target_port, False)])
-            out.append(f"{pad}{ids[edge.source]} -->|{label}| {ids[edge.target]}")
+            label = _edge_label(edge.source_port, edge.target_port, False)
+            out.append(dialect.edge(ids[edge.source], ids[edge.target], label, "item", pad))
     return out
 
 
-def _world_mermaid(world: Any) -> str:
+def _world_lines(world: Any, dialect: _Dialect) -> list[str]:
+    """Every stage as a group in cycle order, its contents nested, then the cycle's edges."""
     stages, taken = _stages(world), set()
-    out = ["flowchart LR", f"  %% {_mermaid_text(_world_heading(world))}"]
-    ids = {}
+    out, ids = [], {}
     for stage in stages:
-        ids[stage.role] = _unique_id(f"stage_{stage.role}", taken)
-        out.append(f"  subgraph {ids[stage.role]}[{_mermaid_label([stage.title, stage.summary])}]")
-        out += _mermaid_engine(stage.engine, f"{stage.role}__", taken, "    ")
-        out.append("  end")
+        ids[stage.role] = _unique_id(dialect.group_id(f"stage_{stage.role}"), taken)
+        out += dialect.open(ids[stage.role], [stage.title, stage.summary], "  ", True)
+        out += _nested(stage.engine, f"{stage.role}__", taken, "    ", dialect)
+        out.append("  " + dialect.close)
     for source, target, label in _cycle(stages):
-        arrow = "-.->" if label == "next step" else "==>"
-        out.append(f"  {ids[source.role]} {arrow}|{_mermaid_label([label])}| {ids[target.role]}")
-    return "\n".join([*out, *_MERMAID_CLASSES]) + "\n"
+        out.append(dialect.edge(ids[source.role], ids[target.role], label, label, "  "))
+    return out
+
+
+_MERMAID_ARROWS = {"item": "-->", "then": "==>", "next step": "-.->"}
+_MERMAID = _Dialect(
+    graph=_mermaid_graph,
+    group_id=lambda name: name,
+    open=lambda sub, lines, pad, stage: [f"{pad}subgraph {sub}[{_mermaid_label(lines)}]"],
+    close="end",
+    edge=lambda a, b, label, kind, pad: f"{pad}{a} {_MERMAID_ARROWS[kind]}|{_mermaid_label([label])}| {b}",
+)
+
+
+def _world_mermaid(world: Any) -> str:
+    heading = f"  %% {_mermaid_text(_world_heading(world))}"
+    return "\n".join(["flowchart LR", heading, *_world_lines(world, _MERMAID), *_MERMAID_CLASSES]) + "\n"
 
 
 # DOT: an edge between clusters runs between invisible anchor nodes, clipped at the clusters (compound=true)
-def _dot_cluster(cluster: str, label: str, pad: str, style: str) -> list[str]:
+def _dot_cluster(cluster: str, lines: list[str], pad: str, stage: bool) -> list[str]:
     return [
         f"{pad}subgraph {cluster} {{",
-        f"{pad}  label={_dot_string(label)};",
-        f"{pad}  style={_dot_string(style)};",
+        f"{pad}  label={_dot_label(lines)};",
+        f"{pad}  style={_dot_string('bold,rounded' if stage else 'rounded')};",
         f'{pad}  {cluster}_anchor [shape=point, style=invis, width=0, label=""];',
     ]
 
 
-def _dot_engine(engine: Engine, scope: str, taken: set[str], pad: str) -> list[str]:
-    children = _children(engine)
-    if not children:
-        return _dot_graph(_view(engine, scope, taken), taken, pad)
-    out, clusters = [], {}
-    for node_id, item in children:
-        clusters[node_id] = _unique_id(f"cluster_{scope}{node_id}", taken)
-        out += _dot_cluster(clusters[node_id], f"{node_id}: {item.level} {item.name!r}", pad, "rounded")
-        out += _dot_engine(item, f"{clusters[node_id][len('cluster_') :]}__", taken, pad + "  ")
-        out.append(f"{pad}}}")
-    for edge in engine.edges:
-        if edge.source in clusters and edge.target in clusters:
-            a, b = clusters[edge.source], clusters[edge.target]
-            label = _dot_string(_edge_label(edge.source_port, edge.target_port, False))
-            out.append(f"{pad}{a}_anchor -> {b}_anchor [label={label}, ltail={a}, lhead={b}];")
-    return out
+_DOT_EDGE_STYLES = {"item": "", "then": ", style=bold", "next step": ", style=dashed, constraint=false"}
+_DOT = _Dialect(
+    graph=_dot_graph,
+    group_id=lambda name: f"cluster_{name}",
+    open=_dot_cluster,
+    close="}",
+    edge=lambda a, b, label, kind, pad: (
+        f"{pad}{a}_anchor -> {b}_anchor [label={_dot_string(label)}, ltail={a}, lhead={b}{_DOT_EDGE_STYLES[kind]}];"
+    ),
+)
 
 
 def _world_dot(world: Any) -> str:
-    stages, taken = _stages(world), set()
     out = [
         f"digraph {_dot_string(world.settings.name)} {{",
         f"  label={_dot_string(_world_heading(world))};",
         *_DOT_DEFAULTS,
         "  compound=true;",
+        *_world_lines(world, _DOT),
+        "}",
     ]
-    clusters = {}
-    for stage in stages:
-        clusters[stage.role] = _unique_id(f"cluster_stage_{stage.role}", taken)
-        out += _dot_cluster(clusters[stage.role], f"{stage.title}\n{stage.summary}", "  ", "bold,rounded")
-        out += _dot_engine(stage.engine, f"{stage.role}__", taken, "    ")
-        out.append("  }")
-    for source, target, label in _cycle(stages):
-        a, b = clusters[source.role], clusters[target.role]
-        style = "dashed, constraint=false" if label == "next step" else "bold"
-        out.append(
-            f"  {a}_anchor -> {b}_anchor [label={_dot_string(label)}, ltail={a}, lhead={b}, style={style}];"
-        )
-    out.append("}")
     return "\n".join(out) + "\n"
 
 
