@@ -125,3 +125,9 @@ def test_a_vlm_philosophers_adapter_trains(vlm_world, tmp_path, clean_hosts):
     assert ups and all(float(b.abs().sum()) > 0 for b in ups)  # B starts at 0: only training moves it
     assert np.isfinite(result["history"][-1]["loss"])
     assert result["metrics"]["base_digest_before"] == result["metrics"]["base_digest_after"]
+
+    custom = World.load(out)  # the custom world's Philosopher describes with its adapter (loaded from PEFT)
+    custom.run(2)
+    describe = dict(custom.named_blocks())["philosopher.main.describe"]
+    assert describe.config.adapter is not None
+    assert describe.config.adapter.name in describe.model.__dict__["_worldgen_adapters"]
