@@ -280,19 +280,15 @@ class WorldGateway:
         holds another. Of concurrent creates of one id exactly one gets 201: the world directory's atomic claim
         (`WorldStorage.create`) decides, whichever gateway replica each request reaches."""
         if body.template is not None:
-            from worldgen.templates import build_template
+            from worldgen.templates import build_world_template
 
-            try:
-                config = build_template(body.template, **body.params)
+            try:  # a graph or pipeline template is a 400 that lists the world templates
+                config = build_world_template(body.template, **body.params)
             except (WorldgenError, TypeError, ValueError) as err:
-                raise HTTPException(400, f"template {body.template!r}: {err}") from None
-            if not isinstance(config, dict) or config.get("kind") != "world":
-                what = (
-                    type(config).__name__
-                    if not isinstance(config, dict)
-                    else f"a {config.get('kind')} config"
-                )
-                raise HTTPException(400, f"template {body.template!r} builds {what}, not a world")
+                message = str(err)  # the registry's own errors name the template; a builder's may not
+                if repr(body.template) not in message and f"'{body.template}'" not in message:
+                    message = f"template {body.template!r}: {message}"
+                raise HTTPException(400, message) from None
         else:
             config = body.config
         try:  # a posted config (and a template's params) is held to the server's trust policy

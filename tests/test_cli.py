@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,147 @@ def test_show_template_to_file(tmp_path, capsys):
 def test_show_unknown_template(capsys):
     assert main(["show", "template:text_to_imag"]) == 2
     assert "did you mean 'text_to_image'" in _error_line(capsys)
+
+
+# a world: the cycle in order, each stage a cluster holding its graphs (and pipelines, holding theirs)
+CYCLE = ["philosopher", "author", "world_update", "development", "architect", "creator"]
+TITLES = ["1. Philosopher", "2. Author", "3. World update", "4. Development", "5. Architect", "6. Creator"]
+
+
+@pytest.fixture(scope="module")
+def world_sources(tmp_path_factory) -> dict[str, Path]:
+    """The default world with a Creator of two pipelines, one a pipeline of two graphs: as a config file, and
+    as the directory of a world made from it."""
+    from worldgen.cli import DEFAULT_WORLD
+    from worldgen.config import load_config_file
+
+    config = load_config_file(DEFAULT_WORLD)
+    config["stages"]["creator"] = {
+        "pipelines": {
+            "text_to_image": {"template": "text_to_image", "params": {"preset": "tiny", "steps": 2}},
+            "refined": {"template": "generate_and_refine", "params": {"preset": "tiny", "steps": 2}},
+        }
+    }
+    root = tmp_path_factory.mktemp("show_world")
+    file = _write(root / "world.yaml", config)
+    wg.World.from_config(file, directory=root / "made")
+    return {"file": file, "directory": root / "made"}
+
+
+def _show(source: Path, fmt: str, capsys) -> str:
+    assert main(["show", str(source), "--format", fmt]) == 0
+    return capsys.readouterr().out
+
+
+def _dot_clusters(text: str) -> dict[str, tuple[str | None, str]]:
+    """cluster name -> (the cluster it sits in, its label), from the braces of a DOT text."""
+    import re
+
+    clusters, stack = {}, []
+    for line in text.splitlines():
+        opened = re.match(r"\s*subgraph (cluster_\w+) \{$", line)
+        if opened:
+            clusters[opened.group(1)] = (stack[-1] if stack else None, "")
+            stack.append(opened.group(1))
+        elif line.strip() == "}" and stack:
+            stack.pop()
+        elif stack and line.strip().startswith("label=") and not clusters[stack[-1]][1]:
+            clusters[stack[-1]] = (clusters[stack[-1]][0], line.strip()[len("label=") : -1])
+    return clusters
+
+
+@pytest.mark.parametrize("source", ["file", "directory"])
+def test_show_world_dot(world_sources, source, capsys):
+    text = _show(world_sources[source], "dot", capsys)
+    assert text.startswith('digraph "harbor" {') and "compound=true;" in text
+    assert text.count("{") == text.count("}")
+    clusters = _dot_clusters(text)
+    stages = [c for c, (parent, _) in clusters.items() if parent is None]
+    assert stages == [f"cluster_stage_{role}" for role in CYCLE]  # in cycle order
+    for stage, title in zip(stages, TITLES, strict=True):
+        assert clusters[stage][1].startswith(f'"{title}\\n')
+    assert (
+        clusters["cluster_stage_philosopher"][1] == '"1. Philosopher\\nreads blocks 1, 2, 3; writes block 4"'
+    )
+    graphs = {c: parent for c, (parent, label) in clusters.items() if "graph '" in label}
+    assert graphs == {
+        "cluster_philosopher__main": "cluster_stage_philosopher",
+        "cluster_author__main": "cluster_stage_author",
+        "cluster_world_update__main": "cluster_stage_world_update",
+        "cluster_development__main": "cluster_stage_development",
+        "cluster_architect__main": "cluster_stage_architect",
+        "cluster_creator__text_to_image": "cluster_stage_creator",
+        "cluster_creator__refined__generate": "cluster_creator__refined",  # a pipeline's graphs sit in it
+        "cluster_creator__refined__refine": "cluster_creator__refined",
+    }
+    assert clusters["cluster_creator__refined"] == (
+        "cluster_stage_creator",
+        "\"refined: pipeline 'generate_and_refine'\"",
+    )
+    # the loop of each diffusion graph is a cluster inside its graph's
+    assert (
+        clusters["cluster_creator__refined__refine__loop_unet_cfg_solver"][0]
+        == "cluster_creator__refined__refine"
+    )
+    cycle = re.findall(r"(cluster_stage_\w+)_anchor -> (cluster_stage_\w+)_anchor \[label=\"([^\"]+)\"", text)
+    expected = [
+        (f"cluster_stage_{a}", f"cluster_stage_{b}")
+        for a, b in zip(CYCLE, CYCLE[1:] + CYCLE[:1], strict=True)
+    ]
+    assert [(a, b) for a, b, _ in cycle] == expected
+    assert [label for *_, label in cycle] == ["then"] * 5 + ["next step"]
+    assert (
+        'cluster_creator__refined__generate_anchor -> cluster_creator__refined__refine_anchor [label="image → image"'
+        in text
+    )
+    assert "creator__text_to_image__node_unet [" in text and "philosopher__main__node_describe [" in text
+
+
+@pytest.mark.parametrize("source", ["file", "directory"])
+def test_show_world_mermaid(world_sources, source, capsys):
+    text = _show(world_sources[source], "mermaid", capsys)
+    lines = text.splitlines()
+    assert lines[0] == "flowchart LR"
+    opened = [line.strip() for line in lines if line.lstrip().startswith("subgraph ")]
+    assert sum(line.strip() == "end" for line in lines) == len(opened)
+    top = [line for line in lines if line.startswith("  subgraph ")]  # the stages, nothing nested
+    assert [line.split("<br/>")[0] for line in top] == [
+        f'  subgraph stage_{role}["{title}' for role, title in zip(CYCLE, TITLES, strict=True)
+    ]
+    assert top[-1] == '  subgraph stage_creator["6. Creator<br/>reads block 2; writes block 3"]'
+    assert "    subgraph philosopher__main[\"main: graph 'philosopher'\"]" in lines
+    assert "    subgraph creator__refined[\"refined: pipeline 'generate_and_refine'\"]" in lines
+    assert "      subgraph creator__refined__refine[\"refine: graph 'image_to_image'\"]" in lines
+    assert '      creator__refined__generate -->|"image → image"| creator__refined__refine' in lines
+    cycle = [line.strip() for line in lines if line.startswith("  stage_")]
+    arrows = ["==>"] * 5 + ["-.->"]
+    labels = ["then"] * 5 + ["next step"]
+    assert cycle == [
+        f'stage_{a} {arrow}|"{label}"| stage_{b}'
+        for a, b, arrow, label in zip(CYCLE, CYCLE[1:] + CYCLE[:1], arrows, labels, strict=True)
+    ]
+    assert '      philosopher__main__node_describe["describe<br/>vlm/image_stats"]' in lines
+
+
+@pytest.mark.parametrize("source", ["file", "directory"])
+def test_show_world_json(world_sources, source, capsys):
+    data = json.loads(_show(world_sources[source], "json", capsys))
+    assert data["name"] == "harbor" and data["level"] == "world" and data["cycle"] == CYCLE
+    assert [s["role"] for s in data["stages"]] == CYCLE and [s["title"] for s in data["stages"]] == TITLES
+    assert [(e["from"], e["to"], e["next_step"]) for e in data["edges"]] == [
+        (a, b, b == "philosopher") for a, b in zip(CYCLE, CYCLE[1:] + CYCLE[:1], strict=True)
+    ]
+    philosopher = data["stages"][0]
+    assert philosopher["level"] == "stage" and (philosopher["reads"], philosopher["writes"]) == ([1, 2, 3], 4)
+    graph = philosopher["nodes"][0]["contents"]
+    assert graph["level"] == "graph" and [n["type"] for n in graph["nodes"]] == ["vlm/image_stats"]
+    creator = {n["id"]: n["contents"] for n in data["stages"][-1]["nodes"]}
+    assert set(creator) == {"text_to_image", "refined"}
+    assert creator["text_to_image"]["loops"][0]["nodes"] == LOOP
+    refined = creator["refined"]
+    assert refined["level"] == "pipeline" and [n["id"] for n in refined["nodes"]] == ["generate", "refine"]
+    assert [n["contents"]["name"] for n in refined["nodes"]] == ["text_to_image", "image_to_image"]
+    assert "contents" not in creator["text_to_image"]["nodes"][0]  # a block has no contents
 
 
 def test_renderers_escape_awkward_node_ids():

@@ -174,6 +174,21 @@ def test_bad_config_message_names_the_field(gateway):
     assert not (root / "broken").exists()  # nothing of a world that never opened stays
 
 
+@pytest.mark.parametrize(
+    ("template", "kind"), [("text_to_image", "graph"), ("generate_and_refine", "pipeline")]
+)
+def test_a_graph_or_pipeline_template_is_a_400_listing_the_world_templates(gateway, template, kind):
+    client, root = gateway
+    response = client.post(
+        "/v1/worlds", json={"id": "from-graph", "template": template, "params": {"preset": "tiny"}}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == (
+        f"template '{template}' builds a {kind}, not a world; the world templates: offline_world"
+    )
+    assert not (root / "from-graph").exists()
+
+
 def test_oversized_body_gets_413(gateway):
     client, _ = gateway
     huge = {"template": "offline_world", "params": {"story": "x" * 100_000}}

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.test_vision import tiny_vlm_dir  # noqa: F401 - the tiny captioner fixture
 from tests.test_world import fast_config
 from train_jobs.lora_world import train
 from worldgen.errors import ConfigError
-from worldgen.lora import adapter_bytes, world_weight_bytes
+from worldgen.lora import adapter_bytes, read_manifest, world_weight_bytes
 from worldgen.world import World
 
 
@@ -73,3 +74,60 @@ def test_bad_training_configs_name_the_field(base_world, tmp_path):
         train({"world": str(base_world), "out": str(tmp_path / "x"), "workers": 0})
     with pytest.raises(ConfigError, match="no world at"):
         train({"world": str(tmp_path / "nowhere"), "out": str(tmp_path / "x")})
+
+
+@pytest.fixture(scope="module")
+def vlm_world(tmp_path_factory, tiny_vlm_dir):  # noqa: F811 - the fixture imported above
+    """A tiny world whose Philosopher is a local captioner (vlm/transformers), with 4 recorded episodes."""
+    config = fast_config()
+    config["stages"]["philosopher"] = {
+        "name": "philosopher",
+        "nodes": {
+            "describe": {
+                "type": "vlm/transformers",
+                "config": {"model": str(tiny_vlm_dir), "max_new_tokens": 6},
+            }
+        },
+        "inputs": {"images": "describe.images"},
+        "outputs": {"text": "describe.text"},
+    }
+    world = World.from_config(config, tmp_path_factory.mktemp("vlm") / "harbor")
+    world.run(5)
+    return world.storage.root
+
+
+def test_a_vlm_philosophers_adapter_trains(vlm_world, tmp_path, clean_hosts):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "custom"
+    result = train(
+        {
+            "world": str(vlm_world),
+            "out": str(out),
+            "roles": ["philosopher"],
+            "workers": 1,
+            "epochs": 1,
+            "steps_per_epoch": 2,
+            "batch_size": 2,
+            "held_out": 1,
+            "learning_rate": 1e-2,
+            "lora": {"rank": 4, "alpha": 8},
+        }
+    )
+    assert list(read_manifest(out / "adapters")["adapters"]) == ["philosopher.main.describe"]
+    weights = load_file(out / "adapters" / "philosopher.main.describe" / "adapter_model.safetensors")
+    # the captioner's language model only (GPT-2's self- and cross-attention), never its image encoder
+    assert {k.rsplit(".lora_", 1)[0] for k in weights} == {
+        "decoder.transformer.h.0.attn.c_attn",
+        "decoder.transformer.h.0.crossattention.c_attn",
+    }
+    ups = [v for k, v in weights.items() if ".lora_B." in k]
+    assert ups and all(float(b.abs().sum()) > 0 for b in ups)  # B starts at 0: only training moves it
+    assert np.isfinite(result["history"][-1]["loss"])
+    assert result["metrics"]["base_digest_before"] == result["metrics"]["base_digest_after"]
+
+    custom = World.load(out)  # the custom world's Philosopher describes with its adapter (loaded from PEFT)
+    custom.run(2)
+    describe = dict(custom.named_blocks())["philosopher.main.describe"]
+    assert describe.config.adapter is not None
+    assert describe.config.adapter.name in describe.model.__dict__["_worldgen_adapters"]

@@ -132,8 +132,22 @@ def test_pipeline_checkpoint_stores_a_shared_model_once(tmp_path):
     assert torch.equal(loaded.run({"prompt": PROMPT}, seed=0)["image"], expected)
 
 
-def test_executor_is_chosen_per_config():
-    config = chain().to_config() | {"executor": "ray"}
-    assert wg.Pipeline.from_config(config).executor == "ray"
+def test_executor_is_chosen_per_config(ray_session):
+    import os
+
+    where = wg.Graph("where")
+    where.add_node("toy/where_task", id="w")  # reports the process it ran in
+    where.expose_input("x", "w.x")
+    where.expose_output("pid", "w.pid")
+    p = chain()
+    p.add_graph(where, id="where")
+    p.connect("b.y", "where.x")
+    p.expose_output("pid", "where.pid")
+    config = p.to_config()
+    on_ray = wg.Pipeline.from_config(config | {"executor": "ray"})
+    assert on_ray.executor == "ray"
+    out = on_ray.run({"x": 1.0})  # no executor argument: the config's is used
+    assert out["y"] == 6.0 and out["pid"] != os.getpid()  # a Ray worker ran the node
+    assert wg.Pipeline.from_config(config).run({"x": 1.0}) == {"y": 6.0, "pid": os.getpid()}
     with pytest.raises(wg.ConfigError, match=r"at executor: unknown executor 'rey' \(did you mean 'ray'\?\)"):
         wg.Pipeline.from_config(chain().to_config() | {"executor": "rey"})

@@ -17,6 +17,14 @@ TOL = 1e-5  # CPU thread counts differ between processes
 STEPS = 3
 
 
+def wait_until(condition, what: str, seconds: float = 60) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `seconds` (no fixed sleeps: timing-free)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.01)
+
+
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and (a - b).abs().max().item() <= TOL
 
@@ -127,6 +135,13 @@ def test_killed_host_fails_the_run_clearly_and_the_next_run_recovers(clean_hosts
     expected = graph.run({"prompt": PROMPT}, seed=0, iterations=None)["image"]
     graph.run({"prompt": PROMPT}, seed=0, executor="ray", fuse_loops=False)  # hosts up and warm
     unet_host = ray.get_actor(host_name(graph.block("unet")), namespace="worldgen")
+    warm = ray.get(unet_host.info.remote())
+
+    def host_info() -> dict | None:
+        try:
+            return ray.get(unet_host.info.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - dead or restarting: not answering yet
+            return None
 
     failure = []
 
@@ -138,11 +153,15 @@ def test_killed_host_fails_the_run_clearly_and_the_next_run_recovers(clean_hosts
 
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(0.5)  # the 40-step loop is under way
+    # the 40-step loop is under way once the host has been called again (one call per step: 39 more to go)
+    wait_until(lambda: (host_info() or warm)["calls"] > warm["calls"], "the run to call the UNet host")
+    assert thread.is_alive()
     ray.kill(unet_host, no_restart=False)  # Ray restarts it (max_restarts) and it reloads its model
     thread.join(timeout=120)
-    assert failure, "the run that lost its host must fail"
+    assert not thread.is_alive() and failure, "the run that lost its host must fail"
     assert "model host actor died" in str(failure[0]) and "running again is safe" in str(failure[0])
+    # the host comes back in a new process (the old one is gone), before the next run needs it
+    wait_until(lambda: (host_info() or warm)["pid"] != warm["pid"], "the UNet host to restart")
 
     again = graph.run({"prompt": PROMPT}, seed=0, executor="ray")["image"]
     assert close(expected, again)
@@ -166,6 +185,8 @@ def test_node_failure_on_ray_names_the_node(clean_hosts):
 
 
 def test_light_graph_with_aggregation_and_config_executor(clean_hosts):
+    import os
+
     import tests.toy_blocks  # noqa: F401 - registers the toy blocks
 
     config = {
@@ -174,15 +195,16 @@ def test_light_graph_with_aggregation_and_config_executor(clean_hosts):
         "nodes": {
             "a": {"type": "toy/scale", "config": {"factor": 1}},
             "b": {"type": "toy/scale", "config": {"factor": 10}},
-            "sum": {"type": "toy/sum"},
+            "sum": {"type": "toy/sum_where"},
         },
         "edges": ["a.y -> sum.values", "b.y -> sum.values"],
         "inputs": {"a": "a.x", "b": "b.x"},
-        "outputs": {"y": "sum.y"},
+        "outputs": {"y": "sum.y", "pid": "sum.pid"},
     }
     graph = wg.Graph.from_config(config)
-    assert graph.run({"a": 1.0, "b": 2.0}) == {"y": 21.0}  # on Ray: the config says so
-    assert graph.run({"a": 1.0, "b": 2.0}, executor="local") == {"y": 21.0}
+    on_ray = graph.run({"a": 1.0, "b": 2.0})  # on Ray: the config says so
+    assert on_ray["y"] == 21.0 and on_ray["pid"] != os.getpid()  # the sum ran as a task in a Ray worker
+    assert graph.run({"a": 1.0, "b": 2.0}, executor="local") == {"y": 21.0, "pid": os.getpid()}
 
 
 def test_inline_blocks_run_in_the_driving_process(clean_hosts):

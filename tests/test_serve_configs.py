@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -29,12 +30,34 @@ def test_serve_configs_follow_serves_schema(path):
     )
 
 
-def test_the_world_gateway_config_builds(tmp_path):
+def _settings(args: dict, default: object) -> dict:
+    """`args` as the gateway's settings hold them: nested mappings (trust, limits) over their defaults."""
+    return {k: v | args.get(k, {}) if isinstance(v, dict) else args.get(k, v) for k, v in default.items()}
+
+
+def test_the_world_gateway_config_builds(tmp_path, monkeypatch):
     from ray.serve import Application
 
+    from serve_apps.world_gateway import GatewaySettings
+
+    monkeypatch.setenv("WORLDGEN_API_TOKEN", "s3cret-token")
     (app_config,) = load_serve_config(REPO / "configs" / "serve" / "worlds.yaml").applications
-    app = build_application(app_config.import_path, {**app_config.args, "root": str(tmp_path)})
+    assert app_config.name == "worlds" and app_config.route_prefix == "/"
+    args = {**app_config.args, "root": str(tmp_path), "num_replicas": 2, "max_ongoing_requests": 7}
+    app = build_application(app_config.import_path, args)
     assert isinstance(app, Application)
+    # what Serve will run: one deployment, the gateway, with the config's options and args (Ray has no public
+    # accessor for an application's bound deployment)
+    deployment = app._bound_deployment
+    assert deployment.name == "WorldGateway"
+    assert (deployment.num_replicas, deployment.max_ongoing_requests) == (2, 7)
+    settings, digest = deployment.init_args
+    assert deployment.init_kwargs == {}
+    assert settings == _settings(args, GatewaySettings().model_dump())  # every arg of the file, nothing lost
+    assert settings["limits"]["max_worlds"] == 32 and settings["limits"]["stage_seconds"] == 900
+    assert settings["trust"] == {"roots": [], "project_configs": False, "env": [], "urls": [], "models": []}
+    # the token is read where the app is built, and only its digest travels to the replicas
+    assert digest == hashlib.sha256(b"s3cret-token").hexdigest() and "s3cret" not in json.dumps(settings)
 
 
 def test_bad_serve_configs_name_the_file_and_field(tmp_path):

@@ -17,7 +17,9 @@ from PIL import Image
 import worldgen as wg
 from tests.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
 from tests.test_llm_server import direct_generation, llm_server, server_report
+from worldgen.block import ModelBlock
 from worldgen.config import load_config_file
+from worldgen.errors import ConfigError
 from worldgen.stage import CONTRACTS
 from worldgen.state import WorldContent, WorldState
 from worldgen.storage import WorldDamagedError, WorldStorage
@@ -110,6 +112,13 @@ def test_user_supplied_state_table_local(tmp_path, picture, blocks, environment_
 def test_user_supplied_state_table_ray(ray_session, tmp_path, picture, blocks, environment_ran, saved):
     world = World.from_config(fast_config("ray"), directory=tmp_path / "w")
     check_row(world, blocks, environment_ran, saved, picture)
+    # Ray ran the Creator: its models live on named host actors and were never loaded in this process
+    # (the local executor loads every one of them here)
+    models = [b for _, b in world.named_blocks() if isinstance(b, ModelBlock)]
+    assert models and not any(b.model_loaded for b in models)
+    hosts = [a["name"] for a in ray_session.util.list_named_actors(all_namespaces=True)]
+    for block in models:
+        assert any(name.endswith("-" + block.model_class().__name__) for name in hosts), (block, hosts)
 
 
 def test_empty_start_saves_the_first_episode_on_step_two(tmp_path):
@@ -314,6 +323,17 @@ def test_world_from_template(tmp_path):
     reports = world.run(2)
     assert reports[1].episode == 1 and (world.directory / "report.html").exists()
     assert "Glass Orchard" in (world.directory / "report.html").read_text()
+
+
+def test_world_from_a_graph_or_pipeline_template_names_what_it_builds_and_the_world_templates(tmp_path):
+    for template, kind in (("text_to_image", "graph"), ("generate_and_refine", "pipeline")):
+        with pytest.raises(ConfigError) as caught:
+            wg.World.from_template(template, directory=tmp_path / "w", preset="tiny")
+        assert str(caught.value) == (
+            f"template '{template}' builds a {kind}, not a world; the world templates: offline_world"
+        )
+    assert not (tmp_path / "w").exists()
+    assert list(wg.list_templates(kind="world")) == ["offline_world"]
 
 
 def test_a_mapping_config_with_a_ref_is_stored_resolved(tmp_path, monkeypatch):

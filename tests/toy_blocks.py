@@ -46,6 +46,19 @@ class Sum(wg.Block):
 
 
 @wg.register_block
+class SumWhere(Sum):
+    """`toy/sum` that also reports the process it ran in (tests tell the local executor from Ray by it)."""
+
+    block_type = "toy/sum_where"
+    OUTPUTS = (Port("y", K.SCALAR), Port("pid", K.INT))
+
+    def forward(self, values):
+        import os
+
+        return {**super().forward(values), "pid": os.getpid()}
+
+
+@wg.register_block
 class Text(wg.Block):
     block_type = "toy/text"
     INPUTS = (Port("text", K.TEXT),)

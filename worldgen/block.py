@@ -209,6 +209,12 @@ class ModelBlock(Block):
         """The class the model is loaded as (imported lazily so building graphs stays light)."""
         raise NotImplementedError
 
+    def lora_target_modules(self) -> list[str] | str | None:
+        """peft's `target_modules` for an adapter on this block's model: a list of module-name suffixes, a regex
+        over full module names, or None for peft's default for the model's architecture. Blocks whose targets
+        depend on the loaded model (e.g. only a VLM's language model) override this."""
+        return list(self.lora_targets) if isinstance(self.lora_targets, tuple) else None
+
     def active_model(self) -> Any:
         """The model with this block's LoRA adapter active (or none): a model may carry the adapters of several
         worlds, and each call runs with its own block's."""

@@ -2,7 +2,7 @@
 
     worldgen validate FILE                       check a graph or world config (no weights are loaded)
     worldgen check DIR [--repair]                list the damage in a world directory; rebuild what is derivable
-    worldgen show FILE --format mermaid|dot|json [-o OUT]
+    worldgen show FILE --format mermaid|dot|json [-o OUT]   a graph, pipeline, stage or world (file or directory)
     worldgen templates                           list the built-in templates
     worldgen run [WORLD] [--steps N] [--action TEXT] [--out DIR] [--address ADDR]
     worldgen generate [FILE] [--prompt TEXT] [--seed N] [--steps N] [--out DIR]
@@ -13,7 +13,7 @@
     worldgen models unload [NAME ...] [--all] [--address ADDR]
 
 FILE is a graph YAML/JSON file, a saved graph directory (holding graph.yaml), or `template:NAME` (built with
-the tiny preset for `validate` and `show`). Every deliberate error (`WorldgenError`) and every
+the tiny preset for `validate` and `show`); `show` also draws a world config file or a world directory. Every deliberate error (`WorldgenError`) and every
 missing file ends as one paragraph on stderr, prefixed `worldgen: error: `, with exit code 2; `--debug`
 re-raises it for a traceback. Heavy imports (torch, diffusers, ray) happen inside the commands only.
 
@@ -167,7 +167,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     from worldgen import render
 
-    engine = load_engine(args.file, preset="tiny")
+    world_config = _world_config(args.file)
+    if world_config is not None:  # built as `validate` does: no weights, no world directory touched
+        from worldgen.world import World
+
+        engine = World.check(world_config)
+    else:
+        engine = load_engine(args.file, preset="tiny")
     if args.format == "mermaid":
         text = render.to_mermaid(engine)
     elif args.format == "dot":
@@ -280,6 +286,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _world_config(spec: str) -> Path | None:
+    """The world config `spec` names: a world config file, or a world directory's own; else None."""
+    path = Path(spec)
+    if path.is_dir():
+        from worldgen.storage import WorldStorage
+
+        storage = WorldStorage(path)
+        return storage.config_path if storage.exists() else None
+    return path if _is_world(spec) else None
 
 
 def _is_world(spec: str) -> bool:
@@ -675,11 +692,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "show",
         parents=[common],
-        help="draw a graph as Mermaid, Graphviz DOT or JSON",
-        description="Render a graph (templates are built with the tiny preset).",
+        help="draw a graph or a world as Mermaid, Graphviz DOT or JSON",
+        description="Render a graph, pipeline or stage (templates are built with the tiny preset), or a world: "
+        "its cycle of stages, each stage's graphs nested in it.",
     )
     p.add_argument(
-        "file", metavar="FILE", help="graph YAML/JSON file, saved graph directory, or template:NAME"
+        "file",
+        metavar="FILE",
+        help="graph YAML/JSON file, saved graph directory, template:NAME, world config file or world directory",
     )
     p.add_argument(
         "-f", "--format", choices=("mermaid", "dot", "json"), default="mermaid", help="default: mermaid"

@@ -1,14 +1,15 @@
 """LoRA worlds: adapters on a world's model blocks, saved in PEFT format, selected per call.
 
 A world's trainable models are the weights of its model blocks that declare LoRA targets (the diffusion
-backbone's attention projections, the text conditioner's projections, a local LLM's attention). Preparing a
-world for training (`attach_adapters`) walks world -> stages -> pipelines -> graphs -> blocks, injects one
-adapter per *model* (a model shared by several nodes gets one adapter, so the optimizer sees its parameters
-once), freezes everything else and points the blocks at the adapter. `save_adapters` writes each adapter as a
-PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) and a manifest; `use_adapters`
-points a (custom) world's blocks at saved adapters, which are loaded into the model the first time a block
-runs with them. A model holds many adapters and each call activates its block's one (or none), so on Ray the
-base model stays in one host actor while several custom worlds select their adapters per call.
+backbone's attention projections, the text conditioner's projections, a local LLM's attention, a local VLM's
+language-model attention). Preparing a world for training (`attach_adapters`) walks world -> stages ->
+pipelines -> graphs -> blocks, injects one adapter per *model* (a model shared by several nodes gets one
+adapter, so the optimizer sees its parameters once), freezes everything else and points the blocks at the
+adapter. `save_adapters` writes each adapter as a PEFT adapter directory (`adapter_config.json` +
+`adapter_model.safetensors`) and a manifest; `use_adapters` points a (custom) world's blocks at saved
+adapters, which are loaded into the model the first time a block runs with them. A model holds many adapters
+and each call activates its block's one (or none), so on Ray the base model stays in one host actor while
+several custom worlds select their adapters per call.
 
     custom/adapters/adapters.json                       {"lora": {...}, "adapters": {KEY: {"blocks": [...]}}}
     custom/adapters/<KEY>/adapter_config.json           PEFT's LoraConfig
@@ -54,7 +55,7 @@ class AdapterTarget:
 
     key: str  # the first block path using the model: names the adapter's folder
     model: Any
-    target_modules: list[str] | None
+    target_modules: list[str] | str | None  # peft's: suffixes, a full-name regex, or its default
     blocks: list[tuple[str, ModelBlock]] = field(default_factory=list)
 
     @property
@@ -74,14 +75,12 @@ def eligible_models(world: Any, settings: LoraSettings) -> list[AdapterTarget]:
         if settings.nodes is not None and not any(fnmatch.fnmatchcase(path, p) for p in settings.nodes):
             continue
         model = block.model
-        target = targets.setdefault(
-            id(model), AdapterTarget(path, model, list(block.lora_targets) if block.lora_targets else None)
-        )
+        target = targets.setdefault(id(model), AdapterTarget(path, model, block.lora_target_modules()))
         target.blocks.append((path, block))
     return list(targets.values())
 
 
-def _lora_config(settings: LoraSettings, target_modules: list[str] | None) -> Any:
+def _lora_config(settings: LoraSettings, target_modules: list[str] | str | None) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -126,7 +125,7 @@ def attach_adapters(world: Any, settings: LoraSettings, name: str = TRAINING_ADA
     if not targets:
         raise ConfigError(
             "no block of this world can take a LoRA adapter (with these roles/nodes); eligible: the diffusion "
-            "backbone, the text conditioner and local LLMs",
+            "backbone, the text conditioner, local LLMs and local VLMs (vlm/transformers)",
             path="lora",
         )
     for target in targets:

@@ -1,4 +1,4 @@
-"""Render any engine (graph, pipeline, stage) as Mermaid, Graphviz DOT or plain JSON-ready data.
+"""Render any engine (graph, pipeline, stage), or a whole world, as Mermaid, Graphviz DOT or JSON-ready data.
 
 Only the Engine-level API is used (nodes, edges, exposed ports, loops, validation) plus `item(node_id)`
 and, when an item has one, its `block_type`, so the same renderers draw every level.
@@ -6,13 +6,17 @@ and, when an item has one, its `block_type`, so the same renderers draw every le
 Every rendering shows: each node with its id and type; the exposed inputs and outputs as distinct terminal
 nodes; edges labelled `source_port → target_port`; feedback edges (declared, or inferred by `loops()`)
 dashed and labelled "feedback"; and each loop as a subgraph (Mermaid) or cluster (DOT) named after its nodes.
+
+A world is drawn as its cycle: one subgraph (Mermaid) / cluster (DOT) / entry of `stages` (JSON) per stage in
+cycle order, edges from each stage to the next and from the Creator back to the Philosopher, and inside each
+stage its pipelines and graphs as nested subgraphs / clusters / `contents` objects, each graph drawn in full.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +54,7 @@ class _View:
     outputs: list[_Terminal]
     loops: list[Loop]
     ids: dict[tuple[str, str], str] = field(default_factory=dict)  # ("node"|"in"|"out", name) -> safe id
+    scope: str = ""  # the prefix of every id drawn for this engine (its path in a world's diagram)
 
 
 def _item_type(item: Any) -> str:
@@ -69,7 +74,9 @@ def _safe_loops(engine: Engine) -> list[Loop]:
         return []
 
 
-def _view(engine: Engine) -> _View:
+def _view(engine: Engine, scope: str = "", taken: set[str] | None = None) -> _View:
+    """The engine as the renderers see it; its ids start with `scope` and are unique in `taken` (a world's
+    diagram holds many graphs, whose node names repeat)."""
     first_holder: dict[int, str] = {}
     nodes = []
     for node_id in engine.node_ids:
@@ -97,15 +104,15 @@ def _view(engine: Engine) -> _View:
         _Terminal(name, port_kind(n, p, "output"), False, [(n, p)])
         for name, (n, p) in engine.exposed_outputs.items()
     ]
-    view = _View(engine.name, engine.level, nodes, edges, inputs, outputs, loops)
-    taken: set[str] = set()
+    view = _View(engine.name, engine.level, nodes, edges, inputs, outputs, loops, scope=scope)
+    taken = set() if taken is None else taken
     for prefix, names in (
         ("node", [n.id for n in nodes]),
         ("in", [t.name for t in inputs]),
         ("out", [t.name for t in outputs]),
     ):
         for name in names:
-            view.ids[(prefix, name)] = _unique_id(f"{prefix}_{name}", taken)
+            view.ids[(prefix, name)] = _unique_id(f"{scope}{prefix}_{name}", taken)
     return view
 
 
@@ -152,49 +159,66 @@ def _mermaid_label(lines: list[str]) -> str:
     return '"' + "<br/>".join(_mermaid_text(line) for line in lines) + '"'
 
 
-def to_mermaid(engine: Engine) -> str:
-    """A Mermaid flowchart (`flowchart LR`): nodes, exposed inputs/outputs, edges, dashed feedback, loops."""
-    view = _view(engine)
+_MERMAID_CLASSES = [
+    "  classDef io_input fill:#e8f4ff,stroke:#3b82f6",
+    "  classDef io_output fill:#eaffea,stroke:#16a34a",
+]
+
+
+def to_mermaid(subject: Any) -> str:
+    """A Mermaid flowchart (`flowchart LR`): nodes, exposed inputs/outputs, edges, dashed feedback, loops; for
+    a world, its cycle of stages with their pipelines and graphs as nested subgraphs."""
+    if _is_world(subject):
+        return _world_mermaid(subject)
+    view = _view(subject)
     out = [
         "flowchart LR",
         f"  %% {view.level} '{_mermaid_text(view.name)}': "
         f"{len(view.nodes)} nodes, {len(view.edges)} edges, {len(view.loops)} loop(s)",
+        *_mermaid_graph(view, set(view.ids.values()), "  "),
+        *_MERMAID_CLASSES,
     ]
+    return "\n".join(out) + "\n"
+
+
+def _mermaid_graph(view: _View, taken: set[str], pad: str) -> list[str]:
+    """The lines drawing one engine's nodes, terminals, loops and edges, indented by `pad`."""
+    out: list[str] = []
     in_loop = {n for loop in view.loops for n in loop.nodes}
     for t in view.inputs:
         out.append(
-            f"  {view.ids[('in', t.name)]}([{_mermaid_label(_terminal_lines(t, 'input'))}]):::io_input"
+            f"{pad}{view.ids[('in', t.name)]}([{_mermaid_label(_terminal_lines(t, 'input'))}]):::io_input"
         )
     for node in view.nodes:
         if node.id not in in_loop:
-            out.append(f"  {view.ids[('node', node.id)]}[{_mermaid_label(_node_lines(node))}]")
-    taken = set(view.ids.values())
+            out.append(f"{pad}{view.ids[('node', node.id)]}[{_mermaid_label(_node_lines(node))}]")
     by_id = {n.id: n for n in view.nodes}
     for loop in view.loops:
-        sub = _unique_id("loop_" + "_".join(loop.order or loop.nodes), taken)
-        out.append(f"  subgraph {sub}[{_mermaid_label([_loop_title(loop)])}]")
+        sub = _unique_id(view.scope + "loop_" + "_".join(loop.order or loop.nodes), taken)
+        out.append(f"{pad}subgraph {sub}[{_mermaid_label([_loop_title(loop)])}]")
         for node_id in loop.order or loop.nodes:
-            out.append(f"    {view.ids[('node', node_id)]}[{_mermaid_label(_node_lines(by_id[node_id]))}]")
-        out.append("  end")
+            label = _mermaid_label(_node_lines(by_id[node_id]))
+            out.append(f"{pad}  {view.ids[('node', node_id)]}[{label}]")
+        out.append(f"{pad}end")
     for t in view.outputs:
         out.append(
-            f"  {view.ids[('out', t.name)]}([{_mermaid_label(_terminal_lines(t, 'output'))}]):::io_output"
+            f"{pad}{view.ids[('out', t.name)]}([{_mermaid_label(_terminal_lines(t, 'output'))}]):::io_output"
         )
     for t in view.inputs:
         for node, port in t.ports:
             label = _mermaid_label([_edge_label(t.name, port, False)])
-            out.append(f"  {view.ids[('in', t.name)]} -->|{label}| {view.ids[('node', node)]}")
+            out.append(f"{pad}{view.ids[('in', t.name)]} -->|{label}| {view.ids[('node', node)]}")
     for edge, feedback in view.edges:
         arrow = "-.->" if feedback else "-->"
         label = _mermaid_label([_edge_label(edge.source_port, edge.target_port, feedback)])
-        out.append(f"  {view.ids[('node', edge.source)]} {arrow}|{label}| {view.ids[('node', edge.target)]}")
+        out.append(
+            f"{pad}{view.ids[('node', edge.source)]} {arrow}|{label}| {view.ids[('node', edge.target)]}"
+        )
     for t in view.outputs:
         node, port = t.ports[0]
         label = _mermaid_label([_edge_label(port, t.name, False)])
-        out.append(f"  {view.ids[('node', node)]} -->|{label}| {view.ids[('out', t.name)]}")
-    out.append("  classDef io_input fill:#e8f4ff,stroke:#3b82f6")
-    out.append("  classDef io_output fill:#eaffea,stroke:#16a34a")
-    return "\n".join(out) + "\n"
+        out.append(f"{pad}{view.ids[('node', node)]} -->|{label}| {view.ids[('out', t.name)]}")
+    return out
 
 
 # ---- Graphviz DOT ----------------------------------------------------------------------------------------------
@@ -208,62 +232,76 @@ def _dot_label(lines: list[str]) -> str:
     return _dot_string("\n".join(lines))
 
 
-def to_dot(engine: Engine) -> str:
-    """A Graphviz digraph: nodes, exposed inputs/outputs, edges, dashed feedback, one cluster per loop."""
-    view = _view(engine)
+_DOT_DEFAULTS = [
+    "  labelloc=t;",
+    "  rankdir=LR;",
+    '  node [shape=box, style="rounded", fontname="Helvetica"];',
+    '  edge [fontname="Helvetica", fontsize=10];',
+]
+
+
+def to_dot(subject: Any) -> str:
+    """A Graphviz digraph: nodes, exposed inputs/outputs, edges, dashed feedback, one cluster per loop; for a
+    world, its cycle of stages with their pipelines and graphs as nested clusters."""
+    if _is_world(subject):
+        return _world_dot(subject)
+    view = _view(subject)
     out = [
         f"digraph {_dot_string(view.name)} {{",
         f"  label={_dot_string(f'{view.level} {view.name!r}')};",
-        "  labelloc=t;",
-        "  rankdir=LR;",
-        '  node [shape=box, style="rounded", fontname="Helvetica"];',
-        '  edge [fontname="Helvetica", fontsize=10];',
+        *_DOT_DEFAULTS,
+        *_dot_graph(view, set(view.ids.values()), "  "),
+        "}",
     ]
+    return "\n".join(out) + "\n"
+
+
+def _dot_graph(view: _View, taken: set[str], pad: str) -> list[str]:
+    """The statements drawing one engine's nodes, terminals, loops and edges, indented by `pad`."""
+    out: list[str] = []
     for t in view.inputs:
         out.append(
-            f"  {view.ids[('in', t.name)]} [label={_dot_label(_terminal_lines(t, 'input'))}, shape=ellipse, "
+            f"{pad}{view.ids[('in', t.name)]} [label={_dot_label(_terminal_lines(t, 'input'))}, shape=ellipse, "
             'style=filled, fillcolor="#e8f4ff"];'
         )
     in_loop = {n for loop in view.loops for n in loop.nodes}
     by_id = {n.id: n for n in view.nodes}
     for node in view.nodes:
         if node.id not in in_loop:
-            out.append(f"  {view.ids[('node', node.id)]} [label={_dot_label(_node_lines(node))}];")
-    taken = set(view.ids.values())
+            out.append(f"{pad}{view.ids[('node', node.id)]} [label={_dot_label(_node_lines(node))}];")
     for loop in view.loops:
-        cluster = _unique_id("cluster_loop_" + "_".join(loop.order or loop.nodes), taken)
-        out.append(f"  subgraph {cluster} {{")
-        out.append(f"    label={_dot_string(_loop_title(loop))};")
-        out.append('    style="dashed,rounded";')
+        cluster = _unique_id(f"cluster_{view.scope}loop_" + "_".join(loop.order or loop.nodes), taken)
+        out.append(f"{pad}subgraph {cluster} {{")
+        out.append(f"{pad}  label={_dot_string(_loop_title(loop))};")
+        out.append(f'{pad}  style="dashed,rounded";')
         for node_id in loop.order or loop.nodes:
             out.append(
-                f"    {view.ids[('node', node_id)]} [label={_dot_label(_node_lines(by_id[node_id]))}];"
+                f"{pad}  {view.ids[('node', node_id)]} [label={_dot_label(_node_lines(by_id[node_id]))}];"
             )
-        out.append("  }")
+        out.append(f"{pad}}}")
     for t in view.outputs:
         out.append(
-            f"  {view.ids[('out', t.name)]} [label={_dot_label(_terminal_lines(t, 'output'))}, shape=ellipse, "
-            'style=filled, fillcolor="#eaffea"];'
+            f"{pad}{view.ids[('out', t.name)]} [label={_dot_label(_terminal_lines(t, 'output'))}, "
+            'shape=ellipse, style=filled, fillcolor="#eaffea"];'
         )
     for t in view.inputs:
         for node, port in t.ports:
             out.append(
-                f"  {view.ids[('in', t.name)]} -> {view.ids[('node', node)]} "
+                f"{pad}{view.ids[('in', t.name)]} -> {view.ids[('node', node)]} "
                 f"[label={_dot_string(_edge_label(t.name, port, False))}];"
             )
     for edge, feedback in view.edges:
         attrs = f"label={_dot_string(_edge_label(edge.source_port, edge.target_port, feedback))}"
         if feedback:
             attrs += ", style=dashed, constraint=false"
-        out.append(f"  {view.ids[('node', edge.source)]} -> {view.ids[('node', edge.target)]} [{attrs}];")
+        out.append(f"{pad}{view.ids[('node', edge.source)]} -> {view.ids[('node', edge.target)]} [{attrs}];")
     for t in view.outputs:
         node, port = t.ports[0]
         out.append(
-            f"  {view.ids[('node', node)]} -> {view.ids[('out', t.name)]} "
+            f"{pad}{view.ids[('node', node)]} -> {view.ids[('out', t.name)]} "
             f"[label={_dot_string(_edge_label(port, t.name, False))}];"
         )
-    out.append("}")
-    return "\n".join(out) + "\n"
+    return out
 
 
 # ---- JSON ------------------------------------------------------------------------------------------------------
@@ -296,9 +334,13 @@ def _edge_ref(edge: Edge) -> str:
     return f"{edge.source}.{edge.source_port} -> {edge.target}.{edge.target_port}"
 
 
-def to_json(engine: Engine) -> dict[str, Any]:
+def to_json(subject: Any) -> dict[str, Any]:
     """JSON-ready description: name, level, nodes with port kinds, edges (feedback flagged, inferred ones
-    included), input/output specs, loops and validation problems."""
+    included), input/output specs, loops and validation problems; for a world, its cycle and its stages in
+    order, each with its pipelines and graphs nested under their nodes' `contents`."""
+    if _is_world(subject):
+        return _world_json(subject)
+    engine = subject
     view = _view(engine)
     nodes = []
     for node in view.nodes:
@@ -361,4 +403,183 @@ def to_json(engine: Engine) -> dict[str, Any]:
         "loops": loops,
         "valid": not problems,
         "problems": problems,
+    }
+
+
+# ---- worlds: the cycle of stages, each stage's pipelines and graphs nested ----------------------------------
+def _is_world(subject: Any) -> bool:
+    from worldgen.world import World  # here: worlds import most of the core, a graph's rendering needs none
+
+    return isinstance(subject, World)
+
+
+@dataclass
+class _Stage:
+    role: str
+    title: str  # "1. Philosopher"
+    summary: str  # what it reads and writes
+    engine: Engine
+
+
+def _stages(world: Any) -> list[_Stage]:
+    from worldgen.stage import CYCLE
+
+    stages = []
+    for index, role in enumerate(CYCLE, start=1):
+        stage = world.stages[role]
+        contract = stage.contract
+        reads = ", ".join(str(b) for b in sorted(contract.reads))
+        reads = f"reads block{'s' if len(contract.reads) > 1 else ''} {reads}; " if contract.reads else ""
+        writes = f"block {contract.writes}" if contract.writes is not None else "the world's content"
+        summary = f"{reads}writes {writes}"
+        title = f"{index}. {role.replace('_', ' ').capitalize()}"
+        stages.append(_Stage(role, title, summary, stage))
+    return stages
+
+
+def _cycle(stages: list[_Stage]) -> list[tuple[_Stage, _Stage, str]]:
+    """(from, to, label): each stage to the next, and the last back to the first (the next step)."""
+    return [
+        (stage, stages[(i + 1) % len(stages)], "next step" if i == len(stages) - 1 else "then")
+        for i, stage in enumerate(stages)
+    ]
+
+
+def _world_heading(world: Any) -> str:
+    from worldgen.stage import CYCLE
+
+    return f"world '{world.settings.name}': " + f" {ARROW} ".join([*CYCLE, CYCLE[0]])
+
+
+def _children(engine: Engine) -> list[tuple[str, Engine]]:
+    """The items of `engine` that are engines themselves (a stage's pipelines/graphs, a pipeline's graphs)."""
+    return [(n, engine.item(n)) for n in engine.node_ids if isinstance(engine.item(n), Engine)]
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    """How one text format draws a world's nesting: a graph in full, a group (Mermaid subgraph, DOT cluster)
+    opened and closed, and an edge between two groups."""
+
+    graph: Callable[[_View, set[str], str], list[str]]  # (view, taken ids, indent) -> lines
+    group_id: Callable[[str], str]  # a raw name -> the group's id before it is made unique
+    open: Callable[[str, list[str], str, bool], list[str]]  # (id, label lines, indent, is a stage) -> lines
+    close: str
+    edge: Callable[
+        [str, str, str, str, str], str
+    ]  # (from id, to id, label, "item"|"then"|"next step", indent)
+
+
+def _nested(engine: Engine, scope: str, taken: set[str], pad: str, dialect: _Dialect) -> list[str]:
+    """An engine inside a world's diagram: a graph in full, or one nested group per item (a stage's pipelines
+    and graphs, a pipeline's graphs) with the edges between them."""
+    children = _children(engine)
+    if not children:
+        return dialect.graph(_view(engine, scope, taken), taken, pad)
+    out, ids = [], {}
+    for node_id, item in children:
+        ids[node_id] = _unique_id(dialect.group_id(f"{scope}{node_id}"), taken)
+        out += dialect.open(ids[node_id], [f"{node_id}: {item.level} {item.name!r}"], pad, False)
+        out += _nested(item, f"{scope}{node_id}__", taken, pad + "  ", dialect)
+        out.append(pad + dialect.close)
+    for edge in engine.edges:
+        if edge.source in ids and edge.target in ids:
+            label = _edge_label(edge.source_port, edge.target_port, False)
+            out.append(dialect.edge(ids[edge.source], ids[edge.target], label, "item", pad))
+    return out
+
+
+def _world_lines(world: Any, dialect: _Dialect) -> list[str]:
+    """Every stage as a group in cycle order, its contents nested, then the cycle's edges."""
+    stages, taken = _stages(world), set()
+    out, ids = [], {}
+    for stage in stages:
+        ids[stage.role] = _unique_id(dialect.group_id(f"stage_{stage.role}"), taken)
+        out += dialect.open(ids[stage.role], [stage.title, stage.summary], "  ", True)
+        out += _nested(stage.engine, f"{stage.role}__", taken, "    ", dialect)
+        out.append("  " + dialect.close)
+    for source, target, label in _cycle(stages):
+        out.append(dialect.edge(ids[source.role], ids[target.role], label, label, "  "))
+    return out
+
+
+_MERMAID_ARROWS = {"item": "-->", "then": "==>", "next step": "-.->"}
+_MERMAID = _Dialect(
+    graph=_mermaid_graph,
+    group_id=lambda name: name,
+    open=lambda sub, lines, pad, stage: [f"{pad}subgraph {sub}[{_mermaid_label(lines)}]"],
+    close="end",
+    edge=lambda a, b, label, kind, pad: f"{pad}{a} {_MERMAID_ARROWS[kind]}|{_mermaid_label([label])}| {b}",
+)
+
+
+def _world_mermaid(world: Any) -> str:
+    heading = f"  %% {_mermaid_text(_world_heading(world))}"
+    return "\n".join(["flowchart LR", heading, *_world_lines(world, _MERMAID), *_MERMAID_CLASSES]) + "\n"
+
+
+# DOT: an edge between clusters runs between invisible anchor nodes, clipped at the clusters (compound=true)
+def _dot_cluster(cluster: str, lines: list[str], pad: str, stage: bool) -> list[str]:
+    return [
+        f"{pad}subgraph {cluster} {{",
+        f"{pad}  label={_dot_label(lines)};",
+        f"{pad}  style={_dot_string('bold,rounded' if stage else 'rounded')};",
+        f'{pad}  {cluster}_anchor [shape=point, style=invis, width=0, label=""];',
+    ]
+
+
+_DOT_EDGE_STYLES = {"item": "", "then": ", style=bold", "next step": ", style=dashed, constraint=false"}
+_DOT = _Dialect(
+    graph=_dot_graph,
+    group_id=lambda name: f"cluster_{name}",
+    open=_dot_cluster,
+    close="}",
+    edge=lambda a, b, label, kind, pad: (
+        f"{pad}{a}_anchor -> {b}_anchor [label={_dot_string(label)}, ltail={a}, lhead={b}{_DOT_EDGE_STYLES[kind]}];"
+    ),
+)
+
+
+def _world_dot(world: Any) -> str:
+    out = [
+        f"digraph {_dot_string(world.settings.name)} {{",
+        f"  label={_dot_string(_world_heading(world))};",
+        *_DOT_DEFAULTS,
+        "  compound=true;",
+        *_world_lines(world, _DOT),
+        "}",
+    ]
+    return "\n".join(out) + "\n"
+
+
+# JSON
+def _nested_json(engine: Engine) -> dict[str, Any]:
+    data = to_json(engine)
+    for entry in data["nodes"]:
+        item = engine.item(entry["id"])
+        if isinstance(item, Engine):
+            entry["contents"] = _nested_json(item)
+    return data
+
+
+def _world_json(world: Any) -> dict[str, Any]:
+    stages = _stages(world)
+    return {
+        "name": world.settings.name,
+        "level": "world",
+        "cycle": [s.role for s in stages],
+        "stages": [
+            {
+                "role": s.role,
+                "title": s.title,
+                "reads": sorted(s.engine.contract.reads),
+                "writes": s.engine.contract.writes,
+                **_nested_json(s.engine),
+            }
+            for s in stages
+        ],
+        "edges": [
+            {"from": a.role, "to": b.role, "next_step": label == "next step"}
+            for a, b, label in _cycle(stages)
+        ],
     }

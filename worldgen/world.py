@@ -251,12 +251,9 @@ class World:
         cls, name: str, directory: str | Path | None = None, *, limits: Limits | None = None, **params: Any
     ) -> World:
         """A world from a registered world template (a function returning a world config)."""
-        from worldgen.templates import build_template
+        from worldgen.templates import build_world_template
 
-        config = build_template(name, **params)
-        if not isinstance(config, Mapping) or config.get("kind") != "world":
-            raise GraphError(f"template '{name}' does not build a world")
-        return cls.from_config(config, directory, limits=limits)
+        return cls.from_config(build_world_template(name, **params), directory, limits=limits)
 
     @classmethod
     def check(cls, config: Mapping[str, Any] | str | Path, *, limits: Limits | None = None) -> World:

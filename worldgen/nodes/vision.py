@@ -466,6 +466,7 @@ class TransformersVLMBlock(ModelBlock):
     decoding, one `generate` per image: the same images give the same text."""
 
     block_type = "vlm/transformers"
+    lora_targets = None  # not False: it takes an adapter, on the targets `lora_target_modules` finds
     Config = TransformersVLMConfig
     default_subfolder = None
     INPUTS = VLM_INPUTS
@@ -521,6 +522,28 @@ class TransformersVLMBlock(ModelBlock):
                 "AutoModelForImageTextToText does not know as vision-to-text; set `architecture` to its "
                 "transformers class name"
             ) from None
+
+    def lora_target_modules(self) -> str:
+        """The language model's attention projections, as peft targets them for the language model's own
+        architecture (a ViT -> GPT-2 captioner: the decoder's `c_attn`, self- and cross-attention), as a regex
+        over full module names: the image encoder has `q_proj`-like names too and stays untouched. peft has no
+        default for the composite model (`vision-encoder-decoder`, `llava`, ...), so None would not do."""
+        import re
+
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        model = self.model
+        language = model.get_decoder() if hasattr(model, "get_decoder") else None
+        prefix = next((name for name, module in model.named_modules() if module is language), None)
+        kind = getattr(getattr(language, "config", None), "model_type", None)
+        names = DEFAULTS.get(kind) if prefix is not None else None
+        if not names:
+            raise ConfigError(
+                f"{self.block_type}: no LoRA targets known for model '{self.config.model.source}' (its language "
+                f"model: {kind or 'not found'}); leave this block out of training with `lora.nodes`/`lora.roles`"
+            )
+        scope = re.escape(prefix) + r"\." if prefix else ""
+        return rf"{scope}(.*\.)?({'|'.join(re.escape(n) for n in names)})"
 
     def processor_ref(self) -> ModelRef:
         ref = self.config.model

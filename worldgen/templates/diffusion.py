@@ -188,7 +188,7 @@ def image_to_image(
     return g
 
 
-@register_template("generate_and_refine")
+@register_template("generate_and_refine", kind="pipeline")
 def generate_and_refine(
     model: str | None = None,
     preset: str | None = None,

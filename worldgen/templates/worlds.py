@@ -11,7 +11,7 @@ from worldgen.templates import register_template
 DEFAULT_WORLD = Path(__file__).resolve().parents[2] / "configs" / "worlds" / "default.yaml"
 
 
-@register_template("offline_world")
+@register_template("offline_world", kind="world")
 def offline_world(
     name: str | None = None,
     title: str | None = None,
