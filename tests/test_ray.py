@@ -285,7 +285,8 @@ def test_a_host_waiting_for_a_node_the_cluster_never_adds_is_removed(clean_hosts
     from ray.util.state import list_actors
 
     from actors import model_host
-    from actors.model_host import InfeasiblePlacement, cluster_address
+    from actors.cluster import cluster_address
+    from actors.model_host import InfeasiblePlacement
     from worldgen.limits import Limits, applying
 
     monkeypatch.setattr(model_host, "_may_add_nodes", lambda: True)  # as on an autoscaling cluster

@@ -1,7 +1,7 @@
 """worldgen: compose generative models into worlds (graphs of task nodes → pipelines → stages → worlds)."""
 
 from worldgen.block import Block, BlockConfig, ModelBlock, ModelRef
-from worldgen.engine import Edge, Loop, Problem
+from worldgen.plan import Edge, Loop, Problem
 from worldgen.errors import (
     ConfigError,
     ExecutionError,

@@ -18,8 +18,8 @@ class Graph(Engine):
     level = "graph"
     allow_cycles = True
 
-    def __init__(self, name: str = "graph", *, executor: str = "local"):
-        super().__init__(name, executor=executor)
+    def __init__(self, name: str = "graph", *, executor: str = "local", deferred: bool = False):
+        super().__init__(name, executor=executor, deferred=deferred)
 
     # ---- building --------------------------------------------------------------------------------------
     def add_node(
@@ -51,6 +51,21 @@ class Graph(Engine):
 
     def blocks(self) -> list[tuple[str, Block]]:
         return [(n, self._items[n]) for n in self._items]
+
+    def replace_block(self, node_id: str, block: Block) -> None:
+        """Put `block` in node `node_id` in place of the block there, keeping every edge and exposed port (a
+        model host rebinds a graph's blocks to the model it holds). The new block must have the same ports."""
+        old = self.block(node_id)
+        for direction, before, after in (
+            ("input", old.input_ports(), block.input_ports()),
+            ("output", old.output_ports(), block.output_ports()),
+        ):
+            if {n: p.kind for n, p in before.items()} != {n: p.kind for n, p in after.items()}:
+                raise GraphError(
+                    f"node '{node_id}': {block.block_type} cannot replace {old.block_type}, its {direction} "
+                    f"ports differ ({', '.join(after) or '(none)'} instead of {', '.join(before) or '(none)'})"
+                )
+        self._items[node_id] = block  # same ports, same wiring: the plan stays valid
 
     def _fresh_id(self, role: str) -> str:
         if role not in self._items:

@@ -1,15 +1,16 @@
-"""Block-type registry: `role/impl` → Block class, built-ins loaded lazily, plugins via entry points."""
+"""Registries: block types (`role/impl` → Block class) and executors (name → run function); built-ins are
+loaded lazily, plugins come from entry points."""
 
 from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from worldgen.block import Block, BlockConfig
-from worldgen.errors import UnknownBlockTypeError, WorldgenError, did_you_mean
+from worldgen.errors import GraphError, UnknownBlockTypeError, WorldgenError, did_you_mean
 
 ENTRY_POINT_GROUP = "worldgen.blocks"
 _BUILTIN_MODULES = (
@@ -19,6 +20,7 @@ _BUILTIN_MODULES = (
     "worldgen.nodes.endpoint",
 )
 _TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*/[a-z0-9][a-z0-9_.-]*$")
+_EXECUTOR_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 _blocks: dict[str, type[Block]] = {}
 _loaded = False
@@ -84,3 +86,74 @@ def block_class(block_type: str) -> type[Block]:
 def create_block(block_type: str, config: BlockConfig | Mapping[str, Any] | None = None) -> Block:
     """Build a block from its type and config (a mapping is validated against the type's `Config`)."""
     return block_class(block_type)(config)
+
+
+# ---- executors ---------------------------------------------------------------------------------------
+# An executor runs an engine: `run(engine, inputs, *, seed, iterations, callbacks, progress, fuse_loops)`
+# returns its exposed outputs (see `Executor`). `local` is built in; other packages add theirs under the
+# entry-point group below (worldgen's own `ray` lives in the Ray layer, actors/ray_executor.py). Names are
+# known without importing an executor: the entry points list them, and one is loaded on first use.
+EXECUTOR_GROUP = "worldgen.executors"
+_BUILTIN_EXECUTORS = {"local": "worldgen.execution.local:run_local"}
+
+_executors: dict[str, Executor] = {}
+
+
+class Executor(Protocol):
+    """How an engine is run: returns the engine's exposed outputs for `inputs`."""
+
+    def __call__(
+        self,
+        engine: Any,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        seed: int | None = None,
+        iterations: int | None = None,
+        callbacks: Iterable[Any] = (),
+        progress: bool = False,
+        fuse_loops: bool = True,
+    ) -> dict[str, Any]: ...
+
+
+def register_executor(name: str, run: Executor) -> None:
+    """Make `run` the executor called `name` (`Engine.run(executor=name)`, `executor: name` in configs)."""
+    if not _EXECUTOR_NAME.match(name or ""):
+        raise WorldgenError(f"executor name must be lowercase letters, digits and '_', got {name!r}")
+    if not callable(run):
+        raise WorldgenError(f"executor '{name}' must be callable, got {type(run).__name__}")
+    _executors[name] = run
+
+
+def executor_names() -> list[str]:
+    """Every executor that can be named: built in, registered, or declared by an installed package."""
+    declared = {ep.name for ep in entry_points(group=EXECUTOR_GROUP)}
+    return sorted(set(_BUILTIN_EXECUTORS) | set(_executors) | declared)
+
+
+def check_executor(name: str) -> str:
+    """`name` when an executor has it (without loading the executor), else a GraphError with a suggestion."""
+    names = executor_names()
+    if name not in names:
+        raise GraphError(
+            f"unknown executor {name!r}{did_you_mean(str(name), names)}; expected one of {names} (a package "
+            f"adds one under the entry-point group '{EXECUTOR_GROUP}')"
+        )
+    return name
+
+
+def get_executor(name: str) -> Executor:
+    """The executor called `name`, importing it on first use (a plugin that fails to load says which)."""
+    if name in _executors:
+        return _executors[name]
+    check_executor(name)
+    if name in _BUILTIN_EXECUTORS:
+        module, _, attr = _BUILTIN_EXECUTORS[name].partition(":")
+        run = getattr(importlib.import_module(module), attr)
+    else:
+        ep = next(ep for ep in entry_points(group=EXECUTOR_GROUP) if ep.name == name)
+        try:
+            run = ep.load()
+        except Exception as err:  # a broken plugin must say which one it is
+            raise WorldgenError(f"executor plugin '{name}' ({ep.value}) failed to load: {err}") from err
+    register_executor(name, run)
+    return run

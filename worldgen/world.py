@@ -18,9 +18,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worldgen.config import SCHEMA_VERSION, check_schema, load_config_file, resolve_refs
-from worldgen.engine import Problem, _check_executor
 from worldgen.errors import ConfigError, ExecutionError, GraphError, WorldgenError, format_validation_error
 from worldgen.limits import LimitExceeded, Limits, applying, time_limit, within
+from worldgen.plan import Problem
+from worldgen.registry import check_executor
 from worldgen.stage import CYCLE, Stage, build_item
 from worldgen.state import (
     GenerationConfig,
@@ -163,7 +164,7 @@ class World:
             return cls._build_custom(config, file, base, directory, limits)
         try:
             settings = WorldSettings.model_validate(config)
-            _check_executor(settings.executor)
+            check_executor(settings.executor)
         except ValidationError as err:
             raise ConfigError(format_validation_error(err), file=file) from None
         except GraphError as err:
