@@ -30,10 +30,11 @@ from actors.cluster import (
     named_actors,
     set_torch_threads,
 )
-from worldgen.block import Block, ModelBlock, ModelRef, Placement
+from worldgen.block import Block, ModelBlock
 from worldgen.errors import ConfigError
 from worldgen.execution.local import call_in_port_order, in_port_order, run_local
 from worldgen.limits import DEFAULT_LIMITS, Deadline, current_deadline, current_limits, within
+from worldgen.model_ref import ModelRef, Placement
 
 PREFIX = "wg-model-"
 

@@ -17,7 +17,7 @@ from worldgen.config import SCHEMA_VERSION, check_schema, dump_config, load_conf
 from worldgen.errors import ConfigError, GraphError, WorldgenError, did_you_mean
 from worldgen.plan import Edge, ExecutionPlan, Loop, Problem, make_plan
 from worldgen.ports import Port, PortKind, compatible
-from worldgen.registry import check_executor, get_executor
+from worldgen.registry import build_template, check_executor, get_executor
 
 if TYPE_CHECKING:
     from worldgen.block import Block
@@ -441,8 +441,6 @@ class Engine:
     @classmethod
     def from_template(cls, name: str, **params: Any):
         """One of this level from a registered template (`worldgen templates` lists them)."""
-        from worldgen.templates import build_template
-
         built = build_template(name, **params)
         if not isinstance(built, cls):
             raise GraphError(f"template '{name}' builds a {type(built).__name__}, not a {cls.__name__}")

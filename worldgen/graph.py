@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from worldgen.block import Block
 from worldgen.engine import Engine
 from worldgen.errors import ConfigError, GraphError
-from worldgen.nodes.roles import ROLE_RULES
 from worldgen.registry import create_block
+
+
+# Role rules: the default wiring applied when a node is added with auto-connect on (DESIGN.md §2.2).
+class RoleRule(NamedTuple):
+    source_role: str
+    source_port: str
+    target_role: str
+    target_port: str
+
+
+ROLE_RULES: tuple[RoleRule, ...] = (
+    RoleRule("tokenizer", "token_ids", "conditioner", "token_ids"),
+    RoleRule("conditioner", "embedding", "backbone", "condition"),
+    RoleRule("backbone", "pred", "guidance", "pred_cond"),
+    RoleRule("backbone", "pred_uncond", "guidance", "pred_uncond"),
+    RoleRule("guidance", "pred", "solver", "pred"),
+    RoleRule("solver", "model_input", "backbone", "sample"),  # closes the denoising loop
+    RoleRule("solver", "timestep", "backbone", "timestep"),
+    RoleRule("codec", "latent", "solver", "latent"),  # encoder -> solver (image-to-image)
+    RoleRule("solver", "latent", "codec", "latent"),  # solver -> decoder
+)
 
 
 class Graph(Engine):

@@ -1,16 +1,18 @@
-"""Registries: block types (`role/impl` → Block class) and executors (name → run function); built-ins are
-loaded lazily, plugins come from entry points."""
+"""Registries: block types (`role/impl` → Block class), executors (name → run function) and templates (name →
+builder); built-ins are loaded lazily by module name, plugins come from entry points. Registries sit below
+what they hold: the levels ask them by name and never import the modules that register."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any, Protocol, TypeVar
 
 from worldgen.block import Block, BlockConfig
-from worldgen.errors import GraphError, UnknownBlockTypeError, WorldgenError, did_you_mean
+from worldgen.errors import ConfigError, GraphError, UnknownBlockTypeError, WorldgenError, did_you_mean
 
 ENTRY_POINT_GROUP = "worldgen.blocks"
 _BUILTIN_MODULES = (
@@ -157,3 +159,60 @@ def get_executor(name: str) -> Executor:
             raise WorldgenError(f"executor plugin '{name}' ({ep.value}) failed to load: {err}") from err
     register_executor(name, run)
     return run
+
+
+# ---- templates ---------------------------------------------------------------------------------------
+_TEMPLATES: dict[str, Callable[..., Any]] = {}
+_BUILTIN_TEMPLATE_MODULES = ("worldgen.templates.diffusion", "worldgen.templates.worlds")
+_templates_loaded = False
+
+
+def register_template(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: make a builder function available as `from_template(name, **params)`."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _TEMPLATES[name] = fn
+        return fn
+
+    return register
+
+
+def _ensure_templates() -> None:
+    global _templates_loaded
+    if not _templates_loaded:
+        _templates_loaded = True
+        for module in _BUILTIN_TEMPLATE_MODULES:
+            importlib.import_module(module)
+
+
+def _template(name: str) -> Callable[..., Any]:
+    _ensure_templates()
+    if name not in _TEMPLATES:
+        raise ConfigError(
+            f"unknown template '{name}'{did_you_mean(name, _TEMPLATES)}; available: {', '.join(sorted(_TEMPLATES))}"
+        )
+    return _TEMPLATES[name]
+
+
+def template_params(name: str) -> list[str]:
+    """The keyword parameters a template accepts."""
+    return list(inspect.signature(_template(name)).parameters)
+
+
+def list_templates() -> dict[str, str]:
+    """Template name -> first line of its description."""
+    _ensure_templates()
+    return {name: (inspect.getdoc(fn) or "").splitlines()[0] for name, fn in sorted(_TEMPLATES.items())}
+
+
+def build_template(name: str, **params: Any) -> Any:
+    """What template `name` builds (a graph, a pipeline or a world config) from its keyword parameters."""
+    fn = _template(name)
+    accepted = inspect.signature(fn).parameters
+    unknown = [p for p in params if p not in accepted]
+    if unknown:
+        raise ConfigError(
+            f"template '{name}' has no parameter '{unknown[0]}'{did_you_mean(unknown[0], accepted)}; "
+            f"its parameters are: {', '.join(accepted)}"
+        )
+    return fn(**params)

@@ -245,7 +245,7 @@ class World:
         cls, name: str, directory: str | Path | None = None, *, limits: Limits | None = None, **params: Any
     ) -> World:
         """A world from a registered world template (a function returning a world config)."""
-        from worldgen.templates import build_template
+        from worldgen.registry import build_template
 
         config = build_template(name, **params)
         if not isinstance(config, Mapping) or config.get("kind") != "world":
