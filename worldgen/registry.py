@@ -138,7 +138,8 @@ def check_executor(name: str) -> str:
     if name not in names:
         raise GraphError(
             f"unknown executor {name!r}{did_you_mean(str(name), names)}; expected one of {names} (a package "
-            f"adds one under the entry-point group '{EXECUTOR_GROUP}')"
+            f"declares one under the entry-point group '{EXECUTOR_GROUP}'; reinstall a package whose entry "
+            "points changed)"
         )
     return name
 
