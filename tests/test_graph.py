@@ -245,7 +245,9 @@ def test_replace_block_keeps_the_wiring_and_refuses_other_ports():
     g.replace_block("double", wg.create_block("toy/scale", {"factor": 3}))
     assert g.plan() is plan  # same ports, same wiring: nothing to plan again
     assert g.run({"x": 3.0}) == {"y": 10.0}  # 3 * 3 + 1: the new block ran
-    with pytest.raises(wg.GraphError, match=r"node 'plus': toy/scale cannot replace toy/add, its input ports"):
+    with pytest.raises(
+        wg.GraphError, match=r"node 'plus': toy/scale cannot replace toy/add, its input ports"
+    ):
         g.replace_block("plus", wg.create_block("toy/scale"))
     with pytest.raises(wg.GraphError, match="has no node 'doubel'"):
         g.replace_block("doubel", wg.create_block("toy/scale"))
