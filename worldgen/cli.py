@@ -548,6 +548,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from worldgen.registry import executor_names
+
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's default must not overwrite `--debug` given before the subcommand.
     common.add_argument(
@@ -659,8 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--executor",
-        choices=("local", "ray"),
-        help="run in this process, or on Ray (nodes as tasks, models on host actors); default: the graph's own",
+        choices=executor_names(),  # the registry's: local, ray, and any an installed package declares
+        help="local: in this process; ray: on Ray (nodes as tasks, models on host actors); default: the "
+        "graph's own",
     )
     p.add_argument(
         "--address",
