@@ -60,8 +60,18 @@ def test_block_type_must_be_role_slash_impl():
         wg.register_block(Bad)
 
 
+def install_plugin(tmp_path, monkeypatch, module: str, source: str, group: str, entry: str) -> None:
+    """A package on sys.path as pip would leave it: the module and a dist-info declaring `entry` in `group`."""
+    (tmp_path / f"{module}.py").write_text(source)
+    dist = tmp_path / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
 def test_plugin_blocks_register_through_entry_points(tmp_path, monkeypatch):
-    (tmp_path / "wg_plugin_demo.py").write_text(
+    source = (
         "import worldgen as wg\n"
         "from worldgen.ports import Port, PortKind\n"
         "@wg.register_block\n"
@@ -72,11 +82,9 @@ def test_plugin_blocks_register_through_entry_points(tmp_path, monkeypatch):
         "    def forward(self, text):\n"
         "        return {'text': text.upper() + '!'}\n"
     )
-    dist = tmp_path / "wg_plugin_demo-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wg-plugin-demo\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nshout = wg_plugin_demo\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(
+        tmp_path, monkeypatch, "wg_plugin_demo", source, ENTRY_POINT_GROUP, "shout = wg_plugin_demo"
+    )
     assert "shout" in load_plugins()
     g = wg.Graph("plugin")
     g.add_node("text/shout", id="s")
@@ -116,16 +124,14 @@ def test_a_registered_executor_runs_engines_by_name_from_run_and_from_configs():
 def test_an_executor_plugin_is_listed_without_loading_it_and_loaded_on_first_use(tmp_path, monkeypatch):
     import tests.toy_blocks  # noqa: F401 - registers toy/scale
 
-    (tmp_path / "wg_executor_demo.py").write_text(
+    source = (
         "from worldgen.execution import run_local\n"
         "def run(engine, inputs=None, **options):\n"
         "    return {k: v * 10 for k, v in run_local(engine, inputs, **options).items()}\n"
     )
-    dist = tmp_path / "wg_executor_demo-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wg-executor-demo\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[{EXECUTOR_GROUP}]\ntimes_ten = wg_executor_demo:run\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(
+        tmp_path, monkeypatch, "wg_executor_demo", source, EXECUTOR_GROUP, "times_ten = wg_executor_demo:run"
+    )
     assert check_executor("times_ten") == "times_ten"
     graph = doubled_graph(executor="times_ten")  # a config may name it before it is loaded
     assert "wg_executor_demo" not in sys.modules
