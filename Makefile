@@ -36,12 +36,16 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/worldgen run $(ARGS)
 
+# The import contracts (pyproject's [tool.importlinter]: layers, no Ray in the core, no cycles in it) run
+# first: a broken layer fails CI in seconds, before the suite's minutes.
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

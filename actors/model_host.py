@@ -20,11 +20,22 @@ from typing import Any
 
 import ray
 
-from worldgen.block import Block, ModelBlock, ModelRef, Placement
+from actors.cluster import (
+    NAMESPACE,
+    actor_placed,
+    ask_named,
+    get_named,
+    kill_named,
+    may_add_nodes,
+    named_actors,
+    set_torch_threads,
+)
+from worldgen.block import Block, ModelBlock
 from worldgen.errors import ConfigError
+from worldgen.execution.local import call_in_port_order, in_port_order, run_local
 from worldgen.limits import DEFAULT_LIMITS, Deadline, current_deadline, current_limits, within
+from worldgen.model_ref import ModelRef, Placement
 
-NAMESPACE = os.environ.get("WORLDGEN_NAMESPACE", "worldgen")
 PREFIX = "wg-model-"
 
 
@@ -35,20 +46,6 @@ def _class_path(cls: type) -> str:
 def _import(path: str) -> type:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-def set_torch_threads(reserved_cpus: float) -> int:
-    """Torch intra-op threads for a long-lived actor: WORLDGEN_TORCH_THREADS when set, else its reserved CPUs,
-    else (none reserved: a shared server) all the machine's cores. Ray would give such an actor one thread."""
-    import torch
-
-    explicit = os.environ.get("WORLDGEN_TORCH_THREADS")
-    if explicit:
-        threads = int(explicit)
-    else:
-        threads = max(1, int(reserved_cpus)) if reserved_cpus >= 1 else (os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    return threads
 
 
 def block_key(block: Block) -> str:
@@ -109,8 +106,6 @@ class ModelHost:
     ) -> Any:
         """Run one block; returns its outputs in `ports` order (one value when there is one port). A call
         queued past the caller's `deadline` fails at once instead of running for a run that has ended."""
-        from worldgen.execution.local import call_in_port_order
-
         if deadline is not None:
             deadline.check()
         self.calls += 1
@@ -128,12 +123,10 @@ class ModelHost:
     ) -> Any:
         """Run a whole (loop) subgraph here with the local executor; outputs in `ports` order. Under the
         caller's `deadline` the loop stops between iterations once it has passed (DeadlineExceeded)."""
-        from worldgen.execution.local import in_port_order, run_local
-
         self.calls += 1
         if key not in self._subgraphs:
             for node_id, block in graph.blocks():
-                graph._items[node_id] = self._bind(block)
+                graph.replace_block(node_id, self._bind(block))
             self._subgraphs[key] = graph
         with within(deadline):
             outputs = run_local(
@@ -172,7 +165,7 @@ def host_for(block: ModelBlock) -> Any:
     model = None
     if block.model_origin is not None:  # weights the reference cannot reload: hand them over
         try:
-            handle = ray.get_actor(name, namespace=NAMESPACE)
+            handle = get_named(name)
         except ValueError:
             model = ray.put(block.model)
     if handle is None:
@@ -221,7 +214,7 @@ def fits_a_node(block: ModelBlock, placement: Placement) -> bool:
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if any(all(node.get(k, 0.0) >= v for k, v in request.items()) for node in nodes):
         return True
-    if _may_add_nodes():
+    if may_add_nodes():
         return False
     raise InfeasiblePlacement(_no_node_message(block, request, nodes))
 
@@ -229,18 +222,13 @@ def fits_a_node(block: ModelBlock, placement: Placement) -> bool:
 def _await_placement(handle: Any, block: ModelBlock, placement: Placement) -> None:
     """Wait until the new host is placed on a node (its model may still be loading), at most the placement
     wait (the run's limits, or the default), and within the run's deadline; then kill it and raise."""
-    from ray.util.state import get_actor
-
     deadline = current_deadline()
     seconds = (current_limits() or DEFAULT_LIMITS).placement_seconds  # no limits (the CLI): the default wait
     wait = seconds if deadline is None else min(seconds, max(deadline.remaining(), 0.0))
     until = time.time() + wait
     while True:
-        try:
-            actor = get_actor(handle._actor_id.hex(), address=cluster_address())  # no public id getter
-        except Exception:  # no state API (no dashboard): cannot tell; leave the host to Ray as before
-            return
-        if actor is not None and (actor.state == "ALIVE" or actor.pid):  # placed: pid of its worker
+        placed = actor_placed(handle)
+        if placed is None or placed:  # None: no state API (no dashboard), cannot tell; leave it to Ray
             return
         if time.time() >= until:
             break
@@ -254,27 +242,6 @@ def _await_placement(handle: Any, block: ModelBlock, placement: Placement) -> No
         f"{_who(block)} asks for {_resources(request)}; no node that has it joined the cluster within "
         f"{seconds:g} s (limit 'placement_seconds'), so the host was removed"
     )
-
-
-def _may_add_nodes() -> bool:
-    """Whether an autoscaler may add nodes. Ray has no public answer, so: autoscaler v2 (KubeRay) publishes
-    its node groups; the v1 autoscaler (`ray up`) reports each node's type by name, while a cluster without
-    an autoscaling config (a laptop, `ray start` by hand, `ray.cluster_utils.Cluster`) names every node's
-    type after the node itself ("node_<id>"). Unreadable: assume it may grow (the wait is bounded)."""
-    import json
-
-    from ray._private.state import state
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    try:
-        config = state.get_cluster_config()
-        if config is not None and config.node_group_configs:
-            return True
-        status = json.loads(_internal_kv_get("__autoscaling_status") or "{}")
-        types = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
-    except Exception:
-        return True
-    return any(kind != f"node_{node}" for node, kind in types.items())
 
 
 def _who(block: ModelBlock) -> str:
@@ -311,26 +278,13 @@ def forget_host(name: str | None = None) -> None:
         _handles.pop(name, None)
 
 
-def cluster_address() -> str | None:
-    """The connected cluster's bootstrap address (so the state API never guesses between clusters)."""
-    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
-
-
 def list_hosts(address: str | None = None) -> list[dict[str, Any]]:
     """Alive model hosts in the project's namespace, with what each holds (via Ray's state API)."""
-    from ray.util.state import list_actors
-
-    address = address or cluster_address()
-    actors = list_actors(
-        address=address, filters=[("state", "=", "ALIVE"), ("ray_namespace", "=", NAMESPACE)], limit=10_000
-    )
     hosts = []
-    for actor in actors:
-        if not (actor.name or "").startswith(PREFIX):
-            continue
+    for actor in named_actors(PREFIX, address=address, alive_only=True):
         entry = {"name": actor.name, "actor_id": actor.actor_id, "pid": actor.pid, "node_id": actor.node_id}
         try:
-            entry |= ray.get(ray.get_actor(actor.name, namespace=NAMESPACE).info.remote(), timeout=30)
+            entry |= ask_named(actor.name, "info")
         except Exception as err:  # a host that is restarting still gets listed
             entry["error"] = f"{type(err).__name__}: {err}"
         hosts.append(entry)
@@ -340,12 +294,7 @@ def list_hosts(address: str | None = None) -> list[dict[str, Any]]:
 def unload_hosts(names: list[str] | None = None) -> list[str]:
     """Kill model hosts (all in the namespace, or the named ones); returns the names killed."""
     targets = names if names is not None else [h["name"] for h in list_hosts()]
-    killed = []
-    for name in targets:
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        except ValueError:
-            continue
+    killed = kill_named(targets)
+    for name in killed:
         forget_host(name)
-        killed.append(name)
     return killed

@@ -33,7 +33,15 @@ from typing import Any
 
 import ray
 
-from actors.model_host import NAMESPACE, cluster_address, set_torch_threads
+from actors.cluster import (
+    NAMESPACE,
+    ask_named,
+    connect,
+    kill_named,
+    named_actors,
+    reserved_cpus,
+    set_torch_threads,
+)
 from worldgen.errors import ConfigError
 from worldgen.limits import Limits
 from worldgen.storage import WorldStorage
@@ -138,7 +146,7 @@ class WorldDriver:
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         # The world's models run in this process: use the CPUs reserved for it, or the machine's cores when
         # none are (as a model host does; Ray would otherwise leave torch one thread).
-        set_torch_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+        set_torch_threads(reserved_cpus())
         # A world that cannot be opened does not fail the actor's creation (a creation error only says "the
         # actor died", and an actor with concurrency groups aborts noisily on that exit): the error is kept
         # and every call raises it; `get_or_create_driver` raises it and removes the driver.
@@ -315,9 +323,7 @@ def get_or_create_driver(
     driver created the world (see `WorldDriver.created_for`).
     A new driver runs its world under `limits` (None: no budget); a running one keeps the limits it has.
     """
-    from worldgen.execution.ray import ensure_ray
-
-    ensure_ray()
+    connect()
     directory = _resolve(directory)
     if isinstance(config, (str, Path)):
         config = str(Path(config).expanduser().resolve())  # the actor's working directory may differ
@@ -364,55 +370,26 @@ def get_or_create_driver(
 
 def list_worlds(address: str | None = None) -> list[dict[str, Any]]:
     """Running world drivers in the project's namespace, each with its `info()` (answered even mid-step)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(
-        address=address or cluster_address(),
-        filters=[("ray_namespace", "=", NAMESPACE)],
-        limit=10_000,
-    )
     worlds = []
-    for actor in actors:
-        if not (actor.name or "").startswith(PREFIX) or actor.state == "DEAD":
-            continue
+    for actor in named_actors(PREFIX, address=address):
         entry = {"actor": actor.name, "actor_id": actor.actor_id, "state": actor.state, "pid": actor.pid}
         try:
-            entry |= ray.get(ray.get_actor(actor.name, namespace=NAMESPACE).info.remote(), timeout=30)
+            entry |= ask_named(actor.name, "info")
         except Exception as err:  # restarting, or failed to start: still listed
             entry["error"] = f"{type(err).__name__}: {err}"
         worlds.append(entry)
     return sorted(worlds, key=lambda w: w["actor"])
 
 
-def _driver_names(directory: str | Path, address: str | None = None) -> list[str]:
+def driver_names(directory: str | Path, address: str | None = None) -> list[str]:
     """Names of the live drivers of `directory` (found by the directory hash, so no world.yaml is needed)."""
-    from ray.util.state import list_actors
-
     suffix = "-" + _dir_hash(directory)
-    actors = list_actors(
-        address=address or cluster_address(),
-        filters=[("ray_namespace", "=", NAMESPACE)],
-        limit=10_000,
-    )
-    return sorted(
-        {
-            a.name
-            for a in actors
-            if a.name and a.name.startswith(PREFIX) and a.name.endswith(suffix) and a.state != "DEAD"
-        }
-    )
+    return sorted({a.name for a in named_actors(PREFIX, address=address) if a.name.endswith(suffix)})
 
 
 def stop_world(directory: str | Path) -> list[str]:
     """Stop the driver(s) of the world in `directory` for good (the world stays on disk); returns the names."""
-    stopped = []
-    for name in _driver_names(directory):
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        except ValueError:  # already gone
-            continue
-        stopped.append(name)
-    return stopped
+    return kill_named(driver_names(directory))
 
 
 # ---- the blocking Python API ---------------------------------------------------------------------------

@@ -179,7 +179,7 @@ _MODEL_ROWS = (
 )
 _EXECUTOR_ROWS = (
     ("run_local (whole run)", "worldgen/execution/local.py", "run_local", None),
-    ("gather_inputs", "worldgen/engine.py", "gather_inputs", None),
+    ("gather_inputs", "worldgen/plan.py", "gather_inputs", None),
     ("  input_ports() dict building", "worldgen/block.py", "input_ports", None),
     ("  RngState.seeded (unfed rng ports)", "worldgen/rng.py", "seeded", None),
     ("call_node (incl. the block call)", "worldgen/execution/local.py", "call_node", None),

@@ -31,8 +31,8 @@ import solid_image  # noqa: F401  (registers image/solid)
 from ray.actor import ActorMethod
 from ray.remote_function import RemoteFunction
 
+from actors import ray_executor as wg_ray
 from worldgen.config import load_config_file
-from worldgen.execution import ray as wg_ray
 from worldgen.storage import WorldStorage
 from worldgen.world import World
 

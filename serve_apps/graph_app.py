@@ -527,13 +527,11 @@ class GraphEndpoint:
         limits: dict[str, Any] | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ):
-        import ray
-
-        from actors.model_host import set_torch_threads
+        from actors.cluster import reserved_cpus, set_torch_threads
 
         # Ray gives an actor one torch thread; like a model host, use the CPUs the replica reserved (all cores
         # when it reserved none). Same thread count as a local run also keeps float reductions in the same order.
-        set_torch_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+        set_torch_threads(reserved_cpus())
         self.engine = load_graph(graph, params)
         self.executor = executor or self.engine.executor
         self.token_sha256 = token_sha256

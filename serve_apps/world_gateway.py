@@ -48,9 +48,9 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 
+from actors.cluster import get_named, kill_named
 from actors.world_driver import (
     ARTIFACT_TYPES,
-    NAMESPACE,
     ArtifactNotFound,
     driver_name,
     get_or_create_driver,
@@ -226,7 +226,7 @@ class WorldGateway:
             raise HTTPException(404, f"no world {world_id!r}")
         if world_id not in self.handles:
             try:
-                self.handles[world_id] = ray.get_actor(driver_name(directory), namespace=NAMESPACE)
+                self.handles[world_id] = get_named(driver_name(directory))
             except ValueError:
                 try:
                     self.handles[world_id] = await asyncio.to_thread(self._start, directory, None)
@@ -329,7 +329,7 @@ class WorldGateway:
         for directory in self.world_dirs():
             entry: dict[str, Any] = {"id": directory.name}
             try:
-                handle = ray.get_actor(driver_name(directory), namespace=NAMESPACE)
+                handle = get_named(driver_name(directory))
                 entry |= {"running": True, **await self.call(handle.info.remote())}
             except (ValueError, HTTPException, WorldgenError):
                 entry |= {"running": False, "episodes": len(WorldStorage(directory).episodes())}
@@ -426,8 +426,7 @@ class WorldGateway:
         if not WorldStorage(directory).exists():
             raise HTTPException(404, f"no world {world_id!r}")
         self.handles.pop(world_id, None)
-        with contextlib.suppress(ValueError):  # ValueError: no driver running. A step in flight fails (503).
-            ray.kill(ray.get_actor(driver_name(directory), namespace=NAMESPACE), no_restart=True)
+        kill_named([driver_name(directory)])  # none running: nothing to stop. A step in flight fails (503).
         await asyncio.to_thread(shutil.rmtree, directory, True)
         return Response(status_code=204)
 

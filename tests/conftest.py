@@ -56,7 +56,8 @@ def ray_session():
     """One local Ray instance for the whole test session (~5 s to start); no named actor outlives it."""
     import ray
 
-    from actors.model_host import NAMESPACE, cluster_address, unload_hosts
+    from actors.cluster import NAMESPACE, cluster_address
+    from actors.model_host import unload_hosts
 
     # A key only the server's environment holds (as an operator exports one before the cluster starts): the
     # trust tests check that no posted config gets it out of the server (tests/test_gateway_trust.py).

@@ -207,7 +207,7 @@ def cap_replica_memory(app: str, deployment: str) -> None:
     say) then fails inside the replica instead of taking the shared test machine down."""
     from ray.util.state import list_actors
 
-    from actors.model_host import cluster_address
+    from actors.cluster import cluster_address
 
     if not hasattr(resource, "prlimit"):  # Linux only; elsewhere the fuzz runs uncapped
         return

@@ -305,7 +305,8 @@ def _restart_driver(client: Client, root, world_id: str) -> requests.Response:
     """Kill the world's driver as a crash would (Ray restarts it); the first answer that is not a 503."""
     import ray
 
-    from actors.world_driver import NAMESPACE, driver_name
+    from actors.cluster import NAMESPACE
+    from actors.world_driver import driver_name
 
     ray.kill(ray.get_actor(driver_name(root / world_id), namespace=NAMESPACE), no_restart=False)
     deadline = time.monotonic() + 120

@@ -176,7 +176,8 @@ def test_allowed_key_and_url_reach_only_the_allowed_server(trusted):
 def test_refs_under_a_root_are_stored_resolved_and_survive_a_driver_restart(trusted):
     import ray
 
-    from actors.world_driver import NAMESPACE, driver_name
+    from actors.cluster import NAMESPACE
+    from actors.world_driver import driver_name
 
     client, worlds = trusted["client"], trusted["worlds"]
     config = {**small_world(), "prompts": "prompts"}

@@ -237,3 +237,31 @@ def test_building_and_validating_a_template_loads_no_weights():
     assert g.validate() == []
     assert not any(getattr(b, "model_loaded", False) for _, b in g.blocks())
     assert default_pool().loads == loads_before
+
+
+def test_replace_block_keeps_the_wiring_and_refuses_other_ports():
+    g = line_graph()
+    plan = g.plan()
+    g.replace_block("double", wg.create_block("toy/scale", {"factor": 3}))
+    assert g.plan() is plan  # same ports, same wiring: nothing to plan again
+    assert g.run({"x": 3.0}) == {"y": 10.0}  # 3 * 3 + 1: the new block ran
+    with pytest.raises(
+        wg.GraphError, match=r"node 'plus': toy/scale cannot replace toy/add, its input ports"
+    ):
+        g.replace_block("plus", wg.create_block("toy/scale"))
+    with pytest.raises(wg.GraphError, match="has no node 'doubel'"):
+        g.replace_block("doubel", wg.create_block("toy/scale"))
+
+
+def test_make_plan_infers_feedback_edges_apart_from_any_engine():
+    from worldgen.plan import Edge, make_plan
+
+    edges = [Edge("ctl", "x", "half", "x"), Edge("half", "y", "ctl", "x")]
+    plan, problems = make_plan(["src", "ctl", "half"], edges, {"x": [("ctl", "x")]})
+    assert problems == []
+    (loop,) = plan.loops
+    assert loop.order == ["ctl", "half"] and loop.feedback == {edges[1]}  # ctl.x is also fed from outside
+    _, problems = make_plan(["ctl", "half"], edges, {}, allow_cycles=False, level="pipeline")
+    assert [p.where for p in problems] == ["cycle ctl -> half -> ctl"]
+    _, problems = make_plan(["ctl", "half"], edges, {})  # nothing enters the loop: no feedback edge
+    assert "no feedback edge" in problems[0].message

@@ -307,10 +307,11 @@ def test_a_host_waiting_for_a_node_the_cluster_never_adds_is_removed(clean_hosts
     from ray.util.state import list_actors
 
     from actors import model_host
-    from actors.model_host import InfeasiblePlacement, cluster_address
+    from actors.cluster import cluster_address
+    from actors.model_host import InfeasiblePlacement
     from worldgen.limits import Limits, applying
 
-    monkeypatch.setattr(model_host, "_may_add_nodes", lambda: True)  # as on an autoscaling cluster
+    monkeypatch.setattr(model_host, "may_add_nodes", lambda: True)  # as on an autoscaling cluster
     graph = gpu_graph({"resources": {"accelerator_that_never_comes": 1}})
     started = time.perf_counter()
     expected = r"within 2 s \(limit 'placement_seconds'\)"
@@ -328,13 +329,14 @@ CLUSTER_SCRIPT = """
 import time, ray
 from ray.cluster_utils import Cluster
 from actors import model_host
+from actors.cluster import may_add_nodes
 from tests.test_ray import gpu_graph, PROMPT
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1, num_gpus=1)  # a fake GPU: Ray places by it, torch still runs on the CPU
 ray.init(address=cluster.address, logging_level="warning")
 try:
-    assert not model_host._may_add_nodes()  # several raylets, no autoscaler: nothing will join
+    assert not may_add_nodes()  # several raylets, no autoscaler: nothing will join
     image = gpu_graph({"num_gpus": 1}).run({"prompt": PROMPT, "height": 32, "width": 32}, seed=0, executor="ray")
     assert tuple(image["image"].shape[-2:]) == (32, 32)
     started = time.perf_counter()

@@ -28,7 +28,7 @@ def fast_config(steps: int = 2) -> dict:
 @pytest.fixture
 def new_dir(ray_session, tmp_path):
     """Fresh world directories; every driver of them is stopped at the end (nothing is left behind)."""
-    from actors.world_driver import _driver_names, stop_world
+    from actors.world_driver import driver_names, stop_world
 
     made: list[Path] = []
 
@@ -40,7 +40,7 @@ def new_dir(ray_session, tmp_path):
     for directory in made:
         stop_world(directory)
     deadline = time.monotonic() + 20
-    while any(_driver_names(d) for d in made) and time.monotonic() < deadline:
+    while any(driver_names(d) for d in made) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -128,7 +128,7 @@ def test_concurrent_steps_are_serialised(ray_session, new_dir):
 def step_to(name: str, directory: Path, target: int, ray) -> None:
     """Step through the driver looked up by name until `target` steps are complete (a call that reached a
     restarting driver fails and is simply repeated: each step first finishes the interrupted one)."""
-    from actors.model_host import NAMESPACE
+    from actors.cluster import NAMESPACE
 
     for _ in range(target + 10):
         if WorldStorage(directory).load_progress().step >= target:

@@ -1,7 +1,6 @@
 """worldgen: compose generative models into worlds (graphs of task nodes → pipelines → stages → worlds)."""
 
 from worldgen.block import Block, BlockConfig, ModelBlock, ModelRef
-from worldgen.engine import Edge, Loop, Problem
 from worldgen.errors import (
     ConfigError,
     ExecutionError,
@@ -13,6 +12,7 @@ from worldgen.errors import (
 )
 from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
+from worldgen.plan import Edge, Loop, Problem
 from worldgen.ports import Aggregation, Port, PortKind
 from worldgen.registry import block_class, block_types, create_block, register_block
 from worldgen.stage import Stage

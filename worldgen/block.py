@@ -1,60 +1,17 @@
-"""Block base class and the model reference (whose identity key drives model reuse)."""
+"""Block base class: ports, config, call; ModelBlock, a block holding one model (references: model_ref.py)."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from worldgen.errors import ConfigError, format_validation_error
+from worldgen.model_ref import AdapterRef, ModelRef
 from worldgen.ports import Port
-
-
-class Placement(BaseModel):
-    """Where the model's host actor runs on Ray (resources it reserves, restarts). Not part of its identity."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved by the host actor")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the host actor (fractions share a GPU)")
-    memory: int | None = Field(None, ge=0, description="bytes of memory reserved by the host actor")
-    resources: dict[str, float] = Field(
-        default_factory=dict, description="custom Ray resources reserved by the host actor, e.g. {L4: 1}"
-    )
-    max_restarts: int = Field(3, ge=-1, description="restarts of a failed host actor (-1: unlimited)")
-
-
-class ModelRef(BaseModel):
-    """Where a block's model comes from: a local diffusers/transformers directory, a hub id, or `preset:<name>`.
-
-    Two references with the same identity key are the same model: it is loaded once and stored once.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: str = Field(description="local directory, hub id, or 'preset:<name>' for built-in tiny models")
-    revision: str | None = None
-    subfolder: str | None = None
-    dtype: str = "float32"
-    variant: str | None = None
-    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'…; default: a GPU when there is one")
-    reuse: bool = Field(True, description="share one instance with every other user of the same model")
-    placement: Placement = Field(default_factory=Placement, description="host-actor resources on Ray")
-
-    def identity_key(self) -> str:
-        """Readable, stable identity of the loaded model (everything that changes what gets loaded)."""
-        parts = [self.source, self.revision or "main", self.subfolder or "", self.dtype, self.variant or ""]
-        return "|".join(parts + ([self.device] if self.device else []))
-
-    def slug(self) -> str:
-        """Short name-safe form of the identity key (for actor names, directories)."""
-        digest = hashlib.sha1(self.identity_key().encode()).hexdigest()[:12]
-        tail = (self.subfolder or self.source.rstrip("/").split("/")[-1] or "model").replace(":", "-")
-        return f"{tail}-{digest}"
 
 
 @dataclass
@@ -158,15 +115,6 @@ class Block:
         return f"{type(self).__name__}({self.block_type!r})"
 
 
-class AdapterRef(BaseModel):
-    """A LoRA adapter the block's model runs with (see worldgen/lora.py): its name on the model, and the PEFT
-    adapter directory it is loaded from (None: attached in memory, as during training)."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    path: str | None = None
-
-
 class ModelConfig(BlockConfig):
     """Config of a block that holds one model."""
 
@@ -219,7 +167,7 @@ class ModelBlock(Block):
         """The model with this block's LoRA adapter active (or none): a model may carry the adapters of several
         worlds, and each call runs with its own block's."""
         if self.lora_targets is not False:
-            from worldgen.lora import activate_adapter
+            from worldgen.models.adapters import activate_adapter
 
             activate_adapter(self.model, getattr(self.config, "adapter", None))
         return self.model

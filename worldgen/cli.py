@@ -255,12 +255,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if executor == "ray":
         import os
 
-        from worldgen.execution.ray import ensure_ray
+        from actors.cluster import connect, require_cluster
 
         target = args.address or os.environ.get("RAY_ADDRESS")
         if target and target not in ("auto", "local"):
-            _require_cluster(target)
-        ensure_ray(args.address)
+            require_cluster(target)
+        connect(args.address)
     elif args.address:
         raise _CliError("--address applies only with --executor ray")
     print(
@@ -346,10 +346,11 @@ def cmd_run_world(args: argparse.Namespace) -> int:
 
 
 def _run_world_remote(args: argparse.Namespace, spec: Path) -> int:
+    from actors.cluster import connect_existing
     from actors.world_driver import RemoteWorld
     from worldgen.config import load_config_file
 
-    _connect_existing(None if args.address == "auto" else args.address)
+    connect_existing(None if args.address == "auto" else args.address)
     if spec.is_dir():
         remote = RemoteWorld(spec)
     else:
@@ -388,100 +389,18 @@ def _summary(value: Any) -> str:
 
 
 # ---- models (model host actors on a running Ray cluster) -----------------------------------------------------
-_PROBE_TIMEOUT_S = 5.0
 _UNLOAD_WAIT_S = 10.0
-_NO_CLUSTER_HINT = "start one with `ray start --head` or pass --address"
-
-
-def _host_port(address: str) -> tuple[str, int] | None:
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _require_cluster(address: str) -> None:
-    """Fail fast (instead of Ray's minutes of retries) when nothing listens at a host:port address."""
-    import socket
-
-    if "://" in address:  # ray://… client and http://… addresses: left to Ray
-        return
-    target = _host_port(address)
-    if target is None:
-        raise _CliError(f"--address expects HOST:PORT (a Ray cluster's GCS address), got {address!r}")
-    try:
-        socket.create_connection(target, timeout=_PROBE_TIMEOUT_S).close()
-    except OSError as err:
-        raise _CliError(
-            f"no Ray cluster is running at {address} ({err.strerror or err}); {_NO_CLUSTER_HINT}"
-        ) from None
-
-
-def _connect_existing(address: str | None) -> str:
-    """Connect to a running cluster (never start one); returns its GCS address."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return ray.get_runtime_context().gcs_address
-    target = address or os.environ.get("RAY_ADDRESS") or "auto"
-    if target == "local":
-        raise _CliError(f"'local' would start a new, empty Ray instance; {_NO_CLUSTER_HINT}")
-    where = target
-    if target == "auto":
-        try:  # where `ray.init("auto")` will go: a stale record of a stopped cluster would hang it for minutes
-            from ray._private.services import canonicalize_bootstrap_address
-
-            resolved = canonicalize_bootstrap_address("auto")
-        except ConnectionError:
-            raise _CliError(f"no Ray cluster is running on this machine; {_NO_CLUSTER_HINT}") from None
-        except Exception:  # a Ray without this helper: ray.init finds the cluster itself
-            resolved = None
-        if resolved:
-            where = resolved
-            _require_cluster(resolved)
-    else:
-        _require_cluster(target)
-    try:
-        ray.init(address=address or "auto", logging_level="error", log_to_driver=False)
-    except Exception as err:
-        if any(isinstance(e, ray.exceptions.AuthenticationError) for e in _chain(err)):
-            raise _CliError(
-                f"the Ray cluster at {where} rejected the connection: it uses token authentication; make its "
-                "token available as RAY_AUTH_TOKEN (or in ~/.ray/auth_token, or in a file named by "
-                "RAY_AUTH_TOKEN_PATH) and set RAY_AUTH_MODE=token"
-            ) from None
-        if isinstance(err, (ConnectionError, RuntimeError, TimeoutError)):
-            raise _CliError(
-                f"cannot connect to a Ray cluster at {where} ({_first_line(err)}); {_NO_CLUSTER_HINT}"
-            ) from None
-        raise
-    return ray.get_runtime_context().gcs_address
-
-
-def _chain(err: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _hosts(gcs_address: str) -> list[dict[str, Any]]:
+    from actors.cluster import first_line
     from actors.model_host import list_hosts
 
     try:
         return list_hosts(gcs_address)
     except Exception as err:  # the state API needs the cluster's dashboard (ray[default], include_dashboard)
         raise _CliError(
-            f"cannot list the actors of the Ray cluster at {gcs_address}: {_first_line(err)} (listing needs the "
+            f"cannot list the actors of the Ray cluster at {gcs_address}: {first_line(err)} (listing needs the "
             "cluster's dashboard, which `ray start --head` runs by default)"
         ) from None
 
@@ -493,9 +412,9 @@ def _short_class(path: str) -> str:
 def cmd_models_list(args: argparse.Namespace) -> int:
     import json
 
-    from actors.model_host import NAMESPACE
+    from actors.cluster import NAMESPACE, connect_existing
 
-    hosts = _hosts(_connect_existing(args.address))
+    hosts = _hosts(connect_existing(args.address))
     if args.json:
         print(json.dumps(hosts, indent=2))
         return 0
@@ -536,9 +455,10 @@ def cmd_models_unload(args: argparse.Namespace) -> int:
         raise _CliError("name the model hosts to unload (see `worldgen models list`) or pass --all")
     import time
 
-    from actors.model_host import NAMESPACE, PREFIX, unload_hosts
+    from actors.cluster import NAMESPACE, connect_existing
+    from actors.model_host import PREFIX, unload_hosts
 
-    gcs_address = _connect_existing(args.address)
+    gcs_address = connect_existing(args.address)
     existing = [host["name"] for host in _hosts(gcs_address)]
     if args.all:
         targets = existing
@@ -573,10 +493,7 @@ def cmd_models_unload(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train LoRA adapters for a world on its episodes with Ray Train; write a custom world."""
-    import os
-
-    import ray
-
+    from actors.cluster import connect
     from train_jobs.lora_world import train
 
     lora = {"rank": args.rank, "alpha": args.alpha if args.alpha is not None else 2.0 * args.rank}
@@ -596,8 +513,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         storage=args.storage,
     )
-    cluster = args.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=cluster or "local", logging_level="warning")  # inside `ray job submit`: that cluster
+    connect(args.address, new_local=True)  # inside `ray job submit`: that job's cluster (RAY_ADDRESS)
     state = train(config)
     print(f"before training: held-out loss {state['initial_held_out_loss']:.4f}")
     for entry in state["history"]:
@@ -619,12 +535,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     http = [load_serve_config(path).http_options for path in configs][0]  # bad files fail before Ray starts
     import os
 
-    import ray
     from ray import serve
 
+    from actors.cluster import connect
+
     cluster = args.address or os.environ.get("RAY_ADDRESS")
-    # no cluster named: a new local instance (never join one `ray start` left running here by accident)
-    ray.init(address=cluster or "local", logging_level="warning")
+    connect(args.address, new_local=True)  # no cluster named: never join one `ray start` left running here
     deployed = deploy(configs, host=args.host, port=args.port)
     host = args.host or http.host
     base = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{args.port or http.port}"
@@ -649,6 +565,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from worldgen.registry import executor_names
+
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's default must not overwrite `--debug` given before the subcommand.
     common.add_argument(
@@ -763,8 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--executor",
-        choices=("local", "ray"),
-        help="run in this process, or on Ray (nodes as tasks, models on host actors); default: the graph's own",
+        choices=executor_names(),  # the registry's: local, ray, and any an installed package declares
+        help="local: in this process; ray: on Ray (nodes as tasks, models on host actors); default: the "
+        "graph's own",
     )
     p.add_argument(
         "--address",

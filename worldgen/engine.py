@@ -1,41 +1,30 @@
-"""The one engine behind graphs, pipelines and stages: nodes, edges, exposed ports, validation, loops, plan.
+"""The one engine behind graphs, pipelines and stages: nodes, edges, exposed ports, validation, config/save/load.
 
 A node holds an *item*: anything with `input_ports()`, `output_ports()` and `__call__(**inputs) -> dict`
-(a Block in a Graph, a Graph in a Pipeline). Edges join `node.port` to `node.port`. Strongly connected
-components are loops; inside a loop, a *feedback* edge carries a value from one iteration to the next, and at
-iteration 0 its target port takes the value entering the loop from outside (or the port's default).
+(a Block in a Graph, a Graph in a Pipeline). Edges join `node.port` to `node.port`. How the nodes run — loops,
+feedback edges, the order — is the execution plan (worldgen/plan.py); `run` hands the engine to an executor
+found by name (worldgen/registry.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worldgen.config import SCHEMA_VERSION, check_schema, dump_config, load_config_file
 from worldgen.errors import ConfigError, GraphError, WorldgenError, did_you_mean
-from worldgen.ports import AGGREGATORS, Port, PortKind, compatible
+from worldgen.plan import Edge, ExecutionPlan, Loop, Problem, make_plan
+from worldgen.ports import Port, PortKind, compatible
+from worldgen.registry import build_template, check_executor, get_executor
 
 if TYPE_CHECKING:
     from worldgen.block import Block
     from worldgen.execution.callbacks import RunCallback
 
-EXECUTORS = ("local", "ray")
-
 _MISSING = object()
-
-
-@dataclass(frozen=True)
-class Edge:
-    source: str
-    source_port: str
-    target: str
-    target_port: str
-    feedback: bool = False  # declared feedback; loops also infer feedback edges (see `Loop`)
-
-    def __str__(self) -> str:
-        return f"{self.source}.{self.source_port} -> {self.target}.{self.target_port}"
+_STRUCTURE = ("_items", "_edges", "_inputs", "_outputs")  # what a deferred engine loads
 
 
 @dataclass
@@ -47,43 +36,6 @@ class ExposedInput:
     @property
     def optional(self) -> bool:
         return self.default is not _MISSING
-
-
-@dataclass(frozen=True)
-class Problem:
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
-
-
-@dataclass
-class Loop:
-    """A strongly connected component: `order` is the per-iteration node order, `feedback` its feedback edges."""
-
-    nodes: list[str]
-    feedback: set[Edge] = field(default_factory=set)
-    order: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Step:
-    """One unit of the execution plan: a single node, or a loop run for several iterations."""
-
-    nodes: list[str]
-    loop: Loop | None = None
-
-
-@dataclass
-class ExecutionPlan:
-    steps: list[Step]
-    incoming: dict[tuple[str, str], list[Edge]]
-    exposed: dict[tuple[str, str], list[str]]  # (node, port) -> names of exposed inputs feeding it
-
-    @property
-    def loops(self) -> list[Loop]:
-        return [s.loop for s in self.steps if s.loop is not None]
 
 
 def parse_endpoint(text: str, what: str = "port") -> tuple[str, str]:
@@ -106,14 +58,40 @@ class Engine:
     nodes_key = "nodes"  # the config key listing the nodes
     extra_config_keys: tuple[str, ...] = ()  # further top-level config keys a level understands
 
-    def __init__(self, name: str, *, executor: str = "local"):
+    def __init__(self, name: str, *, executor: str = "local", deferred: bool = False):
+        """`deferred`: the nodes are known only later; `load_structure` adds them on first use."""
         self.name = name
-        self.executor = _check_executor(executor)
+        self.executor = check_executor(executor)
+        self._plan: ExecutionPlan | None = None
+        if not deferred:
+            self._clear_structure()
+
+    def _clear_structure(self) -> None:
         self._items: dict[str, Any] = {}
         self._edges: list[Edge] = []
         self._inputs: dict[str, ExposedInput] = {}
         self._outputs: dict[str, tuple[str, str]] = {}
-        self._plan: ExecutionPlan | None = None
+
+    def load_structure(self) -> None:
+        """Hook of an engine created with `deferred=True`: add its nodes, edges and exposed ports here (with
+        `_add_item`, `add_edge`, `expose_input`, `expose_output`). Called once, when something first reads the
+        structure, so that building an engine whose nodes come from elsewhere (a graph behind an HTTP
+        endpoint) does not need that place up; an error here leaves the engine deferred (the next use
+        tries again)."""
+        raise GraphError(f"{self.level} '{self.name}' was created deferred but defines no load_structure()")
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: the structure of a deferred engine, before its first use.
+        if name not in _STRUCTURE or "name" not in self.__dict__ or "_items" in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self._clear_structure()
+        try:
+            self.load_structure()
+        except BaseException:
+            for slot in _STRUCTURE:
+                self.__dict__.pop(slot, None)
+            raise
+        return self.__dict__[name]
 
     # ---- structure -------------------------------------------------------------------------------------
     @property
@@ -241,18 +219,18 @@ class Engine:
     def plan(self) -> ExecutionPlan:
         """The execution plan (cached until the next edit). Raises GraphError on an unbreakable cycle."""
         if self._plan is None:
-            plan, problems = self._analyse()
+            plan, problems = self._make_plan()
             if problems:
                 raise GraphError(self._problem_text(problems), problems)
             self._plan = plan
         return self._plan
 
     def loops(self) -> list[Loop]:
-        return self._analyse()[0].loops
+        return self._make_plan()[0].loops
 
     def validate(self, strict: bool = False) -> list[Problem]:
         """Every problem found (unknown ports, kind mismatches, unfed inputs, ambiguous fan-in, bad loops)."""
-        plan, loop_problems = self._analyse()
+        plan, loop_problems = self._make_plan()
         problems = self._check_structure(plan) + loop_problems
         for node_id, item in self._items.items():  # graphs inside a pipeline, pipelines inside a stage
             if isinstance(item, Engine):
@@ -320,6 +298,15 @@ class Engine:
                     )
         return problems
 
+    def _make_plan(self) -> tuple[ExecutionPlan, list[Problem]]:
+        return make_plan(
+            self._items,
+            self._edges,
+            {name: ex.targets for name, ex in self._inputs.items()},
+            allow_cycles=self.allow_cycles,
+            level=self.level,
+        )
+
     # ---- running ---------------------------------------------------------------------------------------
     def run(
         self,
@@ -335,22 +322,20 @@ class Engine:
         """Run on the exposed inputs and return the exposed outputs.
 
         `seed` seeds every random draw (same seed → same result on either executor); `iterations` overrides
-        loop counts; `executor` is "local" (in-process) or "ray" (nodes as Ray tasks, models on host actors;
-        `fuse_loops` runs a loop whose models share one actor as a single call there). Default: the config's.
+        loop counts; `executor` names a registered executor (worldgen.registry): "local" (in-process) or "ray"
+        (nodes as Ray tasks, models on host actors; `fuse_loops` runs a loop whose models share one actor as a
+        single call there). Default: the config's. `progress` shows a bar per loop.
         """
-        from worldgen.execution import ProgressBar
-
-        callbacks = [*callbacks, *([ProgressBar(self.name)] if progress else [])]
-        kind = _check_executor(executor or self.executor)
-        if kind == "ray":
-            from worldgen.execution.ray import run_ray
-
-            return run_ray(
-                self, inputs, seed=seed, iterations=iterations, callbacks=callbacks, fuse_loops=fuse_loops
-            )
-        from worldgen.execution import run_local
-
-        return run_local(self, inputs, seed=seed, iterations=iterations, callbacks=callbacks)
+        run = get_executor(executor or self.executor)
+        return run(
+            self,
+            inputs,
+            seed=seed,
+            iterations=iterations,
+            callbacks=callbacks,
+            progress=progress,
+            fuse_loops=fuse_loops,
+        )
 
     def named_blocks(self) -> list[tuple[str, Block]]:
         """Every block with its qualified node id ('node' in a graph, 'graph.node' in a pipeline, …)."""
@@ -456,8 +441,6 @@ class Engine:
     @classmethod
     def from_template(cls, name: str, **params: Any):
         """One of this level from a registered template (`worldgen templates` lists them)."""
-        from worldgen.templates import build_template
-
         built = build_template(name, **params)
         if not isinstance(built, cls):
             raise GraphError(f"template '{name}' builds a {type(built).__name__}, not a {cls.__name__}")
@@ -490,195 +473,6 @@ class Engine:
         load_weights(engine.named_blocks(), directory)
         return engine
 
-    def _analyse(self) -> tuple[ExecutionPlan, list[Problem]]:
-        incoming: dict[tuple[str, str], list[Edge]] = {}
-        for edge in self._edges:
-            incoming.setdefault((edge.target, edge.target_port), []).append(edge)
-        exposed: dict[tuple[str, str], list[str]] = {}
-        for name, ex in self._inputs.items():
-            for target in ex.targets:
-                exposed.setdefault(target, []).append(name)
-
-        problems: list[Problem] = []
-        steps: list[Step] = []
-        for component in _components_in_order(list(self._items), self._edges):
-            members = set(component)
-            inner = [e for e in self._edges if e.source in members and e.target in members]
-            if not inner:
-                steps.append(Step(component))
-                continue
-            if not self.allow_cycles:
-                problems.append(
-                    Problem(
-                        "cycle " + " -> ".join(component + component[:1]),
-                        f"a {self.level} must be acyclic; remove one of: {', '.join(map(str, inner))}",
-                    )
-                )
-                steps.append(Step(component))
-                continue
-            feedback = {
-                e
-                for e in inner
-                if e.feedback
-                or e.source == e.target
-                or any(o.source not in members for o in incoming[(e.target, e.target_port)] if o is not e)
-                or (e.target, e.target_port) in exposed
-            }
-            order = _topological(component, [e for e in inner if e not in feedback])
-            loop = Loop(component, feedback, order or component)
-            if order is None:
-                problems.append(
-                    Problem(
-                        "loop " + ", ".join(component),
-                        "this cycle has no feedback edge: feed the loop's first node an initial value from "
-                        "outside the loop (that makes the closing edge a feedback edge) or add the closing "
-                        "edge with feedback=True",
-                    )
-                )
-            steps.append(Step(loop.order, loop))
-        return ExecutionPlan(steps, incoming, exposed), problems
-
-
-def _check_executor(executor: str) -> str:
-    if executor not in EXECUTORS:
-        raise GraphError(
-            f"unknown executor {executor!r}{did_you_mean(str(executor), EXECUTORS)}; expected one of {EXECUTORS}"
-        )
-    return executor
-
 
 def _edge_key(edge: Edge) -> tuple[str, str, str, str, bool]:
     return (edge.source, edge.source_port, edge.target, edge.target_port, edge.feedback)
-
-
-def _components_in_order(nodes: list[str], edges: list[Edge]) -> list[list[str]]:
-    """Strongly connected components (Tarjan), in a topological order of the condensation.
-
-    Ties are broken by node insertion order so plans are stable and readable.
-    """
-    position = {n: i for i, n in enumerate(nodes)}
-    successors: dict[str, list[str]] = {n: [] for n in nodes}
-    for e in edges:
-        if e.target not in successors[e.source]:
-            successors[e.source].append(e.target)
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    components: list[list[str]] = []
-
-    # Iterative Tarjan: graphs of a few hundred nodes must not hit recursion limits.
-    def visit(root: str) -> None:
-        work = [(root, iter(successors[root]))]
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, children = work[-1]
-            advanced = False
-            for child in children:
-                if child not in index:
-                    index[child] = low[child] = len(index)
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(successors[child])))
-                    advanced = True
-                    break
-                if child in on_stack:
-                    low[node] = min(low[node], index[child])
-            if advanced:
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[node])
-            if low[node] == index[node]:
-                component = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.append(member)
-                    if member == node:
-                        break
-                components.append(sorted(component, key=position.__getitem__))
-
-    for n in nodes:
-        if n not in index:
-            visit(n)
-    # Order components topologically (Kahn), preferring the earliest-inserted node among ready ones.
-    owner = {n: i for i, comp in enumerate(components) for n in comp}
-    deps: dict[int, set[int]] = {i: set() for i in range(len(components))}
-    for e in edges:
-        a, b = owner[e.source], owner[e.target]
-        if a != b:
-            deps[b].add(a)
-    done: set[int] = set()
-    ordered: list[list[str]] = []
-    while len(ordered) < len(components):
-        ready = [i for i in deps if i not in done and deps[i] <= done]
-        best = min(ready, key=lambda i: position[components[i][0]])
-        done.add(best)
-        ordered.append(components[best])
-    return ordered
-
-
-def _topological(nodes: list[str], edges: list[Edge]) -> list[str] | None:
-    """Topological order of `nodes` under `edges` (insertion order on ties), or None if cyclic."""
-    remaining = list(nodes)
-    preds = {n: {e.source for e in edges if e.target == n and e.source != n} for n in nodes}
-    if any(e.source == e.target for e in edges):
-        return None
-    order: list[str] = []
-    while remaining:
-        ready = next((n for n in remaining if preds[n] <= set(order)), None)
-        if ready is None:
-            return None
-        order.append(ready)
-        remaining.remove(ready)
-    return order
-
-
-def gather_inputs(
-    engine: Engine,
-    node_id: str,
-    values: Mapping[str, Mapping[str, Any]],
-    inputs: Mapping[str, Any],
-    *,
-    loop: Loop | None = None,
-    iteration: int = 0,
-    outside_only: bool = False,
-    unfed_rng: Any = None,
-    combine: Any = None,
-) -> dict[str, Any]:
-    """The keyword arguments for one call of `node_id`: values from edges, exposed inputs and defaults.
-
-    Inside a loop, a port fed by a feedback edge takes the fed-back value from iteration 1 on. With
-    `outside_only`, only values that exist before the loop starts are gathered (used to size loops).
-    An RNG input that nothing feeds gets `unfed_rng()` (the run's seeded generator state) when given.
-    Several values for one port are merged by `combine(port, values)` (default: the port's aggregation).
-    """
-    plan = engine.plan()
-    kwargs: dict[str, Any] = {}
-    for port_name, port in engine.item(node_id).input_ports().items():
-        edges = plan.incoming.get((node_id, port_name), [])
-        feedback = [e for e in edges if loop is not None and e in loop.feedback]
-        sources = feedback if feedback and iteration > 0 else [e for e in edges if e not in feedback]
-        if outside_only and loop is not None:
-            sources = [e for e in sources if e.source not in loop.nodes]
-        found = [values[e.source][e.source_port] for e in sources if e.source in values]
-        if not (feedback and iteration > 0):
-            found += [inputs[name] for name in plan.exposed.get((node_id, port_name), []) if name in inputs]
-        if not found:
-            if port.kind is PortKind.RNG and unfed_rng is not None:
-                kwargs[port_name] = unfed_rng()
-                continue
-            if port.optional or outside_only or port.kind is PortKind.RNG:
-                kwargs[port_name] = port.default
-                continue
-            raise GraphError(f"input {node_id}.{port_name} has no value (nothing feeds it)")
-        if len(found) == 1 or port.aggregate is None:
-            kwargs[port_name] = found[0]
-        elif combine is not None:
-            kwargs[port_name] = combine(port, found)
-        else:
-            kwargs[port_name] = AGGREGATORS[port.aggregate](found)
-    return kwargs

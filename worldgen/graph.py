@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from worldgen.block import Block
 from worldgen.engine import Engine
 from worldgen.errors import ConfigError, GraphError
-from worldgen.nodes.roles import ROLE_RULES
 from worldgen.registry import create_block
+
+
+# Role rules: the default wiring applied when a node is added with auto-connect on (DESIGN.md §2.2).
+class RoleRule(NamedTuple):
+    source_role: str
+    source_port: str
+    target_role: str
+    target_port: str
+
+
+ROLE_RULES: tuple[RoleRule, ...] = (
+    RoleRule("tokenizer", "token_ids", "conditioner", "token_ids"),
+    RoleRule("conditioner", "embedding", "backbone", "condition"),
+    RoleRule("backbone", "pred", "guidance", "pred_cond"),
+    RoleRule("backbone", "pred_uncond", "guidance", "pred_uncond"),
+    RoleRule("guidance", "pred", "solver", "pred"),
+    RoleRule("solver", "model_input", "backbone", "sample"),  # closes the denoising loop
+    RoleRule("solver", "timestep", "backbone", "timestep"),
+    RoleRule("codec", "latent", "solver", "latent"),  # encoder -> solver (image-to-image)
+    RoleRule("solver", "latent", "codec", "latent"),  # solver -> decoder
+)
 
 
 class Graph(Engine):
@@ -18,8 +38,8 @@ class Graph(Engine):
     level = "graph"
     allow_cycles = True
 
-    def __init__(self, name: str = "graph", *, executor: str = "local"):
-        super().__init__(name, executor=executor)
+    def __init__(self, name: str = "graph", *, executor: str = "local", deferred: bool = False):
+        super().__init__(name, executor=executor, deferred=deferred)
 
     # ---- building --------------------------------------------------------------------------------------
     def add_node(
@@ -51,6 +71,21 @@ class Graph(Engine):
 
     def blocks(self) -> list[tuple[str, Block]]:
         return [(n, self._items[n]) for n in self._items]
+
+    def replace_block(self, node_id: str, block: Block) -> None:
+        """Put `block` in node `node_id` in place of the block there, keeping every edge and exposed port (a
+        model host rebinds a graph's blocks to the model it holds). The new block must have the same ports."""
+        old = self.block(node_id)
+        for direction, before, after in (
+            ("input", old.input_ports(), block.input_ports()),
+            ("output", old.output_ports(), block.output_ports()),
+        ):
+            if {n: p.kind for n, p in before.items()} != {n: p.kind for n, p in after.items()}:
+                raise GraphError(
+                    f"node '{node_id}': {block.block_type} cannot replace {old.block_type}, its {direction} "
+                    f"ports differ ({', '.join(after) or '(none)'} instead of {', '.join(before) or '(none)'})"
+                )
+        self._items[node_id] = block  # same ports, same wiring: the plan stays valid
 
     def _fresh_id(self, role: str) -> str:
         if role not in self._items:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from worldgen.block import AdapterRef, ModelBlock
 from worldgen.errors import ConfigError
+from worldgen.models.adapters import activate_adapter, inject_adapter, loaded_adapters, tuner_layers
 from worldgen.storage_io import atomic_write_text
 
 MANIFEST = "adapters.json"
@@ -92,32 +92,6 @@ def _lora_config(settings: LoraSettings, target_modules: list[str] | str | None)
     )
 
 
-def _inject(config: Any, model: Any, name: str) -> None:
-    import warnings
-
-    from peft import inject_adapter_in_model
-
-    # peft marks only adapters trainable; a shared model keeps its own flags (training freezes explicitly)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    with warnings.catch_warnings():  # "multiple adapters in the model": on purpose, one per world
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        inject_adapter_in_model(config, model, adapter_name=name)
-    for param_name, param in model.named_parameters():
-        base_name = param_name.replace(".base_layer", "")
-        if param_name in flags or base_name in flags:
-            param.requires_grad_(flags.get(param_name, flags.get(base_name)))
-
-
-def _tuner_layers(model: Any) -> Iterable[Any]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return (m for m in model.modules() if isinstance(m, BaseTunerLayer))
-
-
-def _loaded(model: Any) -> set[str]:
-    return model.__dict__.setdefault("_worldgen_adapters", set())
-
-
 def attach_adapters(world: Any, settings: LoraSettings, name: str = TRAINING_ADAPTER) -> list[AdapterTarget]:
     """Inject a fresh adapter `name` into every eligible model of `world`, freeze all other weights, and point
     the blocks at it. Returns the targets; `trainable_parameters(targets)` is what the optimizer gets."""
@@ -130,12 +104,14 @@ def attach_adapters(world: Any, settings: LoraSettings, name: str = TRAINING_ADA
         )
     for target in targets:
         target.model.requires_grad_(False)
-        if name in _loaded(target.model):  # attached before (another run in this process): start afresh
-            for layer in _tuner_layers(target.model):
+        if name in loaded_adapters(
+            target.model
+        ):  # attached before (another run in this process): start afresh
+            for layer in tuner_layers(target.model):
                 if name in layer.lora_A:
                     layer.delete_adapter(name)
-        _inject(_lora_config(settings, target.target_modules), target.model, name)
-        _loaded(target.model).add(name)
+        inject_adapter(_lora_config(settings, target.target_modules), target.model, name)
+        loaded_adapters(target.model).add(name)
         target.model.__dict__.pop("_worldgen_active", None)
         activate_adapter(target.model, AdapterRef(name=name))
         for param_name, param in target.model.named_parameters():
@@ -177,14 +153,14 @@ def base_state_dict(module: Any) -> dict[str, Any]:
     """The module's own weights under their own names, as if no adapter were attached: what a checkpoint of a
     shared model must hold, whatever custom worlds have attached to it in this process."""
     state = module.state_dict()
-    if not any(True for _ in _tuner_layers(module)):
+    if not any(True for _ in tuner_layers(module)):
         return state
     return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
 
 
 def load_base_state_dict(module: Any, state: dict[str, Any]) -> None:
     """`module.load_state_dict(state, strict=True)` for weights saved by `base_state_dict` (adapters kept)."""
-    if not any(True for _ in _tuner_layers(module)):
+    if not any(True for _ in tuner_layers(module)):
         module.load_state_dict(state, strict=True)
         return
     names = {k.replace(".base_layer.", "."): k for k in module.state_dict() if "lora_" not in k}
@@ -248,40 +224,3 @@ def use_adapters(world: Any, directory: str | Path) -> int:
             block.config.adapter = AdapterRef(name=name, path=str(folder))
             changed += 1
     return changed
-
-
-def activate_adapter(model: Any, ref: AdapterRef | None) -> None:
-    """Make `ref`'s adapter the active one on `model` (loading it on first use), or none when `ref` is None."""
-    loaded = _loaded(model)
-    wanted = None if ref is None else ref.name
-    if model.__dict__.get("_worldgen_active") == wanted or (wanted is None and not loaded):
-        return  # already so: a denoising loop calls the same block many times
-    if ref is not None and ref.name not in loaded:
-        if ref.path is None:
-            raise ConfigError(f"adapter '{ref.name}' is not attached to this model and has no path to load")
-        _load_adapter(model, ref)
-        loaded.add(ref.name)
-    for layer in _tuner_layers(model):
-        if wanted is not None and wanted in layer.lora_A:  # a layer only other adapters target stays off
-            layer.set_adapter(wanted)
-            layer.enable_adapters(True)
-            if ref.path is not None:  # `set_adapter` marks it trainable; a saved adapter is only served
-                layer.lora_A[wanted].requires_grad_(False)
-                layer.lora_B[wanted].requires_grad_(False)
-        else:
-            layer.enable_adapters(False)
-    model.__dict__["_worldgen_active"] = wanted
-
-
-def _load_adapter(model: Any, ref: AdapterRef) -> None:
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    folder = Path(ref.path)
-    _inject(LoraConfig.from_pretrained(folder), model, ref.name)
-    weights = load_file(folder / "adapter_model.safetensors")
-    result = set_peft_model_state_dict(model, weights, adapter_name=ref.name)
-    if getattr(result, "unexpected_keys", None):
-        raise ConfigError(
-            f"adapter weights do not fit this model: {result.unexpected_keys[:3]}", file=str(folder)
-        )

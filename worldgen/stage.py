@@ -239,7 +239,7 @@ def build_item(spec: Mapping[str, Any]) -> Engine:
 
         return EndpointGraph.from_spec(spec)
     if "template" in spec:
-        from worldgen.templates import build_template
+        from worldgen.registry import build_template
 
         extra = set(spec) - {"template", "params"}
         if extra:

@@ -18,7 +18,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worldgen.config import SCHEMA_VERSION, check_schema, load_config_file, resolve_refs
-from worldgen.engine import Problem, _check_executor
 from worldgen.errors import (
     ConfigError,
     ExecutionError,
@@ -28,6 +27,8 @@ from worldgen.errors import (
     format_validation_error,
 )
 from worldgen.limits import LimitExceeded, Limits, applying, time_limit, within
+from worldgen.plan import Problem
+from worldgen.registry import build_world_template, check_executor
 from worldgen.stage import CONTRACTS, CYCLE, Schema, Stage, build_item, role_that
 from worldgen.state import (
     GenerationConfig,
@@ -170,7 +171,7 @@ class World:
             return cls._build_custom(config, file, base, directory, limits)
         try:
             settings = WorldSettings.model_validate(config)
-            _check_executor(settings.executor)
+            check_executor(settings.executor)
         except ValidationError as err:
             raise ConfigError(format_validation_error(err), file=file) from None
         except GraphError as err:
@@ -251,8 +252,6 @@ class World:
         cls, name: str, directory: str | Path | None = None, *, limits: Limits | None = None, **params: Any
     ) -> World:
         """A world from a registered world template (a function returning a world config)."""
-        from worldgen.templates import build_world_template
-
         return cls.from_config(build_world_template(name, **params), directory, limits=limits)
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Executors: `local` (reference semantics, in-process); the Ray executor arrives with the Ray runtime."""
+"""The `local` executor (reference semantics, in-process) and run callbacks; the Ray executor lives in the
+Ray layer (actors/ray_executor.py). Executors are found by name through worldgen.registry."""
 
 from worldgen.execution.callbacks import ProgressBar, RunCallback
 from worldgen.execution.local import run_local

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Any
 
-from worldgen.engine import Loop
+from worldgen.plan import Loop
 
 
 class RunCallback:
@@ -36,3 +37,8 @@ class ProgressBar(RunCallback):
             if iteration + 1 == iterations:
                 self._bar.close()
                 self._bar = None
+
+
+def with_progress(callbacks: Iterable[RunCallback], progress: bool, name: str) -> list[RunCallback]:
+    """The run's callbacks, plus a progress bar named `name` when `progress` is asked for."""
+    return [*callbacks, *([ProgressBar(name)] if progress else [])]

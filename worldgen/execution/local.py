@@ -6,10 +6,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from worldgen.block import Block
-from worldgen.engine import Engine, Loop, gather_inputs
+from worldgen.engine import Engine
 from worldgen.errors import ExecutionError, GraphError, WorldgenError, did_you_mean
-from worldgen.execution.callbacks import RunCallback
+from worldgen.execution.callbacks import RunCallback, with_progress
 from worldgen.limits import check_deadline
+from worldgen.plan import Loop, gather_inputs
 
 
 def check_inputs(engine: Engine, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -119,11 +120,15 @@ def run_local(
     seed: int | None = None,
     iterations: int | None = None,
     callbacks: Iterable[RunCallback] = (),
+    progress: bool = False,
+    fuse_loops: bool = True,
 ) -> dict[str, Any]:
-    """Run an engine in-process in plan order and return its exposed outputs."""
+    """Run an engine in-process in plan order and return its exposed outputs (the `local` executor).
+
+    `progress` adds a bar per loop; `fuse_loops` changes nothing here (every loop already runs in-process)."""
     plan = engine.plan()
     run_inputs = check_inputs(engine, inputs)
-    callbacks = list(callbacks)
+    callbacks = with_progress(callbacks, progress, engine.name)
     run_options = {"seed": seed, "iterations": iterations, "callbacks": callbacks}
     unfed_rng = None
     if seed is not None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from worldgen.block import ModelRef
 from worldgen.errors import ModelLoadError, did_you_mean
+from worldgen.model_ref import ModelRef
 from worldgen.models.tiny import build_preset_component
 
 PRESET_PREFIX = "preset:"

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from worldgen.block import ModelRef
+from worldgen.model_ref import ModelRef
 from worldgen.models.loading import load_component
 
 Loader = Callable[[ModelRef, type], Any]

@@ -410,34 +410,14 @@ class EndpointSpec(BaseModel):
         return _check_url(url)
 
 
-class _Lazy:
-    """An engine attribute that fills the endpoint graph from the endpoint's spec when first read.
+class EndpointGraph(Graph):
+    """A graph that runs behind an HTTP endpoint: one `endpoint/http` node, its ports exposed as they are.
 
-    Building a config that holds an endpoint must not need the endpoint up (it may be deployed alongside);
-    the spec is fetched when something first asks for the graph's nodes, ports or wiring.
+    Building a config that holds an endpoint must not need the endpoint up (it may be deployed alongside): the
+    graph is deferred, and its node and ports come from the endpoint's spec when something first asks for them.
     """
 
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.slot = "_stored" + name
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        obj._materialize()
-        return obj.__dict__[self.slot]
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        obj.__dict__[self.slot] = value
-
-
-class EndpointGraph(Graph):
-    """A graph that runs behind an HTTP endpoint: one `endpoint/http` node, its ports exposed as they are."""
-
     NODE: ClassVar[str] = "endpoint"
-    _items = _Lazy()
-    _edges = _Lazy()
-    _inputs = _Lazy()
-    _outputs = _Lazy()
 
     def __init__(
         self,
@@ -448,9 +428,8 @@ class EndpointGraph(Graph):
         retries: int = 2,
         headers_env: str | None = None,
     ):
-        self.__dict__["_ready"] = False
         self.block = EndpointBlock(url=url, timeout=timeout, retries=retries, headers_env=headers_env)
-        super().__init__(name or _name_from_url(self.block.url))
+        super().__init__(name or _name_from_url(self.block.url), deferred=True)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> EndpointGraph:
@@ -471,11 +450,8 @@ class EndpointGraph(Graph):
     def url(self) -> str:
         return self.block.url
 
-    def _materialize(self) -> None:
-        if self.__dict__["_ready"]:
-            return
-        spec = self.block.spec()  # fails (naming the URL) before anything changes
-        self.__dict__["_ready"] = True
+    def load_structure(self) -> None:
+        spec = self.block.spec()  # fails naming the URL (the graph stays deferred)
         self._add_item(self.NODE, self.block)
         for name, port in spec["inputs"].items():
             target = f"{self.NODE}.{name}"

@@ -14,29 +14,23 @@ complete task that was not pending"), and work that checks the deadline itself s
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
+from actors.cluster import connect
 from actors.model_host import block_key, forget_host, host_for, host_name
 from worldgen.block import Block, ModelBlock
-from worldgen.engine import Engine, Loop, gather_inputs
+from worldgen.engine import Engine
 from worldgen.errors import ExecutionError, WorldgenError
-from worldgen.execution.callbacks import RunCallback
+from worldgen.execution.callbacks import RunCallback, with_progress
 from worldgen.execution.local import call_in_port_order, check_inputs, loop_iterations
 from worldgen.graph import Graph
 from worldgen.limits import Deadline, check_deadline, current_deadline
+from worldgen.plan import Loop, gather_inputs
 from worldgen.ports import AGGREGATORS, Aggregation
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to Ray once: `address` (or RAY_ADDRESS), else start a local instance."""
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="warning")
-
 
 # Past a deadline, how long to wait for work that stops on its own: a fused loop on a host then reports the
 # node and iteration it stopped at, which says more than "the wait timed out".
@@ -222,12 +216,14 @@ def run_ray(
     seed: int | None = None,
     iterations: int | None = None,
     callbacks: Iterable[RunCallback] = (),
+    progress: bool = False,
     fuse_loops: bool = True,
 ) -> dict[str, Any]:
-    """Run a graph or pipeline on Ray and return its exposed outputs (fetched to the caller)."""
-    ensure_ray()
+    """Run a graph or pipeline on Ray and return its exposed outputs (fetched to the caller): the `ray`
+    executor (entry point `worldgen.executors`). Connects to Ray first when this process is not connected."""
+    connect()
     run = _Run(seed, iterations, fuse_loops)
-    callbacks = list(callbacks)
+    callbacks = with_progress(callbacks, progress, engine.name)
     try:
         outputs = run.submit(engine, dict(inputs or {}))
         for item in run.submitted if callbacks else ():

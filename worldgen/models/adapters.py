@@ -1,0 +1,81 @@
+"""LoRA adapters on a loaded model: injecting one, listing those attached, and switching the active one.
+
+A model may carry the adapters of several worlds (one model host serves them all); each block call runs with
+its own block's adapter active (`ModelBlock.active_model`). Preparing a world's adapters (which models, saving,
+the manifest) is worldgen/lora.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from worldgen.errors import ConfigError
+from worldgen.model_ref import AdapterRef
+
+
+def inject_adapter(config: Any, model: Any, name: str) -> None:
+    """Add adapter `name` (a peft LoraConfig) to `model`, leaving the model's own trainable flags as they are."""
+    import warnings
+
+    from peft import inject_adapter_in_model
+
+    # peft marks only adapters trainable; a shared model keeps its own flags (training freezes explicitly)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with warnings.catch_warnings():  # "multiple adapters in the model": on purpose, one per world
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=name)
+    for param_name, param in model.named_parameters():
+        base_name = param_name.replace(".base_layer", "")
+        if param_name in flags or base_name in flags:
+            param.requires_grad_(flags.get(param_name, flags.get(base_name)))
+
+
+def tuner_layers(model: Any) -> Iterable[Any]:
+    """The model's peft LoRA layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return (m for m in model.modules() if isinstance(m, BaseTunerLayer))
+
+
+def loaded_adapters(model: Any) -> set[str]:
+    """Names of the adapters attached to `model` (kept on the model object, shared by its users)."""
+    return model.__dict__.setdefault("_worldgen_adapters", set())
+
+
+def activate_adapter(model: Any, ref: AdapterRef | None) -> None:
+    """Make `ref`'s adapter the active one on `model` (loading it on first use), or none when `ref` is None."""
+    loaded = loaded_adapters(model)
+    wanted = None if ref is None else ref.name
+    if model.__dict__.get("_worldgen_active") == wanted or (wanted is None and not loaded):
+        return  # already so: a denoising loop calls the same block many times
+    if ref is not None and ref.name not in loaded:
+        if ref.path is None:
+            raise ConfigError(f"adapter '{ref.name}' is not attached to this model and has no path to load")
+        _load_adapter(model, ref)
+        loaded.add(ref.name)
+    for layer in tuner_layers(model):
+        if wanted is not None and wanted in layer.lora_A:  # a layer only other adapters target stays off
+            layer.set_adapter(wanted)
+            layer.enable_adapters(True)
+            if ref.path is not None:  # `set_adapter` marks it trainable; a saved adapter is only served
+                layer.lora_A[wanted].requires_grad_(False)
+                layer.lora_B[wanted].requires_grad_(False)
+        else:
+            layer.enable_adapters(False)
+    model.__dict__["_worldgen_active"] = wanted
+
+
+def _load_adapter(model: Any, ref: AdapterRef) -> None:
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(ref.path)
+    inject_adapter(LoraConfig.from_pretrained(folder), model, ref.name)
+    weights = load_file(folder / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(model, weights, adapter_name=ref.name)
+    if getattr(result, "unexpected_keys", None):
+        raise ConfigError(
+            f"adapter weights do not fit this model: {result.unexpected_keys[:3]}", file=str(folder)
+        )
