@@ -60,7 +60,7 @@ def ray_session():
     from actors.model_host import unload_hosts
 
     # A key only the server's environment holds (as an operator exports one before the cluster starts): the
-    # trust tests check that no posted config gets it out of the server (tests/test_gateway_trust.py).
+    # trust tests check that no posted config gets it out of the server (tests/serve_apps/test_world_gateway_trust.py).
     os.environ.setdefault(SERVER_KEY_ENV, "sk-server-" + secrets.token_hex(16))
     ray.init(address="local", num_cpus=2, logging_level="warning", include_dashboard=True)
     try:

@@ -9,7 +9,7 @@ Routes: `GET /v1/models`, `POST /v1/chat/completions` (OpenAI) and `POST /v1/mes
 Answers come from `responses`: a list (a queue; the last answer repeats once it is exhausted), or a callable
 `f(messages, body) -> str`. An answer that is a dict `{"status": 429, "error": "..."}` is sent as an
 HTTP error. Tests that need a real model behind the API use the project's own server instead
-(serve_apps/llm_server.py, see tests/test_llm_server.py); this one stays for scripted answers, errors and the
+(serve_apps/llm_server.py, see tests/serve_apps/test_llm_server.py); this one stays for scripted answers, errors and the
 Anthropic route.
 """
 

@@ -1,6 +1,6 @@
 """A world run submitted as a Ray job (`ray job submit --working-dir …`) to a `ray start --head` cluster.
 
-The cluster is private to this module, like the one in test_cli_models.py (whose helpers it reuses): its own
+The cluster is private to this module, like the one in worldgen/test_cli_models.py (whose helpers it reuses): its own
 temp dir, free ports, and its own process group, stopped by signalling `ray start --block` (never `ray stop`,
 which would stop every Ray on the machine). Token authentication is on, set up the way Ray documents it for
 `ray start` clusters: `ray get-auth-token --generate` writes a token file (here under a throwaway HOME, so the
@@ -23,7 +23,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_cli_models import _client_env, _free_port, _ray_executable, _stop, start_head
+
+from tests.worldgen.test_cli_models import _client_env, _free_port, _ray_executable, _stop, start_head
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180

@@ -1,5 +1,6 @@
-"""The house's rules, checked on the source: no module uses another module's private names, and the core
-imports neither Ray nor the layers above it (the import-linter contracts in pyproject.toml, run here too).
+"""The house's rules, checked on the source: no module uses another module's private names, the core
+imports neither Ray nor the layers above it (the import-linter contracts in pyproject.toml, run here too), and
+the tests mirror the source (the tests of `worldgen/nodes/llm.py` are `tests/worldgen/nodes/test_llm.py`).
 
 A private name is `_name` (not a dunder). A module may use its own private names, and the protected members
 of its classes' base classes (a subclass overriding a hook is what a hook is for); any other `from X import
@@ -29,8 +30,6 @@ RAY_PRIVATE_ALLOWED = {
     ("actors/cluster.py", "_internal_kv_get"): "read the v1 autoscaler's status (may the cluster grow?)",
     ("actors/cluster.py", "_actor_id"): "an actor handle's id for the state API (no public getter)",
 }
-# Being fixed by another part of the house issue (one owner of the world directory); listed so it stays seen.
-KNOWN = {("worldgen/training/episodes.py", "_read_model")}
 
 
 def _private(name: str) -> bool:
@@ -139,7 +138,7 @@ def test_no_module_uses_another_modules_private_names():
     offenders = [
         (file, name, line)
         for file, name, line in private_name_offenders()
-        if (file, name) not in RAY_PRIVATE_ALLOWED and (file, name) not in KNOWN
+        if (file, name) not in RAY_PRIVATE_ALLOWED
     ]
     listing = "\n".join(f"  {file}:{line}: {name}" for file, name, line in offenders)
     assert not offenders, f"private names used outside their module ({len(offenders)}):\n{listing}"
@@ -168,3 +167,56 @@ def test_import_contracts_are_kept():
         pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
     result = subprocess.run([lint], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+# Test modules that test a whole layer rather than one of its modules (path under tests/ -> why).
+LAYER_WIDE_TESTS = {
+    "serve_apps/test_fuzz.py": "fuzzes every Serve application of the layer through its OpenAPI document",
+}
+
+
+def _tested_module(test: Path) -> Path | None:
+    """The source module a mirrored test module tests: tests/<path>/test_<name>.py tests <path>/<name>.py (or the
+    package <path>/<name>/), or <path>/<module>.py for a name `<module>_<aspect>` (test_cli_models.py: cli.py)."""
+    folder = ROOT / test.parent.relative_to(ROOT / "tests")
+    name = test.stem.removeprefix("test_")
+    parts = name.split("_")
+    for cut in range(len(parts), 0, -1):
+        stem = "_".join(parts[:cut])
+        for candidate in (folder / f"{stem}.py", folder / stem / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def test_the_tests_mirror_the_source():
+    """Every test module under tests/<package>/ is named after the source module it tests, in the same folder,
+    so a newcomer finds a file's tests by its name (tests/ itself holds the whole-project checks)."""
+    tests_root = ROOT / "tests"
+    strays = []
+    for test in sorted(tests_root.rglob("test_*.py")):
+        relative = test.relative_to(tests_root).as_posix()
+        if test.parent == tests_root or relative in LAYER_WIDE_TESTS:
+            continue
+        if relative.split("/")[0] not in PACKAGES or _tested_module(test) is None:
+            strays.append(relative)
+    assert not strays, (
+        "test modules that mirror no source module (name them after the module they test): "
+        + (", ".join(strays))
+    )
+    for relative in LAYER_WIDE_TESTS:  # an exception for a file that is gone is stale: remove it
+        assert (tests_root / relative).is_file(), relative
+
+
+def test_the_mirror_check_finds_a_stray():
+    assert (
+        _tested_module(ROOT / "tests" / "worldgen" / "nodes" / "test_llm.py")
+        == ROOT / "worldgen/nodes/llm.py"
+    )
+    assert _tested_module(ROOT / "tests" / "worldgen" / "test_cli_models.py") == ROOT / "worldgen/cli.py"
+    assert (
+        _tested_module(ROOT / "tests" / "worldgen" / "models" / "test_pool.py")
+        == ROOT / "worldgen/models/pool.py"
+    )
+    assert _tested_module(ROOT / "tests" / "worldgen" / "test_no_such_module.py") is None
+    assert _tested_module(ROOT / "tests" / "actors" / "test_graph.py") is None  # graph.py is in worldgen/

@@ -15,8 +15,8 @@ import yaml
 from PIL import Image
 
 import worldgen as wg
-from tests.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
-from tests.test_llm_server import direct_generation, llm_server, server_report
+from tests.serve_apps.test_llm_server import direct_generation, llm_server, server_report
+from tests.worldgen.nodes.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
 from worldgen.block import ModelBlock
 from worldgen.config import load_config_file
 from worldgen.errors import ConfigError
@@ -25,8 +25,8 @@ from worldgen.state import WorldContent, WorldState
 from worldgen.storage import WorldDamagedError, WorldStorage
 from worldgen.world import World, stage_context
 
-DEFAULT = Path(__file__).parents[1] / "configs" / "worlds" / "default.yaml"
-EXAMPLES = sorted((Path(__file__).parents[1] / "configs" / "worlds").glob("*.yaml"))
+DEFAULT = Path(__file__).parents[2] / "configs" / "worlds" / "default.yaml"
+EXAMPLES = sorted((Path(__file__).parents[2] / "configs" / "worlds").glob("*.yaml"))
 CHANGING = ["development", "architect", "creator"]  # what runs after the Environment, every step
 ENVIRONMENT = ["philosopher", "author", "world_update"]
 

@@ -13,7 +13,7 @@ from tests.conftest import PROMPT
 from worldgen.limits import LimitExceeded, Limits
 from worldgen.preflight import preflight
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 T2I = ROOT / "configs" / "graphs" / "text_to_image_tiny.yaml"
 INPUTS = {"prompt": PROMPT, "steps": 2, "height": 32, "width": 32}
 

@@ -20,7 +20,7 @@ from tests.conftest import PROMPT, free_port
 from worldgen.config import load_config_file
 from worldgen.nodes.endpoint import EndpointError, EndpointGraph, decode_tensor, encode_png, encode_tensor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 T2I = ROOT / "configs" / "graphs" / "text_to_image_tiny.yaml"
 INPUTS = {"prompt": PROMPT, "steps": 2, "height": 32, "width": 32}
 SEED = 3

@@ -14,7 +14,7 @@ from worldgen.errors import ConfigError
 from worldgen.stage import CYCLE
 from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fast_config(steps: int = 2) -> dict:

@@ -32,7 +32,7 @@ import pytest
 
 from worldgen.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPONENTS = {
     "tokenizer": "CLIPTokenizer",
     "text_encoder": "CLIPTextModel",

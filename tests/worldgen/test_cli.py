@@ -400,7 +400,7 @@ def test_images_save_png_batch(tmp_path):
 
 # ---- check ----------------------------------------------------------------------------------------------------
 def test_check_lists_damage_and_repair_rebuilds_what_is_derivable(tmp_path, capsys):
-    from tests.test_storage import CONFIG, saved_episodes
+    from tests.worldgen.test_storage import CONFIG, saved_episodes
     from worldgen.storage import WorldStorage
 
     store = WorldStorage(tmp_path / "w")

@@ -60,7 +60,7 @@ def api_key(monkeypatch):
 @pytest.fixture(scope="module")
 def llm_server_url(serve_url, tiny_lm_dir):
     """serve_apps/llm_server.py serving the tiny causal LM as 'test-model'; requests need KEY."""
-    from tests.test_llm_server import llm_server  # here: that module imports this one's tiny model
+    from tests.serve_apps.test_llm_server import llm_server  # here: that module imports this one's tiny model
 
     with llm_server(serve_url, {"test-model": tiny_lm_dir}, key_env=KEY_ENV, key=KEY) as url:
         yield url
@@ -452,7 +452,7 @@ def test_local_llm_in_a_graph_and_saved(tiny_lm_dir, tmp_path):
 
 
 def test_local_llm_without_chat_template(tmp_path):
-    from tests.test_llm_server import direct_generation  # here: that module imports this one
+    from tests.serve_apps.test_llm_server import direct_generation  # here: that module imports this one
 
     directory = _tiny_causal_lm(tmp_path / "plain", chat_template=None)
     block = wg.create_block("llm/transformers", {"model": str(directory), "temperature": 0, "max_tokens": 4})

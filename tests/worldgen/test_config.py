@@ -14,7 +14,7 @@ import tests.toy_blocks  # noqa: F401 - registers the toy blocks
 import worldgen as wg
 from worldgen.config import dump_config, load_config_file, resolve_env
 
-CONFIGS = Path(__file__).parents[1] / "configs" / "graphs"
+CONFIGS = Path(__file__).parents[2] / "configs" / "graphs"
 
 
 def toy_config() -> dict:

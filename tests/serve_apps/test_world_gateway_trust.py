@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import SERVER_KEY_ENV
 from tests.openai_server import serve_openai
-from tests.test_gateway import Client
+from tests.serve_apps.test_world_gateway import Client
 from worldgen.templates import build_template
 
 PREFIX = "/gateway-trust"

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from serve_apps.graph_app import GraphAppArgs, app_builder, build_app, load_graph
 from tests.conftest import PROMPT
-from tests.test_graph_endpoint import INPUTS, NO_CPU, T2I, call, deploy, locs
+from tests.worldgen.nodes.test_endpoint import INPUTS, NO_CPU, T2I, call, deploy, locs
 from worldgen.errors import ExecutionError
 from worldgen.limits import Limits
 from worldgen.nodes.endpoint import decode_tensor

@@ -1,6 +1,6 @@
 """Fuzzing the three Serve applications through their own OpenAPI documents (issue 10, deliverable 4).
 
-Each app runs on real Ray Serve over HTTP on 127.0.0.1 (as in test_gateway.py, test_graph_endpoint.py and
+Each app runs on real Ray Serve over HTTP on 127.0.0.1 (as in test_world_gateway.py, worldgen/nodes/test_endpoint.py and
 test_llm_server.py). Schemathesis turns every operation of the app's `/openapi.json` into Hypothesis strategies;
 `fuzz()` sends a fixed number of schema-conforming (positive) and schema-violating (negative) requests per
 operation, derandomized (the same requests on every run), and checks every answer:
@@ -38,10 +38,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.test_gateway import SMALL
-from tests.test_graph_endpoint import T2I
-from tests.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
-from tests.test_llm_server import llm_server
+from tests.serve_apps.test_llm_server import llm_server
+from tests.serve_apps.test_world_gateway import SMALL
+from tests.worldgen.nodes.test_endpoint import T2I
+from tests.worldgen.nodes.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
 
 CHECKS = [
     not_a_server_error,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_world import fast_config
+from tests.worldgen.test_world import fast_config
 from worldgen.errors import ConfigError
 from worldgen.lora import (
     TRAINING_ADAPTER,

@@ -18,7 +18,7 @@ from serve_apps.deploy import build_application, load_serve_config
 from tests.conftest import free_port
 from worldgen.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIGS = sorted((REPO / "configs" / "serve").glob("*.yaml"))
 
 

@@ -3,7 +3,7 @@ Serve's local testing mode), with tiny random-initialised models and LoRA adapte
 plain transformers generation token for token, streams, serves adapters on one base loaded once per replica,
 answers OpenAI-shaped errors (404, 400, 401, 413), keeps every path (docs included) behind its key, holds requests
 to its budgets before generating, and never logs its key. `llm_server()` also serves the `llm/openai` tests in
-test_llm.py and test_world.py, and test_fuzz.py."""
+worldgen/nodes/test_llm.py, worldgen/test_world.py and test_fuzz.py."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ import yaml
 
 from serve_apps.llm_runtime import ModelRuntime, TextDeltas, cut_at_stop
 from serve_apps.llm_server import LLMServerArgs, app_builder
-from tests.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
+from tests.worldgen.nodes.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
 
 APP = "llm-test"
 KEY = "sk-llm-server-4b7e0c2a9d1f6e83"
 KEY_ENV = "WORLDGEN_TEST_LLM_SERVER_KEY"
-CONFIG = Path(__file__).parents[1] / "configs" / "serve" / "llm.yaml"
+CONFIG = Path(__file__).parents[2] / "configs" / "serve" / "llm.yaml"
 CHAT = [
     {"role": "system", "content": "You narrate."},
     {"role": "user", "content": "a harbor at dawn"},
@@ -39,7 +39,7 @@ LIMITS = {"max_new_tokens": 64, "max_prompt_chars": 4000}
 MAX_BODY = 64 * 1024
 
 
-# ---- helpers (test_llm.py and test_world.py use them too) ---------------------------------------------
+# ---- helpers (worldgen/nodes/test_llm.py and worldgen/test_world.py use them too) ---------------------------------------------
 @contextmanager
 def llm_server(
     serve_url: str,

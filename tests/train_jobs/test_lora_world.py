@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_vision import tiny_vlm_dir  # noqa: F401 - the tiny captioner fixture
-from tests.test_world import fast_config
+from tests.worldgen.nodes.test_vision import tiny_vlm_dir  # noqa: F401 - the tiny captioner fixture
+from tests.worldgen.test_world import fast_config
 from train_jobs.lora_world import train
 from worldgen.errors import ConfigError
 from worldgen.lora import adapter_bytes, read_manifest, world_weight_bytes

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
-from tests.test_vision import tiny_vlm_dir  # noqa: F401 - the tiny captioner fixture
+from tests.worldgen.nodes.test_llm import CHAT_TEMPLATE, _tiny_causal_lm
+from tests.worldgen.nodes.test_vision import tiny_vlm_dir  # noqa: F401 - the tiny captioner fixture
 from worldgen.block import ModelBlock
 from worldgen.config import load_config_file
 from worldgen.errors import ConfigError
@@ -39,7 +39,7 @@ from worldgen.training import (
 from worldgen.training.examples import diffusion_blocks
 from worldgen.world import World, stage_context, stage_seed
 
-DEFAULT = Path(__file__).parents[1] / "configs" / "worlds" / "default.yaml"
+DEFAULT = Path(__file__).parents[3] / "configs" / "worlds" / "default.yaml"
 
 
 def _llm_stage(model: Path, prompt: str, **config) -> dict:
