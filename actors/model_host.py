@@ -31,6 +31,7 @@ from actors.cluster import (
     set_torch_threads,
 )
 from worldgen.block import Block, ModelBlock
+from worldgen.callbacks import RunOptions
 from worldgen.errors import ConfigError
 from worldgen.execution.local import call_in_port_order, in_port_order, run_local
 from worldgen.limits import DEFAULT_LIMITS, Deadline, current_deadline, current_limits, within
@@ -129,9 +130,8 @@ class ModelHost:
                 graph.replace_block(node_id, self._bind(block))
             self._subgraphs[key] = graph
         with within(deadline):
-            outputs = run_local(
-                self._subgraphs[key], inputs, seed=seed, iterations=iterations
-            )  # errors name the node
+            options = RunOptions(seed=seed, iterations=iterations)
+            outputs = run_local(self._subgraphs[key], inputs, options)  # errors name the node
         return in_port_order(outputs, ports)
 
     def info(self) -> dict[str, Any]:

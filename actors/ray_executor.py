@@ -14,7 +14,7 @@ complete task that was not pending"), and work that checks the deadline itself s
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +23,9 @@ import ray
 from actors.cluster import connect
 from actors.model_host import block_key, forget_host, host_for, host_name
 from worldgen.block import Block, ModelBlock
+from worldgen.callbacks import RunOptions
 from worldgen.engine import Engine
 from worldgen.errors import ExecutionError, WorldgenError
-from worldgen.execution.callbacks import RunCallback, with_progress
 from worldgen.execution.local import call_in_port_order, check_inputs, loop_iterations
 from worldgen.graph import Graph
 from worldgen.limits import Deadline, check_deadline, current_deadline
@@ -210,20 +210,14 @@ def _fusion_host(graph: Graph, loop: Loop) -> Any:
 
 # ---- entry point -------------------------------------------------------------------------------------
 def run_ray(
-    engine: Engine,
-    inputs: Mapping[str, Any] | None = None,
-    *,
-    seed: int | None = None,
-    iterations: int | None = None,
-    callbacks: Iterable[RunCallback] = (),
-    progress: bool = False,
-    fuse_loops: bool = True,
+    engine: Engine, inputs: Mapping[str, Any] | None = None, options: RunOptions | None = None
 ) -> dict[str, Any]:
     """Run a graph or pipeline on Ray and return its exposed outputs (fetched to the caller): the `ray`
     executor (entry point `worldgen.executors`). Connects to Ray first when this process is not connected."""
     connect()
-    run = _Run(seed, iterations, fuse_loops)
-    callbacks = with_progress(callbacks, progress, engine.name)
+    options = options or RunOptions()
+    run = _Run(options.seed, options.iterations, options.fuse_loops)
+    callbacks = options.run_callbacks(engine.name)
     try:
         outputs = run.submit(engine, dict(inputs or {}))
         for item in run.submitted if callbacks else ():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from worldgen.callbacks import RunCallback, RunOptions
 from worldgen.config import SCHEMA_VERSION, check_schema, dump_config, load_config_file
 from worldgen.errors import ConfigError, GraphError, WorldgenError, did_you_mean
 from worldgen.plan import Edge, ExecutionPlan, Loop, Problem, make_plan
@@ -21,7 +22,6 @@ from worldgen.registry import build_template, check_executor, get_executor
 
 if TYPE_CHECKING:
     from worldgen.block import Block
-    from worldgen.execution.callbacks import RunCallback
 
 _MISSING = object()
 _STRUCTURE = ("_items", "_edges", "_inputs", "_outputs")  # what a deferred engine loads
@@ -326,16 +326,8 @@ class Engine:
         (nodes as Ray tasks, models on host actors; `fuse_loops` runs a loop whose models share one actor as a
         single call there). Default: the config's. `progress` shows a bar per loop.
         """
-        run = get_executor(executor or self.executor)
-        return run(
-            self,
-            inputs,
-            seed=seed,
-            iterations=iterations,
-            callbacks=callbacks,
-            progress=progress,
-            fuse_loops=fuse_loops,
-        )
+        options = RunOptions(seed, iterations, tuple(callbacks), progress, fuse_loops)
+        return get_executor(executor or self.executor)(self, inputs, options)
 
     def named_blocks(self) -> list[tuple[str, Block]]:
         """Every block with its qualified node id ('node' in a graph, 'graph.node' in a pipeline, …)."""

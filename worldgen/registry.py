@@ -7,12 +7,15 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from worldgen.block import Block, BlockConfig
 from worldgen.errors import ConfigError, GraphError, UnknownBlockTypeError, WorldgenError, did_you_mean
+
+if TYPE_CHECKING:
+    from worldgen.callbacks import RunOptions
 
 ENTRY_POINT_GROUP = "worldgen.blocks"
 _BUILTIN_MODULES = (
@@ -106,15 +109,7 @@ class Executor(Protocol):
     """How an engine is run: returns the engine's exposed outputs for `inputs`."""
 
     def __call__(
-        self,
-        engine: Any,
-        inputs: Mapping[str, Any] | None = None,
-        *,
-        seed: int | None = None,
-        iterations: int | None = None,
-        callbacks: Iterable[Any] = (),
-        progress: bool = False,
-        fuse_loops: bool = True,
+        self, engine: Any, inputs: Mapping[str, Any] | None = None, options: RunOptions | None = None
     ) -> dict[str, Any]: ...
 
 

@@ -23,6 +23,7 @@ The Creator holds one pipeline per name; block 2's `pipeline` field picks the on
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
@@ -65,7 +66,7 @@ class Contract:
     trained_as        the examples its episodes give to training (TrainedAs); empty: it is not trained
     """
 
-    reads: frozenset[int]
+    reads: AbstractSet[int]
     writes: int | None
     output: str
     output_schema: Schema
@@ -74,7 +75,11 @@ class Contract:
     starts_state: bool = False
     selects_pipeline: bool = False
     saves_episode: bool = False
-    trained_as: frozenset[TrainedAs] = frozenset()
+    trained_as: AbstractSet[TrainedAs] = frozenset()
+
+    def __post_init__(self) -> None:  # the table writes sets; a contract holds them frozen (hashable)
+        object.__setattr__(self, "reads", frozenset(self.reads))
+        object.__setattr__(self, "trained_as", frozenset(self.trained_as))
 
     @property
     def sees(self) -> frozenset[int]:
@@ -86,52 +91,22 @@ class Contract:
 # The canon's cycle order and contracts (DESIGN.md §2.3): each role's behaviour in one table.
 CYCLE = ("philosopher", "author", "world_update", "development", "architect", "creator")
 CONTRACTS: dict[str, Contract] = {
-    "philosopher": Contract(
-        reads=frozenset({1, 2, 3}),
-        writes=4,
-        output="text",
-        output_schema=Schema.TEXT,
-        trained_as=frozenset({"chat", "caption"}),
-    ),
-    "author": Contract(
-        reads=frozenset({1, 2, 3, 4}),
-        writes=5,
-        output="text",
-        output_schema=Schema.TEXT,
-        trained_as=frozenset({"chat"}),
-    ),
-    "world_update": Contract(
-        reads=frozenset({1, 2, 3, 4, 5}),
-        writes=None,
-        output="text",
-        output_schema=Schema.TEXT,
-        saves_episode=True,
-    ),
+    # role:          Contract(reads, writes, output, output_schema, behaviour flags…, trained_as)
+    "philosopher": Contract({1, 2, 3}, 4, "text", Schema.TEXT, trained_as={"chat", "caption"}),
+    "author": Contract({1, 2, 3, 4}, 5, "text", Schema.TEXT, trained_as={"chat"}),
+    "world_update": Contract({1, 2, 3, 4, 5}, None, "text", Schema.TEXT, saves_episode=True),
     "development": Contract(
-        reads=frozenset(),
-        writes=1,
-        output="text",
-        output_schema=Schema.TEXT,
+        set(),
+        1,
+        "text",
+        Schema.TEXT,
         always_runs=True,
         receives_action=True,
         starts_state=True,
-        trained_as=frozenset({"chat"}),
+        trained_as={"chat"},
     ),
-    "architect": Contract(
-        reads=frozenset({1}),
-        writes=2,
-        output="data",
-        output_schema=Schema.GENERATION_CONFIG,
-        trained_as=frozenset({"chat"}),
-    ),
-    "creator": Contract(
-        reads=frozenset({2}),
-        writes=3,
-        output="image",
-        output_schema=Schema.IMAGES,
-        selects_pipeline=True,
-        trained_as=frozenset({"denoising"}),
-    ),
+    "architect": Contract({1}, 2, "data", Schema.GENERATION_CONFIG, trained_as={"chat"}),
+    "creator": Contract({2}, 3, "image", Schema.IMAGES, selects_pipeline=True, trained_as={"denoising"}),
 }
 
 

@@ -67,6 +67,19 @@ _PROGRESS_LOG_LIMIT = 64 * 1024
 _CONFIG_FILE = "world.yaml"
 
 
+class _Layout:
+    """One entry of a folder's layout: a path under the `root` of the object it is read on (a class attribute,
+    so each layout reads as a table of names)."""
+
+    def __init__(self, *parts: str, doc: str = ""):
+        self.parts, self.__doc__ = parts, doc
+
+    def __get__(self, folder: Any, owner: type | None = None) -> Path:
+        if folder is None:  # looked up on the class (help(), docs): the entry itself
+            return self  # type: ignore[return-value]
+        return folder.root.joinpath(*self.parts)
+
+
 class StorageError(WorldgenError):
     """A world directory is missing, holds a different world, or lacks a requested episode."""
 
@@ -111,22 +124,13 @@ class EpisodeFolder:
     """The files of one episode folder: a world's (`WorldStorage.episode_folder`) or one written by hand, which
     training reads the same way (worldgen/training/episodes.py)."""
 
-    path: Path
+    root: Path
 
-    @property
-    def state_path(self) -> Path:
-        """The five blocks and the state's id (a WorldState as JSON)."""
-        return self.path / "state.json"
-
-    @property
-    def meta_path(self) -> Path:
-        """What the world recorded when it saved the episode (an EpisodeMeta as JSON)."""
-        return self.path / "meta.json"
-
-    @property
-    def page_path(self) -> Path:
-        """The episode as Markdown, its artifacts beside it (derived from the other two: `repair` rebuilds it)."""
-        return self.path / "episode.md"
+    state_path = _Layout("state.json", doc="the five blocks and the state's id (a WorldState as JSON)")
+    meta_path = _Layout("meta.json", doc="what the world recorded when it saved the episode (an EpisodeMeta)")
+    page_path = _Layout(
+        "episode.md", doc="the episode as Markdown (derived from the other two: `repair` rebuilds it)"
+    )
 
     def read_meta(self) -> EpisodeMeta | None:
         """The episode's metadata, or None when the folder has none; a bad file raises ConfigError naming the
@@ -160,42 +164,17 @@ class WorldStorage:
             return []
         return sorted(p for p in root.iterdir() if cls.is_world(p))
 
-    @property
-    def config_path(self) -> Path:
-        return self.root / _CONFIG_FILE
-
-    @property
-    def content_path(self) -> Path:
-        return self.root / "content.json"
-
-    @property
-    def progress_path(self) -> Path:
-        return self.root / "progress.jsonl"
-
-    @property
-    def artifacts_dir(self) -> Path:
-        return self.root / "artifacts"
-
-    @property
-    def episodes_dir(self) -> Path:
-        return self.root / "episodes"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def index_path(self) -> Path:
-        return self.episodes_dir / "index.jsonl"
-
-    @property
-    def report_path(self) -> Path:
-        """The HTML report (`write_report` writes it, and its Markdown twin `report_markdown_path`)."""
-        return self.root / "report.html"
-
-    @property
-    def report_markdown_path(self) -> Path:
-        return self.root / "report.md"
+    config_path = _Layout(_CONFIG_FILE)
+    content_path = _Layout("content.json")
+    progress_path = _Layout("progress.jsonl")
+    artifacts_dir = _Layout("artifacts")
+    episodes_dir = _Layout("episodes")
+    checkpoints_dir = _Layout("checkpoints")
+    index_path = _Layout("episodes", "index.jsonl")
+    report_path = _Layout(
+        "report.html", doc="the HTML report (`write_report` writes it and report_markdown_path)"
+    )
+    report_markdown_path = _Layout("report.md")
 
     def _resolved_root(self) -> Path:
         if self._root_resolved is None:  # resolving walks every parent folder: once per instance

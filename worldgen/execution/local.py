@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from worldgen.block import Block
+from worldgen.callbacks import RunOptions
 from worldgen.engine import Engine
 from worldgen.errors import ExecutionError, GraphError, WorldgenError, did_you_mean
-from worldgen.execution.callbacks import RunCallback, with_progress
 from worldgen.limits import check_deadline
 from worldgen.plan import Loop, gather_inputs
 
@@ -69,7 +69,7 @@ def loop_iterations(
 
 
 def call_node(
-    engine: Engine, node_id: str, kwargs: dict[str, Any], iteration: int | None, run_options: dict[str, Any]
+    engine: Engine, node_id: str, kwargs: dict[str, Any], iteration: int | None, options: RunOptions
 ) -> dict[str, Any]:
     """Call one node's item (a block, or a whole graph in a pipeline), naming the node in any failure.
 
@@ -79,7 +79,7 @@ def call_node(
     where = f"node '{node_id}'" + (f" (loop iteration {iteration})" if iteration is not None else "")
     try:
         check_deadline()
-        outputs = run_local(item, kwargs, **run_options) if isinstance(item, Engine) else item(**kwargs)
+        outputs = run_local(item, kwargs, options) if isinstance(item, Engine) else item(**kwargs)
     except WorldgenError as err:
         err.args = (f"{where}: {err}",)  # keep the error's type; say where it happened
         raise
@@ -114,27 +114,21 @@ def in_port_order(outputs: Mapping[str, Any], ports: tuple[str, ...]) -> Any:
 
 
 def run_local(
-    engine: Engine,
-    inputs: Mapping[str, Any] | None = None,
-    *,
-    seed: int | None = None,
-    iterations: int | None = None,
-    callbacks: Iterable[RunCallback] = (),
-    progress: bool = False,
-    fuse_loops: bool = True,
+    engine: Engine, inputs: Mapping[str, Any] | None = None, options: RunOptions | None = None
 ) -> dict[str, Any]:
     """Run an engine in-process in plan order and return its exposed outputs (the `local` executor).
 
-    `progress` adds a bar per loop; `fuse_loops` changes nothing here (every loop already runs in-process)."""
+    `options.fuse_loops` changes nothing here: every loop already runs in-process."""
+    options = options or RunOptions()
     plan = engine.plan()
     run_inputs = check_inputs(engine, inputs)
-    callbacks = with_progress(callbacks, progress, engine.name)
-    run_options = {"seed": seed, "iterations": iterations, "callbacks": callbacks}
+    callbacks = options.run_callbacks(engine.name)
+    inner = options.nested(callbacks)  # graphs inside a pipeline report to the same callbacks
     unfed_rng = None
-    if seed is not None:
+    if options.seed is not None:
         from worldgen.rng import RngState
 
-        seeded = RngState.seeded(seed)  # immutable: every unfed rng input may share it
+        seeded = RngState.seeded(options.seed)  # immutable: every unfed rng input may share it
 
         def unfed_rng():
             return seeded
@@ -144,12 +138,12 @@ def run_local(
         if step.loop is None:
             (node_id,) = step.nodes
             kwargs = gather_inputs(engine, node_id, values, run_inputs, unfed_rng=unfed_rng)
-            values[node_id] = call_node(engine, node_id, kwargs, None, run_options)
+            values[node_id] = call_node(engine, node_id, kwargs, None, inner)
             for cb in callbacks:
                 cb.on_node_end(node_id, None, values[node_id])
             continue
         loop = step.loop
-        n = loop_iterations(engine, loop, values, run_inputs, iterations)
+        n = loop_iterations(engine, loop, values, run_inputs, options.iterations)
         for cb in callbacks:
             cb.on_loop_start(loop, n)
         for i in range(n):
@@ -157,7 +151,7 @@ def run_local(
                 kwargs = gather_inputs(
                     engine, node_id, values, run_inputs, loop=loop, iteration=i, unfed_rng=unfed_rng
                 )
-                values[node_id] = call_node(engine, node_id, kwargs, i, run_options)
+                values[node_id] = call_node(engine, node_id, kwargs, i, inner)
                 for cb in callbacks:
                     cb.on_node_end(node_id, i, values[node_id])
             for cb in callbacks:

@@ -10,15 +10,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from worldgen.block import ModelRef
 from worldgen.errors import ModelLoadError
-from worldgen.models import (
-    build_preset_component,
-    load_component,
-    save_preset_pipeline,
-)
+from worldgen.models import build_preset_component, load_component, save_preset_pipeline
 from worldgen.models.loading import build_from_architecture, dtype_from_name, save_architecture
 
 
-def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -34,7 +30,7 @@ def test_save_then_load_gives_equal_weights(tiny_dir):
     for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
         loaded = load_component(ModelRef(source=str(tiny_dir), subfolder=sub), cls)
         assert isinstance(loaded, cls) and not loaded.training
-        _assert_same_weights(build_preset_component("tiny", sub), loaded)
+        assert_same_weights(build_preset_component("tiny", sub), loaded)
     tok = load_component(ModelRef(source=str(tiny_dir), subfolder="tokenizer"), CLIPTokenizer)
     assert tok("a photo").input_ids == build_preset_component("tiny", "tokenizer")("a photo").input_ids
 

@@ -7,21 +7,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from tests.worldgen.models.test_loading import assert_same_weights
 from worldgen.block import ModelRef
 from worldgen.errors import ModelLoadError
-from worldgen.models import (
-    PRESETS,
-    build_preset_component,
-    load_component,
-    preset_pipeline_components,
-)
-
-
-def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+from worldgen.models import PRESETS, build_preset_component, load_component, preset_pipeline_components
 
 
 def test_presets_listed():
@@ -37,9 +26,9 @@ def test_preset_components_deterministic_in_any_order_and_rng_untouched():
     torch.manual_seed(99)
     te = build_preset_component("tiny", "text_encoder")
     unet = build_preset_component("tiny", "unet")
-    _assert_same_weights(first["unet"], unet)
-    _assert_same_weights(first["text_encoder"], te)
-    _assert_same_weights(first["vae"], build_preset_component("tiny", "vae"))
+    assert_same_weights(first["unet"], unet)
+    assert_same_weights(first["text_encoder"], te)
+    assert_same_weights(first["vae"], build_preset_component("tiny", "vae"))
     assert isinstance(first["scheduler"], DDIMScheduler)
 
 
