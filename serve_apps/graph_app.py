@@ -57,6 +57,7 @@ from pydantic import (
     Tag,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 from ray import serve
@@ -82,6 +83,7 @@ from worldgen.nodes.endpoint import (
 from worldgen.pipeline import Pipeline
 from worldgen.ports import Port, PortKind
 from worldgen.preflight import preflight
+from worldgen.registry import check_executor
 from worldgen.rng import MAX_SEED
 
 log = logging.getLogger("ray.serve")
@@ -560,9 +562,10 @@ class GraphAppArgs(BaseModel):
     params: dict[str, Any] = Field(
         default_factory=dict, description="template parameters (template:NAME only)"
     )
-    executor: Literal["local", "ray"] | None = Field(
+    executor: str | None = Field(
         None,
-        description="run in the replica, or on Ray (model host actors); default: the graph's own (local)",
+        description="a registered executor: 'local' runs in the replica, 'ray' on the cluster's model host "
+        "actors; default: the graph's own (local)",
     )
     num_replicas: int | Literal["auto"] = Field(1, description="replicas (or 'auto' for autoscaling)")
     ray_actor_options: dict[str, Any] = Field(
@@ -575,6 +578,16 @@ class GraphAppArgs(BaseModel):
     )
     limits: Limits = Field(default_factory=Limits, description="budgets each run is checked against")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="larger request bodies get 413")
+
+    @field_validator("executor")
+    @classmethod
+    def _known_executor(cls, executor: str | None) -> str | None:
+        if executor is not None:
+            try:
+                check_executor(executor)  # a package's own executor may be named too
+            except GraphError as err:
+                raise ValueError(str(err)) from None
+        return executor
 
     @model_validator(mode="after")
     def _check(self) -> "GraphAppArgs":

@@ -390,7 +390,10 @@ def test_serve_config_validates_and_builds():
         ({}, "args.graph: Field required"),
         ({"graph": str(T2I), "replicas": 2}, "args.replicas: Extra inputs are not permitted"),
         ({"graph": str(T2I), "num_replicas": 0}, "num_replicas must be at least 1"),
-        ({"graph": str(T2I), "executor": "rey"}, "args.executor: Input should be 'local' or 'ray'"),
+        (
+            {"graph": str(T2I), "executor": "rey"},
+            "args.executor: Value error, unknown executor 'rey'",
+        ),
         ({"graph": "configs/graphs/nope.yaml"}, "nope.yaml: no such file or directory"),
         ({"graph": str(T2I), "params": {"steps": 2}}, "`params` apply only to a template"),
         (
