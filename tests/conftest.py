@@ -51,6 +51,17 @@ def init_image():
     return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
 
 
+@pytest.fixture(scope="module")
+def own_model_pool():
+    """For a module that puts LoRA adapters on pooled models (custom worlds run here, training in-process): the
+    models it loaded leave this process's pool with it, so later modules load clean ones. A pooled model keeps
+    the adapters of every world that used it in the process, by design (one model, several worlds)."""
+    from worldgen.models import default_pool
+
+    yield
+    default_pool().clear()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (~5 s to start); no named actor outlives it."""

@@ -124,6 +124,13 @@ def test_worldgen_serve_runs_the_gateway_until_interrupted(tmp_path):
         assert _request(base + "/v1/worlds/cli/step", {})[1]["step"] == 1
     finally:
         process.send_signal(signal.SIGINT)  # Ctrl-C: Serve shut down, the local Ray instance with it
-        output, _ = process.communicate(timeout=120)
+        try:
+            output, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            pytest.fail(
+                f"`worldgen serve` did not stop within 120 s of Ctrl-C; its output ends:\n{output[-4000:]}"
+            )
     assert f"worlds: {base}/" in output and "serving until Ctrl-C" in output
     assert process.returncode == 130

@@ -15,6 +15,9 @@ from worldgen.errors import ConfigError
 from worldgen.lora import adapter_bytes, read_manifest, world_weight_bytes
 from worldgen.world import World
 
+# custom worlds and training attach adapters to pooled models: they leave the pool with this module
+pytestmark = pytest.mark.usefixtures("own_model_pool")
+
 
 @pytest.fixture(scope="module")
 def base_world(tmp_path_factory):

@@ -22,6 +22,9 @@ from worldgen.lora import (
 )
 from worldgen.world import World
 
+# custom worlds and training attach adapters to pooled models: they leave the pool with this module
+pytestmark = pytest.mark.usefixtures("own_model_pool")
+
 
 def two_pipeline_config(executor: str = "local") -> dict:
     """The tiny world whose Creator has two pipelines on the same models (one model object each)."""

@@ -39,6 +39,9 @@ from worldgen.training import (
 from worldgen.training.examples import diffusion_blocks
 from worldgen.world import World, stage_context, stage_seed
 
+# custom worlds and training attach adapters to pooled models: they leave the pool with this module
+pytestmark = pytest.mark.usefixtures("own_model_pool")
+
 DEFAULT = Path(__file__).parents[3] / "configs" / "worlds" / "default.yaml"
 
 
