@@ -527,6 +527,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run Serve config files on a local Ray instance (blocks until Ctrl-C) or on a cluster (--address)."""
+    import signal
     import time
 
     from serve_apps.deploy import deploy, load_serve_config
@@ -549,12 +550,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cluster:
         print("deployed on the cluster; `serve status` shows them, `serve shutdown` removes them")
         return 0
-    print("serving until Ctrl-C")
+    print("serving until Ctrl-C (or SIGTERM)")
+    # Both stop it the same way, whatever the launcher left: a background job in a script starts with SIGINT
+    # ignored, and supervisors (systemd, containers) stop a server with SIGTERM.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, _interrupt)
     try:
         while True:
             time.sleep(3600)
     finally:
         serve.shutdown()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 # ---- parser and entry point ----------------------------------------------------------------------------------

@@ -86,8 +86,10 @@ def _request(url: str, body: dict | None = None, timeout: float = 120) -> tuple[
         return status, raw.decode(errors="replace")
 
 
-def test_worldgen_serve_runs_the_gateway_until_interrupted(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_worldgen_serve_runs_the_gateway_until_interrupted(tmp_path, stop):
     port = free_port()
+    ignore_ctrl_c = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731 - as a script's `serve &`
     process = subprocess.Popen(
         [
             sys.executable,
@@ -102,6 +104,7 @@ def test_worldgen_serve_runs_the_gateway_until_interrupted(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=ignore_ctrl_c,  # it must stop on Ctrl-C all the same
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -123,7 +126,7 @@ def test_worldgen_serve_runs_the_gateway_until_interrupted(tmp_path):
         assert (tmp_path / "worlds" / "cli" / "world.yaml").is_file()
         assert _request(base + "/v1/worlds/cli/step", {})[1]["step"] == 1
     finally:
-        process.send_signal(signal.SIGINT)  # Ctrl-C: Serve shut down, the local Ray instance with it
+        process.send_signal(stop)  # Serve shut down, the local Ray instance with it
         try:
             output, _ = process.communicate(timeout=120)
         except subprocess.TimeoutExpired:
@@ -132,5 +135,5 @@ def test_worldgen_serve_runs_the_gateway_until_interrupted(tmp_path):
             pytest.fail(
                 f"`worldgen serve` did not stop within 120 s of Ctrl-C; its output ends:\n{output[-4000:]}"
             )
-    assert f"worlds: {base}/" in output and "serving until Ctrl-C" in output
+    assert f"worlds: {base}/" in output and "serving until Ctrl-C" in output and "interrupted" in output
     assert process.returncode == 130
