@@ -381,15 +381,10 @@ def list_worlds(address: str | None = None) -> list[dict[str, Any]]:
     return sorted(worlds, key=lambda w: w["actor"])
 
 
-def driver_names(directory: str | Path, address: str | None = None) -> list[str]:
-    """Names of the live drivers of `directory` (found by the directory hash, so no world.yaml is needed)."""
-    suffix = "-" + _dir_hash(directory)
-    return sorted({a.name for a in named_actors(PREFIX, address=address) if a.name.endswith(suffix)})
-
-
 def stop_world(directory: str | Path) -> list[str]:
-    """Stop the driver(s) of the world in `directory` for good (the world stays on disk); returns the names."""
-    return kill_named(driver_names(directory))
+    """Stop the driver of the world in `directory` for good (the world stays on disk); returns its name, or
+    nothing when none was running. Its name comes from the directory alone, so no listing is needed."""
+    return kill_named([driver_name(directory)])
 
 
 # ---- the blocking Python API ---------------------------------------------------------------------------

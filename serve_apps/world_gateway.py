@@ -48,13 +48,14 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 
-from actors.cluster import get_named, kill_named
+from actors.cluster import get_named
 from actors.world_driver import (
     ARTIFACT_TYPES,
     ArtifactNotFound,
     driver_name,
     get_or_create_driver,
     name_slug,
+    stop_world,
 )
 from serve_apps.auth import token_digest
 from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
@@ -426,7 +427,7 @@ class WorldGateway:
         if not WorldStorage(directory).exists():
             raise HTTPException(404, f"no world {world_id!r}")
         self.handles.pop(world_id, None)
-        kill_named([driver_name(directory)])  # none running: nothing to stop. A step in flight fails (503).
+        stop_world(directory)  # none running: nothing to stop. A step in flight fails (503).
         await asyncio.to_thread(shutil.rmtree, directory, True)
         return Response(status_code=204)
 

@@ -28,7 +28,7 @@ def fast_config(steps: int = 2) -> dict:
 @pytest.fixture
 def new_dir(ray_session, tmp_path):
     """Fresh world directories; every driver of them is stopped at the end (nothing is left behind)."""
-    from actors.world_driver import driver_names, stop_world
+    from actors.world_driver import driver_name, stop_world
 
     made: list[Path] = []
 
@@ -40,8 +40,18 @@ def new_dir(ray_session, tmp_path):
     for directory in made:
         stop_world(directory)
     deadline = time.monotonic() + 20
-    while any(driver_names(d) for d in made) and time.monotonic() < deadline:
+    while any(_alive(driver_name(d)) for d in made) and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def _alive(name: str) -> bool:
+    from actors.cluster import get_named
+
+    try:
+        get_named(name)
+    except ValueError:  # no actor of that name any more
+        return False
+    return True
 
 
 def progress_on_disk(directory: Path):
