@@ -96,6 +96,31 @@ def clean_hosts(ray_session):
     unload_hosts()
 
 
+def crash_actor(handle, seconds: float = 120) -> None:
+    """Kill an actor as a crash would and return once Ray has restarted it. `ray.kill` is asynchronous: a
+    call sent right after it may still reach the old process, so wait for the restart count to go up."""
+    import time
+
+    import ray
+    from ray.util.state import get_actor
+
+    from actors.cluster import cluster_address
+
+    actor_id = handle._actor_id.hex()  # Ray has no public id getter
+
+    def record():
+        return get_actor(actor_id, address=cluster_address())
+
+    restarts = record().num_restarts
+    ray.kill(handle, no_restart=False)
+    deadline = time.monotonic() + seconds
+    while (now := record()).num_restarts <= restarts or now.state != "ALIVE":
+        assert time.monotonic() < deadline, (
+            f"actor {now.name or actor_id} was not restarted (state {now.state})"
+        )
+        time.sleep(0.1)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now."""
     import socket

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import crash_actor
 from worldgen.errors import ConfigError
 from worldgen.stage import CYCLE
 from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
@@ -170,7 +171,7 @@ def test_killed_driver_resumes_without_losing_or_duplicating_episodes(ray_sessio
             break
         assert time.monotonic() < deadline, "the step never persisted a stage"
         time.sleep(0.002)
-    ray.kill(handle, no_restart=False)
+    crash_actor(handle)
     with pytest.raises(ray.exceptions.RayActorError):  # ActorUnavailableError: the driver was restarted
         ray.get(in_flight, timeout=120)
 
@@ -193,7 +194,7 @@ def test_killed_driver_resumes_without_losing_or_duplicating_episodes(ray_sessio
         while (p := progress_on_disk(directory)) is None or (p.step == target and p.stage_index == 0):
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.4))
-        ray.kill(ray.get_actor(world.name, namespace="worldgen"), no_restart=False)
+        crash_actor(ray.get_actor(world.name, namespace="worldgen"))
         try:
             ray.get(ref, timeout=120)
         except ray.exceptions.RayActorError:  # killed mid-step (one landing after the step is fine too)
@@ -239,18 +240,6 @@ def test_existing_directory_resumes_without_config(ray_session, new_dir):
         time.sleep(0.1)
 
 
-def wait_ready(handle, ray, seconds: float = 120) -> None:
-    """Wait for a driver Ray is restarting (a call reaching it mid-restart fails: ask again)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            ray.get(handle.ready.remote(), timeout=seconds)
-            return
-        except ray.exceptions.RayActorError:
-            assert time.monotonic() < deadline, "the driver did not come back"
-            time.sleep(0.2)
-
-
 def test_a_world_with_a_ref_survives_its_driver(ray_session, new_dir, tmp_path, monkeypatch):
     """A `ref:` in a mapping config is read once, on the caller's side (relative to its working directory),
     and stored resolved: a killed driver restarts from world.yaml alone, answers and steps."""
@@ -265,8 +254,7 @@ def test_a_world_with_a_ref_survives_its_driver(ray_session, new_dir, tmp_path, 
     assert world.step()["step"] == 1
     Path("glossary.yaml").unlink()  # nothing may read it again
     pid = world.info()["pid"]
-    ray_session.kill(world.handle, no_restart=False)
-    wait_ready(world.handle, ray_session)
+    crash_actor(world.handle)
     info = world.info()
     assert info["restarted"] and info["pid"] != pid and info["step"] == 1
     assert world.step()["step"] == 2 and world.step()["episode"] == 2

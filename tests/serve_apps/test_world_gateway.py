@@ -13,6 +13,7 @@ import requests
 import yaml
 
 from actors.world_driver import ArtifactNotFound
+from tests.conftest import crash_actor
 from worldgen.errors import ConfigError, ExecutionError, StepInFlightError
 from worldgen.limits import DeadlineExceeded, LimitExceeded
 from worldgen.storage import Damage, WorldDamagedError, WorldExistsError
@@ -308,7 +309,7 @@ def _restart_driver(client: Client, root, world_id: str) -> requests.Response:
     from actors.cluster import NAMESPACE
     from actors.world_driver import driver_name
 
-    ray.kill(ray.get_actor(driver_name(root / world_id), namespace=NAMESPACE), no_restart=False)
+    crash_actor(ray.get_actor(driver_name(root / world_id), namespace=NAMESPACE))
     deadline = time.monotonic() + 120
     while (answer := client.get(f"/v1/worlds/{world_id}")).status_code == 503:
         assert time.monotonic() < deadline, "the driver did not come back"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SERVER_KEY_ENV
+from tests.conftest import SERVER_KEY_ENV, crash_actor
 from tests.openai_server import serve_openai
 from tests.serve_apps.test_world_gateway import Client
 from worldgen.templates import build_template
@@ -187,7 +187,7 @@ def test_refs_under_a_root_are_stored_resolved_and_survive_a_driver_restart(trus
     assert "ref" not in stored and "file:told.j2" in stored and str(trusted["root"]) in stored
     for _ in range(2):
         assert client.post("/v1/worlds/included/step").status_code == 200
-    ray.kill(ray.get_actor(driver_name(worlds / "included"), namespace=NAMESPACE), no_restart=False)
+    crash_actor(ray.get_actor(driver_name(worlds / "included"), namespace=NAMESPACE))
     step = client.post("/v1/worlds/included/step")
     for _ in range(20):  # the driver restarts and reloads the stored config: no 500, no "different world"
         if step.status_code != 503:
