@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "worldgen.blocks"
 _BUILTIN_MODULES = (
+    "worldgen.nodes.text",
     "worldgen.nodes.diffusion",
     "worldgen.nodes.llm",
     "worldgen.nodes.vision",

@@ -13,9 +13,12 @@ _EXPORTS: dict[str, str] = {
     "ModelPool": "worldgen.models.pool",
     "default_pool": "worldgen.models.pool",
     "load_component": "worldgen.models.loading",
-    "build_preset_component": "worldgen.models.tiny",
-    "save_preset_pipeline": "worldgen.models.tiny",
-    "preset_pipeline_components": "worldgen.models.tiny",
+    "build_preset_component": "worldgen.models.presets",
+    "save_preset_pipeline": "worldgen.models.presets",
+    "preset_pipeline_components": "worldgen.models.presets",
+    "preset_pipeline": "worldgen.models.presets",
+    "preset_names": "worldgen.models.presets",
+    "get_preset": "worldgen.models.presets",
     "PRESETS": "worldgen.models.tiny",
 }
 

@@ -11,9 +11,7 @@ import torch
 
 from worldgen.errors import ModelLoadError, did_you_mean
 from worldgen.model_ref import ModelRef
-from worldgen.models.tiny import build_preset_component
-
-PRESET_PREFIX = "preset:"
+from worldgen.models.presets import PRESET_PREFIX, build_preset_component, preset_config
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -134,18 +132,7 @@ def component_config(source: str, subfolder: str, revision: str | None, cls: typ
     a local directory's or a hub id's through `cls.load_config`. Templates size graphs by it, and blocks check
     a run's inputs by it (`Block.check_inputs`) before any weights are loaded."""
     if source.startswith(PRESET_PREFIX):
-        from worldgen.models.tiny import PRESETS
-
-        name = source[len(PRESET_PREFIX) :]
-        if name not in PRESETS:
-            raise ModelLoadError(
-                f"unknown preset '{name}'{did_you_mean(name, PRESETS)}; available: {', '.join(PRESETS)}"
-            )
-        if subfolder not in PRESETS[name]:
-            raise ModelLoadError(
-                f"preset '{name}' has no component '{subfolder}' (a preset needs a subfolder)"
-            )
-        return dict(PRESETS[name][subfolder])
+        return preset_config(source[len(PRESET_PREFIX) :], subfolder)
     try:
         return dict(cls.load_config(str(Path(source).expanduser()), subfolder=subfolder, revision=revision))
     except Exception as err:  # reported naming the source

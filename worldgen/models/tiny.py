@@ -1,18 +1,34 @@
-"""Seeded, random-initialised Stable-Diffusion-family components built from configs (no network).
+"""Stable Diffusion 1.x presets (`tiny`, `small`) and the tokenizers every family's presets share: a CLIP
+byte-level BPE over a small vocabulary and a T5 Unigram, both built locally (no network).
 
-The presets exist for tests, benchmarks and the offline default world: they have the exact shapes and
-interfaces of a real Stable Diffusion checkpoint, but tiny widths, so they run in milliseconds on a CPU.
+The registry and the generic builders are worldgen/models/presets.py; this module registers its presets there.
 """
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-import torch
+from worldgen.models.presets import (
+    Component,
+    Preset,
+    build_preset_component,
+    preset_pipeline_components,
+    register_preset,
+    save_preset_pipeline,
+)
 
-from worldgen.errors import ModelLoadError, did_you_mean
+__all__ = [
+    "PRESETS",
+    "build_preset_component",
+    "build_t5_tokenizer",
+    "build_tokenizer",
+    "clip_text_component",
+    "clip_tokenizer_component",
+    "preset_pipeline_components",
+    "save_preset_pipeline",
+    "t5_tokenizer_component",
+]
 
 SUBFOLDERS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -166,80 +182,86 @@ def build_tokenizer() -> Any:
     )
 
 
-def _preset(preset: str) -> dict[str, Any]:
-    if preset not in PRESETS:
-        raise ModelLoadError(
-            f"unknown model preset '{preset}'{did_you_mean(preset, PRESETS)}; choices: {', '.join(PRESETS)}"
-        )
-    return PRESETS[preset]
+def clip_tokenizer_component() -> Component:
+    """The presets' CLIP tokenizer as a preset component."""
+    return Component("transformers.CLIPTokenizer", build=lambda _config: build_tokenizer())
 
 
-def _seeded(seed: int, build: Any) -> Any:
-    """Run `build()` under a fixed CPU seed without disturbing the caller's global RNG."""
-    # fork_rng restores the global CPU generator afterwards; devices=[] avoids touching (or warning about) CUDA.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
+def clip_text_component(config: Mapping[str, Any], seed: int, projection: bool = False) -> Component:
+    """A CLIP text encoder (with the pooled projection: `CLIPTextModelWithProjection`) whose special token ids
+    agree with `build_tokenizer()` (the pooled output is taken at the end-of-text token)."""
+    cls = "CLIPTextModelWithProjection" if projection else "CLIPTextModel"
 
-
-def build_preset_component(preset: str, subfolder: str) -> Any:
-    """Build one component ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler') of a preset, float32, eval mode."""
-    cfg = _preset(preset)
-    if subfolder not in SUBFOLDERS:
-        raise ModelLoadError(
-            f"model preset '{preset}' has no component '{subfolder}'{did_you_mean(str(subfolder), SUBFOLDERS)}; "
-            f"choices: {', '.join(SUBFOLDERS)}"
-        )
-    if subfolder == "tokenizer":
-        return build_tokenizer()
-    if subfolder == "scheduler":
-        import diffusers
-
-        sched = dict(cfg["scheduler"])
-        return getattr(diffusers, sched.pop("class")).from_config(sched)
-    if subfolder == "unet":
-        from diffusers import UNet2DConditionModel
-
-        model = _seeded(_SEEDS["unet"], lambda: UNet2DConditionModel(**copy.deepcopy(cfg["unet"])))
-    elif subfolder == "vae":
-        from diffusers import AutoencoderKL
-
-        model = _seeded(_SEEDS["vae"], lambda: AutoencoderKL(**copy.deepcopy(cfg["vae"])))
-    else:
-        from transformers import CLIPTextConfig, CLIPTextModel
+    def build(config: Mapping[str, Any]) -> Any:
+        import transformers
 
         tok = build_tokenizer()
-        # The text encoder must agree with the tokenizer on special ids (the pooled output is taken at EOS).
-        config = CLIPTextConfig(
-            **cfg["text_encoder"],
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        if config.vocab_size <= len(tok):
-            raise ModelLoadError(
-                f"preset '{preset}': text encoder vocab {config.vocab_size} <= tokenizer size {len(tok)}"
-            )
-        model = _seeded(_SEEDS["text_encoder"], lambda: CLIPTextModel(config))
-    return model.eval()
+        if config["vocab_size"] <= len(tok):
+            raise ValueError(f"text encoder vocab {config['vocab_size']} <= tokenizer size {len(tok)}")
+        ids = {
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+        model_class = getattr(transformers, cls)
+        return model_class(transformers.CLIPTextConfig(**config, **ids))
+
+    return Component(f"transformers.{cls}", config=config, seed=seed, build=build)
 
 
-def preset_pipeline_components(preset: str) -> dict[str, Any]:
-    """All five components of a preset, keyed like `StableDiffusionPipeline`'s constructor arguments."""
-    _preset(preset)
-    return {name: build_preset_component(preset, name) for name in SUBFOLDERS}
+# ---- T5 ------------------------------------------------------------------------------------------------
+_T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in T5's own vocabulary
 
 
-def save_preset_pipeline(preset: str, directory: str | Path) -> Path:
-    """Write a preset as a diffusers-format Stable Diffusion directory (safetensors) and return its path."""
-    from diffusers import StableDiffusionPipeline
+def build_t5_tokenizer() -> Any:
+    """A T5 tokenizer (SentencePiece-style Unigram, `T5TokenizerFast`) over the presets' words and single
+    characters, built with `tokenizers` (T5's real vocabulary cannot be downloaded here)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import T5TokenizerFast
 
-    pipe = StableDiffusionPipeline(
-        **preset_pipeline_components(preset),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pieces = [(token, 0.0) for token in _T5_SPECIALS]
+    pieces += [("\u2581" + word, -2.0) for word in _WORDS]  # "▁word": a word at the start of a piece
+    pieces += [(char, -5.0) for char in sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))]
+    pieces += [("\u2581", -3.0)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace("  ", " ")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=512,
     )
-    path = Path(directory)
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+
+
+def t5_tokenizer_component() -> Component:
+    """The presets' T5 tokenizer as a preset component."""
+    return Component("transformers.T5TokenizerFast", build=lambda _config: build_t5_tokenizer())
+
+
+# ---- the Stable Diffusion 1.x presets ------------------------------------------------------------------
+for _name, _spec in PRESETS.items():
+    _scheduler = dict(_spec["scheduler"])
+    register_preset(
+        Preset(
+            name=_name,
+            family="sd",
+            pipeline_class="StableDiffusionPipeline",
+            description=_spec["description"],
+            components={
+                "unet": Component("diffusers.UNet2DConditionModel", _spec["unet"], _SEEDS["unet"]),
+                "vae": Component("diffusers.AutoencoderKL", _spec["vae"], _SEEDS["vae"]),
+                "text_encoder": clip_text_component(_spec["text_encoder"], _SEEDS["text_encoder"]),
+                "tokenizer": clip_tokenizer_component(),
+                "scheduler": Component(f"diffusers.{_scheduler.pop('class')}", _scheduler),
+            },
+            pipeline_extra={
+                "safety_checker": None,
+                "feature_extractor": None,
+                "requires_safety_checker": False,
+            },
+        )
+    )

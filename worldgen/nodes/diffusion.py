@@ -1,7 +1,7 @@
-"""Diffusion task nodes backed by diffusers/transformers: tokenizer, text conditioner, UNet backbone,
-classifier-free guidance, latent noise, solvers (diffusers schedulers, one step per call) and the VAE codec.
+"""Diffusion task nodes backed by diffusers: UNet backbone, classifier-free guidance, latent noise, solvers
+(diffusers schedulers, one step per call) and the VAE codec (the text conditioners are in text.py).
 
-Together they reproduce `StableDiffusionPipeline` / `StableDiffusionImg2ImgPipeline` step for step, so a graph
+With the text nodes they reproduce `StableDiffusionPipeline` / `StableDiffusionImg2ImgPipeline` step for step, so a graph
 built from them gives the same image as the pipeline for the same components, seed and settings.
 """
 
@@ -27,91 +27,6 @@ K = PortKind
 def _on_model(value: torch.Tensor, block: ModelBlock) -> torch.Tensor:
     device, dtype = block.placement()
     return value.to(device=device, dtype=dtype)
-
-
-# ---- text ----------------------------------------------------------------------------------------------
-class TokenizerConfig(ModelConfig):
-    max_length: int | None = Field(
-        None, description="pad/truncate to this many tokens (default: the model's)"
-    )
-
-
-@register_block
-class CLIPTokenizerBlock(ModelBlock):
-    """Text → padded token ids, as Stable Diffusion pipelines tokenize prompts."""
-
-    block_type = "tokenizer/clip"
-    Config = TokenizerConfig
-    default_subfolder = "tokenizer"
-    INPUTS = (Port("text", K.TEXT, doc="a prompt or a list of prompts"),)
-    OUTPUTS = (Port("token_ids", K.TOKENS), Port("attention_mask", K.MASK))
-
-    def model_class(self) -> type:
-        from transformers import CLIPTokenizer
-
-        return CLIPTokenizer
-
-    def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
-        text = inputs.get("text")
-        if isinstance(text, list):
-            if not text:  # a batch of no prompts: the tokenizer would fail on it
-                raise ConfigError("an empty list of prompts (give at least one)", path="text")
-            return Work(items={"text": len(text)})
-        return Work(items={"text": 1}) if isinstance(text, str) else Work()
-
-    def forward(self, text: str | list[str]) -> dict[str, Any]:
-        tokenizer = self.model
-        encoded = tokenizer(
-            text,
-            padding="max_length",
-            max_length=self.config.max_length or tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return {"token_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
-
-
-class TextEncoderConfig(ModelConfig):
-    clip_skip: int | None = Field(
-        None, ge=1, description="use the hidden state this many layers before the last"
-    )
-
-
-@register_block
-class CLIPTextConditionerBlock(ModelBlock):
-    """Token ids → per-token embeddings (the UNet's cross-attention condition) and the pooled embedding."""
-
-    block_type = "conditioner/clip_text"
-    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")  # the text encoder's attention projections
-    Config = TextEncoderConfig
-    default_subfolder = "text_encoder"
-    INPUTS = (Port("token_ids", K.TOKENS), Port("attention_mask", K.MASK, optional=True))
-    OUTPUTS = (Port("embedding", K.EMBEDDING), Port("pooled", K.EMBEDDING))
-
-    def model_class(self) -> type:
-        from transformers import CLIPTextModel
-
-        return CLIPTextModel
-
-    @torch.no_grad()
-    def forward(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-        return self.embed(token_ids, attention_mask)
-
-    def embed(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-        """`forward` with gradients (LoRA training goes through here)."""
-        encoder = self.active_model()
-        # Like the pipelines: the mask is only passed to encoders configured to use it.
-        mask = attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
-        mask = mask.to(encoder.device) if mask is not None else None
-        clip_skip = self.config.clip_skip
-        out = encoder(
-            token_ids.to(encoder.device), attention_mask=mask, output_hidden_states=clip_skip is not None
-        )
-        if clip_skip is None:
-            embedding = out[0]
-        else:
-            embedding = encoder.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
-        return {"embedding": embedding.to(dtype=encoder.dtype), "pooled": out[1]}
 
 
 # ---- backbone and guidance -----------------------------------------------------------------------------
@@ -374,8 +289,12 @@ class SchedulerSolver(Block):
         if strength is not None:
             if not 0.0 <= float(strength) <= 1.0:
                 raise ConfigError(f"strength must be 0 to 1, got {strength}", path="strength")
-            if "noise" not in inputs:  # noise comes from another node: image-to-image
-                _denoising_steps(steps, float(strength))
+            if "noise" not in inputs and self._first_step(steps, float(strength)) >= steps:
+                # noise comes from another node (image-to-image) and the strength leaves no step to run
+                raise ConfigError(
+                    f"strength {strength} with {steps} steps leaves no denoising step; raise either",
+                    path="strength",
+                )
         return Work(steps=steps)
 
     def forward(self, latent, pred=None, state=None, noise=None, strength=1.0, num_steps=None, rng=None):
@@ -388,10 +307,10 @@ class SchedulerSolver(Block):
     def _setup(self, latent, noise, strength, num_steps, rng):
         scheduler = self._restore(SolverState({}, torch.empty(0), 0))
         steps = int(num_steps or self.config.num_inference_steps)
-        scheduler.set_timesteps(steps, device=latent.device)
+        self._set_timesteps(scheduler, steps, latent)
         timesteps = scheduler.timesteps
         if noise is not None:  # image-to-image: start part-way down the schedule (as get_timesteps does)
-            t_start = max(steps - _denoising_steps(steps, strength), 0)
+            t_start = self._first_step(steps, strength)
             timesteps = scheduler.timesteps[t_start * scheduler.order :]
             if len(timesteps) == 0:
                 raise ConfigError(
@@ -399,12 +318,32 @@ class SchedulerSolver(Block):
                 )
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(t_start * scheduler.order)
-            latent = scheduler.add_noise(latent, noise, timesteps[:1].repeat(latent.shape[0]))
+            latent = self._noised(scheduler, latent, noise, timesteps[:1].repeat(latent.shape[0]))
         else:
-            latent = latent * scheduler.init_noise_sigma
-        model_input = scheduler.scale_model_input(latent, timesteps[0])
+            latent = self._initial(scheduler, latent)
+        model_input = self._model_input(scheduler, latent, timesteps[0])
         state = SolverState(self._snapshot(scheduler), timesteps, 0, rng)
         return {"latent": latent, "model_input": model_input, "timestep": timesteps[0], "state": state}
+
+    # Hooks where a family of schedulers differs from the DDPM-style ones (see FlowMatchSolver).
+    def _set_timesteps(self, scheduler: Any, steps: int, latent: torch.Tensor) -> None:
+        scheduler.set_timesteps(steps, device=latent.device)
+
+    def _first_step(self, steps: int, strength: float) -> int:
+        """Image-to-image: the index of the first step that runs (as the pipelines' `get_timesteps`)."""
+        return max(steps - _denoising_steps(steps, strength), 0)
+
+    def _initial(self, scheduler: Any, latent: torch.Tensor) -> torch.Tensor:
+        """Text-to-image: pure noise scaled to the schedule's first step."""
+        return latent * scheduler.init_noise_sigma
+
+    def _noised(
+        self, scheduler: Any, latent: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        return scheduler.add_noise(latent, noise, t)
+
+    def _model_input(self, scheduler: Any, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return scheduler.scale_model_input(latent, t)
 
     def _step(self, latent, pred, state: SolverState):
         if state.remaining <= 0:  # a run's `iterations` asked for more steps than the schedule has
@@ -425,7 +364,7 @@ class SchedulerSolver(Block):
         step = state.step + 1
         done = step >= len(state.timesteps)
         t_next = state.timesteps[-1] if done else state.timesteps[step]
-        model_input = latent if done else scheduler.scale_model_input(latent, t_next)
+        model_input = latent if done else self._model_input(scheduler, latent, t_next)
         new_rng = RngState.of(generator) if generator is not None else None
         new_state = SolverState(self._snapshot(scheduler), state.timesteps, step, new_rng)
         return {"latent": latent, "model_input": model_input, "timestep": t_next, "state": new_state}
@@ -480,6 +419,73 @@ DPMSolverPP2M = _solver(
 )
 UniPCSolver = _solver("solver/unipc", "UniPCMultistepScheduler", "UniPC multistep.")
 
+
+class FlowMatchConfig(SolverConfig):
+    sigmas: Literal["scheduler", "linear"] = Field(
+        "scheduler",
+        description="'scheduler': the scheduler's own sigma range (SD3); 'linear': sigmas 1 -> 1/steps, as the "
+        "Flux pipelines pass them",
+    )
+    patch_size: int = Field(
+        2,
+        ge=1,
+        description="latent pixels per backbone token side, for the image sequence length of dynamic shifting",
+    )
+
+
+@register_block
+class FlowMatchSolver(SchedulerSolver):
+    """Flow-matching Euler (`FlowMatchEulerDiscreteScheduler`, SD3 and Flux): the latent moves along the predicted
+    velocity. With the scheduler's dynamic shifting (Flux) the shift `mu` follows the image's sequence length,
+    read from the latent (a packed latent's token count, or a 4-D latent's patches)."""
+
+    block_type = "solver/flow_match_euler"
+    Config = FlowMatchConfig
+    scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
+
+    def _set_timesteps(self, scheduler: Any, steps: int, latent: torch.Tensor) -> None:
+        import numpy as np
+
+        config = scheduler.config
+        sigmas = None
+        if self.config.sigmas == "linear" and not config.get("use_flow_sigmas", False):
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+        mu = None
+        if config.get("use_dynamic_shifting", False):
+            mu = _flow_shift(_image_seq_len(latent, self.config.patch_size), config)
+        scheduler.set_timesteps(steps, device=latent.device, sigmas=sigmas, mu=mu)
+
+    def _first_step(self, steps: int, strength: float) -> int:
+        # The flow pipelines round after subtracting (SD's `get_timesteps` rounds the strength first).
+        return int(max(steps - min(steps * strength, steps), 0))
+
+    def _noised(
+        self, scheduler: Any, latent: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        return scheduler.scale_noise(latent, t, noise)
+
+    def _initial(self, scheduler: Any, latent: torch.Tensor) -> torch.Tensor:
+        return latent  # the noise enters as it is (sigma 1)
+
+    def _model_input(self, scheduler: Any, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return latent  # flow matching does not scale the backbone's input
+
+
+def _image_seq_len(latent: torch.Tensor, patch_size: int) -> int:
+    """Tokens the backbone sees for this latent: a packed (B, tokens, C) latent's count, else (h/p)·(w/p)."""
+    if latent.dim() == 3:
+        return int(latent.shape[1])
+    return (int(latent.shape[-2]) // patch_size) * (int(latent.shape[-1]) // patch_size)
+
+
+def _flow_shift(image_seq_len: int, config: Mapping[str, Any]) -> float:
+    """The dynamic shift `mu` for an image sequence length (the linear rule of the SD3/Flux pipelines)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
+
+
 SOLVERS = {
     "ddim": "solver/ddim",
     "pndm": "solver/pndm",
@@ -488,6 +494,7 @@ SOLVERS = {
     "heun": "solver/heun",
     "dpmpp_2m": "solver/dpmpp_2m",
     "unipc": "solver/unipc",
+    "flow_match_euler": "solver/flow_match_euler",
 }
 
 
