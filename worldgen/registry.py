@@ -234,7 +234,8 @@ def build_template(name: str, **params: Any) -> Any:
     """What template `name` builds (a graph, a pipeline or a world config) from its keyword parameters."""
     fn = _template(name)
     accepted = inspect.signature(fn).parameters
-    unknown = [p for p in params if p not in accepted]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())  # it checks its options itself
+    unknown = [] if takes_any else [p for p in params if p not in accepted]
     if unknown:
         raise ConfigError(
             f"template '{name}' has no parameter '{unknown[0]}'{did_you_mean(unknown[0], accepted)}; "

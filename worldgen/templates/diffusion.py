@@ -20,6 +20,7 @@ from worldgen.errors import ConfigError, ModelLoadError, did_you_mean
 from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
 from worldgen.templates import register_template
+from worldgen.templates.families import Family, check_options, detect_family, get_family, register_family
 
 
 def _source(model: str | None, preset: str | None) -> str:
@@ -115,22 +116,19 @@ def _model_ref(model: str | None, preset: str | None, revision: str | None, dtyp
     return ref.model_dump(exclude_defaults=True, exclude={"subfolder"}) | {"source": ref.source}
 
 
-@register_template("text_to_image")
-def text_to_image(
-    model: str | None = None,
-    preset: str | None = None,
+def sd_text_to_image(
+    ref: dict[str, Any],
+    *,
     solver: str = "ddim",
     steps: int = 50,
     guidance_scale: float = 7.5,
     height: int | None = None,
     width: int | None = None,
-    revision: str | None = None,
-    dtype: str = "float32",
 ) -> Graph:
-    """Text to image (Stable-Diffusion family): prompt, negative_prompt, steps, guidance_scale -> image."""
-    ref = _model_ref(model, preset, revision, dtype)
-    unet = _component_config(ref["source"], "unet", revision)
-    vae = _component_config(ref["source"], "vae", revision)
+    """Stable Diffusion 1.x/2.x text to image (`StableDiffusionPipeline`)."""
+    source, revision, dtype = ref["source"], ref.get("revision"), ref.get("dtype", "float32")
+    unet = _component_config(source, "unet", revision)
+    vae = _component_config(source, "vae", revision)
     scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     default_size = unet["sample_size"] * scale_factor
     g = Graph("text_to_image")
@@ -155,19 +153,15 @@ def text_to_image(
     return g
 
 
-@register_template("image_to_image")
-def image_to_image(
-    model: str | None = None,
-    preset: str | None = None,
+def sd_image_to_image(
+    ref: dict[str, Any],
+    *,
     solver: str = "ddim",
     steps: int = 50,
     strength: float = 0.8,
     guidance_scale: float = 7.5,
-    revision: str | None = None,
-    dtype: str = "float32",
 ) -> Graph:
-    """Image to image (Stable-Diffusion family): image, prompt, negative_prompt, strength, steps -> image."""
-    ref = _model_ref(model, preset, revision, dtype)
+    """Stable Diffusion 1.x/2.x image to image (`StableDiffusionImg2ImgPipeline`)."""
     g = Graph("image_to_image")
     _add_text_nodes(g, ref)
     g.add_node(
@@ -176,7 +170,7 @@ def image_to_image(
         config={"model": {**ref, "subfolder": "vae"}, "mode": "encode"},
         auto_connect=False,
     )
-    g.add_node("latent/noise", id="noise", config={"dtype": dtype}, auto_connect=False)
+    g.add_node("latent/noise", id="noise", config={"dtype": ref.get("dtype", "float32")}, auto_connect=False)
     g.add_edge("vae_enc.latent", "noise.like")
     g.add_edge("vae_enc.rng", "noise.rng")
     g.expose_input("image", "vae_enc.image")
@@ -186,6 +180,75 @@ def image_to_image(
     g.add_edge("noise.rng", "schedule.rng")
     g.expose_input("strength", "schedule.strength", default=strength)
     return g
+
+
+register_family(
+    Family(
+        "sd",
+        pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+        text_to_image=sd_text_to_image,
+        image_to_image=sd_image_to_image,
+        description="Stable Diffusion 1.x/2.x: UNet, one CLIP text encoder",
+    )
+)
+
+
+def _family_graph(
+    task: str,
+    model: str | None,
+    preset: str | None,
+    family: str | None,
+    revision: str | None,
+    dtype: str,
+    options: dict[str, Any],
+) -> Any:
+    """The graph `task` builds for the model's family (found from model_index.json unless `family` is given)."""
+    from worldgen.models.presets import PRESET_PREFIX, preset_name
+
+    if preset is not None and model is None:
+        preset = preset_name(preset, family)
+    ref = _model_ref(model, preset, revision, dtype)
+    chosen = get_family(family) if family is not None else detect_family(ref["source"], revision)
+    if ref["source"].startswith(PRESET_PREFIX) and family is not None:
+        from worldgen.models.presets import get_preset
+
+        found = get_preset(ref["source"][len(PRESET_PREFIX) :]).family
+        if found != chosen.name:
+            raise ConfigError(
+                f"preset '{preset}' is a {found} model, not {chosen.name}; drop `family` or pick a "
+                f"{chosen.name} preset",
+                path="family",
+            )
+    check_options(chosen, task, options)
+    return chosen.builder(task)(ref, **options)
+
+
+@register_template("text_to_image")
+def text_to_image(
+    model: str | None = None,
+    preset: str | None = None,
+    family: str | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+    **options: Any,
+) -> Graph:
+    """Text to image for SD 1.x/2.x, SDXL, SD3 and Flux (the family found from the model): prompt -> image.
+    `options` are the family's (steps, guidance_scale, height, width, ...)."""
+    return _family_graph("text_to_image", model, preset, family, revision, dtype, options)
+
+
+@register_template("image_to_image")
+def image_to_image(
+    model: str | None = None,
+    preset: str | None = None,
+    family: str | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+    **options: Any,
+) -> Graph:
+    """Image to image for SD 1.x/2.x, SDXL, SD3 and Flux (the family found from the model): image, prompt,
+    strength -> image. `options` are the family's (steps, strength, guidance_scale, ...)."""
+    return _family_graph("image_to_image", model, preset, family, revision, dtype, options)
 
 
 @register_template("generate_and_refine", kind="pipeline")
