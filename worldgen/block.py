@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextvars
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,6 +15,33 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from worldgen.errors import ConfigError, format_validation_error
 from worldgen.model_ref import AdapterRef, ModelRef
 from worldgen.ports import Port
+
+_TRAINING = contextvars.ContextVar("worldgen_training", default=False)
+
+
+@contextmanager
+def training() -> Iterator[None]:
+    """Blocks called inside keep their autograd graph (a training loss runs a graph's own blocks)."""
+    token = _TRAINING.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING.reset(token)
+
+
+def inference(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for a model block's `forward`: no autograd graph (inference), except inside `training()`."""
+
+    @functools.wraps(forward)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _TRAINING.get():
+            return forward(*args, **kwargs)
+        import torch
+
+        with torch.no_grad():
+            return forward(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, ModelRef, Work
+from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, ModelRef, Work, inference
 from worldgen.errors import ConfigError
 from worldgen.ports import Port, PortKind
 from worldgen.registry import register_block
@@ -51,7 +51,7 @@ class UNet2DBackboneBlock(ModelBlock):
 
         return UNet2DConditionModel
 
-    @torch.no_grad()
+    @inference
     def forward(
         self,
         sample: torch.Tensor,
@@ -259,6 +259,32 @@ class SchedulerSolver(Block):
             cls = getattr(diffusers, self.scheduler_class_name)
             self._template = cls.from_config(cls.load_config(directory))
 
+    def training_sample(
+        self, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy latents, timesteps, the backbone's target) at random training timesteps, one per latent: the
+        forward process the model was trained on (DDPM's, with this scheduler's noise schedule), whatever
+        sampler the graph generates with. Randomness only from `generator`."""
+        from diffusers import DDPMScheduler
+
+        accepted = set(inspect.signature(DDPMScheduler.__init__).parameters)
+        config = {k: v for k, v in dict(self.scheduler.config).items() if k in accepted}
+        ddpm = DDPMScheduler.from_config(config)
+        count = int(ddpm.config.num_train_timesteps)
+        timesteps = torch.randint(0, count, (latents.shape[0],), generator=generator, device=generator.device)
+        timesteps = timesteps.to(latents.device)
+        noisy = ddpm.add_noise(latents, noise, timesteps)
+        kind = ddpm.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = ddpm.get_velocity(latents, noise, timesteps)
+        elif kind == "sample":
+            target = latents
+        else:
+            raise ConfigError(f"unknown prediction_type '{kind}' in the solver's scheduler config")
+        return noisy, timesteps, target
+
     def loop_iterations(self, inputs: Mapping[str, Any]) -> int | None:
         state = inputs.get("state")
         return state.remaining if isinstance(state, SolverState) else None
@@ -454,6 +480,22 @@ class FlowMatchSolver(SchedulerSolver):
         if config.get("use_dynamic_shifting", False):
             mu = _flow_shift(_image_seq_len(latent, self.config.patch_size), config)
         scheduler.set_timesteps(steps, device=latent.device, sigmas=sigmas, mu=mu)
+
+    def training_sample(
+        self, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rectified flow, as diffusers' SD3/Flux LoRA scripts train (uniform timestep density): x_t = (1 - sigma)
+        x + sigma noise at one of the scheduler's training sigmas, and the velocity noise - x as the target."""
+        scheduler = self.scheduler
+        count = len(scheduler.timesteps)
+        index = torch.randint(
+            0, count, (latents.shape[0],), generator=generator, device=generator.device
+        ).cpu()
+        timesteps = scheduler.timesteps[index].to(latents.device)
+        sigma = scheduler.sigmas[index].to(device=latents.device, dtype=latents.dtype)
+        sigma = sigma.reshape(-1, *([1] * (latents.dim() - 1)))
+        noisy = (1.0 - sigma) * latents + sigma * noise
+        return noisy, timesteps, noise - latents
 
     def _first_step(self, steps: int, strength: float) -> int:
         # The flow pipelines round after subtracting (SD's `get_timesteps` rounds the strength first).

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from worldgen.block import ModelBlock, ModelConfig, Work
+from worldgen.block import ModelBlock, ModelConfig, Work, inference
 from worldgen.errors import ConfigError
 from worldgen.ports import Port, PortKind
 from worldgen.registry import register_block
@@ -140,12 +140,8 @@ class CLIPTextConditionerBlock(ModelBlock):
 
         return CLIPTextModelWithProjection if self.config.projection else CLIPTextModel
 
-    @torch.no_grad()
+    @inference
     def forward(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-        return self.embed(token_ids, attention_mask)
-
-    def embed(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-        """`forward` with gradients (LoRA training goes through here)."""
         encoder = self.active_model()
         # Like the pipelines: the mask is only passed to encoders configured to use it.
         mask = attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
@@ -186,13 +182,10 @@ class T5TextConditionerBlock(ModelBlock):
 
         return T5EncoderModel
 
-    @torch.no_grad()
+    @inference
     def forward(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-        return self.embed(token_ids, attention_mask)
-
-    def embed(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-        """`forward` with gradients. The mask is not passed, as the SD3 and Flux pipelines do not pass it: the
-        models were trained attending to the padding."""
+        # The mask is not passed, as the SD3 and Flux pipelines do not pass it: the models were trained
+        # attending to the padding.
         encoder = self.active_model()
         embedding = encoder(token_ids.to(encoder.device))[0]
         return {"embedding": embedding.to(dtype=encoder.dtype)}

@@ -31,7 +31,6 @@ from worldgen.training.losses import (
     denoising_loss,
     encode_lm_example,
     example_loss,
-    noise_scheduler,
 )
 
 __all__ = [
@@ -54,7 +53,6 @@ __all__ = [
     "example_loss",
     "find_block",
     "load_image",
-    "noise_scheduler",
     "read_episode",
     "read_episodes",
     "role_context",

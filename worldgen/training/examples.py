@@ -41,6 +41,7 @@ import torch
 from worldgen.block import Block
 from worldgen.engine import Engine
 from worldgen.errors import ConfigError
+from worldgen.graph import Graph
 from worldgen.stage import CONTRACTS, CYCLE, Schema, role_that
 from worldgen.state import WorldContent, WorldState
 from worldgen.training.episodes import Episode
@@ -196,58 +197,86 @@ def find_block(world: Any, path: str) -> Block:
 
 @dataclass(frozen=True)
 class DiffusionBlocks:
-    """The blocks of a Creator graph the denoising loss runs (found by role, whatever the node ids)."""
+    """Where a Creator pipeline denoises: the graph holding its backbone, that node, and the blocks the denoising
+    loss needs besides the graph's own conditioning (found by role, whatever the node ids)."""
 
-    tokenizer: Block
-    text_encoder: Block
+    graph: Graph  # the graph whose denoising loop holds the backbone
+    backbone_node: str
     backbone: Block
-    codec: Block
-    solver: Block
-    paths: dict[str, str]  # part -> path of (the first of) the node(s) holding it, after the prefix given
+    codec: Block  # the VAE: encodes the training images
+    solver: Block  # the loop's solver: its noise process is what the backbone learns to undo
+    paths: dict[
+        str, str
+    ]  # part -> world path of (the first of) the node(s) holding it, after the prefix given
 
 
-def _part(block: Block) -> str | None:
-    """Which part of the denoising loss a block is (a conditioner counts when it encodes token ids: an image
-    conditioner is not the prompt's)."""
-    role = block.role
-    if role == "conditioner":
-        return "text_encoder" if "token_ids" in block.input_ports() else None
-    return role if role in ("tokenizer", "backbone", "codec", "solver") else None
-
-
-_PARTS = ("tokenizer", "text_encoder", "backbone", "codec", "solver")
+def _graphs(engine: Engine, prefix: str) -> Iterable[tuple[str, Graph]]:
+    """Every graph in an engine (itself, or a pipeline's graphs at any depth), with its path prefix."""
+    if isinstance(engine, Graph):
+        yield prefix, engine
+        return
+    for node_id in engine.node_ids:
+        item = engine.item(node_id)
+        if isinstance(item, Engine):
+            yield from _graphs(item, f"{prefix}{node_id}.")
 
 
 def diffusion_blocks(engine: Engine, prefix: str = "") -> DiffusionBlocks | None:
-    """The diffusion blocks of a Creator pipeline or graph, found by role whatever the node ids (None when it
-    has no backbone: nothing to train). `prefix` goes before the paths (e.g. 'creator.text_to_image.').
+    """The diffusion blocks of a Creator pipeline or graph (None when it has no backbone: nothing to train).
+    `prefix` goes before the paths (e.g. 'creator.text_to_image.').
 
-    Nodes holding the same block (`tok`/`tok_neg`, `schedule`/`solver`) or the same model (`vae` decoding and
-    `vae_enc` encoding) count once; two different models in one part are ambiguous and an error."""
-    found: dict[str, list[tuple[str, Block]]] = {part: [] for part in _PARTS}
-    for path, block in engine.named_blocks():
-        part = _part(block)
-        if part is not None:
-            found[part].append((path, block))
-    if not found["backbone"]:
+    Nodes holding the same model (`vae` decoding and `vae_enc` encoding) count once; two different backbones
+    (or VAEs next to one) are ambiguous and an error."""
+    backbones = [
+        (f"{at}{node}", graph, node)
+        for at, graph in _graphs(engine, prefix)
+        for node in graph.node_ids
+        if graph.item(node).role == "backbone"
+    ]
+    if not backbones:
         return None
-    chosen: dict[str, tuple[str, Block]] = {}
-    for part, entries in found.items():
-        distinct: dict[Any, tuple[str, Block]] = {}
-        for path, block in entries:
-            distinct.setdefault(_identity(block), (path, block))
-        if len(distinct) != 1:
-            what = "no" if not distinct else f"{len(distinct)} different"
-            raise ConfigError(
-                f"pipeline '{engine.name}' has {what} {part} block(s) "
-                f"({', '.join(p for p, _ in entries) or 'none'}); the denoising loss needs exactly one",
-                path="stages.creator",
-            )
-        chosen[part] = next(iter(distinct.values()))
-    return DiffusionBlocks(
-        **{part: block for part, (_, block) in chosen.items()},
-        paths={part: f"{prefix}{path}" for part, (path, _) in chosen.items()},
+    _one(engine, "backbone", [(path, graph.item(node)) for path, graph, node in backbones])
+    path, graph, node = backbones[0]
+    loop = next((lp for lp in graph.plan().loops if node in lp.nodes), None)
+    solver = (
+        next((graph.item(n) for n in loop.order if graph.item(n).role == "solver"), None) if loop else None
     )
+    if solver is None:
+        raise ConfigError(
+            f"the backbone {path} of pipeline '{engine.name}' is not in a denoising loop with a solver; the "
+            "denoising loss needs one (its noise process is what the backbone learns)",
+            path="stages.creator",
+        )
+    at = path[: -len(node)]
+    codec_path, codec = _one(
+        engine,
+        "codec",
+        [(f"{at}{n}", graph.item(n)) for n in graph.node_ids if graph.item(n).role == "codec"],
+    )
+    solver_path = f"{at}{next(n for n in loop.order if graph.item(n) is solver)}"
+    return DiffusionBlocks(
+        graph=graph,
+        backbone_node=node,
+        backbone=graph.item(node),
+        codec=codec,
+        solver=solver,
+        paths={"backbone": path, "codec": codec_path, "solver": solver_path},
+    )
+
+
+def _one(engine: Engine, part: str, entries: list[tuple[str, Block]]) -> tuple[str, Block]:
+    """The one distinct model among the blocks of a part (first path); a ConfigError for none or several."""
+    distinct: dict[Any, tuple[str, Block]] = {}
+    for path, block in entries:
+        distinct.setdefault(_identity(block), (path, block))
+    if len(distinct) != 1:
+        what = "no" if not distinct else f"{len(distinct)} different"
+        raise ConfigError(
+            f"pipeline '{engine.name}' has {what} {part} block(s) "
+            f"({', '.join(p for p, _ in entries) or 'none'}); the denoising loss needs exactly one",
+            path="stages.creator",
+        )
+    return next(iter(distinct.values()))
 
 
 def _identity(block: Block) -> Any:

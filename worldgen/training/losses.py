@@ -1,8 +1,9 @@
 """Per-role training losses on a world's own blocks (plain PyTorch: the Ray Train job distributes them).
 
-- `denoising_loss`: the standard diffusion fine-tuning loss on a Creator graph's blocks — VAE-encode the image,
-  add noise at a random training timestep (DDPM forward process from the graph's own scheduler config),
-  predict with the UNet conditioned on the prompt, MSE against what the scheduler's `prediction_type` asks for.
+- `denoising_loss`: the diffusion fine-tuning loss on a Creator graph's own blocks, for every family — VAE-encode
+  the image, noise it at a random training timestep by the loop solver's forward process (DDPM with the graph's
+  scheduler config, or rectified flow), condition the backbone through the graph's own conditioning nodes, MSE
+  against the solver's target (the scheduler's `prediction_type`, or the flow's velocity).
 - `causal_lm_loss`: a local LLM's mean token cross-entropy of the target after the chat prompt, tokenised as
   generation tokenises it (`encode_chat`), the prompt masked out.
 - `caption_loss`: a `vlm/transformers` encoder-decoder captioner's cross-entropy of one image's description.
@@ -18,16 +19,18 @@ loss reach the encoder would let it make the data trivial.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from worldgen.block import Block, ModelBlock
+from worldgen.block import Block, ModelBlock, training
 from worldgen.errors import ConfigError
+from worldgen.execution.local import check_inputs
+from worldgen.graph import Graph
 from worldgen.nodes.diffusion import scale_latent
+from worldgen.plan import Loop, gather_inputs
 from worldgen.training.examples import (
     CaptionExample,
     DiffusionBlocks,
@@ -46,7 +49,6 @@ __all__ = [
     "denoising_loss",
     "encode_lm_example",
     "example_loss",
-    "noise_scheduler",
 ]
 
 IGNORE_INDEX = -100  # label of a token the loss ignores (the prompt)
@@ -61,23 +63,7 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-# ---- diffusion -----------------------------------------------------------------------------------------
-def noise_scheduler(solver: Block) -> Any:
-    """A DDPM scheduler with the solver's noise schedule (what the model was trained on): its `add_noise`
-    is the forward process the loss samples from, whatever sampler the graph uses to generate."""
-    from diffusers import DDPMScheduler
-
-    config = dict(solver.scheduler.config)
-    accepted = set(inspect.signature(DDPMScheduler.__init__).parameters)
-    return DDPMScheduler.from_config({k: v for k, v in config.items() if k in accepted})
-
-
-def _text_embedding(tokenizer: Block, text_encoder: Block, prompts: Sequence[str]) -> torch.Tensor:
-    """Prompt embeddings as the graph's conditioner computes them (its `forward` runs without gradients)."""
-    tokens = tokenizer(text=list(prompts))
-    return text_encoder.embed(tokens["token_ids"], tokens["attention_mask"])["embedding"]
-
-
+# ---- diffusion ----------------------------------------------------------------------------------------
 def _encode(vae: Any, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Images in [0, 1] -> scaled latents, as the `codec/vae` encoder computes them (sampled)."""
     first = next(vae.parameters())
@@ -87,42 +73,110 @@ def _encode(vae: Any, images: torch.Tensor, generator: torch.Generator) -> torch
     return scale_latent(vae, latent)
 
 
+_LOOP_PORTS = ("sample", "timestep")  # what the denoising loop feeds the backbone (the loss supplies them)
+
+
+def _is_uncond(port: str) -> bool:
+    return port.endswith("_uncond")  # the guidance branch: the loss trains the conditioned prediction only
+
+
+def _conditioning_nodes(graph: Graph, node: str, loop: Loop) -> set[str]:
+    """The nodes outside the loop that the backbone's conditioning depends on (not the guidance branch)."""
+    plan = graph.plan()
+    needed: set[str] = set()
+    stack = [
+        edge.source
+        for port in graph.item(node).input_ports()
+        if port not in _LOOP_PORTS and not _is_uncond(port)
+        for edge in plan.incoming.get((node, port), [])
+        if edge.source not in loop.nodes
+    ]
+    while stack:
+        current = stack.pop()
+        if current in needed:
+            continue
+        needed.add(current)
+        for port in graph.item(current).input_ports():
+            stack += [e.source for e in plan.incoming.get((current, port), []) if e.source not in loop.nodes]
+    return needed
+
+
+def _latent_path(graph: Graph, node: str, loop: Loop) -> list[tuple[str, str, str]]:
+    """The layout steps between the latent the noise (or VAE) makes and the one the backbone takes — e.g. Flux's
+    packing — as (node, input port, output port), in order: the loss applies them to its own latents."""
+    plan = graph.plan()
+    setup = [e for e in plan.incoming.get((node, "sample"), []) if e.source not in loop.nodes]
+    if not setup:
+        return []
+    path: list[tuple[str, str, str]] = []
+    current, port = setup[0].source, "latent"  # the solver's setup call: its `latent` input
+    while True:
+        edges = plan.incoming.get((current, port), [])
+        if len(edges) != 1:
+            break
+        source = graph.item(edges[0].source)
+        if source.block_type == "latent/noise" or source.role == "codec":
+            break
+        path.append((edges[0].source, _latent_input(source), edges[0].source_port))
+        current, port = edges[0].source, _latent_input(source)
+    return list(reversed(path))
+
+
+def _latent_input(block: Block) -> str:
+    ports = [name for name, p in block.input_ports().items() if p.kind.value == "latent"]
+    return ports[0] if ports else "latent"
+
+
+def _run_nodes(graph: Graph, nodes: set[str], inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Outputs of `nodes`, called in plan order (no loop among them) with what gather_inputs gives them."""
+    values: dict[str, dict[str, Any]] = {}
+    for step in graph.plan().steps:
+        for node_id in step.nodes:
+            if node_id in nodes and step.loop is None:
+                values[node_id] = graph.item(node_id)(**gather_inputs(graph, node_id, values, inputs))
+    return values
+
+
 def denoising_loss(
     blocks: DiffusionBlocks, images: torch.Tensor, prompts: Sequence[str], generator: torch.Generator
 ) -> torch.Tensor:
-    """Mean squared error of the backbone's prediction at random timesteps (one per image).
+    """Mean squared error of the backbone's prediction at random training timesteps (one per image).
 
-    `images` (B, 3, H, W) in [0, 1], `prompts` one per image. The VAE's latent sample, the noise and the
-    timesteps are drawn from `generator`, in that order."""
+    The graph conditions the backbone itself: its nodes outside the denoising loop that feed the backbone
+    (tokenizers, text encoders, SDXL's time ids, Flux's position ids, ...) run on the prompts, with gradients,
+    so one loss trains every family. The images' latents (VAE-encoded) are noised by the loop solver's forward
+    process (`training_sample`: DDPM's for UNet families, rectified flow for SD3/Flux), put in the backbone's
+    layout by the graph's own layout nodes (Flux's packing), and the prediction is compared with the solver's
+    target. `images` (B, 3, H, W) in [0, 1], `prompts` one per image. The VAE's latent sample, the noise and
+    the timesteps are drawn from `generator`, in that order."""
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
         raise ValueError(
             f"expected images (B, 3, H, W) and B prompts, got {tuple(images.shape)} and {len(prompts)}"
         )
-    scheduler = noise_scheduler(blocks.solver)
-    vae, unet = _model(blocks.codec), _model(blocks.backbone)
-    count = images.shape[0]
-    latents = _encode(vae, images, generator)
-    gen_device = generator.device
-    noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=torch.float32)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (count,), generator=generator, device=gen_device
-    )
-    noise, timesteps = noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    condition = _text_embedding(blocks.tokenizer, blocks.text_encoder, prompts)
-    first = next(unet.parameters())
-    pred = unet(
-        noisy.to(first.dtype), timesteps, encoder_hidden_states=condition.to(first.dtype), return_dict=False
-    )[0]
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    elif kind == "sample":
-        target = latents
-    else:
-        raise ConfigError(f"unknown prediction_type '{kind}' in the solver's scheduler config")
+    graph, node = blocks.graph, blocks.backbone_node
+    loop = next(lp for lp in graph.plan().loops if node in lp.nodes)
+    latents = _encode(_model(blocks.codec), images, generator)
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    noise = noise.to(latents.device, latents.dtype)
+    noisy, timesteps, target = blocks.solver.training_sample(latents, noise, generator)
+
+    offered = {
+        "prompt": list(prompts),
+        "height": images.shape[-2],
+        "width": images.shape[-1],
+        "image": images,
+    }
+    inputs = check_inputs(graph, {k: v for k, v in offered.items() if k in graph.exposed_inputs})
+    with training():
+        values = _run_nodes(graph, _conditioning_nodes(graph, node, loop), inputs)
+        for step_node, port, output in _latent_path(graph, node, loop):
+            kwargs = gather_inputs(graph, step_node, values, inputs)
+            block = graph.item(step_node)
+            noisy = block(**{**kwargs, port: noisy})[output]
+            target = block(**{**kwargs, port: target})[output]
+        kwargs = gather_inputs(graph, node, values, inputs, loop=loop, outside_only=True)
+        kwargs = {k: v for k, v in kwargs.items() if not _is_uncond(k)}
+        pred = blocks.backbone(**{**kwargs, "sample": noisy, "timestep": timesteps})["pred"]
     return F.mse_loss(pred.float(), target.float())
 
 
