@@ -82,7 +82,7 @@ def preset_names(family: str | None = None) -> list[str]:
 def preset_name(preset: str, family: str | None = None) -> str:
     """The registered name of `preset` for `family`: 'tiny' + 'flux' -> 'flux-tiny'; a full name stays."""
     _ensure_loaded()
-    if family in (None, DEFAULT_FAMILY) or preset in _PRESETS and _PRESETS[preset].family == family:
+    if family in (None, DEFAULT_FAMILY) or preset.startswith(f"{family}-"):
         return preset
     return f"{family}-{preset}"
 

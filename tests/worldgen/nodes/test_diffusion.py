@@ -99,3 +99,74 @@ def test_guidance_and_steps_inputs_change_the_result():
         output_type="pt",
     ).images
     assert (graph.run({"prompt": PROMPT, "steps": 2}, seed=0)["image"] - expected).abs().max() <= TOL
+
+
+# ---- the flow-matching solver (SD3, Flux) ---------------------------------------------------------------
+FLUX_SCHEDULER = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "shift": 3.0}
+
+
+def _flow_reference(config: dict, steps: int, seq_len: int | None):
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    if seq_len is None:  # SD3: the scheduler's own sigmas
+        scheduler.set_timesteps(steps)
+    else:  # Flux: linear sigmas, shifted by the image's sequence length
+        mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
+        scheduler.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_match_solver_steps_as_the_pipelines_do(family):
+    from worldgen.registry import create_block
+
+    torch.manual_seed(0)
+    if family == "flux":  # a packed latent: 64 tokens of 16 channels
+        config, sigmas, latent, seq_len = FLUX_SCHEDULER, "linear", torch.randn(1, 64, 16), 64
+    else:
+        config, sigmas, latent, seq_len = {"shift": 3.0}, "scheduler", torch.randn(1, 16, 8, 8), None
+    solver = create_block("solver/flow_match_euler", {"scheduler": config, "sigmas": sigmas})
+    reference = _flow_reference(config, 4, seq_len)
+
+    out = solver(latent=latent, num_steps=4)
+    assert torch.equal(out["state"].timesteps, reference.timesteps)
+    assert torch.equal(out["latent"], latent) and torch.equal(out["model_input"], latent)  # no scaling
+    expected = latent
+    for t in reference.timesteps:
+        pred = torch.randn_like(latent)
+        expected = reference.step(pred, t, expected, return_dict=False)[0]
+        out = solver(latent=out["latent"], pred=pred, state=out["state"])
+        assert torch.equal(out["latent"], expected)
+    assert out["state"].remaining == 0
+
+
+def test_flow_match_image_to_image_starts_as_the_flux_pipeline():
+    from worldgen.registry import create_block
+
+    torch.manual_seed(1)
+    image_latent, noise = torch.randn(1, 64, 16), torch.randn(1, 64, 16)
+    solver = create_block("solver/flow_match_euler", {"scheduler": FLUX_SCHEDULER, "sigmas": "linear"})
+    reference = _flow_reference(FLUX_SCHEDULER, 4, 64)
+    # FluxImg2ImgPipeline.get_timesteps: t_start = int(4 - 4 * 0.6) = 1 (SD's rule would give 2)
+    out = solver(latent=image_latent, noise=noise, strength=0.6, num_steps=4)
+    assert torch.equal(out["state"].timesteps, reference.timesteps[1:])
+    reference.set_begin_index(1)
+    assert torch.equal(out["latent"], reference.scale_noise(image_latent, reference.timesteps[1:2], noise))
+    with pytest.raises(wg.ConfigError, match="leaves no denoising step"):
+        solver.check_inputs(
+            {"num_steps": 4, "strength": 0.0, "state": None}
+        )  # strength 0.1 still runs one (t_start 3)
+
+
+def test_flow_match_training_sample_is_rectified_flow():
+    from worldgen.registry import create_block
+
+    solver = create_block("solver/flow_match_euler", {"scheduler": {"shift": 3.0}})
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    noisy, timesteps, target = solver.training_sample(latents, noise, torch.Generator().manual_seed(0))
+    sigma = (timesteps / 1000).reshape(-1, 1, 1, 1)  # the scheduler's training sigmas are t / 1000
+    assert torch.allclose(noisy, (1 - sigma) * latents + sigma * noise, atol=1e-6)
+    assert torch.equal(target, noise - latents)
