@@ -377,6 +377,10 @@ class SchedulerSolver(Block):
                 f"the schedule has {len(state.timesteps)} steps and all have run; ask for fewer iterations "
                 "(or more steps)"
             )
+        if (
+            latent.device != pred.device
+        ):  # the noise is drawn on the CPU; the loop then stays on the backbone's device
+            latent = latent.to(pred.device)
         scheduler = self._restore(state)
         t = state.timesteps[state.step]
         generator = generator_or_none(state.rng)
