@@ -204,8 +204,8 @@ def flux_text_to_image(
     spec = flux_spec(ref)
     s = _settings(spec, steps=steps, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
     g = Graph("text_to_image")
-    _add_text_nodes(g, ref, s["max_sequence_length"])
-    # Noise in the pipeline's unpacked shape, then packed: the same seed draws the same noise.
+    # Noise in the pipeline's unpacked shape, then packed: the same seed draws the same noise. It runs
+    # first, so a size the transformer cannot take is refused before any text encoder loads.
     g.add_node(
         "latent/noise",
         id="noise",
@@ -223,6 +223,7 @@ def flux_text_to_image(
     g.add_edge("noise.latent", "pack.latent")
     g.expose_input("height", "noise.height", default=None)
     g.expose_input("width", "noise.width", default=None)
+    _add_text_nodes(g, ref, s["max_sequence_length"])
     _add_denoising_loop(g, ref, s["steps"], s["guidance_scale"], true_cfg_scale)
     g.add_edge("pack.latent", "schedule.latent")
     g.add_edge("noise.rng", "schedule.rng")
