@@ -17,11 +17,15 @@ PROMPT = "a harbor at dawn"
 
 
 def test_pack_and_unpack_match_the_pipeline():
-    latent = torch.randn(2, 16, 4, 6, generator=torch.Generator().manual_seed(0))  # not square: rows != columns
+    latent = torch.randn(
+        2, 16, 4, 6, generator=torch.Generator().manual_seed(0)
+    )  # not square: rows != columns
     packed = create_block("latent/flux_pack")(latent=latent)
     expected = FluxPipeline._pack_latents(latent, 2, 16, 4, 6)
     assert torch.equal(packed["latent"], expected)
-    assert torch.equal(packed["img_ids"], FluxPipeline._prepare_latent_image_ids(2, 2, 3, "cpu", torch.float32))
+    assert torch.equal(
+        packed["img_ids"], FluxPipeline._prepare_latent_image_ids(2, 2, 3, "cpu", torch.float32)
+    )
     back = create_block("latent/flux_unpack")(latent=packed["latent"], img_ids=packed["img_ids"])["latent"]
     assert torch.equal(back, latent)
     # The pipeline unpacks with the image size in pixels: the same latent (here a VAE factor of 8).
