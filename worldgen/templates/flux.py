@@ -106,24 +106,24 @@ def _settings(spec: FluxSpec, **given: Any) -> dict[str, Any]:
 
 def _add_text_nodes(g: Graph, ref: dict[str, Any], max_sequence_length: int) -> None:
     """CLIP's pooled output and T5's sequence for the prompt, and the same blocks for the negative prompt."""
-    for suffix, tokenizer, encoder, subfolder, config in (
-        ("", "tokenizer/clip", "conditioner/clip_text", "", {}),
-        ("_2", "tokenizer/t5", "conditioner/t5_text", "_2", {"max_length": max_sequence_length}),
+    for suffix, tokenizer, encoder, config in (
+        ("", "tokenizer/clip", "conditioner/clip_text", {}),  # CLIP: tokenizer/, text_encoder/
+        ("_2", "tokenizer/t5", "conditioner/t5_text", {"max_length": max_sequence_length}),  # T5: *_2/
     ):
         tok, te = f"tok{suffix}", f"te{suffix}"
-        model = {**ref, "subfolder": f"tokenizer{subfolder}"}
+        model = {**ref, "subfolder": f"tokenizer{suffix}"}
         g.add_node(tokenizer, id=tok, config={"model": model, **config}, auto_connect=False)
         # The negative prompt's tokenizer is optional: no negative prompt, no tokens, no negative branch.
         g.add_node(
             tokenizer,
-            id=f"tok{suffix}_neg",
+            id=f"{tok}_neg",
             config={"model": model, **config, "optional": True},
             auto_connect=False,
         )
         g.add_node(
             encoder,
             id=te,
-            config={"model": {**ref, "subfolder": f"text_encoder{subfolder}"}},
+            config={"model": {**ref, "subfolder": f"text_encoder{suffix}"}},
             auto_connect=False,
         )
         g.add_node(g.block(te), id=f"{te}_neg", auto_connect=False)
