@@ -115,6 +115,12 @@ class NoiseConfig(BlockConfig):
     scale_factor: int = Field(8, ge=1, description="image pixels per latent pixel (the VAE's downsampling)")
     height: int = Field(512, ge=8, description="default image height in pixels")
     width: int = Field(512, ge=8, description="default image width in pixels")
+    multiple_of: int | None = Field(
+        None,
+        ge=1,
+        description="image sizes must be multiples of this many pixels (default: `scale_factor`; Flux: twice "
+        "it, as its backbone takes 2x2 latent patches)",
+    )
     dtype: str = "float32"
 
 
@@ -137,7 +143,7 @@ class GaussianNoiseBlock(Block):
         """(height, width) in pixels: the config's when not given; positive multiples of the scale factor."""
         height = self.config.height if height is None else int(height)
         width = self.config.width if width is None else int(width)
-        f = self.config.scale_factor
+        f = self.config.multiple_of or self.config.scale_factor
         if height <= 0 or width <= 0 or height % f or width % f:
             raise ConfigError(
                 f"height and width must be positive multiples of {f}, got {height}x{width}",
@@ -548,6 +554,12 @@ SOLVERS = {
 class VAEConfig(ModelConfig):
     mode: Literal["encode", "decode"] = "decode"
     sample: bool = Field(True, description="encode: sample the latent distribution (else take its mode)")
+    pixel_multiple: int | None = Field(
+        None,
+        ge=1,
+        description="encode: images are resized down to multiples of this many pixels, as the pipeline's image "
+        "processor does (default: the VAE's scale factor; Flux: twice it)",
+    )
 
 
 def scale_latent(vae: Any, latent: torch.Tensor) -> torch.Tensor:
@@ -638,7 +650,8 @@ class VAECodecBlock(ModelBlock):
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
         vae = self.model
-        pixels = VaeImageProcessor(vae_scale_factor=self.scale_factor).preprocess(image)
+        multiple = self.config.pixel_multiple or self.scale_factor
+        pixels = VaeImageProcessor(vae_scale_factor=multiple).preprocess(image)
         pixels = _on_model(pixels, self)
         generator = generator_or_none(rng)
         mode = "sample" if self.config.sample else "argmax"

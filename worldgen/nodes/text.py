@@ -26,32 +26,57 @@ class TokenizerConfig(ModelConfig):
     max_length: int | None = Field(
         None, ge=1, description="pad (and truncate) to this many tokens (default: the model's)"
     )
+    optional: bool = Field(
+        False,
+        description="no text (None) gives no tokens (None), and the conditioner after it no embedding: an "
+        "optional prompt, such as Flux's negative prompt, which turns true CFG on only when given",
+    )
 
 
 class _Tokenizer(ModelBlock):
     """Text → token ids padded to a fixed length, as the pipelines tokenize prompts."""
 
     Config = TokenizerConfig
-    INPUTS = (Port("text", K.TEXT, doc="a prompt or a list of prompts"),)
+    INPUTS = (
+        Port("text", K.TEXT, doc="a prompt or a list of prompts"),
+        Port(
+            "fallback",
+            K.TEXT,
+            optional=True,
+            doc="used when `text` is None or empty (a second encoder's prompt defaults to the first's, as the "
+            "pipelines' `prompt_2 or prompt`)",
+        ),
+    )
     OUTPUTS = (Port("token_ids", K.TOKENS), Port("attention_mask", K.MASK))
     truncate: bool = True  # cut prompts longer than the length (else: a ConfigError naming the prompt)
 
     def max_length(self) -> int:
         return int(self.config.max_length or self.model.model_max_length)
 
+    def _text(self, text: Any, fallback: Any) -> tuple[Any, str]:
+        """The text to tokenize and the port it came from: `fallback` stands in for no text; no text at all
+        is refused unless the config says the prompt is `optional`."""
+        if not text and fallback is not None:
+            return fallback, "fallback"
+        if text is None and not self.config.optional:
+            raise ConfigError("no text given (a prompt or a list of prompts)", path="text")
+        return text, "text"
+
     def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
-        text = inputs.get("text")
+        if "text" not in inputs or (not inputs["text"] and "fallback" not in inputs):
+            return Work()  # the text (or its fallback) comes from another node
+        text, port = self._text(inputs["text"], inputs.get("fallback"))
         if isinstance(text, list):
             if not text:  # a batch of no prompts: the tokenizer would fail on it
-                raise ConfigError("an empty list of prompts (give at least one)", path="text")
-            self._check_length(text)
-            return Work(items={"text": len(text)})
+                raise ConfigError("an empty list of prompts (give at least one)", path=port)
+            self._check_length(text, port)
+            return Work(items={port: len(text)})
         if isinstance(text, str):
-            self._check_length([text])
-            return Work(items={"text": 1})
+            self._check_length([text], port)
+            return Work(items={port: 1})
         return Work()
 
-    def _check_length(self, prompts: list[str]) -> None:
+    def _check_length(self, prompts: list[str], port: str = "text") -> None:
         if self.truncate:
             return
         limit = self.max_length()
@@ -62,12 +87,17 @@ class _Tokenizer(ModelBlock):
                 raise ConfigError(
                     f"{which} is {count} tokens long and this tokenizer takes at most {limit} (config "
                     "`max_length`): shorten it or raise `max_length` (its text encoder's limit permitting)",
-                    path="text",
+                    path=port,
                 )
 
-    def forward(self, text: str | list[str]) -> dict[str, Any]:
+    def forward(
+        self, text: str | list[str] | None, fallback: str | list[str] | None = None
+    ) -> dict[str, Any]:
+        text, port = self._text(text, fallback)
+        if text is None:  # an optional prompt that was not given
+            return {"token_ids": None, "attention_mask": None}
         if not self.truncate:
-            self._check_length([text] if isinstance(text, str) else list(text))
+            self._check_length([text] if isinstance(text, str) else list(text), port)
         encoded = self.model(
             text,
             padding="max_length",
@@ -142,6 +172,8 @@ class CLIPTextConditionerBlock(ModelBlock):
 
     @inference
     def forward(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        if token_ids is None:  # an optional prompt that was not given (see TokenizerConfig.optional)
+            return {"embedding": None, "pooled": None}
         encoder = self.active_model()
         # Like the pipelines: the mask is only passed to encoders configured to use it.
         mask = attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
@@ -186,6 +218,8 @@ class T5TextConditionerBlock(ModelBlock):
     def forward(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
         # The mask is not passed, as the SD3 and Flux pipelines do not pass it: the models were trained
         # attending to the padding.
+        if token_ids is None:  # an optional prompt that was not given (see TokenizerConfig.optional)
+            return {"embedding": None}
         encoder = self.active_model()
         embedding = encoder(token_ids.to(encoder.device))[0]
         return {"embedding": embedding.to(dtype=encoder.dtype)}
