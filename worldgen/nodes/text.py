@@ -32,26 +32,42 @@ class _Tokenizer(ModelBlock):
     """Text → token ids padded to a fixed length, as the pipelines tokenize prompts."""
 
     Config = TokenizerConfig
-    INPUTS = (Port("text", K.TEXT, doc="a prompt or a list of prompts"),)
+    INPUTS = (
+        Port("text", K.TEXT, doc="a prompt or a list of prompts"),
+        Port(
+            "fallback",
+            K.TEXT,
+            optional=True,
+            doc="tokenized when `text` is empty or None (a pipeline's `prompt_2` defaults to its `prompt`)",
+        ),
+    )
     OUTPUTS = (Port("token_ids", K.TOKENS), Port("attention_mask", K.MASK))
     truncate: bool = True  # cut prompts longer than the length (else: a ConfigError naming the prompt)
 
     def max_length(self) -> int:
         return int(self.config.max_length or self.model.model_max_length)
 
+    @staticmethod
+    def _chosen(text: Any, fallback: Any) -> tuple[Any, str]:
+        """The text to tokenize and the port it came from: `text`, else `fallback` (diffusers' `prompt_2 or
+        prompt`: an empty prompt falls back too)."""
+        if text or fallback is None:
+            return text, "text"
+        return fallback, "fallback"
+
     def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
-        text = inputs.get("text")
+        text, port = self._chosen(inputs.get("text"), inputs.get("fallback"))
         if isinstance(text, list):
             if not text:  # a batch of no prompts: the tokenizer would fail on it
-                raise ConfigError("an empty list of prompts (give at least one)", path="text")
-            self._check_length(text)
-            return Work(items={"text": len(text)})
+                raise ConfigError("an empty list of prompts (give at least one)", path=port)
+            self._check_length(text, port)
+            return Work(items={port: len(text)})
         if isinstance(text, str):
-            self._check_length([text])
-            return Work(items={"text": 1})
+            self._check_length([text], port)
+            return Work(items={port: 1})
         return Work()
 
-    def _check_length(self, prompts: list[str]) -> None:
+    def _check_length(self, prompts: list[str], port: str = "text") -> None:
         if self.truncate:
             return
         limit = self.max_length()
@@ -62,12 +78,16 @@ class _Tokenizer(ModelBlock):
                 raise ConfigError(
                     f"{which} is {count} tokens long and this tokenizer takes at most {limit} (config "
                     "`max_length`): shorten it or raise `max_length` (its text encoder's limit permitting)",
-                    path="text",
+                    path=port,
                 )
 
-    def forward(self, text: str | list[str]) -> dict[str, Any]:
+    def forward(
+        self, text: str | list[str] | None, fallback: str | list[str] | None = None
+    ) -> dict[str, Any]:
+        text, port = self._chosen(text, fallback)
+        text = "" if text is None else text
         if not self.truncate:
-            self._check_length([text] if isinstance(text, str) else list(text))
+            self._check_length([text] if isinstance(text, str) else list(text), port)
         encoded = self.model(
             text,
             padding="max_length",
