@@ -17,7 +17,6 @@ from pydantic import Field
 
 from worldgen.block import Block, BlockConfig, ModelBlock, Work
 from worldgen.errors import ConfigError
-from worldgen.nodes.diffusion import _on_model
 from worldgen.ports import Port, PortKind
 from worldgen.registry import register_block
 
@@ -109,6 +108,10 @@ class SD3TransformerBackboneBlock(ModelBlock):
     )
     OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT))
 
+    def _on_model(self, value: torch.Tensor) -> torch.Tensor:
+        device, dtype = self.placement()
+        return value.to(device=device, dtype=dtype)
+
     def model_class(self) -> type:
         from diffusers import SD3Transformer2DModel
 
@@ -166,7 +169,7 @@ class SD3TransformerBackboneBlock(ModelBlock):
     ) -> dict[str, Any]:
         transformer = self.model  # its adapter was activated by the call
         self._check_sample(sample, transformer.config)
-        sample, condition, pooled = (_on_model(v, self) for v in (sample, condition, pooled))
+        sample, condition, pooled = (self._on_model(v) for v in (sample, condition, pooled))
         if condition.shape[0] == 1 and sample.shape[0] > 1:  # one prompt for a batch (e.g. of init images)
             condition = condition.expand(sample.shape[0], *condition.shape[1:])
             pooled = pooled.expand(sample.shape[0], *pooled.shape[1:])
@@ -176,7 +179,7 @@ class SD3TransformerBackboneBlock(ModelBlock):
                 raise ConfigError(
                     "guidance needs the negative prompt's pooled embedding too", path="pooled_uncond"
                 )
-            uncond, pooled_u = _on_model(condition_uncond, self), _on_model(pooled_uncond, self)
+            uncond, pooled_u = self._on_model(condition_uncond), self._on_model(pooled_uncond)
             if uncond.shape[0] != condition.shape[0]:  # one negative prompt for several prompts
                 uncond = uncond.expand(condition.shape[0], *uncond.shape[1:])
                 pooled_u = pooled_u.expand(pooled.shape[0], *pooled_u.shape[1:])
