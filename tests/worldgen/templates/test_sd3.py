@@ -101,6 +101,9 @@ def test_guidance_as_the_pipeline_including_none_below_one(components, guidance)
     assert ("joint_neg" in graph.node_ids) == (guidance > 1)
     expected = reference(pipeline(components), num_inference_steps=2, guidance_scale=guidance)
     assert max_diff(graph.run({"prompt": PROMPT}, seed=SEED)["image"], expected) <= TOL
+    # The same scale given to a graph built for guidance: no guidance below 1 there either.
+    guided = template(steps=2).run({"prompt": PROMPT, "guidance_scale": guidance}, seed=SEED)["image"]
+    assert max_diff(guided, expected) <= TOL
 
 
 def test_image_to_image_matches_the_pipeline(components):
