@@ -95,55 +95,48 @@ def _add_text_nodes(
     """The three tokenizers and encoders and the joining block, for the prompt and (guided) the negative one.
     The tokenizers come first so a prompt too long for T5 is refused before any encoder loads."""
     branches = [("", "prompt")] + ([("_neg", "negative_prompt")] if guided else [])
+    tokenizers = {"tok": ("tokenizer/clip", {}), "tok_2": ("tokenizer/clip", {})}
+    encoders = {"te": ("conditioner/clip_text", {"layer": "penultimate", "projection": True})}
+    encoders["te_2"] = encoders["te"]
+    if t5:
+        tokenizers["tok_3"] = ("tokenizer/t5", {"max_length": max_sequence_length})
+        encoders["te_3"] = ("conditioner/t5_text", {})
     for suffix, _ in branches:
-        for node in ("tok", "tok_2", "tok_3"):
-            if node == "tok_3" and not t5:
-                continue
-            if suffix:  # the negative branch shares the positive one's blocks
-                g.add_node(g.block(node), id=node + suffix, auto_connect=False)
-                continue
-            block_type = "tokenizer/t5" if node == "tok_3" else "tokenizer/clip"
-            config: dict[str, Any] = {"model": {**ref, "subfolder": _TEXT_NODES[node]}}
-            if node == "tok_3":
-                config["max_length"] = max_sequence_length
-            g.add_node(block_type, id=node, config=config, auto_connect=False)
+        for node, (block_type, config) in tokenizers.items():
+            _add_shared(g, ref, node, suffix, block_type, config)
     for suffix, name in branches:
-        for node in ("te", "te_2", "te_3"):
-            if node == "te_3" and not t5:
-                continue
-            if suffix:
-                g.add_node(g.block(node), id=node + suffix, auto_connect=False)
-            elif node == "te_3":
-                model = {**ref, "subfolder": _TEXT_NODES[node]}
-                g.add_node("conditioner/t5_text", id=node, config={"model": model}, auto_connect=False)
-            else:
-                config = {"model": {**ref, "subfolder": _TEXT_NODES[node]}, "layer": "penultimate"}
-                g.add_node(
-                    "conditioner/clip_text", id=node, config=config | {"projection": True}, auto_connect=False
-                )
-            g.add_edge(f"{node.replace('te', 'tok')}{suffix}.token_ids", f"{node}{suffix}.token_ids")
         joint = "joint" + suffix
+        for node, (block_type, config) in encoders.items():
+            _add_shared(g, ref, node, suffix, block_type, config)
+            g.add_edge(f"{node.replace('te', 'tok')}{suffix}.token_ids", f"{node}{suffix}.token_ids")
         if suffix:
             g.add_node(g.block("joint"), id=joint, auto_connect=False)
         else:
             config = {"t5_length": max_sequence_length, "t5_width": t5_width}
             g.add_node("conditioner/sd3_joint", id=joint, config=config, auto_connect=False)
-        g.add_edge(f"te{suffix}.embedding", f"{joint}.clip_embedding")
-        g.add_edge(f"te{suffix}.pooled", f"{joint}.clip_pooled")
-        g.add_edge(f"te_2{suffix}.embedding", f"{joint}.clip_2_embedding")
-        g.add_edge(f"te_2{suffix}.pooled", f"{joint}.clip_2_pooled")
+        for source, port in [("te", "clip"), ("te_2", "clip_2")]:
+            g.add_edge(f"{source}{suffix}.embedding", f"{joint}.{port}_embedding")
+            g.add_edge(f"{source}{suffix}.pooled", f"{joint}.{port}_pooled")
         if t5:
             g.add_edge(f"te_3{suffix}.embedding", f"{joint}.t5_embedding")
-        # prompt_2/prompt_3 default to the prompt (negative_prompt_2/_3 to the negative prompt).
-        first = [f"tok{suffix}.text"]
-        fallbacks = [f"tok_2{suffix}.fallback"] + ([f"tok_3{suffix}.fallback"] if t5 else [])
-        if suffix:
-            g.expose_input(name, first + fallbacks, default="")
-        else:
-            g.expose_input(name, first + fallbacks)
-        g.expose_input(f"{name}_2", f"tok_2{suffix}.text", default=None)
-        if t5:
-            g.expose_input(f"{name}_3", f"tok_3{suffix}.text", default=None)
+        # prompt_2/prompt_3 fall back to the prompt (negative_prompt_2/_3 to the negative prompt, itself "").
+        others = [node for node in tokenizers if node != "tok"]
+        targets = [f"tok{suffix}.text"] + [f"{node}{suffix}.fallback" for node in others]
+        g.expose_input(name, targets, **({"default": ""} if suffix else {}))
+        for node in others:
+            g.expose_input(f"{name}_{node[-1]}", f"{node}{suffix}.text", default=None)
+
+
+def _add_shared(
+    g: Graph, ref: dict[str, Any], node: str, suffix: str, block_type: str, config: dict[str, Any]
+) -> None:
+    """Node `node + suffix`: a new block loading the node's component, or (negative branch) the positive
+    node's block again, so each model is loaded and stored once."""
+    if suffix:
+        g.add_node(g.block(node), id=node + suffix, auto_connect=False)
+        return
+    model = {**ref, "subfolder": _TEXT_NODES[node]}
+    g.add_node(block_type, id=node, config={"model": model, **config}, auto_connect=False)
 
 
 def _add_denoising_loop(g: Graph, ref: dict[str, Any], steps: int, guidance_scale: float, patch: int) -> None:
