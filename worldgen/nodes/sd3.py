@@ -63,6 +63,9 @@ class SD3JointConditionerBlock(Block):
         if clip_2_embedding.device != clip_embedding.device:  # the encoders may sit on different devices
             clip_2_embedding = clip_2_embedding.to(clip_embedding.device)
             clip_2_pooled = clip_2_pooled.to(clip_embedding.device)
+        _check_same_rows(clip_embedding, clip_2_embedding, "clip_2_embedding", dims=2)
+        if t5_embedding is not None:
+            _check_same_rows(clip_embedding, t5_embedding, "t5_embedding", dims=1)
         clip = torch.cat([clip_embedding, clip_2_embedding], dim=-1)
         if t5_embedding is None:
             # The pipeline's zeros without T5 take the first text encoder's dtype.
@@ -76,6 +79,18 @@ class SD3JointConditionerBlock(Block):
         embedding = torch.cat([clip, t5_embedding], dim=-2)
         pooled = torch.cat([clip_pooled, clip_2_pooled.to(clip_pooled.device)], dim=-1)
         return {"embedding": embedding, "pooled": pooled}
+
+
+def _check_same_rows(first: torch.Tensor, other: torch.Tensor, port: str, dims: int) -> None:
+    """`other` must agree with the first CLIP embedding on its leading `dims` axes (batch; and tokens for the
+    two CLIPs, which are concatenated feature-wise), else a ConfigError naming `port`."""
+    if other.dim() != 3 or tuple(other.shape[:dims]) != tuple(first.shape[:dims]):
+        what = "batch and token count" if dims == 2 else "batch"
+        raise ConfigError(
+            f"{port} {tuple(other.shape)} does not match the first CLIP embedding {tuple(first.shape)} in "
+            f"{what} (both prompts' encoders must see the same prompts)",
+            path=port,
+        )
 
 
 # ---- backbone ------------------------------------------------------------------------------------------

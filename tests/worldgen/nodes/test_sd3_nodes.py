@@ -90,3 +90,20 @@ def test_lora_targets_name_attention_projections_of_both_streams(pipe):
     names = [name for name, _ in pipe.transformer.named_modules()]
     for target in SD3TransformerBackboneBlock.lora_targets:
         assert any(name.endswith("." + target) for name in names), target
+
+
+def test_joint_condition_refuses_embeddings_of_other_prompts_naming_the_port():
+    block = SD3JointConditionerBlock(t5_length=4, t5_width=96)
+    parts = {
+        "clip_embedding": torch.zeros(2, 77, 32),
+        "clip_pooled": torch.zeros(2, 32),
+        "clip_2_embedding": torch.zeros(2, 77, 48),
+        "clip_2_pooled": torch.zeros(2, 48),
+    }
+    assert block(**parts)["embedding"].shape == (2, 77 + 4, 96)
+    with pytest.raises(wg.ConfigError) as info:
+        block(**parts | {"clip_2_embedding": torch.zeros(1, 77, 48)})
+    assert info.value.path == "clip_2_embedding"
+    with pytest.raises(wg.ConfigError) as info:
+        block(**parts, t5_embedding=torch.zeros(3, 4, 96))
+    assert info.value.path == "t5_embedding"
