@@ -180,9 +180,19 @@ def test_bad_options_are_refused_naming_them(options, path):
 
 
 def test_on_ray_fused_and_not_equals_local(clean_hosts):
-    # One test for both: the model hosts (one per text encoder, the transformer, the VAE) start once.
+    from actors.model_host import host_name, list_hosts
+
+    # One test for both: the model hosts (tokenizers, text encoders, the transformer, the VAE) start once.
     graph = template(steps=2)
     local = graph.run({"prompt": PROMPT}, seed=SEED)["image"]
+
+    def transformer_calls() -> int:
+        return next(h["calls"] for h in list_hosts() if h["name"] == host_name(graph.block("transformer")))
+
     for fuse in (True, False):
         remote = graph.run({"prompt": PROMPT}, seed=SEED, executor="ray", fuse_loops=fuse)["image"]
         assert max_diff(remote, local) <= 1e-5, f"fuse_loops={fuse}"
+        # Fused: the whole denoising loop is one call on the transformer's host; unfused, one per step.
+        assert transformer_calls() == (1 if fuse else 1 + 2)
+    hosts = list_hosts()
+    assert len(hosts) == 8 and all(h["loads"] == 1 for h in hosts)  # negative branch: the same hosts
