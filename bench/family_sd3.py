@@ -142,10 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         order = list(sides.items()) if i % 2 == 0 else list(reversed(sides.items()))
         for name, fn in order:
             times[name] += _timings_ms(fn, 1)
-    base = statistics.median(times["diffusers"])
+    base, floor = statistics.median(times["diffusers"]), min(times["diffusers"])
     for name, values in times.items():
         med = statistics.median(values)
-        print(f"  {name:20s} median {med:8.1f} ms  min {min(values):8.1f} ms  ratio {med / base:.3f}")
+        print(
+            f"  {name:20s} median {med:8.1f} ms  min {min(values):8.1f} ms  ratio of medians {med / base:.3f}"
+            f"  of minima {min(values) / floor:.3f}"
+        )
+    print(
+        f"  load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (minima are the steadier figure on a busy machine)"
+    )
     print(f"  transformer call (batch 2): {backbone_call_ms(g):.1f} ms")
     return 0
 
