@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "worldgen.blocks"
 _BUILTIN_MODULES = (
     "worldgen.nodes.text",
     "worldgen.nodes.diffusion",
+    "worldgen.nodes.sd3",
     "worldgen.nodes.llm",
     "worldgen.nodes.vision",
     "worldgen.nodes.endpoint",

@@ -98,9 +98,11 @@ class ClassifierFreeGuidanceBlock(Block):
     def forward(
         self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None, scale: float | None = None
     ):
-        if pred_uncond is None:
-            return {"pred": pred_cond}
         scale = self.config.scale if scale is None else float(scale)
+        if pred_uncond is None or scale <= 1.0:
+            # As the diffusers pipelines: guidance only above 1 (a scale of 0, as turbo models run, is the
+            # conditional prediction, not the unconditional one).
+            return {"pred": pred_cond}
         pred = pred_uncond + scale * (pred_cond - pred_uncond)
         if self.config.rescale > 0:
             from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -122,6 +124,17 @@ class NoiseConfig(BlockConfig):
         "it, as its backbone takes 2x2 latent patches)",
     )
     dtype: str = "float32"
+    multiple_of: int | None = Field(
+        None,
+        ge=1,
+        description="height and width must be multiples of this (default: scale_factor; a patchifying backbone "
+        "needs scale_factor x its patch size)",
+    )
+    max_side: int | None = Field(
+        None,
+        ge=1,
+        description="the largest height or width the backbone takes (e.g. SD3's position embedding)",
+    )
 
 
 @register_block
@@ -148,6 +161,12 @@ class GaussianNoiseBlock(Block):
             raise ConfigError(
                 f"height and width must be positive multiples of {f}, got {height}x{width}",
                 path="height" if height <= 0 or height % f else "width",
+            )
+        most = self.config.max_side
+        if most is not None and max(height, width) > most:
+            raise ConfigError(
+                f"height and width must be at most {most} (the backbone's largest size), got {height}x{width}",
+                path="height" if height > most else "width",
             )
         return height, width
 

@@ -21,7 +21,7 @@ from worldgen.errors import ConfigError, did_you_mean
 
 Builder = Callable[..., Any]  # (ref: dict, **options) -> Graph or Pipeline
 
-_FAMILY_MODULES = ("worldgen.templates.diffusion", "worldgen.templates.flux")
+_FAMILY_MODULES = ("worldgen.templates.diffusion", "worldgen.templates.flux", "worldgen.templates.sd3")
 
 
 @dataclass(frozen=True)
