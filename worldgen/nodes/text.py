@@ -26,21 +26,46 @@ class TokenizerConfig(ModelConfig):
     max_length: int | None = Field(
         None, ge=1, description="pad (and truncate) to this many tokens (default: the model's)"
     )
+    optional: bool = Field(
+        False,
+        description="a prompt may be left out (None): no tokens then, and the conditioner gives no embedding "
+        "(SDXL's negative prompt, which becomes zeros when not given); otherwise None is refused",
+    )
 
 
 class _Tokenizer(ModelBlock):
     """Text → token ids padded to a fixed length, as the pipelines tokenize prompts."""
 
     Config = TokenizerConfig
-    INPUTS = (Port("text", K.TEXT, doc="a prompt or a list of prompts"),)
+    INPUTS = (
+        Port("text", K.TEXT, doc="a prompt or a list of prompts"),
+        Port(
+            "fallback",
+            K.TEXT,
+            optional=True,
+            doc="used when `text` is None or empty (SDXL's prompt_2 falls back to the prompt, as diffusers does)",
+        ),
+    )
     OUTPUTS = (Port("token_ids", K.TOKENS), Port("attention_mask", K.MASK))
     truncate: bool = True  # cut prompts longer than the length (else: a ConfigError naming the prompt)
 
     def max_length(self) -> int:
         return int(self.config.max_length or self.model.model_max_length)
 
+    def _text(self, text: Any, fallback: Any) -> Any:
+        """The prompt this call encodes: `text`, else the fallback when `text` is None or empty (diffusers'
+        `prompt_2 or prompt`). None when neither is given, which only a tokenizer configured `optional` takes."""
+        if not text and fallback is not None:
+            text = fallback
+        if text is None and not self.config.optional:
+            raise ConfigError("no prompt given (None): give a text", path="text")
+        return text
+
     def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
-        text = inputs.get("text")
+        if "text" in inputs and "fallback" in inputs:
+            text = self._text(inputs["text"], inputs["fallback"])
+        else:  # part of the prompt is made by another node while the run runs
+            text = inputs.get("text") or inputs.get("fallback")
         if isinstance(text, list):
             if not text:  # a batch of no prompts: the tokenizer would fail on it
                 raise ConfigError("an empty list of prompts (give at least one)", path="text")
@@ -65,7 +90,12 @@ class _Tokenizer(ModelBlock):
                     path="text",
                 )
 
-    def forward(self, text: str | list[str]) -> dict[str, Any]:
+    def forward(
+        self, text: str | list[str] | None, fallback: str | list[str] | None = None
+    ) -> dict[str, Any]:
+        text = self._text(text, fallback)
+        if text is None:  # a prompt left out on purpose (config `optional`): nothing to encode
+            return {"token_ids": None, "attention_mask": None}
         if not self.truncate:
             self._check_length([text] if isinstance(text, str) else list(text))
         encoded = self.model(
@@ -141,7 +171,11 @@ class CLIPTextConditionerBlock(ModelBlock):
         return CLIPTextModelWithProjection if self.config.projection else CLIPTextModel
 
     @torch.no_grad()
-    def forward(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+    def forward(
+        self, token_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        if token_ids is None:  # no prompt (an `optional` tokenizer left out): no embedding either
+            return {"embedding": None, "pooled": None}
         return self.embed(token_ids, attention_mask)
 
     def embed(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
