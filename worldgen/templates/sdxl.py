@@ -133,9 +133,9 @@ def _inspect(ref: Mapping[str, Any], task: str, solver: str | None, components: 
             path=f"components.{unknown[0]}",
         )
     two = "text_encoder" in present
-    needed = ["unet", "vae", "scheduler", "tokenizer_2", "text_encoder_2"]
+    needed = ["unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2"]
     if task == "text_to_image" or two:  # text to image takes the base's prompt path: both encoders
-        needed[3:3] = ["tokenizer", "text_encoder"]
+        needed[3:3] = ["text_encoder", "tokenizer"]
     for name in needed:
         if name not in present:
             node, block = _NODES[name]
