@@ -4,9 +4,12 @@ through family detection, after save/load and on Ray; a missing text encoder is 
 
 from __future__ import annotations
 
+import json
+
 import diffusers
 import pytest
 import torch
+from safetensors import safe_open
 
 import worldgen as wg
 from tests.conftest import PROMPT
@@ -122,7 +125,7 @@ def _chained(base_pipe, refiner_pipe, steps: int = STEPS) -> torch.Tensor:
 
 
 def test_base_and_refiner_match_the_chained_pipelines_and_load_shared_components_once(
-    base_pipe, refiner_pipe
+    base_pipe, refiner_pipe, tmp_path
 ):
     expected = _chained(base_pipe, refiner_pipe, steps=5)
     pipeline = wg.Pipeline.from_template("sdxl_base_refiner", preset="tiny", steps=5, high_noise_frac=FRAC)
@@ -148,6 +151,13 @@ def test_base_and_refiner_match_the_chained_pipelines_and_load_shared_components
     # The hand-off point is an input: another fraction, another image.
     other = pipeline.run({"prompt": PROMPT, "high_noise_frac": 0.5}, seed=SEED)["image"]
     assert not close(other, expected, 1e-3)
+
+    # Saved, the shared text encoder is stored once (the refiner's nodes are aliases of the base's).
+    pipeline.save(tmp_path / "saved")
+    with safe_open(tmp_path / "saved" / "checkpoint.safetensors", "pt") as checkpoint:
+        aliases = json.loads(checkpoint.metadata()["aliases"])
+    assert aliases["refiner.te_2"] == "base.te_2"
+    assert close(wg.Pipeline.load(tmp_path / "saved").run({"prompt": PROMPT}, seed=SEED)["image"], expected)
 
 
 def test_models_saved_with_save_pretrained_are_found_by_family(
