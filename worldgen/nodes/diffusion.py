@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, ModelRef, Work
-from worldgen.errors import ConfigError
+from worldgen.errors import ConfigError, ModelLoadError
 from worldgen.ports import Port, PortKind
 from worldgen.registry import register_block
 from worldgen.rng import RngState, generator_or_none
@@ -77,7 +77,13 @@ class UNet2DBackboneBlock(ModelBlock):
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
         unfed = [p for p in ("pooled", "time_ids") if p in inputs and inputs[p] is None]
-        if unfed and self._text_time():
+        if not unfed:
+            return Work()
+        try:
+            text_time = self._text_time()
+        except ModelLoadError:
+            return Work()  # an unreadable model fails when it loads, with its own error
+        if text_time:
             _refuse_missing_text_time(unfed[0])
         return Work()
 
