@@ -141,7 +141,7 @@ def _inspect(ref: Mapping[str, Any], task: str, solver: str | None, components: 
             node, block = _NODES[name]
             why = (
                 " (an SDXL refiner has only text_encoder_2: use image_to_image, or the base model)"
-                if name in ("text_encoder", "tokenizer") and "requires_aesthetics_score" in index
+                if name in ("text_encoder", "tokenizer") and index.get("requires_aesthetics_score")
                 else ""
             )
             raise ConfigError(
