@@ -109,15 +109,15 @@ def test_image_to_image_matches_diffusers(preset, init_image):
     assert close(graph.run({"prompt": PROMPT, **kwargs}, seed=SEED)["image"], expected)
 
 
-def _chained(base_pipe, refiner_pipe, steps: int = STEPS) -> torch.Tensor:
+def _chained(base_pipe, refiner_pipe) -> torch.Tensor:
     """diffusers' documented ensemble of experts: base to `FRAC` as latents, the refiner from there."""
     latents = base_pipe(
-        PROMPT, num_inference_steps=steps, denoising_end=FRAC, generator=generator(), output_type="latent"
+        PROMPT, num_inference_steps=STEPS, denoising_end=FRAC, generator=generator(), output_type="latent"
     ).images
     return refiner_pipe(
         PROMPT,
         image=latents,
-        num_inference_steps=steps,
+        num_inference_steps=STEPS,
         denoising_start=FRAC,
         generator=generator(),
         output_type="pt",
@@ -127,8 +127,10 @@ def _chained(base_pipe, refiner_pipe, steps: int = STEPS) -> torch.Tensor:
 def test_base_and_refiner_match_the_chained_pipelines_and_load_shared_components_once(
     base_pipe, refiner_pipe, tmp_path
 ):
-    expected = _chained(base_pipe, refiner_pipe, steps=5)
-    pipeline = wg.Pipeline.from_template("sdxl_base_refiner", preset="tiny", steps=5, high_noise_frac=FRAC)
+    expected = _chained(base_pipe, refiner_pipe)
+    pipeline = wg.Pipeline.from_template(
+        "sdxl_base_refiner", preset="tiny", steps=STEPS, high_noise_frac=FRAC
+    )
     refs = [
         ModelRef(source=f"preset:{p}", subfolder=c)
         for p in ("sdxl-tiny", "sdxl-refiner-tiny")
