@@ -5,15 +5,20 @@
 `--family sdxl` can call them; run alone, this script times local and Ray-fused worldgen against diffusers,
 interleaved, after checking the outputs equal:
 
-    .venv/bin/python bench/sdxl_overhead.py [--steps 20] [--repeats 5] [--no-ray]
+    .venv/bin/python bench/sdxl_overhead.py [--steps 20] [--repeats 5] [--warmup 2] [--threads=1] [--no-ray]
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Every process (this one and Ray's workers, which start on 1 thread otherwise) runs the models on as many torch
+# threads; set before torch is imported, as bench/ray_overhead.py does.
+_THREADS = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), "1")
+os.environ["OMP_NUM_THREADS"] = os.environ["WORLDGEN_TORCH_THREADS"] = _THREADS
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
@@ -91,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-ray", action="store_true", help="time the local executor only")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads here and in Ray's workers (which start on 1)"
-    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per side first")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every process (--threads=N)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -102,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_ray:
         import ray
 
-        env = {"env_vars": {"OMP_NUM_THREADS": str(args.threads)}}
-        ray.init(num_cpus=2, logging_level="error", include_dashboard=False, runtime_env=env)
+        ray.init(num_cpus=2, logging_level="error")
         sides["ray_fused"] = runners(g, pipe, args.steps, executor="ray")[0]
     reference = sides["diffusers"]()
     for name, run in sides.items():  # equal outputs first (this also warms every side up)
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         if diff > EQUAL_TOL:
             print(f"{name} differs from diffusers by {diff:.2e}")
             return 2
+    for _ in range(args.warmup):
+        for run in sides.values():
+            run()
     times: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
     for i in range(args.repeats):  # interleaved, the order rotating every round
