@@ -22,6 +22,7 @@ _BUILTIN_MODULES = (
     "worldgen.nodes.text",
     "worldgen.nodes.diffusion",
     "worldgen.nodes.sd3",
+    "worldgen.nodes.sdxl",
     "worldgen.nodes.llm",
     "worldgen.nodes.vision",
     "worldgen.nodes.endpoint",
@@ -176,7 +177,11 @@ def get_executor(name: str) -> Executor:
 # templates build one.
 _TEMPLATES: dict[str, Callable[..., Any]] = {}
 _TEMPLATE_KINDS: dict[str, str] = {}  # template name -> what it builds: "graph", "pipeline", "stage", "world"
-_BUILTIN_TEMPLATE_MODULES = ("worldgen.templates.diffusion", "worldgen.templates.worlds")
+_BUILTIN_TEMPLATE_MODULES = (
+    "worldgen.templates.diffusion",
+    "worldgen.templates.sdxl",
+    "worldgen.templates.worlds",
+)
 _templates_loaded = False
 
 

@@ -23,7 +23,12 @@ from worldgen.errors import ModelLoadError, did_you_mean
 PRESET_PREFIX = "preset:"
 # The family whose presets keep their bare names (`preset: tiny`), as before there were other families.
 DEFAULT_FAMILY = "sd"
-_BUILTIN_MODULES = ("worldgen.models.tiny", "worldgen.models.tiny_flux", "worldgen.models.tiny_sd3")
+_BUILTIN_MODULES = (
+    "worldgen.models.tiny",
+    "worldgen.models.tiny_sdxl",
+    "worldgen.models.tiny_sd3",
+    "worldgen.models.tiny_flux",
+)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, ModelRef, Work, inference
-from worldgen.errors import ConfigError
+from worldgen.errors import ConfigError, ModelLoadError
 from worldgen.ports import Port, PortKind
 from worldgen.registry import register_block
 from worldgen.rng import RngState, generator_or_none
@@ -33,7 +33,8 @@ def _on_model(value: torch.Tensor, block: ModelBlock) -> torch.Tensor:
 @register_block
 class UNet2DBackboneBlock(ModelBlock):
     """One UNet prediction. With `condition_uncond` it predicts both branches of classifier-free guidance in
-    one batched call, exactly as the diffusers pipelines do."""
+    one batched call, exactly as the diffusers pipelines do. A UNet with SDXL's added conditioning
+    (`addition_embed_type: text_time`) also takes the pooled text embedding and the added time ids."""
 
     block_type = "backbone/unet2d"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention projections
@@ -43,6 +44,17 @@ class UNet2DBackboneBlock(ModelBlock):
         Port("timestep", K.TIMESTEP),
         Port("condition", K.EMBEDDING),
         Port("condition_uncond", K.EMBEDDING, optional=True, doc="negative-prompt embedding for guidance"),
+        Port("pooled", K.EMBEDDING, optional=True, doc="text_time UNets (SDXL): the pooled text embedding"),
+        Port(
+            "pooled_uncond",
+            K.EMBEDDING,
+            optional=True,
+            doc="text_time: the negative prompt's pooled embedding",
+        ),
+        Port(
+            "time_ids", K.EMBEDDING, optional=True, doc="text_time: the added time ids (sizes, crop, score)"
+        ),
+        Port("time_ids_uncond", K.EMBEDDING, optional=True, doc="text_time: the negative branch's time ids"),
     )
     OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT))
 
@@ -51,6 +63,30 @@ class UNet2DBackboneBlock(ModelBlock):
 
         return UNet2DConditionModel
 
+    def _text_time(self) -> bool:
+        """Whether the UNet takes SDXL's added conditioning (read from its config: no weights are loaded)."""
+        if self.model_loaded:
+            return self.model.config.get("addition_embed_type") == "text_time"
+        from diffusers import UNet2DConditionModel
+
+        from worldgen.models.loading import component_config
+
+        ref = self.config.model
+        config = component_config(ref.source, ref.subfolder or "", ref.revision, UNet2DConditionModel)
+        return config.get("addition_embed_type") == "text_time"
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
+        unfed = [p for p in ("pooled", "time_ids") if p in inputs and inputs[p] is None]
+        if not unfed:
+            return Work()
+        try:
+            text_time = self._text_time()
+        except ModelLoadError:
+            return Work()  # an unreadable model fails when it loads, with its own error
+        if text_time:
+            _refuse_missing_text_time(unfed[0])
+        return Work()
+
     @inference
     def forward(
         self,
@@ -58,23 +94,64 @@ class UNet2DBackboneBlock(ModelBlock):
         timestep: torch.Tensor,
         condition: torch.Tensor,
         condition_uncond: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+        pooled_uncond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        time_ids_uncond: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         unet = self.model
-        sample, condition = _on_model(sample, self), _on_model(condition, self)
-        if condition.shape[0] == 1 and sample.shape[0] > 1:  # one prompt for a batch (e.g. of init images)
-            condition = condition.expand(sample.shape[0], *condition.shape[1:])
+        batch = sample.shape[0]
+        sample, condition = _on_model(sample, self), _on_model(_to_batch(condition, batch), self)
+        added = None
+        if unet.config.get("addition_embed_type") == "text_time":
+            if pooled is None or time_ids is None:
+                _refuse_missing_text_time("pooled" if pooled is None else "time_ids")
+            added = {"text_embeds": _to_batch(pooled, batch), "time_ids": _to_batch(time_ids, batch)}
         if condition_uncond is None:
-            pred = unet(sample, timestep, encoder_hidden_states=condition, return_dict=False)[0]
-            return {"pred": pred, "pred_uncond": None}
-        uncond = _on_model(condition_uncond, self)
-        if uncond.shape[0] != condition.shape[0]:
-            uncond = uncond.expand(condition.shape[0], *uncond.shape[1:])
-        batch = torch.cat([sample] * 2)
-        pred = unet(batch, timestep, encoder_hidden_states=torch.cat([uncond, condition]), return_dict=False)[
-            0
-        ]
+            added = {k: _on_model(v, self) for k, v in added.items()} if added is not None else None
+            pred = unet(
+                sample, timestep, encoder_hidden_states=condition, added_cond_kwargs=added, return_dict=False
+            )
+            return {"pred": pred[0], "pred_uncond": None}
+        uncond = _on_model(_to_batch(condition_uncond, batch), self)
+        if added is not None:  # the negative branch's twins go first, as the pipelines concatenate them
+            if pooled_uncond is None or time_ids_uncond is None:
+                missing = "pooled_uncond" if pooled_uncond is None else "time_ids_uncond"
+                raise ConfigError(
+                    f"guidance with a text_time UNet needs `{missing}` too (the negative branch's twin)",
+                    path=missing,
+                )
+            added = {
+                "text_embeds": torch.cat([_to_batch(pooled_uncond, batch), added["text_embeds"]]),
+                "time_ids": torch.cat([_to_batch(time_ids_uncond, batch), added["time_ids"]]),
+            }
+        if added is not None:
+            added = {k: _on_model(v, self) for k, v in added.items()}
+        pred = unet(
+            torch.cat([sample] * 2),
+            timestep,
+            encoder_hidden_states=torch.cat([uncond, condition]),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
         pred_uncond, pred_cond = pred.chunk(2)
         return {"pred": pred_cond, "pred_uncond": pred_uncond}
+
+
+def _to_batch(value: torch.Tensor, batch: int) -> torch.Tensor:
+    """One prompt's (or one size's) value for a batch of latents (e.g. of init images): repeated as needed."""
+    if value.shape[0] == 1 and batch > 1:
+        return value.expand(batch, *value.shape[1:])
+    return value
+
+
+def _refuse_missing_text_time(port: str) -> None:
+    raise ConfigError(
+        "this UNet takes SDXL's added conditioning (config `addition_embed_type: text_time`): connect `pooled` "
+        "(text_encoder_2's projected embedding) and `time_ids` (from a conditioner/sdxl_time_ids node), with "
+        "their `_uncond` twins for guidance",
+        path=port,
+    )
 
 
 class CFGConfig(BlockConfig):
@@ -239,6 +316,19 @@ class SchedulerSolver(Block):
         Port("strength", K.SCALAR, optional=True, default=1.0, doc="image-to-image: how much to re-noise"),
         Port("num_steps", K.INT, optional=True),
         Port("rng", K.RNG, optional=True, doc="setup: generator state for stochastic solvers"),
+        Port(
+            "denoising_start",
+            K.SCALAR,
+            optional=True,
+            doc="setup: start this far (0-1) into the schedule on a part-denoised `latent`, adding no noise (the "
+            "second expert of an SDXL base + refiner hand-off; `strength` is then ignored)",
+        ),
+        Port(
+            "denoising_end",
+            K.SCALAR,
+            optional=True,
+            doc="setup: stop this far (0-1) into the schedule, leaving the rest to another expert",
+        ),
     )
     OUTPUTS = (
         Port("latent", K.LATENT),
@@ -336,11 +426,18 @@ class SchedulerSolver(Block):
                 f"steps must be 1 to {most} (the timesteps the scheduler was trained with), got {steps}",
                 path="num_steps",
             )
+        start = _fraction(inputs.get("denoising_start"), "denoising_start")
+        end = _fraction(inputs.get("denoising_end"), "denoising_end")
+        if start is not None and end is not None and start >= end:
+            raise ConfigError(
+                f"denoising_start {start} must be below denoising_end {end} (the hand-off point)",
+                path="denoising_start",
+            )
         strength = inputs.get("strength")
         if strength is not None:
             if not 0.0 <= float(strength) <= 1.0:
                 raise ConfigError(f"strength must be 0 to 1, got {strength}", path="strength")
-            if "noise" not in inputs and self._first_step(steps, float(strength)) >= steps:
+            if start is None and "noise" not in inputs and self._first_step(steps, float(strength)) >= steps:
                 # noise comes from another node (image-to-image) and the strength leaves no step to run
                 raise ConfigError(
                     f"strength {strength} with {steps} steps leaves no denoising step; raise either",
@@ -348,19 +445,35 @@ class SchedulerSolver(Block):
                 )
         return Work(steps=steps)
 
-    def forward(self, latent, pred=None, state=None, noise=None, strength=1.0, num_steps=None, rng=None):
+    def forward(
+        self,
+        latent,
+        pred=None,
+        state=None,
+        noise=None,
+        strength=1.0,
+        num_steps=None,
+        rng=None,
+        denoising_start=None,
+        denoising_end=None,
+    ):
         if state is None:
-            return self._setup(latent, noise, 1.0 if strength is None else float(strength), num_steps, rng)
+            strength = 1.0 if strength is None else float(strength)
+            start = _fraction(denoising_start, "denoising_start")
+            end = _fraction(denoising_end, "denoising_end")
+            return self._setup(latent, noise, strength, num_steps, rng, start, end)
         if pred is None:
             raise ConfigError(f"{self.block_type}: a step call needs `pred` (the model prediction)")
         return self._step(latent, pred, state)
 
-    def _setup(self, latent, noise, strength, num_steps, rng):
+    def _setup(self, latent, noise, strength, num_steps, rng, start=None, end=None):
         scheduler = self._restore(SolverState({}, torch.empty(0), 0))
         steps = int(num_steps or self.config.num_inference_steps)
         self._set_timesteps(scheduler, steps, latent)
         timesteps = scheduler.timesteps
-        if noise is not None:  # image-to-image: start part-way down the schedule (as get_timesteps does)
+        if start is not None:  # a hand-off: the latent is already part-denoised, as the SDXL pipelines cut it
+            timesteps = _cut_start(scheduler, start)
+        elif noise is not None:  # image-to-image: start part-way down the schedule (as get_timesteps does)
             t_start = self._first_step(steps, strength)
             timesteps = scheduler.timesteps[t_start * scheduler.order :]
             if len(timesteps) == 0:
@@ -372,6 +485,12 @@ class SchedulerSolver(Block):
             latent = self._noised(scheduler, latent, noise, timesteps[:1].repeat(latent.shape[0]))
         else:
             latent = self._initial(scheduler, latent)
+        if end is not None:
+            timesteps = timesteps[: _steps_before(scheduler, timesteps, end)]
+            if len(timesteps) == 0:
+                raise ConfigError(
+                    f"denoising_end {end} leaves no denoising step; raise it", path="denoising_end"
+                )
         model_input = self._model_input(scheduler, latent, timesteps[0])
         state = SolverState(self._snapshot(scheduler), timesteps, 0, rng)
         return {"latent": latent, "model_input": model_input, "timestep": timesteps[0], "state": state}
@@ -433,6 +552,43 @@ def _denoising_steps(steps: int, strength: float) -> int:
             f"strength {strength} with {steps} steps leaves no denoising step; raise either", path="strength"
         )
     return count
+
+
+def _fraction(value: Any, port: str) -> float | None:
+    """A denoising_start/denoising_end value: None (off) or a fraction strictly between 0 and 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ConfigError(f"{port} must be a fraction between 0 and 1 (exclusive), got {value!r}", path=port)
+    return float(value)
+
+
+def _cutoff(scheduler: Any, fraction: float) -> int:
+    """The training timestep `fraction` of the way into denoising (as the SDXL pipelines compute it)."""
+    total = scheduler.config.num_train_timesteps
+    return int(round(total - fraction * total))
+
+
+def _cut_start(scheduler: Any, start: float) -> torch.Tensor:
+    """The timesteps left after `denoising_start` (diffusers' SDXL img2img `get_timesteps`); the scheduler's
+    begin index moves with them."""
+    count = int((scheduler.timesteps < _cutoff(scheduler, start)).sum().item())
+    if scheduler.order == 2 and count % 2 == 0:
+        count += 1  # a second-order step must not be cut between its two evaluations
+    if count == 0:
+        raise ConfigError(
+            f"denoising_start {start} leaves no denoising step; lower it", path="denoising_start"
+        )
+    t_start = len(scheduler.timesteps) - count
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start)
+    return scheduler.timesteps[t_start:]
+
+
+def _steps_before(scheduler: Any, timesteps: torch.Tensor, end: float) -> int:
+    """How many of `timesteps` run before `denoising_end` (diffusers' SDXL `denoising_end` cut)."""
+    cutoff = _cutoff(scheduler, end)
+    return len([t for t in timesteps if t >= cutoff])
 
 
 def _copy_container(value: Any) -> Any:

@@ -29,7 +29,8 @@ class TokenizerConfig(ModelConfig):
     optional: bool = Field(
         False,
         description="no text (None) gives no tokens (None), and the conditioner after it no embedding: an "
-        "optional prompt, such as Flux's negative prompt, which turns true CFG on only when given",
+        "optional prompt, such as Flux's negative prompt (true CFG only when given) or SDXL's (zeros when not "
+        "given); otherwise None is refused",
     )
 
 

@@ -21,7 +21,12 @@ from worldgen.errors import ConfigError, did_you_mean
 
 Builder = Callable[..., Any]  # (ref: dict, **options) -> Graph or Pipeline
 
-_FAMILY_MODULES = ("worldgen.templates.diffusion", "worldgen.templates.flux", "worldgen.templates.sd3")
+_FAMILY_MODULES = (
+    "worldgen.templates.diffusion",
+    "worldgen.templates.sdxl",
+    "worldgen.templates.sd3",
+    "worldgen.templates.flux",
+)
 
 
 @dataclass(frozen=True)
@@ -92,8 +97,11 @@ def model_index(source: str, revision: str | None = None) -> dict[str, Any]:
 
     if source.startswith(PRESET_PREFIX):
         preset = get_preset(source[len(PRESET_PREFIX) :])
+        # The pipeline's flags (e.g. SDXL's force_zeros_for_empty_prompt), as save_pretrained records them.
+        flags = {k: v for k, v in preset.pipeline_extra.items() if isinstance(v, (bool, int, float, str))}
         return {
             "_class_name": preset.pipeline_class,
+            **flags,
             **{k: [None, v.cls] for k, v in preset.components.items()},
         }
     path = Path(source).expanduser()

@@ -93,7 +93,7 @@ def test_lora_steps_lower_the_loss(family):
 
     before = score()
     optimizer = torch.optim.Adam(trainable, lr=1e-2)
-    for step in range(6):
+    for _ in range(6):
         optimizer.zero_grad()
         denoising_loss(parts, _images(), PROMPTS, torch.Generator().manual_seed(7)).backward()
         optimizer.step()
