@@ -182,7 +182,7 @@ def test_unknown_template_and_parameter():
         wg.ConfigError, match=r"unknown template 'text_to_imag' \(did you mean 'text_to_image'\?\)"
     ):
         wg.Graph.from_template("text_to_imag", preset="tiny")
-    with pytest.raises(wg.ConfigError, match=r"no option 'stepz' \(did you mean 'steps'\?\)"):
+    with pytest.raises(wg.ConfigError, match=r"no parameter 'stepz' \(did you mean 'steps'\?\)"):
         wg.Graph.from_template("text_to_image", preset="tiny", stepz=3)
     with pytest.raises(wg.ConfigError, match=r"unknown solver 'eulr' \(did you mean 'euler'\?\)"):
         wg.Graph.from_template("text_to_image", preset="tiny", solver="eulr")

@@ -145,8 +145,8 @@ def check_options(family: Family, task: str, options: Mapping[str, Any]) -> None
     for name in options:
         if name not in accepted:
             raise ConfigError(
-                f"the {family.name} family's {task} has no option '{name}'{did_you_mean(name, accepted)}; "
-                f"its options: {', '.join(accepted)}",
+                f"the {family.name} family's {task} has no parameter '{name}'{did_you_mean(name, accepted)}; "
+                f"its parameters: {', '.join(accepted)}",
                 path=name,
             )
 

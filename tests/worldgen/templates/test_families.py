@@ -46,7 +46,7 @@ def test_a_directory_without_model_index_is_a_clear_error(tmp_path):
 def test_family_override_and_options_are_checked():
     with pytest.raises(ConfigError, match=r"unknown model family 'sdx'"):
         wg.Graph.from_template("text_to_image", preset="tiny", family="sdx")
-    with pytest.raises(ConfigError, match=r"no option 'stepz'.*did you mean 'steps'"):
+    with pytest.raises(ConfigError, match=r"no parameter 'stepz'.*did you mean 'steps'"):
         wg.Graph.from_template("text_to_image", preset="tiny", stepz=2)
     with pytest.raises(ConfigError, match="give exactly one of `model`"):
         wg.Graph.from_template("text_to_image")
