@@ -106,7 +106,7 @@ def test_tokenizer_falls_back_and_takes_a_left_out_prompt_only_when_optional():
     assert torch.equal(tok(text=None, fallback="a cat")["token_ids"], same)  # prompt_2 or prompt
     assert torch.equal(tok(text="", fallback="a cat")["token_ids"], same)
     assert not torch.equal(tok(text="a dog", fallback="a cat")["token_ids"], same)
-    with pytest.raises(ConfigError, match="no prompt") as err:
+    with pytest.raises(ConfigError, match="no text given") as err:
         tok.check_inputs({"text": None, "fallback": None})
     assert err.value.path == "text"
     optional = create_block("tokenizer/clip", {"model": ref, "optional": True})
