@@ -134,3 +134,43 @@ def test_a_vlm_philosophers_adapter_trains(vlm_world, tmp_path, clean_hosts):
     describe = dict(custom.named_blocks())["philosopher.main.describe"]
     assert describe.config.adapter is not None
     assert describe.config.adapter.name in describe.model.__dict__["_worldgen_adapters"]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_world_of_another_family_trains(family, tmp_path, clean_hosts):
+    """`worldgen train` on an SDXL or Flux world: adapters on the backbone and every text encoder, the base
+    untouched, and the custom world draws differently."""
+    config = fast_config()
+    config["stages"]["creator"] = {
+        "template": "text_to_image",
+        "params": {"preset": "tiny", "family": family, "steps": 2},
+    }
+    config["stages"]["architect"]["nodes"]["llm"]["config"]["template"] = (
+        '{"prompt": "a ship at dawn", "width": 32, "height": 32, "steps": 2}'  # a short prompt: the tiny T5 vocabulary spells most words letter by letter
+    )
+    world = World.from_config(config, tmp_path / "base")
+    world.run(4)
+    out = tmp_path / "custom"
+    result = train(
+        {
+            "world": str(world.storage.root),
+            "out": str(out),
+            "roles": ["creator"],
+            "workers": 1,
+            "epochs": 1,
+            "steps_per_epoch": 2,
+            "batch_size": 2,
+            "held_out": 1,
+            "learning_rate": 1e-2,
+            "lora": {"rank": 4, "alpha": 8},
+        }
+    )
+    adapters = set(read_manifest(out / "adapters")["adapters"])
+    backbone = {"sdxl": "creator.text_to_image.unet", "flux": "creator.text_to_image.flux"}[family]
+    encoders = {"creator.text_to_image.te", "creator.text_to_image.te_2"}
+    assert backbone in adapters and encoders <= adapters, adapters
+    assert np.isfinite(result["history"][-1]["loss"])
+    assert result["metrics"]["base_digest_before"] == result["metrics"]["base_digest_after"]
+    custom = World.load(out)
+    custom.run(2)
+    assert not np.array_equal(png(out), png(world.storage.root))  # same seed, other weights

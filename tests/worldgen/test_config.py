@@ -203,3 +203,10 @@ def test_shipped_graph_configs_are_valid(path):
     graph = wg.Graph.from_config(path)
     assert graph.validate() == []
     assert not any(getattr(b, "model_loaded", False) for _, b in graph.blocks())
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS.parent / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_pipeline_configs_are_valid(path):
+    pipeline = wg.Pipeline.from_config(path)
+    assert pipeline.validate() == []
+    assert not any(getattr(b, "model_loaded", False) for _, b in pipeline.named_blocks())

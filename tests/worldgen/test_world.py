@@ -466,3 +466,24 @@ def test_a_stage_past_its_time_limit_fails_cleanly_and_the_world_resumes(tmp_pat
     assert report.ran == ["development", "architect", "creator"] and report.state.filled() == {1, 2, 3}
     assert report.state.happening == saved.state.happening  # Development was not run again
     assert again.step().episode == 1
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_block_2_can_name_a_pipeline_of_any_family(family, tmp_path):
+    """The Creator holds one pipeline per family; the Architect's block 2 picks one by name and it draws."""
+    config = fast_config()
+    config["stages"]["creator"] = {
+        "pipelines": {
+            name: {"template": "text_to_image", "params": {"preset": "tiny", "family": name, "steps": 2}}
+            for name in ("sd", "sdxl", "sd3", "flux")
+        }
+    }
+    config["stages"]["architect"]["nodes"]["llm"]["config"]["template"] = (
+        f'{{"pipeline": "{family}", "prompt": "a ship at dawn", "width": 32, "height": 48, "steps": 2}}'  # a short prompt: the tiny T5 vocabulary spells most words letter by letter, past T5's 256 tokens
+    )
+    world = World.from_config(config, directory=tmp_path / "w")
+    world.run(2)
+    state, _ = world.storage.load_episode(1)
+    assert state.generation.pipeline == family
+    (artifact,) = state.artifacts
+    assert Image.open(world.storage.artifact_path(artifact)).size == (32, 48)
