@@ -16,11 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 from worldgen.block import ModelRef
-from worldgen.errors import ConfigError, ModelLoadError, did_you_mean
+from worldgen.errors import ConfigError, ModelLoadError
 from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
 from worldgen.templates import register_template
 from worldgen.templates.families import Family, check_options, detect_family, get_family, register_family
+from worldgen.templates.loop import add_denoising_loop, solver_type
 
 
 def _source(model: str | None, preset: str | None) -> str:
@@ -65,40 +66,16 @@ def _add_text_nodes(g: Graph, ref: dict[str, Any]) -> None:
 def _add_denoising_loop(
     g: Graph, ref: dict[str, Any], solver: str, steps: int, guidance_scale: float
 ) -> None:
-    from worldgen.nodes.diffusion import SOLVERS
-
-    if solver not in SOLVERS:
-        raise ConfigError(
-            f"unknown solver '{solver}'{did_you_mean(solver, SOLVERS)}; available: {', '.join(SOLVERS)}"
-        )
-    g.add_node(
-        SOLVERS[solver],
-        id="schedule",
-        config={"model": {**ref, "subfolder": "scheduler"}, "num_inference_steps": steps},
-        auto_connect=False,
+    add_denoising_loop(
+        g,
+        solver=solver_type(solver),
+        solver_config={"model": {**ref, "subfolder": "scheduler"}, "num_inference_steps": steps},
+        backbone="backbone/unet2d",
+        backbone_id="unet",
+        backbone_config={"model": {**ref, "subfolder": "unet"}},
+        conditions=[("te.embedding", "condition"), ("te_neg.embedding", "condition_uncond")],
+        cfg_config={"scale": guidance_scale},
     )
-    g.add_node(
-        "backbone/unet2d", id="unet", config={"model": {**ref, "subfolder": "unet"}}, auto_connect=False
-    )
-    g.add_node("guidance/cfg", id="cfg", config={"scale": guidance_scale}, auto_connect=False)
-    g.add_node(g.block("schedule"), id="solver", auto_connect=False)
-    for source, target in [
-        ("te.embedding", "unet.condition"),
-        ("te_neg.embedding", "unet.condition_uncond"),
-        ("schedule.model_input", "unet.sample"),
-        ("schedule.timestep", "unet.timestep"),
-        ("schedule.latent", "solver.latent"),
-        ("schedule.state", "solver.state"),
-        ("unet.pred", "cfg.pred_cond"),
-        ("unet.pred_uncond", "cfg.pred_uncond"),
-        ("cfg.pred", "solver.pred"),
-        # Feedback edges (they close the loop; at iteration 0 the schedule's values are used instead):
-        ("solver.model_input", "unet.sample"),
-        ("solver.timestep", "unet.timestep"),
-        ("solver.latent", "solver.latent"),
-        ("solver.state", "solver.state"),
-    ]:
-        g.add_edge(source, target)
     g.add_node(
         "codec/vae",
         id="vae",
@@ -106,7 +83,6 @@ def _add_denoising_loop(
         auto_connect=False,
     )
     g.add_edge("solver.latent", "vae.latent")
-    g.expose_input("steps", "schedule.num_steps", default=None)
     g.expose_input("guidance_scale", "cfg.scale", default=guidance_scale)
     g.expose_output("image", "vae.image")
 

@@ -25,6 +25,7 @@ from typing import Any
 from worldgen.errors import ConfigError, ModelLoadError
 from worldgen.graph import Graph
 from worldgen.templates.families import Family, family_components, register_family
+from worldgen.templates.loop import add_denoising_loop
 
 # The components a Flux graph loads, by subfolder, with the node that loads each (for errors).
 _COMPONENT_NODES: dict[str, tuple[str, str]] = {
@@ -138,41 +139,27 @@ def _add_text_nodes(g: Graph, ref: dict[str, Any], max_sequence_length: int) -> 
 def _add_denoising_loop(
     g: Graph, ref: dict[str, Any], steps: int, guidance_scale: float, true_cfg_scale: float
 ) -> None:
-    """schedule -> flux -> cfg -> solver, the loop closed by feedback edges; then unpack and decode."""
-    g.add_node(
-        "solver/flow_match_euler",
-        id="schedule",
-        config={"model": {**ref, "subfolder": "scheduler"}, "num_inference_steps": steps, "sigmas": "linear"},
-        auto_connect=False,
+    """The shared loop around the Flux transformer (true CFG through `cfg`); then unpack and decode."""
+    add_denoising_loop(
+        g,
+        solver="solver/flow_match_euler",
+        solver_config={
+            "model": {**ref, "subfolder": "scheduler"},
+            "num_inference_steps": steps,
+            "sigmas": "linear",
+        },
+        backbone="backbone/flux_transformer",
+        backbone_id="flux",
+        backbone_config={"model": {**ref, "subfolder": "transformer"}},
+        conditions=[
+            ("te.pooled", "pooled"),
+            ("te_2.embedding", "condition"),
+            ("te_neg.pooled", "pooled_uncond"),
+            ("te_2_neg.embedding", "condition_uncond"),
+            ("pack.img_ids", "img_ids"),
+        ],
+        cfg_config={"scale": 1.0},
     )
-    g.add_node(
-        "backbone/flux_transformer",
-        id="flux",
-        config={"model": {**ref, "subfolder": "transformer"}},
-        auto_connect=False,
-    )
-    g.add_node("guidance/cfg", id="cfg", config={"scale": 1.0}, auto_connect=False)
-    g.add_node(g.block("schedule"), id="solver", auto_connect=False)
-    for source, target in [
-        ("te.pooled", "flux.pooled"),
-        ("te_2.embedding", "flux.condition"),
-        ("te_neg.pooled", "flux.pooled_uncond"),
-        ("te_2_neg.embedding", "flux.condition_uncond"),
-        ("pack.img_ids", "flux.img_ids"),
-        ("schedule.model_input", "flux.sample"),
-        ("schedule.timestep", "flux.timestep"),
-        ("schedule.latent", "solver.latent"),
-        ("schedule.state", "solver.state"),
-        ("flux.pred", "cfg.pred_cond"),
-        ("flux.pred_uncond", "cfg.pred_uncond"),
-        ("cfg.pred", "solver.pred"),
-        # Feedback edges (they close the loop; at iteration 0 the schedule's values are used instead):
-        ("solver.model_input", "flux.sample"),
-        ("solver.timestep", "flux.timestep"),
-        ("solver.latent", "solver.latent"),
-        ("solver.state", "solver.state"),
-    ]:
-        g.add_edge(source, target)
     g.add_node("latent/flux_unpack", id="unpack", auto_connect=False)
     g.add_node(
         "codec/vae",
@@ -183,7 +170,6 @@ def _add_denoising_loop(
     g.add_edge("solver.latent", "unpack.latent")
     g.add_edge("pack.img_ids", "unpack.img_ids")
     g.add_edge("unpack.latent", "vae.latent")
-    g.expose_input("steps", "schedule.num_steps", default=None)
     g.expose_input("guidance_scale", "flux.guidance", default=guidance_scale)
     g.expose_input("true_cfg_scale", ["flux.true_cfg_scale", "cfg.scale"], default=true_cfg_scale)
     g.expose_output("image", "vae.image")

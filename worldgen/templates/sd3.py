@@ -20,6 +20,7 @@ from typing import Any
 from worldgen.errors import ConfigError, ModelLoadError
 from worldgen.graph import Graph
 from worldgen.templates.families import Family, family_components, register_family
+from worldgen.templates.loop import add_denoising_loop
 
 # node id -> the model_index.json component it loads (what a missing one is reported as).
 _TEXT_NODES = {
@@ -140,48 +141,24 @@ def _add_shared(
 
 
 def _add_denoising_loop(g: Graph, ref: dict[str, Any], steps: int, guidance_scale: float, patch: int) -> None:
-    guided = guidance_scale > 1
-    g.add_node(
-        "solver/flow_match_euler",
-        id="schedule",
-        config={
+    guided = guidance_scale > 1  # as the pipeline: no negative branch (and no guidance input) at a scale <= 1
+    conditions = [("joint.embedding", "condition"), ("joint.pooled", "pooled")]
+    if guided:
+        conditions += [("joint_neg.embedding", "condition_uncond"), ("joint_neg.pooled", "pooled_uncond")]
+    add_denoising_loop(
+        g,
+        solver="solver/flow_match_euler",
+        solver_config={
             "model": {**ref, "subfolder": "scheduler"},
             "num_inference_steps": steps,
             "patch_size": patch,
         },
-        auto_connect=False,
+        backbone="backbone/sd3_transformer",
+        backbone_id="transformer",
+        backbone_config={"model": {**ref, "subfolder": "transformer"}},
+        conditions=conditions,
+        cfg_config={"scale": guidance_scale},
     )
-    g.add_node(
-        "backbone/sd3_transformer",
-        id="transformer",
-        config={"model": {**ref, "subfolder": "transformer"}},
-        auto_connect=False,
-    )
-    g.add_node("guidance/cfg", id="cfg", config={"scale": guidance_scale}, auto_connect=False)
-    g.add_node(g.block("schedule"), id="solver", auto_connect=False)
-    edges = [
-        ("joint.embedding", "transformer.condition"),
-        ("joint.pooled", "transformer.pooled"),
-        ("schedule.model_input", "transformer.sample"),
-        ("schedule.timestep", "transformer.timestep"),
-        ("schedule.latent", "solver.latent"),
-        ("schedule.state", "solver.state"),
-        ("transformer.pred", "cfg.pred_cond"),
-        ("transformer.pred_uncond", "cfg.pred_uncond"),
-        ("cfg.pred", "solver.pred"),
-        # Feedback edges (they close the loop; at iteration 0 the schedule's values are used instead):
-        ("solver.model_input", "transformer.sample"),
-        ("solver.timestep", "transformer.timestep"),
-        ("solver.latent", "solver.latent"),
-        ("solver.state", "solver.state"),
-    ]
-    if guided:
-        edges += [
-            ("joint_neg.embedding", "transformer.condition_uncond"),
-            ("joint_neg.pooled", "transformer.pooled_uncond"),
-        ]
-    for source, target in edges:
-        g.add_edge(source, target)
     g.add_node(
         "codec/vae",
         id="vae",
@@ -189,7 +166,6 @@ def _add_denoising_loop(g: Graph, ref: dict[str, Any], steps: int, guidance_scal
         auto_connect=False,
     )
     g.add_edge("solver.latent", "vae.latent")
-    g.expose_input("steps", "schedule.num_steps", default=None)
     if guided:
         g.expose_input("guidance_scale", "cfg.scale", default=guidance_scale)
     g.expose_output("image", "vae.image")

@@ -26,6 +26,7 @@ from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
 from worldgen.templates import register_template
 from worldgen.templates.families import Family, family_components, model_index, register_family
+from worldgen.templates.loop import add_denoising_loop, solver_type
 
 # Which node loads each component, and as what: errors about a component name the node that needs it.
 _NODES: dict[str, tuple[str, str]] = {
@@ -267,49 +268,23 @@ def _add_time_ids(g: Graph, m: _Model, pipeline: str, latent: str | None) -> Non
 def _add_denoising_loop(
     g: Graph, m: _Model, steps: int, guidance_scale: float, guidance_rescale: float
 ) -> None:
-    from worldgen.nodes.diffusion import SOLVERS
-
-    if m.solver not in SOLVERS:
-        raise ConfigError(
-            f"unknown solver '{m.solver}'{did_you_mean(m.solver, SOLVERS)}; available: {', '.join(SOLVERS)}",
-            path="solver",
-        )
-    g.add_node(
-        SOLVERS[m.solver],
-        id="schedule",
-        config={"model": m.refs["scheduler"], "num_inference_steps": steps},
-        auto_connect=False,
+    add_denoising_loop(
+        g,
+        solver=solver_type(m.solver),
+        solver_config={"model": m.refs["scheduler"], "num_inference_steps": steps},
+        backbone="backbone/unet2d",
+        backbone_id="unet",
+        backbone_config={"model": m.refs["unet"]},
+        conditions=[
+            ("cond.embedding", "condition"),
+            ("cond_neg.embedding", "condition_uncond"),
+            ("cond.pooled", "pooled"),
+            ("cond_neg.pooled", "pooled_uncond"),
+            ("time_ids.time_ids", "time_ids"),
+            ("time_ids.time_ids_uncond", "time_ids_uncond"),
+        ],
+        cfg_config={"scale": guidance_scale, "rescale": guidance_rescale},
     )
-    g.add_node("backbone/unet2d", id="unet", config={"model": m.refs["unet"]}, auto_connect=False)
-    g.add_node(
-        "guidance/cfg",
-        id="cfg",
-        config={"scale": guidance_scale, "rescale": guidance_rescale},
-        auto_connect=False,
-    )
-    g.add_node(g.block("schedule"), id="solver", auto_connect=False)
-    for source, target in [
-        ("cond.embedding", "unet.condition"),
-        ("cond_neg.embedding", "unet.condition_uncond"),
-        ("cond.pooled", "unet.pooled"),
-        ("cond_neg.pooled", "unet.pooled_uncond"),
-        ("time_ids.time_ids", "unet.time_ids"),
-        ("time_ids.time_ids_uncond", "unet.time_ids_uncond"),
-        ("schedule.model_input", "unet.sample"),
-        ("schedule.timestep", "unet.timestep"),
-        ("schedule.latent", "solver.latent"),
-        ("schedule.state", "solver.state"),
-        ("unet.pred", "cfg.pred_cond"),
-        ("unet.pred_uncond", "cfg.pred_uncond"),
-        ("cfg.pred", "solver.pred"),
-        # Feedback edges (they close the loop; at iteration 0 the schedule's values are used instead):
-        ("solver.model_input", "unet.sample"),
-        ("solver.timestep", "unet.timestep"),
-        ("solver.latent", "solver.latent"),
-        ("solver.state", "solver.state"),
-    ]:
-        g.add_edge(source, target)
-    g.expose_input("steps", "schedule.num_steps", default=None)
     g.expose_input("guidance_scale", "cfg.scale", default=guidance_scale)
 
 
