@@ -109,7 +109,7 @@ class _Run:
 
     def submit_block(self, node_id: str, block: Block, kwargs: dict[str, Any]) -> dict[str, Any]:
         ports = tuple(block.output_ports())
-        if isinstance(block, ModelBlock):
+        if isinstance(block, ModelBlock) and not block.inline:
             ref = (
                 host_for(block)
                 .call.options(num_returns=len(ports))

@@ -220,6 +220,7 @@ class GaussianNoiseBlock(Block):
 
     block_type = "latent/noise"
     Config = NoiseConfig
+    inline = True  # drawing a latent's noise is cheaper where the run is driven than as a task
     INPUTS = (
         Port("height", K.INT, optional=True),
         Port("width", K.INT, optional=True),
@@ -306,6 +307,9 @@ class SchedulerSolver(Block):
     step is a separate call, in any process."""
 
     Config = SolverConfig
+    # Scheduler arithmetic on a latent: where the run is driven it costs less than a task (a fused loop runs it
+    # on the backbone's host anyway).
+    inline = True
     scheduler_class_name: ClassVar[str]
     scheduler_defaults: ClassVar[Mapping[str, Any]] = {}
     INPUTS = (

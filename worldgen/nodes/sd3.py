@@ -42,6 +42,7 @@ class SD3JointConditionerBlock(Block):
 
     block_type = "conditioner/sd3_joint"
     Config = SD3JointConfig
+    inline = True  # a concatenation: cheaper where the run is driven than as a task of its own
     INPUTS = (
         Port("clip_embedding", K.EMBEDDING, doc="first CLIP's penultimate hidden state (B, 77, d1)"),
         Port("clip_pooled", K.EMBEDDING, doc="first CLIP's projected pooled embedding (B, p1)"),

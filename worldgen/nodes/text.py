@@ -49,6 +49,9 @@ class _Tokenizer(ModelBlock):
         ),
     )
     OUTPUTS = (Port("token_ids", K.TOKENS), Port("attention_mask", K.MASK))
+    # Tokenizing takes well under a millisecond and the tokenizer is a few files: a distributed executor runs it
+    # where the run is driven (its own copy of the tokenizer) instead of paying an actor round trip.
+    inline = True
     truncate: bool = True  # cut prompts longer than the length (else: a ConfigError naming the prompt)
 
     def max_length(self) -> int:

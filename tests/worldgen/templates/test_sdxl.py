@@ -233,7 +233,7 @@ def test_base_and_refiner_on_ray_host_each_shared_model_once(clean_hosts):
     local = pipeline.run({"prompt": PROMPT}, seed=SEED)["image"]
     assert close(pipeline.run({"prompt": PROMPT}, seed=SEED, executor="ray")["image"], local, RAY_TOL)
     classes = sorted(h["class"].split(":")[1] for h in list_hosts())
-    # One VAE and one text_encoder_2 for both graphs; a UNet each; the base's two tokenizers and the refiner's.
+    # One VAE and one text_encoder_2 for both graphs; a UNet each (tokenizers run inline, without a host).
     assert classes.count("AutoencoderKL") == 1 and classes.count("CLIPTextModelWithProjection") == 1
     assert classes.count("UNet2DConditionModel") == 2 and classes.count("CLIPTextModel") == 1
     assert all(h["loads"] == 1 for h in list_hosts())
