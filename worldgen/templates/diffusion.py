@@ -231,28 +231,33 @@ def image_to_image(
 def generate_and_refine(
     model: str | None = None,
     preset: str | None = None,
-    solver: str = "ddim",
-    steps: int = 50,
+    family: str | None = None,
+    solver: str | None = None,
+    steps: int | None = None,
     refine_steps: int | None = None,
     strength: float = 0.5,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
     revision: str | None = None,
     dtype: str = "float32",
 ) -> Pipeline:
-    """Text to image, then image to image on the result (one checkpoint, each model loaded once)."""
+    """Text to image, then image to image on the result (one checkpoint, each model loaded once; any family,
+    settings left unset as the family's defaults)."""
+    given = {"solver": solver, "guidance_scale": guidance_scale}
     common = {
         "model": model,
         "preset": preset,
-        "solver": solver,
-        "guidance_scale": guidance_scale,
+        "family": family,
         "revision": revision,
         "dtype": dtype,
+        **{k: v for k, v in given.items() if v is not None},
     }
+    size = {k: v for k, v in {"steps": steps, "height": height, "width": width}.items() if v is not None}
+    refine = {"steps": refine_steps or steps} if (refine_steps or steps) is not None else {}
     p = Pipeline("generate_and_refine")
-    p.add_graph(text_to_image(steps=steps, height=height, width=width, **common), id="generate")
-    p.add_graph(image_to_image(steps=refine_steps or steps, strength=strength, **common), id="refine")
+    p.add_graph(text_to_image(**size, **common), id="generate")
+    p.add_graph(image_to_image(**refine, strength=strength, **common), id="refine")
     p.connect("generate.image", "refine.image")
     p.expose_input("prompt", ["generate.prompt", "refine.prompt"])
     p.expose_input("negative_prompt", ["generate.negative_prompt", "refine.negative_prompt"], default="")
