@@ -113,8 +113,8 @@ def test_user_supplied_state_table_ray(ray_session, tmp_path, picture, blocks, e
     world = World.from_config(fast_config("ray"), directory=tmp_path / "w")
     check_row(world, blocks, environment_ran, saved, picture)
     # Ray ran the Creator: its models live on named host actors and were never loaded in this process
-    # (the local executor loads every one of them here)
-    models = [b for _, b in world.named_blocks() if isinstance(b, ModelBlock)]
+    # (the local executor loads every one of them here); only inline ones (tokenizers) run here
+    models = [b for _, b in world.named_blocks() if isinstance(b, ModelBlock) and not b.inline]
     assert models and not any(b.model_loaded for b in models)
     hosts = [a["name"] for a in ray_session.util.list_named_actors(all_namespaces=True)]
     for block in models:
