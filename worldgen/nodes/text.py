@@ -32,6 +32,11 @@ class TokenizerConfig(ModelConfig):
         "optional prompt, such as Flux's negative prompt (true CFG only when given) or SDXL's (zeros when not "
         "given); otherwise None is refused",
     )
+    truncate: bool | None = Field(
+        None,
+        description="cut a prompt longer than `max_length` (as the pipelines do, silently) instead of refusing it; "
+        "default: CLIP cuts, T5 refuses",
+    )
 
 
 class _Tokenizer(ModelBlock):
@@ -52,7 +57,11 @@ class _Tokenizer(ModelBlock):
     # Tokenizing takes well under a millisecond and the tokenizer is a few files: a distributed executor runs it
     # where the run is driven (its own copy of the tokenizer) instead of paying an actor round trip.
     inline = True
-    truncate: bool = True  # cut prompts longer than the length (else: a ConfigError naming the prompt)
+    cuts_by_default: bool = True  # cut prompts longer than the length (else: a ConfigError naming the prompt)
+
+    @property
+    def truncates(self) -> bool:
+        return self.cuts_by_default if self.config.truncate is None else self.config.truncate
 
     def max_length(self) -> int:
         return int(self.config.max_length or self.model.model_max_length)
@@ -81,7 +90,7 @@ class _Tokenizer(ModelBlock):
         return Work()
 
     def _check_length(self, prompts: list[str], port: str = "text") -> None:
-        if self.truncate:
+        if self.truncates:
             return
         limit = self.max_length()
         for i, prompt in enumerate(prompts):
@@ -90,7 +99,8 @@ class _Tokenizer(ModelBlock):
                 which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
                 raise ConfigError(
                     f"{which} is {count} tokens long and this tokenizer takes at most {limit} (config "
-                    "`max_length`): shorten it or raise `max_length` (its text encoder's limit permitting)",
+                    "`max_length`): shorten it, raise `max_length` (its text encoder's limit permitting) or set "
+                    "`truncate: true` to cut it",
                     path=port,
                 )
 
@@ -100,7 +110,7 @@ class _Tokenizer(ModelBlock):
         text, port = self._text(text, fallback)
         if text is None:  # an optional prompt that was not given
             return {"token_ids": None, "attention_mask": None}
-        if not self.truncate:
+        if not self.truncates:
             self._check_length([text] if isinstance(text, str) else list(text), port)
         encoded = self.model(
             text,
@@ -128,12 +138,12 @@ class CLIPTokenizerBlock(_Tokenizer):
 @register_block
 class T5TokenizerBlock(_Tokenizer):
     """T5's SentencePiece (Unigram) tokenizer, for the T5 conditioner of SD3 and Flux. A prompt longer than
-    `max_length` is refused (the pipelines cut it with only a log warning, so the image would silently lose
-    the end of the prompt)."""
+    `max_length` is refused unless the config says `truncate: true` (the pipelines cut it with only a log
+    warning, so the image would silently lose the end of the prompt)."""
 
     block_type = "tokenizer/t5"
     default_subfolder = "tokenizer_3"
-    truncate = False
+    cuts_by_default = False
 
     def model_class(self) -> type:
         from transformers import T5TokenizerFast

@@ -103,6 +103,8 @@ def test_a_prompt_over_the_t5_limit_is_refused_naming_node_and_field():
     with pytest.raises(ConfigError, match="prompt 2 is"):
         g.run({"prompt": ["a cat", long_prompt]})
     assert g.run({"prompt": "a cat at dawn"})["ids"].shape == (1, 8)
+    cutting = _block("tokenizer/t5", "tokenizer_3", max_length=8, truncate=True)  # as the pipelines do
+    assert cutting(text=long_prompt)["token_ids"].shape == (1, 8)
 
 
 def test_a_long_clip_prompt_is_cut_as_the_pipelines_do():
