@@ -116,12 +116,11 @@ def _class(path: str) -> type:
 def _register_real_preset(family: str, spec: dict[str, Any]) -> str:
     """A preset named after the real architecture, so the template sizes its graph from the real configs."""
     from worldgen.models.presets import Component, Preset, register_preset
-    from worldgen.models.tiny import build_t5_tokenizer, build_tokenizer
+    from worldgen.models.tiny import clip_tokenizer_component, t5_tokenizer_component
 
     components = {name: Component(cls, config) for name, (cls, config) in spec["components"].items()}
-    components["tokenizer"] = Component("transformers.CLIPTokenizer", build=lambda _c: build_tokenizer())
-    second = build_t5_tokenizer if family == "flux" else build_tokenizer
-    components["tokenizer_2"] = Component("transformers.CLIPTokenizer", build=lambda _c: second())
+    components["tokenizer"] = clip_tokenizer_component()
+    components["tokenizer_2"] = t5_tokenizer_component() if family == "flux" else clip_tokenizer_component()
     name = f"{family}-gpu-real"
     register_preset(
         Preset(name, family, spec["pipeline"], "real-size, random weights", components, spec["extra"])

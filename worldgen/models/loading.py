@@ -128,13 +128,17 @@ def _check_local(ref: ModelRef, cls: type, kind: str) -> None:
 
 
 def component_config(source: str, subfolder: str, revision: str | None, cls: type) -> dict[str, Any]:
-    """A diffusers component's config (its config.json) without loading its weights: a preset's from its table,
-    a local directory's or a hub id's through `cls.load_config`. Templates size graphs by it, and blocks check
+    """A component's config (its config.json) without loading its weights: a preset's from its table, a local
+    directory's or a hub id's through `cls.load_config` (diffusers) or `cls.config_class` (transformers). Templates size graphs by it, and blocks check
     a run's inputs by it (`Block.check_inputs`) before any weights are loaded."""
     if source.startswith(PRESET_PREFIX):
         return preset_config(source[len(PRESET_PREFIX) :], subfolder)
     try:
-        return dict(cls.load_config(str(Path(source).expanduser()), subfolder=subfolder, revision=revision))
+        path = str(Path(source).expanduser())
+        if _kind(cls) == "transformers_model":  # a text encoder: transformers' own config class reads it
+            config = cls.config_class.from_pretrained(path, subfolder=subfolder, revision=revision)
+            return config.to_dict()
+        return dict(cls.load_config(path, subfolder=subfolder, revision=revision))
     except Exception as err:  # reported naming the source
         raise ModelLoadError(f"cannot read {subfolder}/config.json of '{source}': {err}") from None
 

@@ -710,11 +710,16 @@ def _image_seq_len(latent: torch.Tensor, patch_size: int) -> int:
 
 
 def _flow_shift(image_seq_len: int, config: Mapping[str, Any]) -> float:
-    """The dynamic shift `mu` for an image sequence length (the linear rule of the SD3/Flux pipelines)."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + base_shift - slope * base_len
+    """The dynamic shift `mu` for an image sequence length, by the Flux pipeline's own rule and defaults."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
 
 
 SOLVERS = {

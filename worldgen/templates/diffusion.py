@@ -16,11 +16,18 @@ from __future__ import annotations
 from typing import Any
 
 from worldgen.block import ModelRef
-from worldgen.errors import ConfigError, ModelLoadError
+from worldgen.errors import ConfigError
 from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
 from worldgen.templates import register_template
-from worldgen.templates.families import Family, check_options, detect_family, get_family, register_family
+from worldgen.templates.families import (
+    Family,
+    check_options,
+    detect_family,
+    get_family,
+    read_config,
+    register_family,
+)
 from worldgen.templates.loop import add_denoising_loop, solver_type
 
 
@@ -30,19 +37,6 @@ def _source(model: str | None, preset: str | None) -> str:
             "give exactly one of `model` (a local diffusers directory or hub id) or `preset` (e.g. 'tiny')"
         )
     return model if model is not None else f"preset:{preset}"
-
-
-def _component_config(source: str, subfolder: str, revision: str | None) -> dict[str, Any]:
-    """A component's config without loading its weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from worldgen.models.loading import component_config
-
-    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[subfolder]
-    try:
-        return component_config(source, subfolder, revision, cls)
-    except ModelLoadError as err:
-        raise ConfigError(str(err)) from None
 
 
 def _add_text_nodes(g: Graph, ref: dict[str, Any]) -> None:
@@ -102,9 +96,12 @@ def sd_text_to_image(
     width: int | None = None,
 ) -> Graph:
     """Stable Diffusion 1.x/2.x text to image (`StableDiffusionPipeline`)."""
-    source, revision, dtype = ref["source"], ref.get("revision"), ref.get("dtype", "float32")
-    unet = _component_config(source, "unet", revision)
-    vae = _component_config(source, "vae", revision)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    dtype = ref.get("dtype", "float32")
+
+    unet = read_config(ref, "unet", UNet2DConditionModel)
+    vae = read_config(ref, "vae", AutoencoderKL)
     scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     default_size = unet["sample_size"] * scale_factor
     g = Graph("text_to_image")

@@ -160,3 +160,15 @@ def family_components(source: str, revision: str | None = None) -> set[str]:
         for name, value in index.items()
         if not name.startswith("_") and isinstance(value, list) and value[-1] is not None
     }
+
+
+def read_config(ref: Mapping[str, Any], subfolder: str, cls: type) -> dict[str, Any]:
+    """A model component's config without its weights (templates size graphs by it); a ConfigError at `model`
+    when it cannot be read."""
+    from worldgen.errors import ModelLoadError
+    from worldgen.models.loading import component_config
+
+    try:
+        return component_config(ref["source"], subfolder, ref.get("revision"), cls)
+    except ModelLoadError as err:
+        raise ConfigError(str(err), path="model") from None

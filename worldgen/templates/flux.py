@@ -22,9 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worldgen.errors import ConfigError, ModelLoadError
+from worldgen.errors import ConfigError
 from worldgen.graph import Graph
-from worldgen.templates.families import Family, family_components, register_family
+from worldgen.templates.families import Family, family_components, read_config, register_family
 from worldgen.templates.loop import add_denoising_loop
 
 # The components a Flux graph loads, by subfolder, with the node that loads each (for errors).
@@ -67,8 +67,6 @@ def flux_spec(ref: Mapping[str, Any]) -> FluxSpec:
     graph needs is missing (a pipeline saved without a text encoder), before any weights load."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    from worldgen.models.loading import component_config
-
     source, revision = ref["source"], ref.get("revision")
     present = family_components(source, revision)
     for subfolder, (node, block_type) in _COMPONENT_NODES.items():
@@ -79,11 +77,8 @@ def flux_spec(ref: Mapping[str, Any]) -> FluxSpec:
                 f"{', '.join(_COMPONENT_NODES)}: save the pipeline with its {subfolder}",
                 path=f"nodes.{node}.config.model",
             )
-    try:
-        transformer = component_config(source, "transformer", revision, FluxTransformer2DModel)
-        vae = component_config(source, "vae", revision, AutoencoderKL)
-    except ModelLoadError as err:
-        raise ConfigError(str(err), path="model") from None
+    transformer = read_config(ref, "transformer", FluxTransformer2DModel)
+    vae = read_config(ref, "vae", AutoencoderKL)
     scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     return FluxSpec(
         guidance_embeds=bool(transformer.get("guidance_embeds", False)),

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from worldgen.errors import ConfigError, ModelLoadError
+from worldgen.errors import ConfigError
 from worldgen.graph import Graph
-from worldgen.templates.families import Family, family_components, register_family
+from worldgen.templates.families import Family, family_components, read_config, register_family
 from worldgen.templates.loop import add_denoising_loop
 
 # node id -> the model_index.json component it loads (what a missing one is reported as).
@@ -62,19 +62,6 @@ def _components(ref: dict[str, Any], text_encoder_3: bool | None) -> bool:
             path="tok_3.model",
         )
     return True
-
-
-def _config(ref: dict[str, Any], subfolder: str) -> dict[str, Any]:
-    """A component's config without loading its weights."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-    from worldgen.models.loading import component_config
-
-    cls = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL}[subfolder]
-    try:
-        return component_config(ref["source"], subfolder, ref.get("revision"), cls)
-    except ModelLoadError as err:
-        raise ConfigError(str(err), path="model") from None
 
 
 def _check_options(steps: int, guidance_scale: float, max_sequence_length: int) -> None:
@@ -182,7 +169,10 @@ def _start(
     """The graph with its text nodes, the transformer's config and the VAE's scale factor."""
     _check_options(steps, guidance_scale, max_sequence_length)
     t5 = _components(ref, text_encoder_3)
-    transformer, vae = _config(ref, "transformer"), _config(ref, "vae")
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    transformer = read_config(ref, "transformer", SD3Transformer2DModel)
+    vae = read_config(ref, "vae", AutoencoderKL)
     g = Graph(name)
     guided = guidance_scale > 1
     _add_text_nodes(g, ref, t5, max_sequence_length, int(transformer["joint_attention_dim"]), guided)

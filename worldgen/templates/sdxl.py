@@ -83,22 +83,15 @@ def _component_ref(ref: Mapping[str, Any], name: str, components: Mapping[str, A
 def _config(ref: Mapping[str, Any], name: str) -> dict[str, Any]:
     """A component's config.json without its weights (a ConfigError naming the node when it cannot be read)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     from worldgen.models.loading import component_config
 
     source, subfolder, revision = ref["source"], ref.get("subfolder") or "", ref.get("revision")
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
     try:
-        if name in ("unet", "vae"):
-            cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[name]
-            return component_config(source, subfolder, revision, cls)
-        from worldgen.models.presets import PRESET_PREFIX, preset_config
-
-        if source.startswith(PRESET_PREFIX):
-            return preset_config(source[len(PRESET_PREFIX) :], subfolder)
-        from transformers import CLIPTextConfig
-
-        return CLIPTextConfig.from_pretrained(source, subfolder=subfolder, revision=revision).to_dict()
-    except (ModelLoadError, OSError, ValueError) as err:
+        return component_config(source, subfolder, revision, classes.get(name, CLIPTextModel))
+    except ModelLoadError as err:  # component_config reports any failure to read as this
         node, block = _NODES[name]
         raise ConfigError(
             f"node '{node}' ({block}): cannot read the {name} config: {err}", path=f"{node}.model"

@@ -31,6 +31,7 @@ from worldgen.execution.local import check_inputs
 from worldgen.graph import Graph
 from worldgen.nodes.diffusion import scale_latent
 from worldgen.plan import Loop, gather_inputs
+from worldgen.ports import PortKind
 from worldgen.training.examples import (
     CaptionExample,
     DiffusionBlocks,
@@ -123,7 +124,7 @@ def _latent_path(graph: Graph, node: str, loop: Loop) -> list[tuple[str, str, st
 
 
 def _latent_input(block: Block) -> str:
-    ports = [name for name, p in block.input_ports().items() if p.kind.value == "latent"]
+    ports = [name for name, p in block.input_ports().items() if p.kind is PortKind.LATENT]
     return ports[0] if ports else "latent"
 
 
