@@ -22,6 +22,7 @@ from worldgen.pipeline import Pipeline
 from worldgen.templates import register_template
 from worldgen.templates.families import (
     Family,
+    attachments,
     check_options,
     detect_family,
     get_family,
@@ -193,7 +194,12 @@ def _family_graph(
                 path="family",
             )
     check_options(chosen, task, options)
-    return chosen.builder(task)(ref, **options)
+    adapters = {name: options.pop(name) for name in list(options) if name in attachments()}
+    graph = chosen.builder(task)(ref, **options)
+    for name, attachment in attachments().items():
+        if adapters.get(name) is not None:
+            attachment.attach(graph, family=chosen, task=task, ref=ref, spec=adapters[name])
+    return graph
 
 
 @register_template("text_to_image")

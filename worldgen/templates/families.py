@@ -27,6 +27,8 @@ _FAMILY_MODULES = (
     "worldgen.templates.sd3",
     "worldgen.templates.flux",
 )
+# Modules registering attachments (adapters a family graph takes as a template option), applied in this order.
+_ATTACHMENT_MODULES: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,33 @@ class Family:
 
 _FAMILIES: dict[str, Family] = {}
 _loaded = False
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """An adapter a family graph takes as a template option (`controlnet: ...`, `lora: ...`): `attach` adds its
+    nodes and edges to the graph the family built, by the family's node ids (`unet`/`transformer`/`flux`,
+    `te`, `schedule`, `solver`, ...), and exposes its inputs."""
+
+    option: str
+    attach: Callable[..., None]  # (graph, family: Family, task: str, ref: dict, spec) -> None
+    description: str = ""
+
+
+_ATTACHMENTS: dict[str, Attachment] = {}
+
+
+def register_attachment(attachment: Attachment) -> Attachment:
+    """Make an attachment known (its module calls this at import)."""
+    _ATTACHMENTS[attachment.option] = attachment
+    return attachment
+
+
+def attachments() -> dict[str, Attachment]:
+    """Every registered attachment by option name, in the order they are applied."""
+    for module in _ATTACHMENT_MODULES:
+        importlib.import_module(module)
+    return dict(_ATTACHMENTS)
 
 
 def register_family(family: Family) -> Family:
@@ -142,6 +171,7 @@ def detect_family(source: str, revision: str | None = None) -> Family:
 def check_options(family: Family, task: str, options: Mapping[str, Any]) -> None:
     """A ConfigError for an option the family's builder does not take, naming the ones it does."""
     accepted = [name for name in inspect.signature(family.builder(task)).parameters if name != "ref"]
+    accepted += list(attachments())
     for name in options:
         if name not in accepted:
             raise ConfigError(
