@@ -55,6 +55,19 @@ class UNet2DBackboneBlock(ModelBlock):
             "time_ids", K.EMBEDDING, optional=True, doc="text_time: the added time ids (sizes, crop, score)"
         ),
         Port("time_ids_uncond", K.EMBEDDING, optional=True, doc="text_time: the negative branch's time ids"),
+        Port(
+            "concat",
+            K.LATENT,
+            optional=True,
+            doc="extra input channels concatenated to `sample` after the guidance batching (an inpainting UNet's "
+            "mask and masked image, the x4 upscaler's noised low-res image)",
+        ),
+        Port(
+            "class_labels",
+            K.TIMESTEP,
+            optional=True,
+            doc="the UNet's class labels (the x4 upscaler's noise level), one per latent",
+        ),
     )
     OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT))
 
@@ -98,10 +111,16 @@ class UNet2DBackboneBlock(ModelBlock):
         pooled_uncond: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
         time_ids_uncond: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         unet = self.model
         batch = sample.shape[0]
         sample, condition = _on_model(sample, self), _on_model(_to_batch(condition, batch), self)
+        if concat is not None:  # the same extra channels for both guidance branches
+            sample = torch.cat([sample, _on_model(_to_batch(concat, batch), self)], dim=1)
+        if class_labels is not None:  # labels (indices, or a noise level) keep their dtype
+            class_labels = _to_batch(class_labels.reshape(-1), batch).to(sample.device)
         added = None
         if unet.config.get("addition_embed_type") == "text_time":
             if pooled is None or time_ids is None:
@@ -110,7 +129,12 @@ class UNet2DBackboneBlock(ModelBlock):
         if condition_uncond is None:
             added = {k: _on_model(v, self) for k, v in added.items()} if added is not None else None
             pred = unet(
-                sample, timestep, encoder_hidden_states=condition, added_cond_kwargs=added, return_dict=False
+                sample,
+                timestep,
+                encoder_hidden_states=condition,
+                added_cond_kwargs=added,
+                class_labels=class_labels,
+                return_dict=False,
             )
             return {"pred": pred[0], "pred_uncond": None}
         uncond = _on_model(_to_batch(condition_uncond, batch), self)
@@ -132,6 +156,7 @@ class UNet2DBackboneBlock(ModelBlock):
             timestep,
             encoder_hidden_states=torch.cat([uncond, condition]),
             added_cond_kwargs=added,
+            class_labels=None if class_labels is None else torch.cat([class_labels] * 2),
             return_dict=False,
         )[0]
         pred_uncond, pred_cond = pred.chunk(2)

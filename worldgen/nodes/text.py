@@ -156,10 +156,11 @@ class CLIPTextConfig(ModelConfig):
     clip_skip: int | None = Field(
         None, ge=1, description="use the hidden state this many layers before the one `layer` names"
     )
-    layer: Literal["final", "penultimate"] = Field(
+    layer: Literal["final", "penultimate", "last_raw"] = Field(
         "final",
         description="'final': the last layer's normed output (SD 1.x/2.x); 'penultimate': the raw hidden state "
-        "before the last layer (SDXL, SD3)",
+        "before the last layer (SDXL, SD3); 'last_raw': the last layer's hidden state before the final norm (the "
+        "x2 latent upscaler)",
     )
     projection: bool = Field(
         False,
@@ -193,12 +194,15 @@ class CLIPTextConditionerBlock(ModelBlock):
         mask = attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
         mask = mask.to(encoder.device) if mask is not None else None
         skip, penultimate = self.config.clip_skip, self.config.layer == "penultimate"
+        raw = self.config.layer == "last_raw"
         out = encoder(
             token_ids.to(encoder.device),
             attention_mask=mask,
-            output_hidden_states=penultimate or skip is not None,
+            output_hidden_states=penultimate or raw or skip is not None,
         )
-        if penultimate:
+        if raw:
+            embedding = out.hidden_states[-((skip or 0) + 1)]
+        elif penultimate:
             embedding = out.hidden_states[-((skip or 0) + 2)]
         elif skip is None:
             embedding = out.last_hidden_state
