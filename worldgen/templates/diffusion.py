@@ -230,6 +230,20 @@ def image_to_image(
     return _family_graph("image_to_image", model, preset, family, revision, dtype, options)
 
 
+@register_template("upscale")
+def upscale(
+    model: str | None = None,
+    preset: str | None = None,
+    family: str | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+    **options: Any,
+) -> Graph:
+    """Upscaling with a Stable Diffusion upscaler (x4 `StableDiffusionUpscalePipeline` or the x2 latent upscaler,
+    found from the model): image, prompt -> image. `options` are the family's (steps, guidance_scale, ...)."""
+    return _family_graph("upscale", model, preset, family, revision, dtype, options)
+
+
 @register_template("generate_and_refine", kind="pipeline")
 def generate_and_refine(
     model: str | None = None,

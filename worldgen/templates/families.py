@@ -26,6 +26,7 @@ _FAMILY_MODULES = (
     "worldgen.templates.sdxl",
     "worldgen.templates.sd3",
     "worldgen.templates.flux",
+    "worldgen.templates.upscale",
 )
 # Modules registering attachments (adapters a family graph takes as a template option), applied in this order.
 _ATTACHMENT_MODULES: tuple[str, ...] = ()
@@ -40,11 +41,12 @@ class Family:
     text_to_image: Builder | None = None
     image_to_image: Builder | None = None
     description: str = ""
+    upscale: Builder | None = None  # the upscaler families' one graph
 
     def builder(self, task: str) -> Builder:
         build = getattr(self, task)
         if build is None:
-            can = [t for t in ("text_to_image", "image_to_image") if getattr(self, t) is not None]
+            can = [t for t in ("text_to_image", "image_to_image", "upscale") if getattr(self, t) is not None]
             raise ConfigError(f"the {self.name} family has no {task} graph; it has: {', '.join(can)}")
         return build
 
