@@ -113,6 +113,15 @@ class LowResNoiseBlock(Block):
             self._scheduler = DDPMScheduler.from_config({**base, **self.config.scheduler})
         return self._scheduler
 
+    def save_assets(self, directory) -> None:
+        self.scheduler.save_config(directory)  # a saved graph carries the noise schedule it was built with
+
+    def load_assets(self, directory) -> None:
+        if (directory / "scheduler_config.json").exists():
+            from diffusers import DDPMScheduler
+
+            self._scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(directory))
+
     def _noise_level(self, value: Any) -> int:
         most = self.config.max_noise_level
         if value is None:

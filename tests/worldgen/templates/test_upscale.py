@@ -61,6 +61,10 @@ def test_x4_matches_the_upscale_pipeline(x4_pipe, tmp_path):
     # Another noise level is another image: the input reaches the UNet's class labels and the image's noise.
     assert not close(graph.run({**inputs, "noise_level": 200}, seed=SEED)["image"], want, 1e-3)
 
+    graph.save(tmp_path / "saved")  # the low-res noise schedule travels with the graph
+    assert (tmp_path / "saved" / "assets" / "low_res" / "scheduler_config.json").is_file()
+    assert close(wg.Graph.load(tmp_path / "saved").run(inputs, seed=SEED)["image"], want)
+
     # From a diffusers directory: the pipeline class in model_index.json picks the family, max_noise_level too.
     path = save_preset_pipeline("upscale-tiny", tmp_path / "x4")
     saved = wg.Graph.from_template("upscale", model=str(path), steps=STEPS, guidance_scale=6.0)
