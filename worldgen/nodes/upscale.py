@@ -45,6 +45,9 @@ def _image_size(image: Any, port: str, channels: tuple[int, ...]) -> tuple[int, 
         return shape  # type: ignore[return-value]
     pictures = image if isinstance(image, list) else [image]
     if pictures and all(hasattr(p, "size") and hasattr(p, "mode") for p in pictures):
+        modes = sorted({p.mode for p in pictures} - {"RGB"})
+        if modes:  # the processor would pass RGBA's 4 or L's 1 channel on to the model
+            raise ConfigError(f"PIL images must be RGB, got mode {', '.join(modes)}", path=port)
         width, height = pictures[0].size
         return len(pictures), 3, height, width
     return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 import worldgen as wg
 from tests.conftest import PROMPT
@@ -96,7 +97,9 @@ def test_latent_upscale_unet_needs_a_sigma_solver_state():
             "with 3 channels, got torch.float32 (1, 4, 8, 8)",
         ),
         ("x4", {"image": torch.rand(1, 3, 2, 2)}, "low_res", "at least 4x4 pixels"),
+        ("x4", {"image": Image.new("RGBA", (8, 8))}, "low_res", "PIL images must be RGB, got mode RGBA"),
         ("x2", {"image": torch.rand(1, 5, 8, 8)}, "image_in", "with 3 or 4 channels"),
+        ("x2", {"image": [Image.new("L", (8, 8))]}, "image_in", "PIL images must be RGB, got mode L"),
         ("x2", {"image": torch.rand(1, 3, 2, 2)}, "image_in", "at least 4x4 pixels"),
     ],
 )
