@@ -40,11 +40,12 @@ class Family:
     text_to_image: Builder | None = None
     image_to_image: Builder | None = None
     description: str = ""
+    inpaint: Builder | None = None
 
     def builder(self, task: str) -> Builder:
         build = getattr(self, task)
         if build is None:
-            can = [t for t in ("text_to_image", "image_to_image") if getattr(self, t) is not None]
+            can = [t for t in ("text_to_image", "image_to_image", "inpaint") if getattr(self, t) is not None]
             raise ConfigError(f"the {self.name} family has no {task} graph; it has: {', '.join(can)}")
         return build
 
