@@ -17,7 +17,7 @@ from pydantic import Field
 
 from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, ModelRef, Work, inference
 from worldgen.errors import ConfigError, ModelLoadError
-from worldgen.ports import Aggregation, Port, PortKind
+from worldgen.ports import Port, PortKind
 from worldgen.registry import register_block
 from worldgen.rng import RngState, generator_or_none
 
@@ -57,11 +57,10 @@ class UNet2DBackboneBlock(ModelBlock):
         Port("time_ids_uncond", K.EMBEDDING, optional=True, doc="text_time: the negative branch's time ids"),
         Port(
             "concat",
-            K.ANY,
+            K.LATENT,
             optional=True,
-            aggregate=Aggregation.LIST,
-            doc="inpainting UNets (in_channels 9): latent-size tensors put after the sample's channels, in edge "
-            "order (the mask, then the masked image's latents), once it is batched for guidance",
+            doc="inpainting UNets (in_channels 9): channels put after the sample's once it is batched for guidance "
+            "(the mask and the masked image's latents, from latent/inpaint_condition)",
         ),
     )
     OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT))
@@ -106,7 +105,7 @@ class UNet2DBackboneBlock(ModelBlock):
         pooled_uncond: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
         time_ids_uncond: torch.Tensor | None = None,
-        concat: torch.Tensor | list[torch.Tensor] | None = None,
+        concat: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         unet = self.model
         batch = sample.shape[0]
@@ -153,12 +152,11 @@ class UNet2DBackboneBlock(ModelBlock):
 
 
 def _extra_channels(
-    concat: Any, batch: int, block: UNet2DBackboneBlock, channels: int
+    concat: torch.Tensor | None, batch: int, block: UNet2DBackboneBlock, channels: int
 ) -> torch.Tensor | None:
-    """The `concat` tensors as one (B, C, h, w) tensor on the model; a ConfigError when the UNet does not take
-    the sample's channels plus these (an inpainting UNet needs them, a base UNet none)."""
-    parts = [] if concat is None else concat if isinstance(concat, list) else [concat]
-    extra = torch.cat([_on_model(_to_batch(p, batch), block) for p in parts], dim=1) if parts else None
+    """`concat` for the batch, on the model; a ConfigError when the UNet does not take the sample's channels
+    plus these (an inpainting UNet needs them, a base UNet none)."""
+    extra = None if concat is None else _on_model(_to_batch(concat, batch), block)
     wanted = block.model.config.in_channels
     given = channels + (0 if extra is None else extra.shape[1])
     if given != wanted:

@@ -6,8 +6,8 @@
 
     image, mask_image -> mask -> image         -> vae_enc (codec/vae)  -> the image's latents
                               -> masked_image  -> vae_masked           -> an inpainting UNet's extra channels
-                              -> mask (latent size)                    -> the UNet's extra channels, or the
-                                                                          solver's blend on a base UNet
+                              -> mask (latent size)                    -> the solver's blend on a base UNet
+    mask, the masked image's latents -> inpaint_condition (latent/inpaint_condition) -> an inpainting UNet's concat
 
 The encoding itself is the existing `codec/vae`; images leave this node in [0, 1] as the codec takes them (it
 normalises to [-1, 1] exactly as the pipeline's image processor does), so the latents are the pipeline's.
@@ -277,3 +277,31 @@ def _check_range(value: Any, port: str) -> None:
         low, high = float(value.min()), float(value.max())
     if low < 0.0 or high > 1.0:
         raise ConfigError(f"{port} values must be in [0, 1], got [{low:.3g}, {high:.3g}]", path=port)
+
+
+# ---- the inpainting UNet's extra channels ---------------------------------------------------------------
+@register_block
+class InpaintConditionBlock(Block):
+    """What an inpainting UNet takes besides the latents: the mask and the masked image's latents, concatenated
+    on the channel axis in that order (as the pipelines concatenate them each step), one tensor for the
+    backbone's `concat` port."""
+
+    block_type = "latent/inpaint_condition"
+    inline = True  # one concatenation: cheaper where the run is driven than as a task
+    INPUTS = (
+        Port("mask", K.MASK, doc="(B or 1, 1, h, w) at latent size, 1 = repaint"),
+        Port("masked_latent", K.LATENT, doc="(B, C, h, w): the masked image's latents"),
+    )
+    OUTPUTS = (Port("condition", K.LATENT, doc="(B, 1 + C, h, w)"),)
+
+    def forward(self, mask: torch.Tensor, masked_latent: torch.Tensor) -> dict[str, Any]:
+        if mask.shape[-2:] != masked_latent.shape[-2:]:
+            raise ConfigError(
+                f"the mask is {tuple(mask.shape[-2:])} but the masked image's latents are "
+                f"{tuple(masked_latent.shape[-2:])}: both must be at latent size",
+                path="mask",
+            )
+        mask = mask.to(device=masked_latent.device, dtype=masked_latent.dtype)
+        if mask.shape[0] == 1 and masked_latent.shape[0] > 1:  # one mask for every image
+            mask = mask.expand(masked_latent.shape[0], *mask.shape[1:])
+        return {"condition": torch.cat([mask, masked_latent], dim=1)}

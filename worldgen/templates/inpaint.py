@@ -2,10 +2,10 @@
 
     image, mask_image -> mask (image/mask) -> image ------> vae_enc ---> schedule.latent
                                            -> masked_image -> vae_masked -.
-                                           -> mask ------------------------+-> unet.concat   (inpainting UNet, 9
-                         vae_enc.rng -> noise -> schedule.noise                                channels), or
-                                                                              schedule.mask  (base UNet: the solver
-                                                                                              puts the kept area back)
+                                           -> mask ------------------------+-> inpaint_condition -> unet.concat
+                         vae_enc.rng -> noise -> schedule.noise            |   (an inpainting UNet, 9 channels), or
+                                                                           '-> schedule.mask (a base UNet: the
+                                                                               solver puts the kept area back)
 
 The generator runs through the nodes in the pipelines' order: the image's latents (when they are used), the
 noise, the masked image's latents; then the solver. `vae_masked` shares `vae_enc`'s block (one VAE loaded).
@@ -97,8 +97,13 @@ def add_inpaint_nodes(
         ("noise.latent", "schedule.noise"),
         ("vae_masked.rng", "schedule.rng"),
     ]
-    if inpainting:  # the mask, then the masked image's latents, after the latents' channels (in edge order)
-        edges += [("mask.mask", f"{backbone_id}.concat"), ("vae_masked.latent", f"{backbone_id}.concat")]
+    if inpainting:  # the mask and the masked image's latents, after the latents' channels
+        g.add_node("latent/inpaint_condition", id="inpaint_condition", auto_connect=False)
+        edges += [
+            ("mask.mask", "inpaint_condition.mask"),
+            ("vae_masked.latent", "inpaint_condition.masked_latent"),
+            ("inpaint_condition.condition", f"{backbone_id}.concat"),
+        ]
     else:
         edges += [("mask.mask", "schedule.mask")]
     for source, target in edges:
