@@ -525,9 +525,8 @@ class SchedulerSolver(Block):
         scheduler = self._restore(SolverState({}, torch.empty(0), 0))
         steps = int(num_steps or self.config.num_inference_steps)
         pure_noise = noise is not None and strength == 1.0 and self.config.noise_at_full_strength
-        if (
-            latent is None and not pure_noise
-        ):  # only the inpaint start at full strength needs no image latents
+        # Only the inpaint start at full strength (pure noise) needs no latent.
+        if latent is None and not pure_noise:
             raise ConfigError("the setup call needs `latent` (noise, or the encoded image)", path="latent")
         self._set_timesteps(scheduler, steps, noise if latent is None else latent)
         timesteps = scheduler.timesteps
@@ -601,9 +600,7 @@ class SchedulerSolver(Block):
         step = state.step + 1
         done = step >= len(state.timesteps)
         t_next = state.timesteps[-1] if done else state.timesteps[step]
-        if (
-            state.extra
-        ):  # inpainting on a base backbone: the kept area back from the image, as noisy as `latent`
+        if state.extra:  # inpainting on a base backbone: the kept area from the image, as noisy as x_t
             keep = state.extra["image"].to(latent.device)
             if not done:
                 keep = self._noised(

@@ -1,4 +1,5 @@
-"""Stable-Diffusion-family graph templates: text_to_image and image_to_image.
+"""Stable-Diffusion-family graph templates: text_to_image, image_to_image and inpaint (whose image and mask side
+is in worldgen/templates/inpaint.py); the dispatching templates that pick the family's graph are here too.
 
 The graphs are the diffusers pipelines written out as task nodes:
 

@@ -1,5 +1,6 @@
 """SDXL graph templates: text_to_image (`StableDiffusionXLPipeline`), image_to_image
-(`StableDiffusionXLImg2ImgPipeline`, the refiner too) and base + refiner as a pipeline ("ensemble of experts").
+(`StableDiffusionXLImg2ImgPipeline`, the refiner too), inpaint (`StableDiffusionXLInpaintPipeline`, its image and
+mask side in worldgen/templates/inpaint.py) and base + refiner as a pipeline ("ensemble of experts").
 
 The graphs are the diffusers pipelines written out as task nodes:
 
