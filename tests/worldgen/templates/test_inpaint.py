@@ -69,16 +69,17 @@ def sd_inpainting_graph():
     return wg.Graph.from_template("inpaint", preset="inpaint-tiny", steps=STEPS)
 
 
-def test_inpainting_unet_matches_diffusers_at_full_and_partial_strength(
-    sd_inpainting, sd_inpainting_graph, image, mask
+def test_inpainting_unet_matches_diffusers_at_full_and_partial_strength_and_after_save_load(
+    sd_inpainting, sd_inpainting_graph, image, mask, tmp_path
 ):
     inputs = {"prompt": PROMPT, "image": image, "mask_image": mask}
-    for strength in (
-        1.0,
-        0.6,
-    ):  # 1: no image latents drawn (the noise comes first); 0.6: from the noised image
-        got = sd_inpainting_graph.run({**inputs, "strength": strength}, seed=SEED)["image"]
-        assert max_diff(got, expected(sd_inpainting, image, mask, strength=strength)) <= TOL
+    # strength 1: no image latents drawn (the noise comes first), from noise alone
+    got = sd_inpainting_graph.run(inputs, seed=SEED)["image"]
+    assert max_diff(got, expected(sd_inpainting, image, mask)) <= TOL
+    # strength 0.6: the image's latents first, then from the noised image; the graph saved and loaded
+    sd_inpainting_graph.save(tmp_path / "saved")
+    got = wg.Graph.load(tmp_path / "saved").run({**inputs, "strength": 0.6}, seed=SEED)["image"]
+    assert max_diff(got, expected(sd_inpainting, image, mask, strength=0.6)) <= TOL
 
 
 def test_masked_image_to_image_on_a_base_unet_matches_diffusers(image, mask):
