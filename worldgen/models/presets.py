@@ -29,6 +29,7 @@ _BUILTIN_MODULES = (
     "worldgen.models.tiny_sd3",
     "worldgen.models.tiny_flux",
     "worldgen.models.tiny_upscale",
+    "worldgen.models.tiny_inpaint",
 )
 
 

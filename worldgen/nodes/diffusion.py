@@ -59,8 +59,9 @@ class UNet2DBackboneBlock(ModelBlock):
             "concat",
             K.LATENT,
             optional=True,
-            doc="extra input channels concatenated to `sample` after the guidance batching (an inpainting UNet's "
-            "mask and masked image, the x4 upscaler's noised low-res image)",
+            doc="extra input channels put after the sample's once it is batched for guidance (an inpainting "
+            "UNet's mask and masked image latents from latent/inpaint_condition, the x4 upscaler's noised "
+            "low-res image)",
         ),
         Port(
             "class_labels",
@@ -117,8 +118,7 @@ class UNet2DBackboneBlock(ModelBlock):
         unet = self.model
         batch = sample.shape[0]
         sample, condition = _on_model(sample, self), _on_model(_to_batch(condition, batch), self)
-        if concat is not None:  # the same extra channels for both guidance branches
-            sample = torch.cat([sample, _on_model(_to_batch(concat, batch), self)], dim=1)
+        extra = _extra_channels(concat, batch, self, sample.shape[1])
         if class_labels is not None:  # labels (indices, or a noise level) keep their dtype
             class_labels = _to_batch(class_labels.reshape(-1), batch).to(sample.device)
         added = None
@@ -129,7 +129,7 @@ class UNet2DBackboneBlock(ModelBlock):
         if condition_uncond is None:
             added = {k: _on_model(v, self) for k, v in added.items()} if added is not None else None
             pred = unet(
-                sample,
+                _with_channels(sample, extra),
                 timestep,
                 encoder_hidden_states=condition,
                 added_cond_kwargs=added,
@@ -152,7 +152,7 @@ class UNet2DBackboneBlock(ModelBlock):
         if added is not None:
             added = {k: _on_model(v, self) for k, v in added.items()}
         pred = unet(
-            torch.cat([sample] * 2),
+            _with_channels(torch.cat([sample] * 2), extra if extra is None else torch.cat([extra] * 2)),
             timestep,
             encoder_hidden_states=torch.cat([uncond, condition]),
             added_cond_kwargs=added,
@@ -161,6 +161,28 @@ class UNet2DBackboneBlock(ModelBlock):
         )[0]
         pred_uncond, pred_cond = pred.chunk(2)
         return {"pred": pred_cond, "pred_uncond": pred_uncond}
+
+
+def _extra_channels(
+    concat: torch.Tensor | None, batch: int, block: UNet2DBackboneBlock, channels: int
+) -> torch.Tensor | None:
+    """`concat` for the batch, on the model; a ConfigError when the UNet does not take the sample's channels
+    plus these (an inpainting UNet needs them, a base UNet none)."""
+    extra = None if concat is None else _on_model(_to_batch(concat, batch), block)
+    wanted = block.model.config.in_channels
+    given = channels + (0 if extra is None else extra.shape[1])
+    if given != wanted:
+        raise ConfigError(
+            f"the UNet takes {wanted} input channels but gets {given} (the sample's {channels} + `concat`'s "
+            f"{given - channels}); an inpainting UNet (9) needs the mask and the masked image's latents (the "
+            "inpaint template), the x4 upscaler (7) the noised low-res image (the upscale template)",
+            path="concat",
+        )
+    return extra
+
+
+def _with_channels(sample: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    return sample if extra is None else torch.cat([sample, extra], dim=1)
 
 
 def _to_batch(value: torch.Tensor, batch: int) -> torch.Tensor:
@@ -323,6 +345,11 @@ class SolverConfig(BlockConfig):
     scheduler: dict[str, Any] = Field(default_factory=dict, description="overrides of the scheduler config")
     num_inference_steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0, description="DDIM-style stochasticity (for schedulers that accept it)")
+    noise_at_full_strength: bool = Field(
+        False,
+        description="with `noise` at strength 1, start from the noise alone (scaled as text to image does), as "
+        "the inpaint pipelines do; otherwise the image is noised to the first timestep (image to image)",
+    )
 
 
 class SchedulerSolver(Block):
@@ -357,6 +384,13 @@ class SchedulerSolver(Block):
             K.SCALAR,
             optional=True,
             doc="setup: stop this far (0-1) into the schedule, leaving the rest to another expert",
+        ),
+        Port(
+            "mask",
+            K.MASK,
+            optional=True,
+            doc="setup, inpainting on a base backbone: where to repaint (1), at latent size; after each step the "
+            "rest is put back from `latent` (the image's latents) noised to the next timestep with `noise`",
         ),
     )
     OUTPUTS = (
@@ -485,12 +519,16 @@ class SchedulerSolver(Block):
         rng=None,
         denoising_start=None,
         denoising_end=None,
+        mask=None,
     ):
         if state is None:
             strength = 1.0 if strength is None else float(strength)
             start = _fraction(denoising_start, "denoising_start")
             end = _fraction(denoising_end, "denoising_end")
-            return self._setup(latent, noise, strength, num_steps, rng, start, end)
+            out = self._setup(latent, noise, strength, num_steps, rng, start, end)
+            if mask is not None:
+                out["state"].extra = _blend_inputs(latent, noise, mask)
+            return out
         if pred is None:
             raise ConfigError(f"{self.block_type}: a step call needs `pred` (the model prediction)")
         return self._step(latent, pred, state)
@@ -498,7 +536,11 @@ class SchedulerSolver(Block):
     def _setup(self, latent, noise, strength, num_steps, rng, start=None, end=None):
         scheduler = self._restore(SolverState({}, torch.empty(0), 0))
         steps = int(num_steps or self.config.num_inference_steps)
-        self._set_timesteps(scheduler, steps, latent)
+        pure_noise = noise is not None and strength == 1.0 and self.config.noise_at_full_strength
+        # Only the inpaint start at full strength (pure noise) needs no latent.
+        if latent is None and not pure_noise:
+            raise ConfigError("the setup call needs `latent` (noise, or the encoded image)", path="latent")
+        self._set_timesteps(scheduler, steps, noise if latent is None else latent)
         timesteps = scheduler.timesteps
         if start is not None:  # a hand-off: the latent is already part-denoised, as the SDXL pipelines cut it
             timesteps = _cut_start(scheduler, start)
@@ -511,7 +553,10 @@ class SchedulerSolver(Block):
                 )
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(t_start * scheduler.order)
-            latent = self._noised(scheduler, latent, noise, timesteps[:1].repeat(latent.shape[0]))
+            if pure_noise:  # the inpaint pipelines' start at strength 1 (`is_strength_max`)
+                latent = self._initial(scheduler, noise)
+            else:
+                latent = self._noised(scheduler, latent, noise, timesteps[:1].repeat(latent.shape[0]))
         else:
             latent = self._initial(scheduler, latent)
         if end is not None:
@@ -567,10 +612,28 @@ class SchedulerSolver(Block):
         step = state.step + 1
         done = step >= len(state.timesteps)
         t_next = state.timesteps[-1] if done else state.timesteps[step]
+        if state.extra:  # inpainting on a base backbone: the kept area from the image, as noisy as x_t
+            keep = state.extra["image"].to(latent.device)
+            if not done:
+                keep = self._noised(
+                    scheduler, keep, state.extra["noise"].to(latent.device), state.timesteps[step : step + 1]
+                )
+            mask = state.extra["mask"].to(latent)
+            latent = (1 - mask) * keep + mask * latent
         model_input = latent if done else self._model_input(scheduler, latent, t_next)
         new_rng = RngState.of(generator) if generator is not None else None
-        new_state = SolverState(self._snapshot(scheduler), state.timesteps, step, new_rng)
+        new_state = SolverState(self._snapshot(scheduler), state.timesteps, step, new_rng, state.extra)
         return {"latent": latent, "model_input": model_input, "timestep": t_next, "state": new_state}
+
+
+def _blend_inputs(latent: Any, noise: Any, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each step of masked image-to-image puts back: the image's latents and the noise they are noised with."""
+    if latent is None or noise is None:
+        raise ConfigError(
+            "a `mask` (inpainting on a base backbone) needs `latent` (the image's latents) and `noise`",
+            path="latent" if latent is None else "noise",
+        )
+    return {"image": latent, "noise": noise, "mask": mask}
 
 
 def _denoising_steps(steps: int, strength: float) -> int:
@@ -795,7 +858,12 @@ class VAECodecBlock(ModelBlock):
         if self.config.mode == "decode":
             return {"latent": Port("latent", K.LATENT)}
         return {
-            "image": Port("image", K.IMAGE, doc="tensor in [0, 1] (B, 3, H, W), or PIL image(s)"),
+            "image": Port(
+                "image",
+                K.IMAGE,
+                doc="tensor in [0, 1] (B, 3, H, W), or PIL image(s); None: nothing to encode (no latent, the "
+                "generator passed on untouched)",
+            ),
             "rng": Port("rng", K.RNG, optional=True),
         }
 
@@ -858,6 +926,8 @@ class VAECodecBlock(ModelBlock):
         from diffusers.image_processor import VaeImageProcessor
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
+        if image is None:  # e.g. an inpainting UNet at full strength, whose pipeline draws no image latents
+            return {"latent": None, "rng": rng}
         vae = self.model
         multiple = self.config.pixel_multiple or self.scale_factor
         pixels = VaeImageProcessor(vae_scale_factor=multiple).preprocess(image)

@@ -1,4 +1,5 @@
-"""Stable-Diffusion-family graph templates: text_to_image and image_to_image.
+"""Stable-Diffusion-family graph templates: text_to_image, image_to_image and inpaint (whose image and mask side
+is in worldgen/templates/inpaint.py); the dispatching templates that pick the family's graph are here too.
 
 The graphs are the diffusers pipelines written out as task nodes:
 
@@ -29,6 +30,7 @@ from worldgen.templates.families import (
     read_config,
     register_family,
 )
+from worldgen.templates.inpaint import add_inpaint_nodes, inpainting_unet, refuse_inpainting_unet
 from worldgen.templates.loop import add_denoising_loop, solver_type
 
 
@@ -59,12 +61,21 @@ def _add_text_nodes(g: Graph, ref: dict[str, Any]) -> None:
 
 
 def _add_denoising_loop(
-    g: Graph, ref: dict[str, Any], solver: str, steps: int, guidance_scale: float
+    g: Graph,
+    ref: dict[str, Any],
+    solver: str,
+    steps: int,
+    guidance_scale: float,
+    solver_options: dict[str, Any] | None = None,
 ) -> None:
     add_denoising_loop(
         g,
         solver=solver_type(solver),
-        solver_config={"model": {**ref, "subfolder": "scheduler"}, "num_inference_steps": steps},
+        solver_config={
+            "model": {**ref, "subfolder": "scheduler"},
+            "num_inference_steps": steps,
+            **(solver_options or {}),
+        },
         backbone="backbone/unet2d",
         backbone_id="unet",
         backbone_config={"model": {**ref, "subfolder": "unet"}},
@@ -103,6 +114,7 @@ def sd_text_to_image(
 
     unet = read_config(ref, "unet", UNet2DConditionModel)
     vae = read_config(ref, "vae", AutoencoderKL)
+    refuse_inpainting_unet(unet, vae["latent_channels"], "text_to_image", ref["source"])
     scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     default_size = unet["sample_size"] * scale_factor
     g = Graph("text_to_image")
@@ -136,6 +148,12 @@ def sd_image_to_image(
     guidance_scale: float = 7.5,
 ) -> Graph:
     """Stable Diffusion 1.x/2.x image to image (`StableDiffusionImg2ImgPipeline`)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    latent_channels = read_config(ref, "vae", AutoencoderKL)["latent_channels"]
+    refuse_inpainting_unet(
+        read_config(ref, "unet", UNet2DConditionModel), latent_channels, "image_to_image", ref["source"]
+    )
     g = Graph("image_to_image")
     _add_text_nodes(g, ref)
     g.add_node(
@@ -156,12 +174,53 @@ def sd_image_to_image(
     return g
 
 
+def sd_inpaint(
+    ref: dict[str, Any],
+    *,
+    solver: str = "ddim",
+    steps: int = 50,
+    strength: float = 1.0,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+) -> Graph:
+    """Stable Diffusion 1.x/2.x inpainting (`StableDiffusionInpaintPipeline`): an inpainting UNet (9 input
+    channels) sees the mask and the masked image; a base UNet repaints the mask as image to image, the rest put
+    back after each step. Images are resized to height x width (default: the UNet's size, as the pipeline)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = read_config(ref, "unet", UNet2DConditionModel)
+    vae = read_config(ref, "vae", AutoencoderKL)
+    scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    inpainting = inpainting_unet(unet, vae["latent_channels"], ref["source"])
+    g = Graph("inpaint")
+    _add_text_nodes(g, ref)
+    _add_denoising_loop(g, ref, solver, steps, guidance_scale, {"noise_at_full_strength": True})
+    add_inpaint_nodes(
+        g,
+        vae={**ref, "subfolder": "vae"},
+        inpainting=inpainting,
+        latent_channels=vae["latent_channels"],
+        scale_factor=scale_factor,
+        height=height or unet["sample_size"] * scale_factor,
+        width=width or unet["sample_size"] * scale_factor,
+        strength=strength,
+        dtype=ref.get("dtype", "float32"),
+    )
+    return g
+
+
 register_family(
     Family(
         "sd",
-        pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+        pipelines=(
+            "StableDiffusionPipeline",
+            "StableDiffusionImg2ImgPipeline",
+            "StableDiffusionInpaintPipeline",
+        ),
         text_to_image=sd_text_to_image,
         image_to_image=sd_image_to_image,
+        inpaint=sd_inpaint,
         description="Stable Diffusion 1.x/2.x: UNet, one CLIP text encoder",
     )
 )
@@ -228,6 +287,21 @@ def image_to_image(
     """Image to image for SD 1.x/2.x, SDXL, SD3 and Flux (the family found from the model): image, prompt,
     strength -> image. `options` are the family's (steps, strength, guidance_scale, ...)."""
     return _family_graph("image_to_image", model, preset, family, revision, dtype, options)
+
+
+@register_template("inpaint")
+def inpaint(
+    model: str | None = None,
+    preset: str | None = None,
+    family: str | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+    **options: Any,
+) -> Graph:
+    """Inpainting for SD 1.x/2.x and SDXL (the family found from the model; an inpainting UNet or a base one):
+    image, mask_image (white = repaint), prompt, strength -> image. `options` are the family's (steps,
+    strength, guidance_scale, height, width, ...)."""
+    return _family_graph("inpaint", model, preset, family, revision, dtype, options)
 
 
 @register_template("upscale")

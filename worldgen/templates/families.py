@@ -32,6 +32,9 @@ _FAMILY_MODULES = (
 _ATTACHMENT_MODULES: tuple[str, ...] = ()
 
 
+TASKS = ("text_to_image", "image_to_image", "inpaint", "upscale")  # the graphs a family may build
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family: the diffusers pipeline classes that mean it and the graphs built for it."""
@@ -41,12 +44,13 @@ class Family:
     text_to_image: Builder | None = None
     image_to_image: Builder | None = None
     description: str = ""
+    inpaint: Builder | None = None
     upscale: Builder | None = None  # the upscaler families' one graph
 
     def builder(self, task: str) -> Builder:
         build = getattr(self, task)
         if build is None:
-            can = [t for t in ("text_to_image", "image_to_image", "upscale") if getattr(self, t) is not None]
+            can = [t for t in TASKS if getattr(self, t) is not None]
             raise ConfigError(f"the {self.name} family has no {task} graph; it has: {', '.join(can)}")
         return build
 

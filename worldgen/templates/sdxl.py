@@ -1,5 +1,6 @@
 """SDXL graph templates: text_to_image (`StableDiffusionXLPipeline`), image_to_image
-(`StableDiffusionXLImg2ImgPipeline`, the refiner too) and base + refiner as a pipeline ("ensemble of experts").
+(`StableDiffusionXLImg2ImgPipeline`, the refiner too), inpaint (`StableDiffusionXLInpaintPipeline`, its image and
+mask side in worldgen/templates/inpaint.py) and base + refiner as a pipeline ("ensemble of experts").
 
 The graphs are the diffusers pipelines written out as task nodes:
 
@@ -26,6 +27,7 @@ from worldgen.graph import Graph
 from worldgen.pipeline import Pipeline
 from worldgen.templates import register_template
 from worldgen.templates.families import Family, family_components, model_index, register_family
+from worldgen.templates.inpaint import add_inpaint_nodes, inpainting_unet, refuse_inpainting_unet
 from worldgen.templates.loop import add_denoising_loop, solver_type
 
 # Which node loads each component, and as what: errors about a component name the node that needs it.
@@ -145,7 +147,9 @@ def _inspect(ref: Mapping[str, Any], task: str, solver: str | None, components: 
             )
     refs = {name: _component_ref(ref, name, components) for name in needed}
     unet, vae = _config(refs["unet"], "unet"), _config(refs["vae"], "vae")
-    aesthetic = task == "image_to_image" and bool(index.get("requires_aesthetics_score", False))
+    if task != "inpaint":
+        refuse_inpainting_unet(unet, vae["latent_channels"], task, source)
+    aesthetic = task in ("image_to_image", "inpaint") and bool(index.get("requires_aesthetics_score", False))
     _check_unet(unet, refs, two, aesthetic, source)
     return _Model(
         refs=refs,
@@ -259,12 +263,17 @@ def _add_time_ids(g: Graph, m: _Model, pipeline: str, latent: str | None) -> Non
 
 
 def _add_denoising_loop(
-    g: Graph, m: _Model, steps: int, guidance_scale: float, guidance_rescale: float
+    g: Graph,
+    m: _Model,
+    steps: int,
+    guidance_scale: float,
+    guidance_rescale: float,
+    solver_options: Mapping[str, Any] | None = None,
 ) -> None:
     add_denoising_loop(
         g,
         solver=solver_type(m.solver),
-        solver_config={"model": m.refs["scheduler"], "num_inference_steps": steps},
+        solver_config={"model": m.refs["scheduler"], "num_inference_steps": steps, **(solver_options or {})},
         backbone="backbone/unet2d",
         backbone_id="unet",
         backbone_config={"model": m.refs["unet"]},
@@ -377,12 +386,55 @@ def sdxl_image_to_image(
     return g
 
 
+def sdxl_inpaint(
+    ref: dict[str, Any],
+    *,
+    solver: str | None = None,
+    steps: int = 50,
+    strength: float = 0.9999,
+    guidance_scale: float = 7.5,
+    guidance_rescale: float = 0.0,
+    height: int | None = None,
+    width: int | None = None,
+    components: Mapping[str, Any] | None = None,
+) -> Graph:
+    """SDXL inpainting (`StableDiffusionXLInpaintPipeline`, with its defaults: strength 0.9999, guidance 7.5): an inpainting UNet
+    (9 input channels) sees the mask and the masked image; a base UNet repaints the mask as image to image, the
+    rest put back after each step. Images are resized to height x width (default: the UNet's size)."""
+    m = _inspect(ref, "inpaint", solver, components or {})
+    latent_channels = _config(m.refs["vae"], "vae").get("latent_channels", 4)
+    default_size = m.unet["sample_size"] * m.scale_factor
+    g = Graph("inpaint")
+    _add_prompt_nodes(g, m)
+    _add_time_ids(g, m, "image_to_image", None)  # the inpaint pipeline's ids are image to image's
+    _add_denoising_loop(g, m, steps, guidance_scale, guidance_rescale, {"noise_at_full_strength": True})
+    add_inpaint_nodes(
+        g,
+        vae=m.refs["vae"],
+        inpainting=inpainting_unet(m.unet, latent_channels, ref["source"]),
+        latent_channels=latent_channels,
+        scale_factor=m.scale_factor,
+        height=height or default_size,
+        width=width or default_size,
+        strength=strength,
+        dtype=m.dtype,
+    )
+    g.add_edge("noise.latent", "time_ids.latent")  # sized by the output latent
+    _add_output(g, m, "image")
+    return g
+
+
 register_family(
     Family(
         "sdxl",
-        pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+        pipelines=(
+            "StableDiffusionXLPipeline",
+            "StableDiffusionXLImg2ImgPipeline",
+            "StableDiffusionXLInpaintPipeline",
+        ),
         text_to_image=sdxl_text_to_image,
         image_to_image=sdxl_image_to_image,
+        inpaint=sdxl_inpaint,
         description="Stable Diffusion XL: UNet with text_time conditioning, two CLIP text encoders (a refiner: one)",
     )
 )
