@@ -119,7 +119,7 @@ def test_unet_takes_the_inpaint_condition_and_refuses_a_wrong_channel_count():
         out["pred_uncond"], direct, atol=1e-5
     )
     with pytest.raises(
-        ConfigError, match="takes 9 input channels but gets 4 .*use the inpaint template"
+        ConfigError, match="takes 9 input channels but gets 4 .*the inpaint template"
     ) as err:
         unet(sample=sample, timestep=torch.tensor(10), condition=cond)
     assert err.value.path == "concat"
