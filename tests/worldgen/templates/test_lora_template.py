@@ -199,3 +199,38 @@ def test_a_file_whose_keys_match_no_module_fails_at_the_node_that_loads_it(tmp_p
     assert not any(  # nothing of it stayed on the shared UNet
         "stray" in name for name, _ in graph.block("unet").model.named_parameters()
     )
+
+
+def test_sdxl_takes_the_unet_and_both_text_encoders_parts(tmp_path):
+    components = preset_pipeline_components("sdxl-tiny")
+    torch.manual_seed(3)
+    layers, metadata = {}, {}
+    for name, config in (("unet", UNET_LORA), ("text_encoder", TE_LORA), ("text_encoder_2", TE_LORA)):
+        config = LoraConfig(**{**config.to_dict(), "init_lora_weights": False})
+        inject_adapter_in_model(config, components[name])
+        layers[name] = {k: v * 3 for k, v in get_peft_model_state_dict(components[name]).items()}
+        metadata[f"{name}_lora_adapter_metadata"] = config.to_dict()
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path,
+        unet_lora_layers=layers["unet"],
+        text_encoder_lora_layers=layers["text_encoder"],
+        text_encoder_2_lora_layers=layers["text_encoder_2"],
+        weight_name="xl.safetensors",
+        **metadata,
+    )
+    pipe = preset_pipeline("sdxl-tiny")
+    pipe.set_progress_bar_config(disable=True)
+    state_dict, alphas, meta = pipe.lora_state_dict(
+        str(tmp_path), weight_name="xl.safetensors", unet_config=pipe.unet.config, return_lora_metadata=True
+    )
+    pipe.load_lora_into_unet(state_dict, alphas, pipe.unet, adapter_name="xl", metadata=meta)
+    for name in ("text_encoder", "text_encoder_2"):  # by peft: see `pipe` above
+        config = LoraConfig(**{**TE_LORA.to_dict(), "init_lora_weights": False})
+        inject_adapter_in_model(config, getattr(pipe, name), adapter_name="xl")
+        set_peft_model_state_dict(getattr(pipe, name), layers[name], adapter_name="xl")
+
+    graph = wg.Graph.from_template(
+        "text_to_image", preset="tiny", family="sdxl", steps=STEPS, lora=str(tmp_path / "xl.safetensors")
+    )
+    assert {e.target for e in graph.edges if e.source == "lora"} >= {"unet", "te", "te_2", "te_2_neg"}
+    assert diff(image(graph), expected(pipe, ["xl"], [1.0])) <= TOL
