@@ -106,7 +106,9 @@ def image(graph, **inputs) -> torch.Tensor:
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape
-    return (a - b).abs().max().item()
+    found = (a - b).abs().max().item()
+    print(f"max abs diff {found:.3g}")  # the figures for a report (pytest -s)
+    return found
 
 
 def test_lora_files_match_the_pipeline_and_leave_the_shared_base_unchanged(loras, pipe):
