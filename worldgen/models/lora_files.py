@@ -45,8 +45,7 @@ class LoraFile:
 def lora_file(path: str | Path, name: str | None = None, weight: float = 1.0) -> LoraFile:
     """Check `path` is a LoRA safetensors file (header only, nothing unpickled) and describe it."""
     file = Path(path).expanduser().resolve()
-    keys = lora_file_keys(file)
-    del keys  # read for the checks only
+    lora_file_keys(file)  # exists, is safetensors, holds LoRA weights
     stat = file.stat()
     digest = hashlib.sha1(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:10]
     label = name or file.stem
