@@ -142,9 +142,28 @@ def test_a_kohya_file_gives_the_same_image(loras, pipe):
     assert diff(image(graph), expected(pipe, ["harbor"], [1.0])) <= TOL
 
 
-def test_image_to_image_takes_lora_files(loras, init_image):
-    graph = wg.Graph.from_template("image_to_image", preset="tiny", steps=STEPS, lora=loras["ink"][0])
+def test_image_to_image_takes_lora_files(loras, pipe, init_image):
+    graph = wg.Graph.from_template(
+        "image_to_image",
+        preset="tiny",
+        steps=STEPS,
+        strength=0.6,
+        lora={"path": loras["ink"][0], "weight": 0.5},
+    )
     assert {e.target for e in graph.edges if e.source == "lora"} == {"unet", "te", "te_neg"}
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)  # the same LoRA-carrying models
+    img2img.set_progress_bar_config(disable=True)
+    img2img.set_adapters(["ink"], [0.5])
+    generator = torch.Generator().manual_seed(SEED)
+    want = img2img(
+        PROMPT,
+        image=init_image,
+        strength=0.6,
+        num_inference_steps=STEPS,
+        generator=generator,
+        output_type="pt",
+    ).images
+    assert diff(image(graph, image=init_image, strength=0.6), want) <= TOL
 
 
 def test_on_ray_the_lora_graph_and_the_plain_graph_share_one_host(loras, clean_hosts):
