@@ -3,9 +3,9 @@
     Graph.from_template("text_to_image", preset="tiny", lora=[{path: style.safetensors, weight: 0.8}, ...])
 
 adds one `adapter/lora` node per file (`lora`, `lora_2`, ...) and wires each into every node of the graph that
-takes LoRA files: the backbone (`unet`) and each text encoder with its negative-prompt twin (`te`/`te_neg`, SDXL's
-`te_2`/`te_2_neg` too), as `pipe.load_lora_weights` + `pipe.set_adapters(names, weights)` apply them to the
-pipeline's UNet and text encoders. Each block takes only its own component's part of a file. The weights become
+takes LoRA files: the backbone (`unet`, Flux's `flux`) and each text encoder with its negative-prompt twin
+(`te`/`te_neg`, SDXL's `te_2`/`te_2_neg` too), as `pipe.load_lora_weights` + `pipe.set_adapters(names, weights)`
+apply them to the pipeline's backbone and text encoders. (SD3 is refused until it has a parity test.) Each block takes only its own component's part of a file. The weights become
 optional graph inputs `lora_weight`, `lora_weight_2`, ... (default: the spec's), so a caller can turn a LoRA up,
 down or off per run without rebuilding the graph.
 """
@@ -22,7 +22,7 @@ from worldgen.errors import ConfigError, format_validation_error
 from worldgen.models.lora_files import file_components, lora_file_keys
 from worldgen.templates.families import Attachment, Family, register_attachment
 
-SUPPORTED = ("sd", "sdxl")
+SUPPORTED = ("sd", "sdxl", "flux")
 
 
 class LoraSpec(BaseModel):
