@@ -18,7 +18,7 @@ from worldgen.ports import Aggregation, Port, PortKind
 
 _TRAINING = contextvars.ContextVar("worldgen_training", default=False)
 # The LoRA files (worldgen.models.lora_files.LoraFile) fed to the model block being called: set by
-# `ModelBlock.__call__` for the length of one call, read by `active_model` (which forwards call themselves).
+# `ModelBlock.__call__` for the length of one call, read by `active_model` (which some forwards call again).
 _CALL_LORAS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
     "worldgen_call_loras", default=()
 )
