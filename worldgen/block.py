@@ -14,9 +14,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from worldgen.errors import ConfigError, format_validation_error
 from worldgen.model_ref import AdapterRef, ModelRef
-from worldgen.ports import Port
+from worldgen.ports import Aggregation, Port, PortKind
 
 _TRAINING = contextvars.ContextVar("worldgen_training", default=False)
+# The LoRA files (worldgen.models.lora_files.LoraFile) fed to the model block being called: set by
+# `ModelBlock.__call__` for the length of one call, read by `active_model` (which some forwards call again).
+_CALL_LORAS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "worldgen_call_loras", default=()
+)
 
 
 @contextmanager
@@ -145,6 +150,30 @@ class Block:
         return f"{type(self).__name__}({self.block_type!r})"
 
 
+LORA_PORT = Port(
+    "lora",
+    PortKind.ADAPTER,
+    optional=True,
+    aggregate=Aggregation.CONCAT,
+    doc="LoRA files (from adapter/lora nodes) this call runs with, on top of the block's own adapter",
+)
+
+
+def _lora_files(value: Any) -> tuple[Any, ...]:
+    """A `lora` input as a tuple of LoraFile: one edge gives one value, several a list (in edge order)."""
+    if value is None:
+        return ()
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    from worldgen.models.lora_files import LoraFile
+
+    for item in values:
+        if not isinstance(item, LoraFile):
+            raise ConfigError(
+                f"expected LoRA files from adapter/lora nodes, got {type(item).__name__}", path="lora"
+            )
+    return values
+
+
 class ModelConfig(BlockConfig):
     """Config of a block that holds one model."""
 
@@ -193,18 +222,41 @@ class ModelBlock(Block):
         depend on the loaded model (e.g. only a VLM's language model) override this."""
         return list(self.lora_targets) if isinstance(self.lora_targets, tuple) else None
 
+    def lora_component(self) -> str | None:
+        """The part of a LoRA file this block's model takes: its subfolder, named as diffusers' loaders prefix a
+        file's keys (`unet`, `text_encoder`, `text_encoder_2`, `transformer`); None takes the keys unprefixed."""
+        subfolder = self.config.model.subfolder
+        return subfolder.rstrip("/").rsplit("/", 1)[-1] if subfolder else None
+
+    def input_ports(self) -> dict[str, Port]:
+        ports = super().input_ports()
+        if self.lora_targets is not False and "lora" not in ports:
+            ports["lora"] = LORA_PORT
+        return ports
+
     def active_model(self) -> Any:
-        """The model with this block's LoRA adapter active (or none): a model may carry the adapters of several
-        worlds, and each call runs with its own block's."""
+        """The model with this block's LoRA adapter (or none) and the LoRA files of the current call active: a
+        model may carry the adapters of several worlds and graphs, and each call runs with its own."""
         if self.lora_targets is not False:
             from worldgen.models.adapters import activate_adapter
 
-            activate_adapter(self.model, getattr(self.config, "adapter", None))
+            extra: list[tuple[str, float]] = []
+            if loras := _CALL_LORAS.get():
+                from worldgen.models.lora_files import attach_lora_file
+
+                component = self.lora_component()
+                extra = [(f.key, f.weight) for f in loras if attach_lora_file(self.model, f, component)]
+            activate_adapter(self.model, getattr(self.config, "adapter", None), extra)
         return self.model
 
     def __call__(self, **inputs: Any) -> dict[str, Any]:
-        self.active_model()
-        return self.forward(**inputs)
+        loras = _lora_files(inputs.pop("lora", None)) if self.lora_targets is not False else ()
+        token = _CALL_LORAS.set(loras)
+        try:
+            self.active_model()
+            return self.forward(**inputs)
+        finally:
+            _CALL_LORAS.reset(token)
 
     @property
     def model(self) -> Any:

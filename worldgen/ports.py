@@ -24,6 +24,7 @@ class PortKind(str, Enum):
     RNG = "rng"
     SOLVER_STATE = "solver_state"
     JSON = "json"
+    ADAPTER = "adapter"  # what an adapter node hands the blocks it modifies (e.g. LoRA files)
 
 
 class Aggregation(str, Enum):

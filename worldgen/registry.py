@@ -29,6 +29,7 @@ _BUILTIN_MODULES = (
     "worldgen.nodes.flux",
     "worldgen.nodes.upscale",
     "worldgen.nodes.inpaint",
+    "worldgen.nodes.lora",
 )
 _TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*/[a-z0-9][a-z0-9_.-]*$")
 _EXECUTOR_NAME = re.compile(r"^[a-z][a-z0-9_]*$")

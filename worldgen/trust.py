@@ -9,7 +9,7 @@ config is *admitted* first (`admit_config`), against the server's `TrustPolicy`:
 |---------------------------------------|-----------------------------------------------------------------------|
 | `${env:NAME}`                         | only in a secret field (`api_key`) and only for a NAME on `env`        |
 | `headers_env: NAME`                   | only for a NAME on `env`                                              |
-| `{ref: file}`, `prompts:`, `base:`, `adapters:` | a relative path (no `..`) to something under one of `roots` |
+| `{ref: file}`, `prompts:`, `base:`, `adapters:`, LoRA files (`lora:`, `adapter/lora`'s `path`) | a relative path (no `..`) to something under one of `roots` |
 | `file:NAME.j2` prompts                | a relative name (no `..`), found in the world's admitted `prompts:` or the built-in prompt library |
 | `base_url`, `endpoint`, `url`         | only URLs under a prefix on `urls` (a vendor's default URL is fine)   |
 | a model block's `model`, a template's `model` | a built-in `preset:`, or a source on `models`                   |
@@ -156,7 +156,8 @@ class _Admission:
             if set(data) == {"ref"}:
                 return self.ref(data["ref"], where=where, base=base)
             self.node(data, where)
-            return {k: self.value(v, where=f"{where}.{k}", base=base, key=str(k)) for k, v in data.items()}
+            out = {k: self.value(v, where=f"{where}.{k}", base=base, key=str(k)) for k, v in data.items()}
+            return self.lora_files(out, where)
         if isinstance(data, list):
             return [self.value(v, where=f"{where}[{i}]", base=base, key=key) for i, v in enumerate(data)]
         if isinstance(data, str):
@@ -227,6 +228,37 @@ class _Admission:
                 source = config["model"]
                 source = source.get("source") if isinstance(source, Mapping) else source
                 self.model(source, where=f"{where}.config.model")
+
+    def lora_files(self, data: dict[str, Any], where: str) -> dict[str, Any]:
+        """LoRA files (a template's `lora:`, an `adapter/lora` node's `path`) are files like any other: relative
+        to a root, made absolute. The node reads them on the server, so they pass the same rule as `ref:`."""
+        params, config = data.get("params"), data.get("config")
+        if (
+            isinstance(data.get("template"), str)
+            and isinstance(params, dict)
+            and params.get("lora") is not None
+        ):
+            spec, field = params["lora"], f"{where}.params.lora"
+            items = spec if isinstance(spec, list) else [spec]
+            located = []
+            for i, item in enumerate(items):
+                at = f"{field}[{i}]" if isinstance(spec, list) else field
+                if isinstance(item, dict) and "path" in item:
+                    located.append({**item, "path": self.lora_path(item["path"], where=f"{at}.path")})
+                else:
+                    located.append(self.lora_path(item, where=at))
+            params["lora"] = located if isinstance(spec, list) else located[0]
+        if data.get("type") == "adapter/lora" and isinstance(config, dict) and "path" in config:
+            config["path"] = self.lora_path(config["path"], where=f"{where}.config.path")
+        return data
+
+    def lora_path(self, name: Any, *, where: str) -> str:
+        path = self.locate(name, where=where, what="a LoRA file")
+        if not path.is_file():
+            raise TrustError(
+                f"a LoRA file '{name}' is not a file under the server's allowed roots", path=where
+            )
+        return str(path)
 
     def model(self, source: Any, *, where: str) -> None:
         if source is None or (isinstance(source, str) and source.startswith(_PRESET)):

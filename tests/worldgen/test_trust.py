@@ -185,3 +185,24 @@ def test_the_admitted_config_builds_the_same_world(files, tmp_path):
     world.run(2)
     reloaded = World.load(tmp_path / "w")  # the stored config reads no file outside the world
     assert reloaded.history()[0]["state"]["outcome"].startswith("Story so far:")
+
+
+def test_lora_files_only_under_roots_and_made_absolute(files):
+    root, outside = files
+    (root / "styles").mkdir()
+    (root / "styles" / "ink.safetensors").write_bytes(b"{}")
+    (outside / "evil.safetensors").write_bytes(b"{}")
+    policy = TrustPolicy(roots=[str(root)])
+    config = world_config()
+    params = config["stages"]["creator"]["params"]
+    params["lora"] = [{"path": "styles/ink.safetensors", "weight": 0.5}]
+    admitted = admit_config(config, policy)["stages"]["creator"]["params"]["lora"]
+    assert admitted == [{"path": str(root / "styles" / "ink.safetensors"), "weight": 0.5}]
+    params["lora"] = str(outside / "evil.safetensors")
+    refused(config, policy, "stages.creator.params.lora", "relative path")
+    params["lora"] = [{"path": "../outside/evil.safetensors"}]
+    refused(config, policy, "stages.creator.params.lora[0].path", "relative path")
+    node = {"type": "adapter/lora", "config": {"path": "styles/missing.safetensors"}}
+    config["stages"]["author"]["nodes"]["style"] = node
+    params["lora"] = "styles/ink.safetensors"
+    refused(config, policy, "stages.author.nodes.style.config.path", "not found under")

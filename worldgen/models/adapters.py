@@ -7,7 +7,7 @@ the manifest) is worldgen/lora.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +44,38 @@ def loaded_adapters(model: Any) -> set[str]:
     return model.__dict__.setdefault("_worldgen_adapters", set())
 
 
-def activate_adapter(model: Any, ref: AdapterRef | None) -> None:
-    """Make `ref`'s adapter the active one on `model` (loading it on first use), or none when `ref` is None."""
+_UNKNOWN = object()  # no active set recorded (or an adapter was added since): walk the layers
+
+
+def activate_adapter(model: Any, ref: AdapterRef | None, extra: Sequence[tuple[str, float]] = ()) -> None:
+    """Make `ref`'s adapter (a world's, loading it on first use) and the `extra` adapters already on the model
+    (LoRA files: (adapter name, weight), see worldgen/models/lora_files.py) the active set, weighted as
+    diffusers' `set_adapters(names, weights)` does; none active when both are empty.
+
+    The set is remembered on the model, so a denoising loop calling the same block each step walks the layers
+    only when the set changes (another graph's call in between)."""
     loaded = loaded_adapters(model)
-    wanted = None if ref is None else ref.name
-    if model.__dict__.get("_worldgen_active") == wanted or (wanted is None and not loaded):
+    wanted = (((ref.name, 1.0),) if ref is not None else ()) + tuple(extra)
+    if model.__dict__.get("_worldgen_active", _UNKNOWN) == wanted or (not wanted and not loaded):
         return  # already so: a denoising loop calls the same block many times
     if ref is not None and ref.name not in loaded:
         if ref.path is None:
             raise ConfigError(f"adapter '{ref.name}' is not attached to this model and has no path to load")
         _load_adapter(model, ref)
         loaded.add(ref.name)
+    training = {ref.name} if ref is not None and ref.path is None else set()
     for layer in tuner_layers(model):
-        if wanted is not None and wanted in layer.lora_A:  # a layer only other adapters target stays off
-            layer.set_adapter(wanted)
-            layer.enable_adapters(True)
-            if ref.path is not None:  # `set_adapter` marks it trainable; a saved adapter is only served
-                layer.lora_A[wanted].requires_grad_(False)
-                layer.lora_B[wanted].requires_grad_(False)
-        else:
+        present = [(name, weight) for name, weight in wanted if name in layer.lora_A]
+        if not present:  # a layer only other adapters target stays off
             layer.enable_adapters(False)
+            continue
+        layer.set_adapter([name for name, _ in present])  # in the given order: the sum's order, as diffusers
+        layer.enable_adapters(True)  # (re-marks the active adapters trainable: frozen again below)
+        for name, weight in present:
+            layer.set_scale(name, weight)
+            if name not in training:  # `set_adapter` marks it trainable; a loaded adapter is only served
+                layer.lora_A[name].requires_grad_(False)
+                layer.lora_B[name].requires_grad_(False)
     model.__dict__["_worldgen_active"] = wanted
 
 
