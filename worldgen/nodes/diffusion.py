@@ -55,6 +55,9 @@ class UNet2DBackboneBlock(ModelBlock):
             "time_ids", K.EMBEDDING, optional=True, doc="text_time: the added time ids (sizes, crop, score)"
         ),
         Port("time_ids_uncond", K.EMBEDDING, optional=True, doc="text_time: the negative branch's time ids"),
+        Port(
+            "ip_adapter", K.EMBEDDING, optional=True, doc="an adapter/ip_adapter's image prompt (IP-Adapter)"
+        ),
     )
     OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT))
 
@@ -86,6 +89,15 @@ class UNet2DBackboneBlock(ModelBlock):
         if text_time:
             _refuse_missing_text_time(unfed[0])
         return Work()
+
+    def __call__(self, **inputs: Any) -> dict[str, Any]:
+        # An IP-Adapter's image prompt is attention the UNet runs with for this call only
+        # (worldgen/nodes/ip_adapter.py); the prediction itself is as without it.
+        from worldgen.nodes.ip_adapter import image_prompt
+
+        prompt, batch = inputs.pop("ip_adapter", None), inputs["sample"].shape[0]
+        with image_prompt(self, prompt, batch, guided=inputs.get("condition_uncond") is not None):
+            return super().__call__(**inputs)
 
     @inference
     def forward(
