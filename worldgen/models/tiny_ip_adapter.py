@@ -14,6 +14,7 @@ diffusers' own loader (tests compare against it).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,21 @@ def build_ip_adapter_weights(unet_config: Mapping[str, Any], image_embed_dim: in
     return weights
 
 
+@functools.lru_cache(maxsize=8)
+def _built_weights(base: str, image_embed_dim: int, seed: int) -> dict[str, Any]:
+    """A preset's weights, built once per process (every block and check reading them gets these tensors)."""
+    import torch
+
+    from worldgen.models.presets import preset_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_ip_adapter_weights(preset_config(base, "unet"), image_embed_dim)
+
+
 def _weights_component(base: str, seed: int) -> Component:
     def build(config: Mapping[str, Any]) -> dict[str, Any]:
-        from worldgen.models.presets import preset_config
-
-        return build_ip_adapter_weights(preset_config(config["base"], "unet"), config["image_embed_dim"])
+        return dict(_built_weights(config["base"], config["image_embed_dim"], seed))
 
     return Component(
         "safetensors.torch", {"base": base, "image_embed_dim": _ENCODER["projection_dim"]}, seed, build

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, ModelRef, Work, inference
 from worldgen.errors import ConfigError, ModelLoadError
-from worldgen.ports import Port, PortKind
+from worldgen.ports import Aggregation, Port, PortKind
 from worldgen.registry import register_block
 from worldgen.rng import RngState, generator_or_none
 
@@ -56,7 +56,11 @@ class UNet2DBackboneBlock(ModelBlock):
         ),
         Port("time_ids_uncond", K.EMBEDDING, optional=True, doc="text_time: the negative branch's time ids"),
         Port(
-            "ip_adapter", K.EMBEDDING, optional=True, doc="an adapter/ip_adapter's image prompt (IP-Adapter)"
+            "ip_adapter",
+            K.EMBEDDING,
+            optional=True,
+            aggregate=Aggregation.LIST,  # several adapters: one list, as pipe.load_ip_adapter([...]) takes
+            doc="an adapter/ip_adapter's image prompt (IP-Adapter)",
         ),
     )
     OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT))

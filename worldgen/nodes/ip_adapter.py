@@ -307,7 +307,7 @@ def _pictures(image: Any) -> list[Any]:
     try:
         return as_pil_images(image)
     except ConfigError as err:
-        message = str(err).removeprefix("vlm: ")
+        message = err.detail.removeprefix("vlm: ")
         raise ConfigError(f"not a reference image: {message}", path="image") from None
 
 
@@ -408,7 +408,10 @@ def _load(unet: Any, weights: Sequence[IPAdapterWeights], device: Any, dtype: An
 
     states = []
     for w in weights:
-        state = read_weights(w)
+        try:
+            state = read_weights(w)
+        except ConfigError as err:  # on the backbone, the weights came in through its `ip_adapter` input
+            raise ConfigError(err.detail, path="ip_adapter") from None
         check_fits(state, unet, w.location())
         states.append(state)
     # diffusers' converters read the layers' current processors only for the self-attention ones (which it

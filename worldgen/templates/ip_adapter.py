@@ -117,7 +117,7 @@ def _check_against_unet(graph: Graph, weights: Any, where: str) -> None:
     try:
         check_fits(read_weights(weights), unet, where)
     except ConfigError as err:
-        raise ConfigError(str(err), path=f"{OPTION}.model") from None
+        raise ConfigError(err.detail, path=f"{OPTION}.model") from None
 
 
 def attach(graph: Graph, *, family: Family, task: str, ref: dict[str, Any], spec: Any) -> None:
