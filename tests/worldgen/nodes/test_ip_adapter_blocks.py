@@ -137,7 +137,7 @@ def test_a_backbone_without_cross_attention_is_refused(unet_inputs):
     block = UNet2DBackboneBlock(model={"source": "preset:tiny", "subfolder": "unet"})
     block.set_model(UNet2DConditionModel(**config).eval(), origin="test")
     prompt = encoder_block()(image=reference(1))["ip_adapter"]
-    with pytest.raises(ConfigError, match="cross-attention") as err:
+    with pytest.raises(ConfigError, match="needs a backbone with cross-attention") as err:
         block(**unet_inputs, ip_adapter=prompt)
     assert err.value.path == "ip_adapter"
     assert block(**unet_inputs)["pred"].shape == (1, 4, 16, 16)  # the UNet itself is untouched
