@@ -375,13 +375,18 @@ class _UNetAdapters:
 
 
 def _adapters_on(unet: Any) -> _UNetAdapters:
-    """The UNet's IP-Adapter state, kept on the model object (its users share it); the stand-ins go in on the
-    first call with an image prompt, and again if something replaced the UNet's processors since."""
-    from worldgen.models.tiny_ip_adapter import cross_attention_layers
-
+    """The UNet's IP-Adapter state, kept on the model object (its users share it)."""
     state = unet.__dict__.get("_worldgen_ip_adapters")
     if state is None:
         state = unet.__dict__["_worldgen_ip_adapters"] = _UNetAdapters(_Slot(), [], {})
+    return state
+
+
+def _stand_in(unet: Any, state: _UNetAdapters) -> None:
+    """Put the stand-ins in: on the first call with an image prompt (once its weights were found to fit), and
+    again if something replaced the UNet's processors since."""
+    from worldgen.models.tiny_ip_adapter import cross_attention_layers
+
     if not state.stand_ins or any(attn.processor is not stand_in for attn, stand_in in state.stand_ins):
         layers = [attn for _, attn in cross_attention_layers(unet)]
         state.stand_ins = [
@@ -395,7 +400,6 @@ def _adapters_on(unet: Any) -> _UNetAdapters:
         ]
         for attn, stand_in in state.stand_ins:
             attn.set_processor(stand_in)
-    return state
 
 
 def _load(unet: Any, weights: Sequence[IPAdapterWeights], device: Any, dtype: Any) -> _Loaded:
@@ -457,10 +461,10 @@ def image_prompt(block: ModelBlock, value: Any, batch: int, guided: bool) -> Ite
     if key not in state.loaded:
         state.loaded[key] = _load(unet, [p.weights for p in prompts], device, dtype)
     loaded = state.loaded[key]
-    for (
-        processor
-    ) in loaded.processors:  # a list per processor, one scale per adapter, as set_ip_adapter_scale
-        processor.scale = [p.scale for p in prompts]
+    _stand_in(unet, state)
+    scales = [p.scale for p in prompts]  # one per adapter, as set_ip_adapter_scale sets them
+    for processor in loaded.processors:
+        processor.scale = list(scales)
     with torch.no_grad():
         embeds = [_batched(p, batch, guided).to(device=device, dtype=dtype) for p in prompts]
         tokens = loaded.projection(embeds)
