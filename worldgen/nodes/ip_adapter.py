@@ -11,12 +11,13 @@ diffusers does it in two places, and so does a graph:
   adapters can serve different graphs on one UNet. The cross-attention layers' processors are then stood in for
   by `_ImagePrompt`, which is the processor it replaced unless a call with an image prompt is running: such a
   call sets the UNet's image tokens for its duration only (`image_prompt`), so a graph without the adapter, and
-  every other user of the shared UNet, gets exactly the plain UNet, and switching costs two assignments.
+  every other user of the shared UNet, gets exactly the plain UNet. A loop's later steps reuse the image tokens
+  its first step projected, so a step pays a few identity checks for the adapter.
 
 The stand-ins are not torch modules, so the UNet's state dict and config (what a checkpoint saves) never hold
-an adapter. Supported weights: the original IP-Adapter (`image_proj.proj.weight`, image embeds), Plus
-(`image_proj.latents`, penultimate hidden states) and Full (`image_proj.proj.3.weight`); the Face ID variants need
-face embeddings, not a CLIP encoder, and are refused.
+an adapter. Weights: the original IP-Adapter (`image_proj.proj.weight`, image embeds; what the tests cover), and
+by the same path Plus (`image_proj.latents`) and Full (`image_proj.proj.3.weight`), which project the encoder's
+penultimate hidden states; the Face ID variants need face embeddings, not a CLIP encoder, and are refused.
 """
 
 from __future__ import annotations
