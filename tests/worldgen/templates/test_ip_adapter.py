@@ -56,7 +56,7 @@ def sd_pipe(cls, folder):
     return with_ip_adapter(pipe, folder)
 
 
-def test_sd_text_to_image_matches_diffusers_and_a_plain_graph_stays_unchanged(folders, reference):
+def test_sd_text_to_image_matches_diffusers_and_a_plain_graph_stays_unchanged(folders, reference, tmp_path):
     plain = wg.Graph.from_template("text_to_image", preset="tiny", steps=STEPS)
     before = plain.run({"prompt": PROMPT}, seed=SEED)["image"]
 
@@ -80,6 +80,11 @@ def test_sd_text_to_image_matches_diffusers_and_a_plain_graph_stays_unchanged(fo
     unet = plain.block("unet").model
     assert unet is graph.block("unet").model
     assert not any("ip" in key for key in unet.state_dict())
+
+    # Saved after running (the UNet checkpointed strictly, without the adapter), it loads and gives the image.
+    graph.save(tmp_path / "saved")
+    loaded = wg.Graph.load(tmp_path / "saved")
+    assert close(loaded.run({"prompt": PROMPT, "ip_adapter_image": reference}, seed=SEED)["image"], expected)
 
     # The scale is an input: another scale, another image.
     other = graph.run({"prompt": PROMPT, "ip_adapter_image": reference, "ip_adapter_scale": 0.1}, seed=SEED)
