@@ -30,6 +30,7 @@ _BUILTIN_MODULES = (
     "worldgen.models.tiny_flux",
     "worldgen.models.tiny_upscale",
     "worldgen.models.tiny_inpaint",
+    "worldgen.models.tiny_ip_adapter",
 )
 
 

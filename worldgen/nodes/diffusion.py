@@ -17,7 +17,7 @@ from pydantic import Field
 
 from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, ModelRef, Work, inference
 from worldgen.errors import ConfigError, ModelLoadError
-from worldgen.ports import Port, PortKind
+from worldgen.ports import Aggregation, Port, PortKind
 from worldgen.registry import register_block
 from worldgen.rng import RngState, generator_or_none
 
@@ -69,6 +69,13 @@ class UNet2DBackboneBlock(ModelBlock):
             optional=True,
             doc="the UNet's class labels (the x4 upscaler's noise level), one per latent",
         ),
+        Port(
+            "ip_adapter",
+            K.EMBEDDING,
+            optional=True,
+            aggregate=Aggregation.LIST,  # several adapters: one list, as pipe.load_ip_adapter([...]) takes
+            doc="an adapter/ip_adapter's image prompt (IP-Adapter)",
+        ),
     )
     OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT))
 
@@ -100,6 +107,15 @@ class UNet2DBackboneBlock(ModelBlock):
         if text_time:
             _refuse_missing_text_time(unfed[0])
         return Work()
+
+    def __call__(self, **inputs: Any) -> dict[str, Any]:
+        # An IP-Adapter's image prompt is attention the UNet runs with for this call only
+        # (worldgen/nodes/ip_adapter.py); the prediction itself is as without it.
+        from worldgen.nodes.ip_adapter import image_prompt
+
+        prompt, batch = inputs.pop("ip_adapter", None), inputs["sample"].shape[0]
+        with image_prompt(self, prompt, batch, guided=inputs.get("condition_uncond") is not None):
+            return super().__call__(**inputs)
 
     @inference
     def forward(

@@ -29,7 +29,7 @@ _FAMILY_MODULES = (
     "worldgen.templates.upscale",
 )
 # Modules registering attachments (adapters a family graph takes as a template option), applied in this order.
-_ATTACHMENT_MODULES: tuple[str, ...] = ("worldgen.templates.lora",)
+_ATTACHMENT_MODULES: tuple[str, ...] = ("worldgen.templates.lora", "worldgen.templates.ip_adapter")
 
 
 TASKS = ("text_to_image", "image_to_image", "inpaint", "upscale")  # the graphs a family may build

@@ -118,9 +118,7 @@ def test_unet_takes_the_inpaint_condition_and_refuses_a_wrong_channel_count():
     assert torch.allclose(out["pred"], direct, atol=1e-5) and torch.allclose(
         out["pred_uncond"], direct, atol=1e-5
     )
-    with pytest.raises(
-        ConfigError, match="takes 9 input channels but gets 4 .*the inpaint template"
-    ) as err:
+    with pytest.raises(ConfigError, match="takes 9 input channels but gets 4 .*the inpaint template") as err:
         unet(sample=sample, timestep=torch.tensor(10), condition=cond)
     assert err.value.path == "concat"
     with pytest.raises(ConfigError, match="both must be at latent size") as err:
