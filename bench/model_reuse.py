@@ -9,9 +9,14 @@ its own fresh Python process (so peaks do not mix) and reports its peak RSS (`ru
   three_pipelines  three independent from_pretrained pipelines (txt2img, img2img, txt2img), each run once
   three_graphs     text_to_image, image_to_image and text_to_image (solver euler) templates on the same
                    directory; every model-holding block's `.model` touched, each graph run once
+  one_controlnet_pipeline   one StableDiffusionControlNetPipeline (the checkpoint + its ControlNet), run once
+  adapter_graphs   three text_to_image graphs on the same base: one with LoRA file A, one with LoRA file B
+                   (each on the UNet and the text encoder), one with the ControlNet; each run once
 
 Every run is 2 steps at 64x64. Graph loads come from `default_pool().loads`; a pipeline loads its 5 components.
-Target: three graphs cost no more than one pipeline above baseline (<= 1.1x) with 1 load per component.
+Targets: three graphs cost no more than one pipeline above baseline (<= 1.1x) with 1 load per component; the
+adapter graphs no more than one ControlNet pipeline (<= 1.15x): LoRA files are adapters on the shared base, the
+ControlNet is loaded once.
 
     .venv/bin/python bench/model_reuse.py [--dir DIR (reuse/keep the checkpoint)] [--json]
 """
@@ -35,7 +40,16 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 TARGET = 1.1
-SCENARIOS = ("baseline", "one_pipeline", "three_pipelines", "three_graphs")
+ADAPTER_TARGET = 1.15
+SCENARIOS = (
+    "baseline",
+    "one_pipeline",
+    "three_pipelines",
+    "three_graphs",
+    "one_controlnet_pipeline",
+    "adapter_graphs",
+)
+LORA_RANK = 8
 PROMPT = "a photo of an old harbor at dawn"
 RUN = {"height": 64, "width": 64, "steps": 2}
 
@@ -89,7 +103,37 @@ def write_checkpoint(path: Path) -> int:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path, safe_serialization=True)
+    _write_adapters(pipe, path)
     return sum(p.numel() * 4 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+
+
+def _write_adapters(pipe: Any, path: Path) -> None:
+    """A ControlNet for the checkpoint's UNet (`controlnet/`) and two LoRA files on its UNet and text encoder
+    (`lora_a.safetensors`, `lora_b.safetensors`, diffusers format) next to it."""
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    ControlNetModel.from_unet(pipe.unet).save_pretrained(path / "controlnet", safe_serialization=True)
+    for seed, name in ((1, "lora_a"), (2, "lora_b")):
+        torch.manual_seed(seed)
+        layers = {}
+        for component, targets in (
+            ("unet", ["to_q", "to_k", "to_v", "to_out.0"]),
+            ("text_encoder", ["q_proj", "k_proj", "v_proj", "out_proj"]),
+        ):
+            model = getattr(pipe, component)
+            config = LoraConfig(
+                r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets, init_lora_weights=False
+            )
+            inject_adapter_in_model(config, model, adapter_name=name)
+            layers[component] = get_peft_model_state_dict(model, adapter_name=name)
+        StableDiffusionPipeline.save_lora_weights(
+            path,
+            unet_lora_layers=layers["unet"],
+            text_encoder_lora_layers=layers["text_encoder"],
+            weight_name=f"{name}.safetensors",
+        )
 
 
 def scenario(name: str, path: str) -> dict[str, Any]:
@@ -135,6 +179,32 @@ def scenario(name: str, path: str) -> dict[str, Any]:
             g.run({"prompt": PROMPT, "steps": RUN["steps"], **extra}, seed=0)
         pool = default_pool()
         figures |= {"loads": pool.loads, "distinct_model_objects": len(objects), "pool_keys": pool.keys()}
+    elif name == "one_controlnet_pipeline":
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        controlnet = ControlNetModel.from_pretrained(f"{path}/controlnet")
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+            path, controlnet=controlnet, safety_checker=None, requires_safety_checker=False
+        )
+        loaded = time.perf_counter()
+        pipe.set_progress_bar_config(disable=True)
+        pipe(PROMPT, image=image, num_inference_steps=RUN["steps"], output_type="pt", **_size())
+        figures["loads"] = sum(1 for c in pipe.components.values() if c is not None)
+    elif name == "adapter_graphs":
+        graphs = [
+            wg.Graph.from_template("text_to_image", model=path, lora=f"{path}/lora_a.safetensors"),
+            wg.Graph.from_template("text_to_image", model=path, lora=f"{path}/lora_b.safetensors"),
+            wg.Graph.from_template("text_to_image", model=path, controlnet={"model": f"{path}/controlnet"}),
+        ]
+        objects = {
+            id(m) for g in graphs for _, b in g.blocks() if (m := getattr(b, "model", None)) is not None
+        }
+        loaded = time.perf_counter()
+        for g in graphs:
+            extra = {"control_image": image} if "control_image" in g.exposed_inputs() else {}
+            g.run({"prompt": PROMPT, "steps": RUN["steps"], **_size(), **extra}, seed=0)
+        pool = default_pool()
+        figures |= {"loads": pool.loads, "distinct_model_objects": len(objects), "pool_keys": pool.keys()}
     figures |= {"load_s": loaded - started, "run_s": time.perf_counter() - loaded}
     figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     # Cross-check: this process image's own high-water mark (ru_maxrss also carries the parent's peak
@@ -144,6 +214,10 @@ def scenario(name: str, path: str) -> dict[str, Any]:
         hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")]
         figures["vm_hwm_mb"] = int(hwm[0].split()[1]) / 1024 if hwm else None
     return figures
+
+
+def _size() -> dict[str, int]:
+    return {"height": RUN["height"], "width": RUN["width"]}
 
 
 def _child(name: str, path: Path) -> dict[str, Any]:
@@ -178,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Everything heavy runs in children and this process stays small: a forked child starts with its
         # parent's peak RSS, and Linux carries it across exec into the child's ru_maxrss.
-        if not (path / "model_index.json").exists():
+        if not (path / "lora_b.safetensors").exists():
             written = _child("write", path)["weight_bytes"]
             print(f"wrote a random SD-family checkpoint: {written / 2**20:.0f} MiB of fp32 weights")
         size = sum(f.stat().st_size for f in path.rglob("*.safetensors"))
@@ -216,9 +290,31 @@ def main(argv: list[str] | None = None) -> int:
         f"\nratio three_graphs/one_pipeline (above baseline) = {above:.3f} (target <= {TARGET}); "
         f"loads = {graphs['loads']} (target 1 per component)"
     )
+    adapters, controlnet_pipe = results["adapter_graphs"], results["one_controlnet_pipeline"]
+    adapter_total = adapters["peak_rss_mb"] / controlnet_pipe["peak_rss_mb"]
+    adapter_above = (adapters["peak_rss_mb"] - base) / (controlnet_pipe["peak_rss_mb"] - base)
+    print(
+        f"  adapter_graphs (2 LoRA files + 1 ControlNet on one base): {adapters['distinct_model_objects']} distinct "
+        f"model objects; pool keys: {[(k[0].split('|')[2], k[1].split('.')[-1]) for k in adapters['pool_keys']]}"
+    )
+    print(
+        f"ratio adapter_graphs/one_controlnet_pipeline: total peak {adapter_total:.3f}, above baseline "
+        f"{adapter_above:.3f} (target <= {ADAPTER_TARGET}); loads = {adapters['loads']} (target 1 per component)"
+    )
     if args.json:
         sys.stdout = real_stdout
-        print(json.dumps({"results": results, "ratio_total": total, "ratio_above_baseline": above}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "results": results,
+                    "ratio_total": total,
+                    "ratio_above_baseline": above,
+                    "adapter_ratio_total": adapter_total,
+                    "adapter_ratio_above_baseline": adapter_above,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
