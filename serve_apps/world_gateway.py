@@ -11,7 +11,7 @@ in parallel, and any gateway replica reaches the same driver by name.
     GET    /v1/worlds                          the worlds under the root
     GET    /v1/worlds/{id}                     info (answered during a step)
     GET    /v1/worlds/{id}/state               the state in flight (five blocks)
-    POST   /v1/worlds/{id}/step                {"action"?}; `?stream=true` (or Accept: text/event-stream) streams
+    POST   /v1/worlds/{id}/step                {"action"?, "state"?}; `?stream=true` (or Accept: text/event-stream) streams
                                                the stages as server-sent events, then the report
     GET    /v1/worlds/{id}/episodes            ?offset=0&limit=20, oldest first, artifacts with URLs
     GET    /v1/worlds/{id}/episodes/{n}        one episode
@@ -93,6 +93,12 @@ class CreateWorld(BaseModel):
 class StepRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: str | None = Field(None, max_length=4000, description="what the user does (goes to Development)")
+    state: dict[str, Any] | None = Field(
+        None,
+        description="blocks the user gives, {block number: content} (DESIGN.md §2.3): 1, 4 and 5 text, 2 a "
+        "generation config (its `reference` may name an earlier episode's image of this world); validated by the "
+        "world (400 naming the field). Block 3 (files) is not taken over HTTP",
+    )
 
 
 class GatewaySettings(BaseModel):
@@ -359,14 +365,19 @@ class WorldGateway:
         stream: bool = Query(False, description="stream the stages as server-sent events"),
     ) -> Any:
         handle = await self.driver(world_id)
-        action = body.action if body else None
+        action, state = (body.action, body.state) if body else (None, None)
+        if state and any(str(key).strip() == "3" for key in state):
+            # block 3 names files the world would read and copy in: the server reads no file a request names
+            raise HTTPException(400, "state.3: block 3 (artifact files) cannot be sent over HTTP")
         if stream or "text/event-stream" in request.headers.get("accept", ""):
-            return StreamingResponse(self._stream(handle, action), media_type="text/event-stream")
-        return await self.call(handle.step.remote(action))
+            return StreamingResponse(self._stream(handle, action, state), media_type="text/event-stream")
+        return await self.call(handle.step.remote(action, state))
 
-    async def _stream(self, handle: Any, action: str | None) -> AsyncIterator[str]:
+    async def _stream(
+        self, handle: Any, action: str | None, state: dict[str, Any] | None = None
+    ) -> AsyncIterator[str]:
         """`stage` events as the driver reports finished stages, then one `report` (or `error`) event."""
-        done = asyncio.ensure_future(self.call(handle.step.remote(action)))
+        done = asyncio.ensure_future(self.call(handle.step.remote(action, state)))
         seen = None
         while True:
             finished = await asyncio.wait({done}, timeout=_POLL_SECONDS)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from worldgen.state import ArtifactRef, EpisodeMeta, WorldContent, WorldState
+from worldgen.state import ArtifactRef, EpisodeMeta, ReferenceUse, WorldContent, WorldState
 
 __all__ = ["Link", "episode_markdown", "report_html", "report_markdown"]
 
@@ -84,10 +84,11 @@ def _episode_html(number: int, state: WorldState, meta: EpisodeMeta, link: Link)
     out.append(_block_html(1, _paragraphs(state.happening)))
     if state.generation is not None:
         rows = "".join(
-            f"<tr><th>{e(k)}</th><td>{e(_scalar(v))}</td></tr>"
-            for k, v in state.generation.model_dump().items()
+            f"<tr><th>{e(k)}</th><td>{e(_scalar(v))}</td></tr>" for k, v in _generation(state).items()
         )
-        out.append(_block_html(2, f'<table class="generation">{rows}</table>'))
+        used = "".join(f"<li>{e(_reference(use))}</li>" for use in meta.references)
+        used = f'<p class="label">References</p><ul class="references">{used}</ul>' if used else ""
+        out.append(_block_html(2, f'<table class="generation">{rows}</table>{used}'))
     figures = _shown_artifacts(
         state,
         link,
@@ -122,11 +123,10 @@ def episode_markdown(
 
     block(1, (state.happening or "").strip() or "—")
     if state.generation is not None:
-        dumped = yaml.dump(
-            state.generation.model_dump(), Dumper=_DUMPER, sort_keys=False, allow_unicode=True, width=100
-        )
+        dumped = yaml.dump(_generation(state), Dumper=_DUMPER, sort_keys=False, allow_unicode=True, width=100)
         fence = _fence(dumped)
-        block(2, f"{fence}yaml\n{dumped}{fence}")
+        used = "".join(f"\n- **Reference:** {_reference(use)}" for use in meta.references)
+        block(2, f"{fence}yaml\n{dumped}{fence}{chr(10) if used else ''}{used}")
     shown = _shown_artifacts(
         state,
         link,
@@ -167,6 +167,24 @@ def _figure_html(number: int, i: int, ref: ArtifactRef, target: str) -> str:
     return (
         f'<figure><a href="{e(target)}"><img src="{e(target)}" alt="episode {number}, image {i}"'
         f'{size}{small} loading="lazy"></a><figcaption>{i}</figcaption></figure>'
+    )
+
+
+def _generation(state: WorldState) -> dict[str, Any]:
+    """Block 2's fields as shown: an empty `reference` (most episodes) is left out."""
+    shown = state.generation.model_dump() if state.generation is not None else {}
+    if not shown.get("reference"):
+        shown.pop("reference", None)
+    return shown
+
+
+def _reference(use: ReferenceUse) -> str:
+    """What the Creator fed for one of block 2's references, in a line."""
+    if use.episode is None:
+        return f"{use.control}: {use.note or 'nothing fed'}"
+    settings = ", ".join(f"{k} {v}" for k, v in use.inputs.items() if v != use.artifact)
+    return f"{use.control} from episode {use.episode}, image {use.image}" + (
+        f" ({settings})" if settings else ""
     )
 
 

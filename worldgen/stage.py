@@ -10,6 +10,7 @@ training read those fields; nothing compares role names. The stage talks to the 
 | `context`        | a mapping: state blocks, world content, action, step, pipelines, seed |
 | `images`         | block 3's artifacts (paths of the PNG files)                          |
 | `prompt`, `negative_prompt`, `width`, `height`, `steps`, `guidance_scale` | block 2 fields   |
+| `image` + `strength`, `control_image` + `controlnet_scale`, `ip_adapter_image` + `ip_adapter_scale` | block 2's `reference`: an earlier episode's image (REFERENCE_INPUTS) |
 
 | stage output | becomes                                                               |
 |--------------|-----------------------------------------------------------------------|
@@ -17,7 +18,8 @@ training read those fields; nothing compares role names. The stage talks to the 
 | `data`       | block 2 (the Architect's validated generation config)                 |
 | `image`      | block 3 (the Creator's images, saved as artifacts)                    |
 
-The Creator holds one pipeline per name; block 2's `pipeline` field picks the one that runs.
+The Creator holds one pipeline per name; block 2's `pipeline` field picks the one that runs, and block 2's
+`reference` feeds it earlier images of the world (worldgen/reference.py).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Contract:
     starts_state      what it writes begins a new state, which records the action it was started with
     selects_pipeline  block 2's `pipeline` picks the one of its pipelines that runs (else all run, wired)
     saves_episode     it saves the complete state as an episode; skipped, it drops an incomplete state
+    feeds_references  block 2's references (earlier episodes' images) are fed to its pipeline (REFERENCE_INPUTS)
     trained_as        the examples its episodes give to training (TrainedAs); empty: it is not trained
     """
 
@@ -75,6 +78,7 @@ class Contract:
     starts_state: bool = False
     selects_pipeline: bool = False
     saves_episode: bool = False
+    feeds_references: bool = False
     trained_as: AbstractSet[TrainedAs] = frozenset()
 
     def __post_init__(self) -> None:  # the table writes sets; a contract holds them frozen (hashable)
@@ -106,8 +110,30 @@ CONTRACTS: dict[str, Contract] = {
         trained_as={"chat"},
     ),
     "architect": Contract({1}, 2, "data", Schema.GENERATION_CONFIG, trained_as={"chat"}),
-    "creator": Contract({2}, 3, "image", Schema.IMAGES, selects_pipeline=True, trained_as={"denoising"}),
+    "creator": Contract(
+        {2},
+        3,
+        "image",
+        Schema.IMAGES,
+        selects_pipeline=True,
+        feeds_references=True,
+        trained_as={"denoising"},
+    ),
 }
+
+# The pipeline inputs a referenced image is fed through, by control (state.Control): (image input, its scale
+# input, the Reference field that sets the scale). These are the names the adapter templates expose; a second
+# reference of one control feeds `<input>_2` (e.g. `control_image_2` of a multi-ControlNet graph), and so on.
+REFERENCE_INPUTS: dict[str, tuple[str, str, str]] = {
+    "controlnet": ("control_image", "controlnet_scale", "scale"),
+    "ip_adapter": ("ip_adapter_image", "ip_adapter_scale", "scale"),
+    "img2img": ("image", "strength", "strength"),
+}
+
+
+def reference_input(name: str, k: int) -> str:
+    """The input the k-th (1-based) reference of a control feeds: `name`, then `name_2`, `name_3`, ..."""
+    return name if k == 1 else f"{name}_{k}"
 
 
 def role_that(test: Callable[[Contract], bool]) -> str:
@@ -189,6 +215,16 @@ class Stage(Pipeline):
                 f"{', '.join(self._items)}"
             )
         return self._items[name]
+
+    def controls(self) -> dict[str, list[str]]:
+        """For each of its pipelines, the controls a reference may give it: those whose image input it
+        exposes (REFERENCE_INPUTS). Shown to the Architect, so it asks only for what a pipeline can take."""
+        return {
+            name: [
+                c for c, (image, _, _) in REFERENCE_INPUTS.items() if image in self.item(name).exposed_inputs
+            ]
+            for name in self.node_ids
+        }
 
     @classmethod
     def _item_from_config(cls, spec: Mapping[str, Any]) -> Engine:

@@ -14,9 +14,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from worldgen.errors import ConfigError, format_validation_error
 
@@ -39,6 +48,57 @@ Steps = Annotated[int, Field(ge=1, le=500)]
 Guidance = Annotated[float, Field(ge=0.0, le=50.0)]
 
 
+# How a referenced image steers a generation (worldgen.stage.REFERENCE_INPUTS names the pipeline inputs each feeds):
+# `controlnet` keeps its layout (edges, pose, depth), `ip_adapter` its subject or style, `img2img` starts from it.
+Control = Literal["controlnet", "ip_adapter", "img2img"]
+_SCALED = ("controlnet", "ip_adapter")  # the controls with a conditioning scale; img2img has a strength
+
+
+class Reference(BaseModel):
+    """An image of an earlier episode of this world that a generation is conditioned on, and how. Never a path:
+    only the world's own episodes can be referenced (the world reads the image from its storage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    episode: Literal["previous"] | Annotated[int, Field(ge=1)] = Field(
+        "previous", description='"previous" (the last saved episode) or an episode number'
+    )
+    image: int = Field(0, ge=0, le=15, description="which of the episode's images (0: the first)")
+    control: Control = Field(
+        description="controlnet: keep the layout; ip_adapter: keep a recurring subject or style; "
+        "img2img: a small change of the same scene"
+    )
+    scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=2.0,
+        description="controlnet / ip_adapter: how strongly (None: the pipeline's default)",
+    )
+    strength: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="img2img: how much of the picture changes (1: all of it; None: the pipeline's default)",
+    )
+
+    @field_validator("scale", "strength")
+    @classmethod
+    def _fits_control(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # `control` is validated first (field order), so a wrong pairing names the field that does not fit
+        control = info.data.get("control")
+        if value is None or control is None:
+            return value
+        wanted = "scale" if control in _SCALED else "strength"
+        if info.field_name != wanted:
+            raise ValueError(f"control '{control}' takes `{wanted}`, not `{info.field_name}`")
+        return value
+
+
+def _one_or_more(value: Any) -> Any:
+    """One reference given as a mapping means a list of one."""
+    return [value] if isinstance(value, (Mapping, Reference)) else value
+
+
 class GenerationConfig(BaseModel):
     """Block 2: what the Creator generates. The Architect's JSON output is validated against this schema."""
 
@@ -53,6 +113,31 @@ class GenerationConfig(BaseModel):
     guidance: Guidance = 7.5
     seed: int | None = Field(None, ge=0, description="None: derived from the world's seed and step")
     count: int = Field(1, ge=1, le=16, description="how many artifacts to generate")
+    reference: Annotated[list[Reference], BeforeValidator(_one_or_more), Field(max_length=4)] = Field(
+        default_factory=list,
+        description="earlier images of this world to condition on (one mapping or a list): the k-th reference "
+        "of a control feeds that control's k-th input of the pipeline",
+    )
+
+
+class ReferenceUse(BaseModel):
+    """What the Creator did with one of block 2's references (recorded with the episode): the image it fed,
+    through which pipeline inputs, or why it fed none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    control: Control
+    episode: int | None = Field(None, description="the episode the image came from (None: none was fed)")
+    image: int = 0
+    artifact: str | None = Field(None, description="the image's path in the world directory")
+    sha256: str | None = None
+    inputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the pipeline inputs fed: the image input (its artifact path), the scale",
+    )
+    note: str | None = Field(
+        None, description="why nothing was fed (e.g. the first episode has no previous one)"
+    )
 
 
 class ArtifactRef(BaseModel):
@@ -159,6 +244,10 @@ class Progress(BaseModel):
     ran: list[str] = Field(default_factory=list, description="stages run so far in the step in flight")
     skipped: list[str] = Field(default_factory=list)
     episode: int | None = Field(None, description="episode saved by the step in flight")
+    state_references: list[ReferenceUse] = Field(
+        default_factory=list,
+        description="what the Creator fed for block 2's references (recorded with its episode)",
+    )
 
 
 class EpisodeMeta(BaseModel):
@@ -177,6 +266,10 @@ class EpisodeMeta(BaseModel):
     time: str | None = Field(None, description="when it was saved (ISO 8601, UTC)")
     content: WorldContent | None = Field(
         None, description="the world's content as the episode's stages saw it (exact prompts when given)"
+    )
+    references: list[ReferenceUse] = Field(
+        default_factory=list,
+        description="the earlier images the Creator conditioned this episode on, and how",
     )
 
     def recorded(self) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from worldgen.config import dump_config, load_config_file
 from worldgen.errors import ConfigError, WorldgenError, format_validation_error
 from worldgen.images import png_bytes, to_pil
 from worldgen.report import episode_markdown, report_html, report_markdown
-from worldgen.state import ArtifactRef, EpisodeMeta, Progress, WorldContent, WorldState
+from worldgen.state import ArtifactRef, EpisodeMeta, Progress, ReferenceUse, WorldContent, WorldState
 from worldgen.storage_io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -405,9 +405,18 @@ class WorldStorage:
 
     # ---------------------------------------------------------------- episodes
 
-    def save_episode(self, state: WorldState, *, step: int, action: str | None, ran: list[str]) -> int:
+    def save_episode(
+        self,
+        state: WorldState,
+        *,
+        step: int,
+        action: str | None,
+        ran: list[str],
+        references: list[ReferenceUse] | None = None,
+    ) -> int:
         """Save a complete state as the next episode, exactly once per `state.id`: when an episode of this state
-        exists already, return its number and write nothing. The episode is assembled in `episodes/.tmp-<id>/` and
+        exists already, return its number and write nothing. `references`: what the Creator fed for block 2's
+        references (recorded in meta.json). The episode is assembled in `episodes/.tmp-<id>/` and
         renamed into place; the state's in-flight artifacts are then removed. Returns the episode number."""
         state_id = _check_id(state.id)
         missing = sorted({1, 2, 3, 4, 5} - state.filled())
@@ -431,7 +440,15 @@ class WorldStorage:
         try:
             tmp.mkdir(parents=True)
             saved = self._assemble(
-                tmp, final, state, sources, step=step, action=action, ran=ran, number=number
+                tmp,
+                final,
+                state,
+                sources,
+                step=step,
+                action=action,
+                ran=ran,
+                number=number,
+                references=references or [],
             )
             _fsync_dir(tmp)
             os.replace(tmp, final)
@@ -635,6 +652,7 @@ class WorldStorage:
         action: str | None,
         ran: list[str],
         number: int,
+        references: list[ReferenceUse],
     ) -> WorldState:
         """Write one episode's files into `folder` (to be renamed to `final`); returns the state as saved."""
         refs = []
@@ -672,6 +690,7 @@ class WorldStorage:
             action=action,
             ran=list(ran),
             time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **({"references": list(references)} if references else {}),  # recorded only when there are some
         )
         files = EpisodeFolder(folder)
         _write_synced(files.state_path, (saved.model_dump_json(indent=2) + "\n").encode())

@@ -28,8 +28,9 @@ from worldgen.errors import (
 )
 from worldgen.limits import LimitExceeded, Limits, applying, time_limit, within
 from worldgen.plan import Problem
+from worldgen.reference import plan_references, reference_inputs
 from worldgen.registry import build_world_template, check_executor
-from worldgen.stage import CONTRACTS, CYCLE, Schema, Stage, build_item, role_that
+from worldgen.stage import CONTRACTS, CYCLE, REFERENCE_INPUTS, Schema, Stage, build_item, role_that
 from worldgen.state import (
     GenerationConfig,
     Guidance,
@@ -361,9 +362,13 @@ class World:
             if state is not None:
                 given = WorldState.from_blocks(state)
                 self._check_generation(given.generation, path="state.generation")
+                if given.generation is not None:  # a bad reference fails here, before any stage runs
+                    plan_references(
+                        given.generation, self.selecting_stage, self.storage, where="state.generation"
+                    )
                 if given.id != p.state.id:
                     self.storage.discard_artifacts(p.state.id)  # the state it replaces will never be saved
-                p.state, p.state_action = self._adopt(given), None
+                self._new_state(self._adopt(given), None)
         for index in range(p.stage_index, len(CYCLE)):
             role = CYCLE[index]
             stage = self.stages[role]
@@ -378,7 +383,7 @@ class World:
             else:
                 if stage.contract.saves_episode and p.state.filled():  # incomplete: the state is dropped
                     self.storage.discard_artifacts(p.state.id)
-                    p.state, p.state_action = WorldState(), None
+                    self._new_state(WorldState(), None)
                 p.skipped.append(role)
             p.stage_index = index + 1
             # Persist after every stage that did work (a skip is re-derived from the same state on resume);
@@ -435,26 +440,35 @@ class World:
             pipelines=list(self.selecting_stage.node_ids),
             defaults=self.settings.generation_defaults.model_dump(),
             seed=self._seed(role),
+            controls=self.selecting_stage.controls(),
         )
 
-    def _inputs(self, role: str, engine: Any) -> dict[str, Any]:
+    def _inputs(self, role: str, engine: Any, references: Mapping[str, Any] | None = None) -> dict[str, Any]:
         state = self.progress.state
-        available = world_inputs(self._context(role), state, self.storage.artifact_path)
+        available = world_inputs(self._context(role), state, self.storage.artifact_path) | dict(
+            references or {}
+        )
         inputs = {}
         for name, exposed in engine.exposed_inputs.items():
             if name in available:
                 inputs[name] = available[name]
             elif not exposed.optional:
+                control = next((c for c, (image, _, _) in REFERENCE_INPUTS.items() if image == name), None)
+                hint = f" (block 2's `reference` with control '{control}' feeds it)" if control else ""
                 raise ConfigError(
-                    f"stage '{role}' needs input '{name}', which the world does not provide; world inputs are: "
-                    f"{', '.join(sorted(available))}",
+                    f"stage '{role}' needs input '{name}', which the world does not provide{hint}; world inputs "
+                    f"are: {', '.join(sorted(available))}",
                     path=f"stages.{role}",
                 )
         return inputs
 
-    def _call(self, role: str, engine: Any, seed: int) -> dict[str, Any]:
+    def _call(
+        self, role: str, engine: Any, seed: int, references: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         try:
-            return engine.run(self._inputs(role, engine), seed=seed, executor=self.settings.executor)
+            return engine.run(
+                self._inputs(role, engine, references), seed=seed, executor=self.settings.executor
+            )
         except WorldgenError as err:
             err.args = (f"stage '{role}': {err}",)  # keep the error's type; say which stage
             raise
@@ -478,7 +492,7 @@ class World:
         if contract.saves_episode:
             self._update_world(value)
         elif contract.starts_state:
-            p.state, p.state_action = WorldState().with_block(contract.writes, value), p.action
+            self._new_state(WorldState().with_block(contract.writes, value), p.action)
         else:
             p.state = p.state.with_block(contract.writes, value)
 
@@ -503,6 +517,10 @@ class World:
             err.args = (f"stage '{role}': block 2: {err}",)  # keep the type (and the limit); say where
             raise
         self.selecting_stage.selected(WorldState(generation=config))  # the pipeline must exist
+        try:  # and its references must be ones the pipeline and the world's episodes can honour
+            plan_references(config, self.selecting_stage, self.storage, where="generation")
+        except ConfigError as err:
+            raise ConfigError(f"stage '{role}': block 2: {err.detail}", path=err.path) from None
         return config
 
     def _check_generation(self, config: GenerationConfig | None, path: str | None = None) -> None:
@@ -513,28 +531,46 @@ class World:
             )
 
     def _create(self, role: str, stage: Stage) -> list:
-        """Block 2's pipeline run once per image asked for (seeds in a row), the images saved as artifacts."""
+        """Block 2's pipeline run once per image asked for (seeds in a row), the images saved as artifacts;
+        block 2's references feed it earlier episodes' images (recorded with the episode)."""
         import torch
 
-        state = self.progress.state
+        p = self.progress
+        state, generation = p.state, p.state.generation
         engine = stage.selected(state)
-        seed = state.generation.seed if state.generation.seed is not None else self._seed(role)
+        references: dict[str, Any] = {}
+        if stage.contract.feeds_references:
+            p.state_references = plan_references(generation, stage, self.storage, where="generation")
+            references = reference_inputs(
+                p.state_references,
+                self.storage,
+                width=generation.width,
+                height=generation.height,
+                where="generation",
+            )
+        seed = generation.seed if generation.seed is not None else self._seed(role)
         output = stage.contract.output
-        images = [self._call(role, engine, seed + i)[output] for i in range(state.generation.count)]
+        images = [self._call(role, engine, seed + i, references)[output] for i in range(generation.count)]
         return self.storage.save_artifacts(state.id, torch.cat(images))
 
     def _update_world(self, story: str) -> None:
         """Save the complete state as an episode and apply it to the content — each exactly once."""
         p = self.progress
         p.episode = self.storage.save_episode(
-            p.state, step=p.step + 1, action=p.state_action, ran=list(p.ran)
+            p.state, step=p.step + 1, action=p.state_action, ran=list(p.ran), references=p.state_references
         )
         if self.content.last_state_id != p.state.id:
             self.content.story = story
             self.content.history.append(p.state.outcome or "")
             self.content.last_state_id = p.state.id
             self.storage.save_content(self.content)
-        p.state, p.state_action = WorldState(), None
+        self._new_state(WorldState(), None)
+
+    def _new_state(self, state: WorldState, action: str | None) -> None:
+        """The state in flight replaced: what was recorded for the old one (its action, what its references fed)
+        goes with it."""
+        p = self.progress
+        p.state, p.state_action, p.state_references = state, action, []
 
     def _adopt(self, state: WorldState) -> WorldState:
         """Copy user-supplied artifact files into the world directory (block 3 then refers to them there)."""
@@ -598,8 +634,10 @@ def stage_context(
     pipelines: list[str],
     defaults: Mapping[str, Any],
     seed: int,
+    controls: Mapping[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """The `context` input of a stage: the variables its prompt templates are rendered with."""
+    """The `context` input of a stage: the variables its prompt templates are rendered with. `controls`: for each
+    pipeline, the controls a reference in block 2 may give it (Stage.controls)."""
     blocks = state.model_dump(mode="json")
     blocks.pop("id")
     return {
@@ -610,6 +648,7 @@ def stage_context(
         "pipelines": list(pipelines),
         "defaults": dict(defaults),
         "seed": seed,
+        "controls": {name: list(c) for name, c in (controls or {}).items()},
     }
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from actors.world_driver import ArtifactNotFound
 from tests.conftest import crash_actor
+from worldgen.config import load_config_file
 from worldgen.errors import ConfigError, ExecutionError, StepInFlightError
 from worldgen.limits import DeadlineExceeded, LimitExceeded
 from worldgen.storage import Damage, WorldDamagedError, WorldExistsError
@@ -343,6 +344,41 @@ def test_damage_and_outside_links_get_a_clear_4xx(gateway, tmp_path):
     answer = _restart_driver(client, root, "scarred")  # a restarted driver finds it at load
     assert answer.status_code == 409 and answer.json()["detail"].startswith(damaged), answer.text
     assert client.post("/v1/worlds/scarred/step").status_code == 409
+
+
+def test_a_user_block_2_may_reference_an_earlier_episode(gateway):
+    """A step may carry the user's blocks: block 2's reference is checked against the world's episodes and
+    pipelines (400 naming the field), block 3 (files) is refused over HTTP, and a good reference is taken."""
+    client, root = gateway
+    config = load_config_file(Path(__file__).parents[2] / "configs" / "worlds" / "keeps_its_look.yaml")
+    assert client.post("/v1/worlds", json={"id": "look", "config": config}).status_code == 201
+    for _ in range(2):  # the second step saves episode 1
+        assert client.post("/v1/worlds/look/step").status_code == 200
+    block_2 = {
+        "prompt": "the keeper again",
+        "pipeline": "from_previous",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+    }
+    refused = [
+        (
+            {"episode": 5, "control": "img2img"},
+            "state.generation.reference.0.episode: episode 5 does not exist",
+        ),
+        ({"control": "img2img", "scale": 0.5}, "state.generation.reference.0.scale"),
+        ({"control": "ip_adapter"}, "pipelines that take control 'ip_adapter': none"),
+    ]
+    for reference, detail in refused:
+        response = client.post(
+            "/v1/worlds/look/step", json={"state": {"1": "x", "2": {**block_2, "reference": reference}}}
+        )
+        assert response.status_code == 400 and detail in response.json()["detail"], response.text
+    files = client.post("/v1/worlds/look/step", json={"state": {"3": ["/etc/hostname"]}})
+    assert files.status_code == 400 and "state.3" in files.json()["detail"]
+    assert client.get("/v1/worlds/look").json()["step"] == 2  # nothing ran
+    taken = {"1": "the keeper again", "2": {**block_2, "reference": {"episode": 1, "control": "img2img"}}}
+    assert client.post("/v1/worlds/look/step", json={"state": taken}).status_code == 200
 
 
 # ---- limits (issue 10) ---------------------------------------------------------------------------------

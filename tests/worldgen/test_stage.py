@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from worldgen.errors import GraphError
-from worldgen.stage import CONTRACTS, CYCLE, Schema, Stage, role_that
+from worldgen.stage import CONTRACTS, CYCLE, REFERENCE_INPUTS, Schema, Stage, reference_input, role_that
 from worldgen.state import WorldState
 
 # DESIGN.md §2.3, restated here on purpose (not derived from CONTRACTS), so a changed contract fails below.
@@ -44,6 +44,7 @@ CANON_ONLY = {
     "receives_action": "development",
     "starts_state": "development",
     "selects_pipeline": "creator",
+    "feeds_references": "creator",  # block 2's references: earlier images fed to the pipeline it runs
     "saves_episode": "world_update",
 }
 # every role is trained from episodes but World update; the Philosopher also as a captioner
@@ -128,3 +129,34 @@ def test_selects_follows_the_contract(monkeypatch):
     assert Stage("creator").selects and not Stage("architect").selects
     monkeypatch.setitem(CONTRACTS, "creator", replace(CONTRACTS["creator"], selects_pipeline=False))
     assert not Stage("creator").selects
+
+
+def test_controls_are_the_reference_inputs_a_pipeline_exposes():
+    """A pipeline takes a control when it exposes the control's image input (the names the adapter templates
+    expose); the Architect is shown these."""
+    import tests.toy_blocks  # noqa: F401  (registers the toy blocks)
+    from worldgen.graph import Graph
+
+    assert {c: (i, s) for c, (i, s, _) in REFERENCE_INPUTS.items()} == {
+        "controlnet": ("control_image", "controlnet_scale"),
+        "ip_adapter": ("ip_adapter_image", "ip_adapter_scale"),
+        "img2img": ("image", "strength"),
+    }
+    assert [reference_input("control_image", k) for k in (1, 2, 3)] == [
+        "control_image",
+        "control_image_2",
+        "control_image_3",
+    ]
+    creator = Stage("creator")
+    for name, inputs in {
+        "plain": [],
+        "both": ["control_image", "ip_adapter_image"],
+        "i2i": ["image"],
+    }.items():
+        g = Graph(name)
+        g.add_node("toy/add", id="n")
+        g.expose_input("prompt", "n.a")
+        for port in inputs:
+            g.expose_input(port, "n.b", default=None)
+        creator.add_pipeline(g, id=name)
+    assert creator.controls() == {"plain": [], "both": ["controlnet", "ip_adapter"], "i2i": ["img2img"]}

@@ -351,6 +351,7 @@ def role_context(world: Any, episodes: Sequence[Episode], index: int, role: str)
         pipelines=list(world.selecting_stage.node_ids),
         defaults=world.settings.generation_defaults.model_dump(),
         seed=stage_seed(world.settings.seed, step, role),
+        controls=world.selecting_stage.controls(),
     )
 
 
