@@ -27,6 +27,7 @@ _BUILTIN_MODULES = (
     "worldgen.nodes.vision",
     "worldgen.nodes.endpoint",
     "worldgen.nodes.flux",
+    "worldgen.nodes.controlnet",
 )
 _TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*/[a-z0-9][a-z0-9_.-]*$")
 _EXECUTOR_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -180,6 +181,7 @@ _TEMPLATE_KINDS: dict[str, str] = {}  # template name -> what it builds: "graph"
 _BUILTIN_TEMPLATE_MODULES = (
     "worldgen.templates.diffusion",
     "worldgen.templates.sdxl",
+    "worldgen.templates.controlnet",
     "worldgen.templates.worlds",
 )
 _templates_loaded = False

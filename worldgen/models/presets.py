@@ -28,6 +28,7 @@ _BUILTIN_MODULES = (
     "worldgen.models.tiny_sdxl",
     "worldgen.models.tiny_sd3",
     "worldgen.models.tiny_flux",
+    "worldgen.models.tiny_controlnet",
 )
 
 

@@ -55,6 +55,12 @@ class UNet2DBackboneBlock(ModelBlock):
             "time_ids", K.EMBEDDING, optional=True, doc="text_time: the added time ids (sizes, crop, score)"
         ),
         Port("time_ids_uncond", K.EMBEDDING, optional=True, doc="text_time: the negative branch's time ids"),
+        Port(
+            "control",
+            K.ANY,
+            optional=True,
+            doc="ControlNet residuals (adapter/controlnet), batched as this call",
+        ),
     )
     OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT))
 
@@ -98,9 +104,11 @@ class UNet2DBackboneBlock(ModelBlock):
         pooled_uncond: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
         time_ids_uncond: torch.Tensor | None = None,
+        control: Any = None,
     ) -> dict[str, Any]:
         unet = self.model
         batch = sample.shape[0]
+        residuals = _control_kwargs(control, self, batch * (1 if condition_uncond is None else 2))
         sample, condition = _on_model(sample, self), _on_model(_to_batch(condition, batch), self)
         added = None
         if unet.config.get("addition_embed_type") == "text_time":
@@ -110,7 +118,12 @@ class UNet2DBackboneBlock(ModelBlock):
         if condition_uncond is None:
             added = {k: _on_model(v, self) for k, v in added.items()} if added is not None else None
             pred = unet(
-                sample, timestep, encoder_hidden_states=condition, added_cond_kwargs=added, return_dict=False
+                sample,
+                timestep,
+                encoder_hidden_states=condition,
+                added_cond_kwargs=added,
+                return_dict=False,
+                **residuals,
             )
             return {"pred": pred[0], "pred_uncond": None}
         uncond = _on_model(_to_batch(condition_uncond, batch), self)
@@ -133,6 +146,7 @@ class UNet2DBackboneBlock(ModelBlock):
             encoder_hidden_states=torch.cat([uncond, condition]),
             added_cond_kwargs=added,
             return_dict=False,
+            **residuals,
         )[0]
         pred_uncond, pred_cond = pred.chunk(2)
         return {"pred": pred_cond, "pred_uncond": pred_uncond}
@@ -143,6 +157,23 @@ def _to_batch(value: torch.Tensor, batch: int) -> torch.Tensor:
     if value.shape[0] == 1 and batch > 1:
         return value.expand(batch, *value.shape[1:])
     return value
+
+
+def _control_kwargs(control: Any, block: ModelBlock, batch: int) -> dict[str, Any]:
+    """ControlNet residuals (worldgen/nodes/controlnet.py) as the UNet's additional residuals, checked against
+    the call's batch (a ControlNet with guidance must be fed the same negative branch as the UNet)."""
+    if control is None:
+        return {}
+    if control.mid.shape[0] != batch:
+        raise ConfigError(
+            f"the ControlNet residuals are batched for {control.mid.shape[0]} but this call runs {batch} (feed "
+            "the ControlNet the same condition_uncond as the UNet)",
+            path="control",
+        )
+    return {
+        "down_block_additional_residuals": [_on_model(r, block) for r in control.down],
+        "mid_block_additional_residual": _on_model(control.mid, block),
+    }
 
 
 def _refuse_missing_text_time(port: str) -> None:

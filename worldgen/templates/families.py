@@ -28,7 +28,7 @@ _FAMILY_MODULES = (
     "worldgen.templates.flux",
 )
 # Modules registering attachments (adapters a family graph takes as a template option), applied in this order.
-_ATTACHMENT_MODULES: tuple[str, ...] = ()
+_ATTACHMENT_MODULES: tuple[str, ...] = ("worldgen.templates.controlnet",)
 
 
 @dataclass(frozen=True)
