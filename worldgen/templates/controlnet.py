@@ -70,8 +70,9 @@ def _validated(cls: type[BaseModel], data: Any, prefix: str) -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0].get("loc", ())
-        path = ".".join([prefix, *(str(p) for p in first)])
+        # The field, not where inside it (pydantic's loc adds union branch tags after it).
+        field = err.errors()[0].get("loc", ())[:1]
+        path = ".".join([prefix, *(str(p) for p in field)])
         raise ConfigError(format_validation_error(err, prefix), path=path) from None
 
 
