@@ -165,7 +165,9 @@ def test_a_bad_spec_is_a_config_error_naming_the_field(spec, path, message):
 
 
 def test_a_controlnet_that_does_not_fit_the_unet_is_refused_before_loading():
-    with pytest.raises(ConfigError, match=r"node 'controlnet' .*cross_attention_dim is 64 but the UNet's is 32"):
+    with pytest.raises(
+        ConfigError, match=r"node 'controlnet' .*cross_attention_dim is 64 but the UNet's is 32"
+    ):
         wg.Graph.from_template("controlled", preset="tiny", controlnet={"model": CN_XL})
     with pytest.raises(ConfigError, match=r"node 'controlnet_2' .*cross_attention_dim is 32") as err:
         wg.Graph.from_template(
