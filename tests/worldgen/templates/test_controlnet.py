@@ -1,6 +1,6 @@
 """The `controlnet:` attachment and the `controlled` template (worldgen/templates/controlnet.py) give exactly the
 diffusers ControlNet pipelines' images on the tiny presets: one ControlNet, two (multi-ControlNet), guess mode,
-control start/end, Canny preprocessing, image to image, and SDXL; bad specs and ControlNets that do not fit the
+control start/end, Canny preprocessing, image to image, and SDXL (text and image to image); bad specs and ControlNets that do not fit the
 UNet are clear errors naming the field, before any weights load."""
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def test_image_to_image_matches_the_controlnet_img2img_pipeline(sd_pipe, init_im
     assert max_diff(got, expected) <= TOL
 
 
-def test_sdxl_controlled_matches_the_sdxl_controlnet_pipeline():
+def test_sdxl_controlled_matches_the_sdxl_controlnet_pipelines(init_image):
     pipe = quiet(preset_pipeline("sdxl-controlnet-tiny"))
     expected = pipe(
         PROMPT,
@@ -146,6 +146,23 @@ def test_sdxl_controlled_matches_the_sdxl_controlnet_pipeline():
         "controlled", preset="tiny", family="sdxl", steps=STEPS, controlnet={"model": CN_XL, "scale": 0.8}
     )
     assert max_diff(run(graph, control_image=control(1)), expected) <= TOL
+
+    img2img = quiet(diffusers.StableDiffusionXLControlNetImg2ImgPipeline(**pipe.components))
+    expected = img2img(
+        PROMPT,
+        image=init_image,
+        control_image=control(1),
+        controlnet_conditioning_scale=1.0,
+        strength=0.5,
+        num_inference_steps=4,
+        generator=generator(),
+        output_type="pt",
+    ).images
+    graph = wg.Graph.from_template(
+        "image_to_image", preset="tiny", family="sdxl", steps=4, strength=0.5, controlnet={"model": CN_XL}
+    )
+    got = graph.run({"prompt": PROMPT, "image": init_image, "control_image": control(1)}, seed=SEED)["image"]
+    assert max_diff(got, expected) <= TOL
 
 
 @pytest.mark.parametrize(
