@@ -32,7 +32,7 @@ from actors.cluster import (
 )
 from worldgen.block import Block, ModelBlock
 from worldgen.callbacks import RunOptions
-from worldgen.errors import ConfigError
+from worldgen.errors import ConfigError, WorldgenError
 from worldgen.execution.local import call_in_port_order, in_port_order, run_local
 from worldgen.limits import DEFAULT_LIMITS, Deadline, current_deadline, current_limits, within
 from worldgen.model_ref import ModelRef, Placement
@@ -176,8 +176,6 @@ class HostedBlock(Block):
         return self.inner.loop_iterations(inputs)
 
     def forward(self, **inputs: Any) -> dict[str, Any]:
-        from worldgen.errors import WorldgenError
-
         ports = tuple(self.inner.output_ports())
         ref = self.host.call.options(num_returns=len(ports)).remote(
             self.inner, self.node_id, ports, current_deadline(), **inputs
