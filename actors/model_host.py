@@ -32,7 +32,7 @@ from actors.cluster import (
 )
 from worldgen.block import Block, ModelBlock
 from worldgen.callbacks import RunOptions
-from worldgen.errors import ConfigError
+from worldgen.errors import ConfigError, WorldgenError
 from worldgen.execution.local import call_in_port_order, in_port_order, run_local
 from worldgen.limits import DEFAULT_LIMITS, Deadline, current_deadline, current_limits, within
 from worldgen.model_ref import ModelRef, Placement
@@ -150,6 +150,43 @@ class ModelHost:
             "adapters": sorted(getattr(self.model, "__dict__", {}).get("_worldgen_adapters", ())),
             "pid": os.getpid(),
         }
+
+
+class HostedBlock(Block):
+    """A weight-holding block of a fused loop whose model lives on another host (a ControlNet beside the UNet):
+    the loop runs on the backbone's host and calls this block's own host once per iteration, so each model
+    stays loaded once cluster-wide. It has the block's ports and checks; only the call travels."""
+
+    def __init__(self, block: ModelBlock, node_id: str, host: Any):
+        self.config = block.config
+        self.inner, self.node_id, self.host = block, node_id, host
+        # Its own cache key on the backbone's host (`block_key`): never bound to that host's model.
+        self.block_type = f"{block.block_type}@{host_name(block)}"
+
+    def input_ports(self) -> dict[str, Any]:
+        return self.inner.input_ports()
+
+    def output_ports(self) -> dict[str, Any]:
+        return self.inner.output_ports()
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> Any:
+        return self.inner.check_inputs(inputs)
+
+    def loop_iterations(self, inputs: Mapping[str, Any]) -> int | None:
+        return self.inner.loop_iterations(inputs)
+
+    def forward(self, **inputs: Any) -> dict[str, Any]:
+        ports = tuple(self.inner.output_ports())
+        ref = self.host.call.options(num_returns=len(ports)).remote(
+            self.inner, self.node_id, ports, current_deadline(), **inputs
+        )
+        try:
+            values = ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, WorldgenError):  # a clear error of the block: keep it as it is
+                raise err.cause from None
+            raise
+        return dict(zip(ports, values if len(ports) > 1 else [values], strict=True))
 
 
 _handles: dict[str, Any] = {}

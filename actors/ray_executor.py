@@ -1,6 +1,8 @@
 """The Ray executor: light blocks run as Ray tasks, weight-holding blocks on their model host actors, edges
 travel as ObjectRefs (so independent nodes run in parallel), and pipelines unfold into one DAG of Ray tasks
-chained by ObjectRefs. A loop whose models all live on one host runs there as a single call (loop fusion).
+chained by ObjectRefs. A loop whose models all live on one host runs there as a single call (loop fusion); a
+loop of a backbone and adapters on other hosts (a UNet and its ControlNets) runs on the backbone's host, which
+calls the adapters' hosts each iteration.
 
 Same seed → same result as the local executor: random state travels on `rng` ports, never in a process.
 
@@ -21,7 +23,7 @@ from typing import Any
 import ray
 
 from actors.cluster import connect
-from actors.model_host import block_key, forget_host, host_for, host_name
+from actors.model_host import HostedBlock, block_key, forget_host, host_for, host_name
 from worldgen.block import Block, ModelBlock
 from worldgen.callbacks import RunOptions
 from worldgen.engine import Engine
@@ -141,8 +143,8 @@ class _Run:
                 else:
                     values[node_id] = self.submit_block(node_id, item, kwargs)
                 self.submitted.append(_Submitted(node_id, None, values[node_id]))
-            elif self.fuse_loops and isinstance(engine, Graph) and (host := _fusion_host(engine, step.loop)):
-                self.submit_fused(engine, step.loop, host, values, inputs)
+            elif self.fuse_loops and isinstance(engine, Graph) and (fusion := _fusion(engine, step.loop)):
+                self.submit_fused(engine, step.loop, fusion, values, inputs)
             else:
                 n = self.loop_count(engine, step.loop, values, inputs)
                 for i in range(n):
@@ -160,13 +162,16 @@ class _Run:
 
         return loop_iterations(engine, loop, values, inputs, self.iterations, entering)
 
-    def submit_fused(self, graph: Graph, loop: Loop, host: Any, values, inputs) -> None:
+    def submit_fused(self, graph: Graph, loop: Loop, fusion: _Fusion, values, inputs) -> None:
+        host = fusion.host
         sub, entering, leaving = graph.extract(loop.order)
         kwargs: dict[str, Any] = {}
         for node_id in loop.order:
             outside = self.gather(graph, node_id, values, inputs, loop=loop, outside_only=True)
             kwargs |= {name: outside[port] for name, (node, port) in entering.items() if node == node_id}
         key = hashlib.sha1(repr(sub.to_config()).encode()).hexdigest()
+        for node_id, other in fusion.called.items():  # models of other hosts: called there, per iteration
+            sub.replace_block(node_id, HostedBlock(sub.block(node_id), node_id, other))
         ports = tuple(leaving)
         ref = host.run_subgraph.options(num_returns=len(ports)).remote(
             key, sub, ports, self.seed, self.iterations, current_deadline(), **_resolve_local(kwargs)
@@ -191,10 +196,31 @@ def _resolve_local(kwargs: dict[str, Any], fetch: bool = False) -> dict[str, Any
     return out
 
 
-def _fusion_host(graph: Graph, loop: Loop) -> Any:
-    """The one host every weight-holding node of the loop lives on, or None (then the loop runs unfused)."""
-    models = [graph.item(n) for n in loop.order if isinstance(graph.item(n), ModelBlock)]
-    if not models or len({host_name(b) for b in models}) != 1:
+@dataclass(frozen=True)
+class _Fusion:
+    """Where a fused loop runs (`host`), and the loop's nodes whose models live on other hosts (`called`: node
+    -> its host), which the loop calls there each iteration."""
+
+    host: Any
+    called: dict[str, Any]
+
+
+def _fusion(graph: Graph, loop: Loop) -> _Fusion | None:
+    """How the loop runs as one host call, or None (then it runs unfused, node by node).
+
+    All its models on one host: there. Models on several hosts: on the backbone's host, when one backbone
+    holds the loop (the weight-heavy, every-step model) and the others are adapters beside it (ControlNets);
+    those are called on their own hosts, so no model is loaded a second time."""
+    models = {n: graph.item(n) for n in loop.order if isinstance(graph.item(n), ModelBlock)}
+    if not models:
+        return None
+    names = {n: host_name(b) for n, b in models.items()}
+    backbones = {names[n] for n, b in models.items() if b.role == "backbone"}
+    if len(set(names.values())) == 1:
+        home = next(iter(names.values()))
+    elif len(backbones) == 1:
+        home = next(iter(backbones))
+    else:
         return None
     plan = graph.plan()
     for node_id in loop.order:  # an aggregating port fed from outside cannot become one subgraph input
@@ -205,7 +231,9 @@ def _fusion_host(graph: Graph, loop: Loop) -> Any:
                 and len(outside) + len(plan.exposed.get((node_id, port_name), [])) > 1
             ):
                 return None
-    return host_for(models[0])
+    host = host_for(next(b for n, b in models.items() if names[n] == home))
+    called = {n: host_for(b) for n, b in models.items() if names[n] != home}
+    return _Fusion(host, called)
 
 
 # ---- entry point -------------------------------------------------------------------------------------

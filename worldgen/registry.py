@@ -30,6 +30,7 @@ _BUILTIN_MODULES = (
     "worldgen.nodes.upscale",
     "worldgen.nodes.inpaint",
     "worldgen.nodes.lora",
+    "worldgen.nodes.controlnet",
 )
 _TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*/[a-z0-9][a-z0-9_.-]*$")
 _EXECUTOR_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -184,6 +185,7 @@ _BUILTIN_TEMPLATE_MODULES = (
     "worldgen.templates.diffusion",
     "worldgen.templates.sdxl",
     "worldgen.templates.upscale",
+    "worldgen.templates.controlnet",
     "worldgen.templates.worlds",
 )
 _templates_loaded = False

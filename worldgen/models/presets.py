@@ -31,6 +31,7 @@ _BUILTIN_MODULES = (
     "worldgen.models.tiny_upscale",
     "worldgen.models.tiny_inpaint",
     "worldgen.models.tiny_ip_adapter",
+    "worldgen.models.tiny_controlnet",
 )
 
 

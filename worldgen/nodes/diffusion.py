@@ -76,6 +76,12 @@ class UNet2DBackboneBlock(ModelBlock):
             aggregate=Aggregation.LIST,  # several adapters: one list, as pipe.load_ip_adapter([...]) takes
             doc="an adapter/ip_adapter's image prompt (IP-Adapter)",
         ),
+        Port(
+            "control",
+            K.ANY,
+            optional=True,
+            doc="ControlNet residuals (adapter/controlnet), batched as this call",
+        ),
     )
     OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT))
 
@@ -130,9 +136,11 @@ class UNet2DBackboneBlock(ModelBlock):
         time_ids_uncond: torch.Tensor | None = None,
         concat: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        control: Any = None,
     ) -> dict[str, Any]:
         unet = self.model
         batch = sample.shape[0]
+        residuals = _control_kwargs(control, self, batch * (1 if condition_uncond is None else 2))
         sample, condition = _on_model(sample, self), _on_model(_to_batch(condition, batch), self)
         extra = _extra_channels(concat, batch, self, sample.shape[1])
         if class_labels is not None:  # labels (indices, or a noise level) keep their dtype
@@ -151,6 +159,7 @@ class UNet2DBackboneBlock(ModelBlock):
                 added_cond_kwargs=added,
                 class_labels=class_labels,
                 return_dict=False,
+                **residuals,
             )
             return {"pred": pred[0], "pred_uncond": None}
         uncond = _on_model(_to_batch(condition_uncond, batch), self)
@@ -174,6 +183,7 @@ class UNet2DBackboneBlock(ModelBlock):
             added_cond_kwargs=added,
             class_labels=None if class_labels is None else torch.cat([class_labels] * 2),
             return_dict=False,
+            **residuals,
         )[0]
         pred_uncond, pred_cond = pred.chunk(2)
         return {"pred": pred_cond, "pred_uncond": pred_uncond}
@@ -206,6 +216,23 @@ def _to_batch(value: torch.Tensor, batch: int) -> torch.Tensor:
     if value.shape[0] == 1 and batch > 1:
         return value.expand(batch, *value.shape[1:])
     return value
+
+
+def _control_kwargs(control: Any, block: ModelBlock, batch: int) -> dict[str, Any]:
+    """ControlNet residuals (worldgen/nodes/controlnet.py) as the UNet's additional residuals, checked against
+    the call's batch (a ControlNet with guidance must be fed the same negative branch as the UNet)."""
+    if control is None:
+        return {}
+    if control.mid.shape[0] != batch:
+        raise ConfigError(
+            f"the ControlNet residuals are batched for {control.mid.shape[0]} but this call runs {batch} (feed "
+            "the ControlNet the same condition_uncond as the UNet)",
+            path="control",
+        )
+    return {
+        "down_block_additional_residuals": [_on_model(r, block) for r in control.down],
+        "mid_block_additional_residual": _on_model(control.mid, block),
+    }
 
 
 def _refuse_missing_text_time(port: str) -> None:

@@ -29,7 +29,11 @@ _FAMILY_MODULES = (
     "worldgen.templates.upscale",
 )
 # Modules registering attachments (adapters a family graph takes as a template option), applied in this order.
-_ATTACHMENT_MODULES: tuple[str, ...] = ("worldgen.templates.lora", "worldgen.templates.ip_adapter")
+_ATTACHMENT_MODULES: tuple[str, ...] = (
+    "worldgen.templates.lora",
+    "worldgen.templates.ip_adapter",
+    "worldgen.templates.controlnet",
+)
 
 
 TASKS = ("text_to_image", "image_to_image", "inpaint", "upscale")  # the graphs a family may build
