@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from worldgen.errors import ConfigError
 from worldgen.graph import Graph
@@ -44,11 +44,13 @@ class FluxControlNetSpec(BaseModel):
     end: float = Field(1.0, ge=0.0, le=1.0, description="control_guidance_end: fraction of the steps")
     mode: int | None = Field(None, ge=0, description="union ControlNets: the control type (control_mode)")
 
-    @model_validator(mode="after")
-    def _start_before_end(self) -> FluxControlNetSpec:
-        if self.start >= self.end:
-            raise ValueError(f"start ({self.start}) must be below end ({self.end})")
-        return self
+    @field_validator("end")
+    @classmethod
+    def _end_after_start(cls, end: float, info: ValidationInfo) -> float:
+        start = info.data.get("start", 0.0)
+        if end <= start:
+            raise ValueError(f"end must be above start ({start}): the control would act in no step")
+        return end
 
 
 def parse_specs(specs: Any) -> list[FluxControlNetSpec]:
