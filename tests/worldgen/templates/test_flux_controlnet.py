@@ -26,8 +26,9 @@ REF = {"source": "preset:flux-tiny", "dtype": "float32"}
 TINY, UNION = "flux-controlnet-tiny", "flux-controlnet-union-tiny"
 
 
-def picture(seed: int, height: int = 40, width: int = 56) -> Image.Image:
-    """A random RGB picture; 40x56 is no multiple of 16, so both sides resize it to the generation size."""
+def picture(seed: int, height: int = 72, width: int = 88) -> Image.Image:
+    """A random RGB picture of another size than the generation's (and no multiple of 16): both sides
+    resize it to the generation size."""
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
 
@@ -77,19 +78,22 @@ def test_two_controlnets_in_parts_of_the_steps_with_true_cfg_match_the_multi_pip
         control_image=controls,
         control_mode=[None, 2],
         controlnet_conditioning_scale=[0.7, 1.3],
-        control_guidance_start=[0.0, 0.5],  # over 2 steps: the first acts in step 0, the second in step 1
-        control_guidance_end=[0.5, 1.0],
+        # Over 4 steps the first acts in steps 0-2, the second in 1-3: both (summed) in steps 1 and 2.
+        control_guidance_start=[0.0, 0.25],
+        control_guidance_end=[0.75, 1.0],
+        num_inference_steps=4,
         **cfg,
     )
     graph = controlled(
         [
-            {"model": f"preset:{TINY}", "scale": 0.7, "end": 0.5},
-            {"model": f"preset:{UNION}", "scale": 1.3, "start": 0.5, "mode": 2},
+            {"model": f"preset:{TINY}", "scale": 0.7, "end": 0.75},
+            {"model": f"preset:{UNION}", "scale": 1.3, "start": 0.25, "mode": 2},
         ]
     )
     assert {"control_image_2", "controlnet_scale_2", "control_mode_2"} <= set(graph.exposed_inputs)
     assert "control_mode" not in graph.exposed_inputs  # the first is no union ControlNet
     inputs = {"prompt": PROMPT, "control_image": controls[0], "control_image_2": controls[1], **SIZE, **cfg}
+    inputs["steps"] = 4
     assert diff(graph.run(inputs, seed=SEED)["image"], expected) <= TOL
 
 
