@@ -80,6 +80,7 @@ class FluxControlImageBlock(Block):
         Port("image", K.IMAGE, doc="RGB PIL image(s), or a float tensor (B, 3, H, W) in [0, 1]"),
         Port("height", K.INT, optional=True, doc="generation height (default: the config's)"),
         Port("width", K.INT, optional=True, doc="generation width (default: the config's)"),
+        Port("like", K.IMAGE, optional=True, doc="image to image: the init image, whose size is generated"),
     )
     OUTPUTS = (Port("image", K.IMAGE, doc="the image at the generation size"),)
 
@@ -89,14 +90,17 @@ class FluxControlImageBlock(Block):
             _check_control_image(image)
         return Work()
 
-    def forward(self, image: Any, height: int | None = None, width: int | None = None) -> dict[str, Any]:
+    def forward(
+        self, image: Any, height: int | None = None, width: int | None = None, like: Any = None
+    ) -> dict[str, Any]:
         from diffusers.image_processor import VaeImageProcessor
 
         _check_control_image(image)
-        multiple = self.config.multiple
+        processor = VaeImageProcessor(vae_scale_factor=self.config.multiple)
+        if like is not None:  # the init image's size, cut down as codec/vae cuts it before encoding
+            height, width = processor.get_default_height_width(_first(like))
         height = self.config.height if not height else int(height)
         width = self.config.width if not width else int(width)
-        processor = VaeImageProcessor(vae_scale_factor=multiple)
         # The processor's own rounding and resampling (Lanczos for PIL), so the pixels match the pipeline's.
         height, width = processor.get_default_height_width(image, height, width)
         if isinstance(image, torch.Tensor):
@@ -104,6 +108,11 @@ class FluxControlImageBlock(Block):
             return {"image": processor.resize(batch, height, width)}
         images = image if isinstance(image, list) else [image]
         return {"image": [processor.resize(i, height, width) for i in images]}
+
+
+def _first(image: Any) -> Any:
+    """The first of a list of images, or a tensor batch (its size is the batch's)."""
+    return image[0] if isinstance(image, list) else image
 
 
 def _check_control_image(image: Any) -> None:

@@ -7,7 +7,9 @@ nodes per ControlNet to the graph templates/flux.py built:
     controlnet -> controlnet_2 -> ... -> flux.control   (each adds its residuals to the ones before)
 
 The control images are encoded with a sample drawn from the run's generator, in order, before the initial
-noise (control_enc.rng -> control_enc_2.rng -> noise.rng), as the pipeline draws them. A ControlNet is
+noise (control_enc.rng -> control_enc_2.rng -> noise.rng), as the pipeline draws them. On an image_to_image
+graph (`FluxControlNetImg2ImgPipeline`) the control image takes the init image's size, and the init image is
+encoded after the control images (-> vae_enc.rng). A ControlNet is
 named by `model` (a directory or hub id of a FluxControlNetModel, or a ControlNet preset such as
 `preset:flux-controlnet-tiny`), with `scale` (exposed as `controlnet_scale`, `controlnet_scale_2`, ...),
 `start`/`end` (the fraction of the steps it acts in) and, for union ControlNets, `mode`.
@@ -137,17 +139,19 @@ def attach_flux_controlnet(
     graph: Graph, specs: Any, ref: Mapping[str, Any], *, task: str = "text_to_image"
 ) -> Graph:
     """Add the ControlNets of `specs` (one spec or a list: model, scale, start, end, mode) to a Flux graph
-    built by templates/flux.py, and expose `control_image`/`controlnet_scale` (`_2`, `_3`, ... for the
+    built by templates/flux.py for `task` (text_to_image or image_to_image), and expose `control_image`/`controlnet_scale` (`_2`, `_3`, ... for the
     following ones; `control_mode` for union ControlNets). Returns the graph."""
-    if task != "text_to_image":
+    if task not in ("text_to_image", "image_to_image"):
         raise ConfigError(
-            f"a Flux ControlNet attaches to text_to_image graphs (FluxControlNetPipeline), not {task}",
+            f"a Flux ControlNet attaches to text_to_image and image_to_image graphs (FluxControlNetPipeline, "
+            f"FluxControlNetImg2ImgPipeline), not {task}",
             path=OPTION,
         )
     parsed = parse_specs(specs)
     ref = dict(ref)
     spec = flux_spec(ref)
-    noise = graph.block("noise").config
+    # Text to image generates the noise node's size (unless given); image to image the init image's.
+    default = graph.block("noise").config if task == "text_to_image" else None
     rng_source = None  # the previous encoder's generator state: the images are encoded in order
     control_source = None  # the previous ControlNet's residuals: each adds its own
     for i, item in enumerate(parsed):
@@ -166,7 +170,11 @@ def attach_flux_controlnet(
         graph.add_node(
             "image/flux_control",
             id=prep,
-            config={"height": noise.height, "width": noise.width, "multiple": spec.size_multiple},
+            config={
+                "height": default.height if default else spec.default_size,
+                "width": default.width if default else spec.default_size,
+                "multiple": spec.size_multiple,
+            },
             auto_connect=False,
         )
         graph.add_node(
@@ -210,12 +218,16 @@ def attach_flux_controlnet(
         rng_source, control_source = f"{enc}.rng", f"{node}.control"
         graph.expose_input(f"control_image{suffix}", f"{prep}.image")
         graph.expose_input(f"controlnet_scale{suffix}", f"{node}.conditioning_scale", default=item.scale)
-        graph.feed_from_input("height", f"{prep}.height")
-        graph.feed_from_input("width", f"{prep}.width")
+        if task == "text_to_image":
+            graph.feed_from_input("height", f"{prep}.height")
+            graph.feed_from_input("width", f"{prep}.width")
+        else:
+            graph.feed_from_input("image", f"{prep}.like")
         graph.feed_from_input("guidance_scale", f"{node}.guidance")
         if config.get("num_mode") is not None:
             graph.expose_input(f"control_mode{suffix}", f"{node}.control_mode", default=item.mode)
-    # The pipeline encodes every control image before it draws the initial noise from the same generator.
-    graph.add_edge(rng_source, "noise.rng")
+    # The pipelines encode every control image before they draw from the same generator for the initial latent:
+    # the noise (text to image), or the init image's latent sample and then the noise (image to image).
+    graph.add_edge(rng_source, "noise.rng" if task == "text_to_image" else "vae_enc.rng")
     graph.add_edge(control_source, "flux.control")
     return graph

@@ -73,7 +73,8 @@ def test_controlnet_residuals_are_the_models_and_chained_nodes_sum_as_the_multi_
     out = first(**_inputs(conditioning_scale=0.7))["control"]
     assert isinstance(out, FluxControl) and len(out.block_samples) == len(out.single_block_samples) == 1
     assert all(
-        torch.equal(a, b) for a, b in zip(out.block_samples + out.single_block_samples, blocks + singles)
+        torch.equal(a, b)
+        for a, b in zip(out.block_samples + out.single_block_samples, blocks + singles, strict=True)
     )
     assert out.block_samples[0].abs().max() > 0  # the preset's residual layers are not zero-initialised
 
@@ -83,7 +84,7 @@ def test_controlnet_residuals_are_the_models_and_chained_nodes_sum_as_the_multi_
     mode = [torch.tensor([-1]), torch.tensor([2])]  # the pipeline's modes: -1 for a ControlNet given none
     expected = _model_call(multi, _inputs(), [0.7, 1.3], mode)
     got = chained.block_samples + chained.single_block_samples
-    assert all(torch.equal(a, b) for a, b in zip(got, expected[0] + expected[1]))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected[0] + expected[1], strict=True))
     assert not torch.equal(chained.block_samples[0], out.block_samples[0])
 
 
@@ -148,6 +149,9 @@ def test_control_image_is_resized_as_the_pipeline_prepares_it():
     # Unset sizes are the config's; sizes are cut down to multiples of 16 as the processor cuts them.
     assert block(image=image)["image"][0].size == (64, 64)
     assert block(image=image, height=40, width=56)["image"][0].size == (48, 32)
+    # Image to image: the init image's size (cut down to multiples of 16), whatever the config says.
+    assert block(image=image, like=Image.new("RGB", (88, 72)))["image"][0].size == (80, 64)
+    assert block(image=image, like=torch.rand(1, 3, 40, 56))["image"][0].size == (48, 32)
     # A [0, 1] tensor is resized the same way.
     assert block(image=torch.rand(3, 40, 56), height=32, width=48)["image"].shape == (1, 3, 32, 48)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
+from diffusers import FluxControlNetImg2ImgPipeline, FluxControlNetPipeline, FluxMultiControlNetModel
 from PIL import Image
 
 import worldgen as wg
@@ -97,6 +97,32 @@ def test_two_controlnets_in_parts_of_the_steps_with_true_cfg_match_the_multi_pip
     assert diff(graph.run(inputs, seed=SEED)["image"], expected) <= TOL
 
 
+def test_image_to_image_with_a_controlnet_matches_the_img2img_pipeline():
+    init, control = picture(3, 40, 56), picture(1)  # the init image is cut down to 32x48 on both sides
+    components = dict(preset_pipeline("flux-tiny").components)
+    for optional in ("image_encoder", "feature_extractor"):  # this pipeline takes no IP-Adapter
+        components.pop(optional, None)
+    pipe = FluxControlNetImg2ImgPipeline(**components, controlnet=build_preset_component(TINY, "controlnet"))
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        PROMPT,
+        image=init,
+        control_image=control,
+        strength=0.6,
+        num_inference_steps=4,
+        guidance_scale=0.0,
+        controlnet_conditioning_scale=0.7,
+        max_sequence_length=256,
+        generator=torch.Generator().manual_seed(SEED),
+        output_type="pt",
+        **SIZE,
+    ).images
+    graph = wg.Graph.from_template("image_to_image", preset="flux-tiny", steps=4, strength=0.6)
+    attach_flux_controlnet(graph, {"model": f"preset:{TINY}", "scale": 0.7}, REF, task="image_to_image")
+    inputs = {"prompt": PROMPT, "image": init, "control_image": control}
+    assert diff(graph.run(inputs, seed=SEED)["image"], expected) <= TOL
+
+
 def test_controlnet_graph_on_ray_equals_local(clean_hosts):
     from actors.model_host import host_name, list_hosts
 
@@ -138,8 +164,8 @@ def test_a_controlnet_of_another_width_is_refused_before_weights_load():
     assert err.value.path == "controlnet.model"
     assert "node 'controlnet' (adapter/flux_controlnet)" in str(err.value)
     assert "num_attention_heads x attention_head_dim 32, but the Flux transformer" in str(err.value)
-    with pytest.raises(ConfigError, match="text_to_image graphs"):
-        attach_flux_controlnet(graph, {"model": f"preset:{TINY}"}, REF, task="image_to_image")
+    with pytest.raises(ConfigError, match="text_to_image and image_to_image graphs"):
+        attach_flux_controlnet(graph, {"model": f"preset:{TINY}"}, REF, task="inpaint")
 
 
 @pytest.mark.parametrize("image", [torch.rand(1, 4, 32, 48), Image.new("L", (48, 32))])
