@@ -51,7 +51,7 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def test_one_controlnet_matches_the_pipeline():
+def test_one_controlnet_matches_the_pipeline_and_after_save_load(tmp_path):
     control = picture(1)
     expected = reference(build_preset_component(TINY, "controlnet"), control_image=control)
     graph = controlled({"model": f"preset:{TINY}", "scale": 0.7})
@@ -65,6 +65,9 @@ def test_one_controlnet_matches_the_pipeline():
     )
     del inputs["controlnet_scale"]
     assert diff(graph.run(inputs, seed=SEED)["image"], scaled) <= TOL
+
+    graph.save(tmp_path / "controlled")  # as a world keeps its graphs
+    assert diff(wg.Graph.load(tmp_path / "controlled").run(inputs, seed=SEED)["image"], scaled) <= TOL
 
 
 def test_two_controlnets_in_parts_of_the_steps_with_true_cfg_match_the_multi_pipeline():
