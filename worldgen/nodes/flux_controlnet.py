@@ -193,7 +193,20 @@ class FluxControlNetBlock(ModelBlock):
             raise ConfigError(
                 f"control_mode must be a non-negative integer, got {mode!r}", path="control_mode"
             )
+        if "control_mode" in inputs:  # a known value (a run's input or its default): check it by the config
+            _check_mode(self._num_modes(), mode)
         return Work()
+
+    def _num_modes(self) -> int | None:
+        """The union ControlNet's number of control modes (None: no union), from its config: no weights load."""
+        if self.model_loaded:
+            return self.model.config.num_mode
+        from worldgen.models.loading import component_config
+
+        ref = self.config.model
+        return component_config(ref.source, ref.subfolder or "", ref.revision, self.model_class()).get(
+            "num_mode"
+        )
 
     def keep(self, state: SolverState | None) -> float:
         """1.0 when the control acts at this step, else 0.0 (the pipeline's `controlnet_keep`)."""
@@ -279,13 +292,17 @@ class FluxControlNetBlock(ModelBlock):
                 "image must be encoded at the generation size",
                 path="controlnet_cond",
             )
-        modes = model.config.num_mode
-        if modes is not None and (control_mode is None or not 0 <= int(control_mode) < modes):
-            raise ConfigError(
-                f"this union ControlNet needs control_mode, one of 0 to {modes - 1} (the control type), got "
-                f"{control_mode!r}",
-                path="control_mode",
-            )
+        _check_mode(model.config.num_mode, control_mode)
+
+
+def _check_mode(modes: int | None, control_mode: int | None) -> None:
+    """A union ControlNet (`modes` control types) needs a control_mode below `modes`; others ignore it."""
+    if modes is not None and (control_mode is None or not 0 <= int(control_mode) < modes):
+        raise ConfigError(
+            f"this union ControlNet needs control_mode, one of 0 to {modes - 1} (the control type), got "
+            f"{control_mode!r}",
+            path="control_mode",
+        )
 
 
 def _batched(value: torch.Tensor, batch: int) -> torch.Tensor:

@@ -184,10 +184,19 @@ def test_controlnet_refuses_inputs_it_cannot_take():
         block(**_inputs(controlnet_cond=torch.zeros(1, 16, 64)))
     assert err.value.path == "controlnet_cond"
     union = _controlnet(UNION)
+    unloaded = create_block(
+        "adapter/flux_controlnet", {"model": {"source": UNION, "subfolder": "controlnet"}}
+    )
     for mode in (None, 4):
         with pytest.raises(ConfigError, match="union ControlNet needs control_mode, one of 0 to 3") as err:
             union(**_inputs(control_mode=mode))
         assert err.value.path == "control_mode"
+        # Before a run, by the config alone (no weights load).
+        with pytest.raises(ConfigError, match="union ControlNet needs control_mode") as err:
+            unloaded.check_inputs({"control_mode": mode})
+        assert err.value.path == "control_mode" and not unloaded.model_loaded
+    unloaded.check_inputs({"control_mode": 3})
+    block.check_inputs({"control_mode": None})  # a ControlNet of one kind takes none
     for port, value in (("conditioning_scale", "strong"), ("control_mode", -1), ("guidance", True)):
         with pytest.raises(ConfigError) as err:
             block.check_inputs({port: value})

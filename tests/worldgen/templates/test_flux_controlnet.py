@@ -160,6 +160,18 @@ def test_bad_specs_name_the_option_and_field(spec, path, message):
     assert err.value.path == path
 
 
+def test_a_controlnet_saved_as_a_directory_is_its_root(tmp_path):
+    # A FluxControlNetModel repository (as InstantX's) keeps its config.json at the root: no subfolder.
+    build_preset_component(TINY, "controlnet").save_pretrained(tmp_path / "cn")
+    graph = controlled({"model": str(tmp_path / "cn"), "scale": 0.5})
+    model = graph.block("controlnet").config.model
+    assert model.source == str(tmp_path / "cn") and model.subfolder is None
+    assert graph.exposed_inputs["controlnet_scale"].default == 0.5
+    with pytest.raises(ConfigError, match="node 'controlnet'.*cannot read") as err:
+        controlled({"model": str(tmp_path / "missing")})
+    assert err.value.path == "controlnet.model"
+
+
 def test_a_controlnet_of_another_width_is_refused_before_weights_load():
     graph = wg.Graph.from_template("text_to_image", preset="flux-small", steps=STEPS)
     with pytest.raises(ConfigError) as err:
@@ -184,3 +196,13 @@ def test_a_control_image_that_is_not_rgb_is_refused_naming_the_node(image):
     with pytest.raises(ConfigError, match="control image must be RGB") as err:
         graph.run(inputs, seed=SEED)
     assert "node 'control_prep'" in str(err.value) and err.value.path == "image"
+
+
+def test_a_union_controlnet_without_a_mode_is_refused_before_weights_load():
+    graph = controlled({"model": f"preset:{UNION}"})
+    inputs = {"prompt": PROMPT, "control_image": picture(1), **SIZE}
+    with pytest.raises(ConfigError, match="union ControlNet needs control_mode, one of 0 to 3") as err:
+        preflight(graph, inputs)
+    assert "node 'controlnet'" in str(err.value) and err.value.path == "inputs.control_mode"
+    preflight(graph, {**inputs, "control_mode": 1})
+    assert not graph.block("controlnet").model_loaded
