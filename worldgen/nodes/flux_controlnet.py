@@ -111,7 +111,9 @@ class FluxControlImageBlock(Block):
 
 
 def _first(image: Any) -> Any:
-    """The first of a list of images, or a tensor batch (its size is the batch's)."""
+    """The first of a list of images, or a tensor batch (B, 3, H, W) (its size is the batch's)."""
+    if isinstance(image, torch.Tensor) and image.dim() == 3:
+        return image.unsqueeze(0)
     return image[0] if isinstance(image, list) else image
 
 

@@ -151,7 +151,8 @@ def test_control_image_is_resized_as_the_pipeline_prepares_it():
     assert block(image=image, height=40, width=56)["image"][0].size == (48, 32)
     # Image to image: the init image's size (cut down to multiples of 16), whatever the config says.
     assert block(image=image, like=Image.new("RGB", (88, 72)))["image"][0].size == (80, 64)
-    assert block(image=image, like=torch.rand(1, 3, 40, 56))["image"][0].size == (48, 32)
+    for like in (torch.rand(1, 3, 40, 56), torch.rand(3, 40, 56), [Image.new("RGB", (56, 40))]):
+        assert block(image=image, like=like)["image"][0].size == (48, 32)
     # A [0, 1] tensor is resized the same way.
     assert block(image=torch.rand(3, 40, 56), height=32, width=48)["image"].shape == (1, 3, 32, 48)
 
