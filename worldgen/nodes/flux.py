@@ -98,6 +98,8 @@ class FluxTransformerBackboneBlock(ModelBlock):
     (Flux.1-dev; schnell has none and ignores it), CLIP's pooled output, T5's sequence with zero text ids and
     the tokens' image ids. With a negative prompt's embeddings and `true_cfg_scale` > 1 it also predicts the
     negative branch, in a second call as FluxPipeline does (true CFG: `guidance/cfg` combines the two).
+    With `control` (adapter/flux_controlnet's residuals) it adds them after its blocks, in both calls, as
+    FluxControlNetPipeline does.
     """
 
     block_type = "backbone/flux_transformer"
