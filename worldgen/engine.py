@@ -179,6 +179,18 @@ class Engine:
         self._inputs[name] = ExposedInput(name, resolved, default)
         self._edited()
 
+    def feed_from_input(self, name: str, target: str) -> None:
+        """Let the exposed input `name` feed one more 'node.port' input too (a node added to a built graph,
+        e.g. by a template attachment, that takes a value the graph already exposes: the image size)."""
+        if name not in self._inputs:
+            raise GraphError(
+                f"{self.level} '{self.name}' exposes no input '{name}'{did_you_mean(name, self._inputs)}"
+            )
+        node, port = parse_endpoint(target)
+        self._port(node, port, "input")
+        self._inputs[name].targets.append((node, port))
+        self._edited()
+
     def expose_output(self, name: str, source: str) -> None:
         node, port = parse_endpoint(source)
         self._port(node, port, "output")

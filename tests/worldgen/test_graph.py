@@ -265,3 +265,17 @@ def test_make_plan_infers_feedback_edges_apart_from_any_engine():
     assert [p.where for p in problems] == ["cycle ctl -> half -> ctl"]
     _, problems = make_plan(["ctl", "half"], edges, {})  # nothing enters the loop: no feedback edge
     assert "no feedback edge" in problems[0].message
+
+
+def test_an_exposed_input_can_feed_a_node_added_later():
+    # As a template attachment does: a node added to a built graph takes a value the graph already exposes.
+    g = line_graph()
+    g.add_node("toy/scale", id="triple", config={"factor": 3}, auto_connect=False)
+    g.feed_from_input("x", "triple.x")
+    g.expose_output("z", "triple.y")
+    assert g.run({"x": 2.0}) == {"y": 5.0, "z": 6.0}
+    assert g.exposed_inputs["x"].targets == [("double", "x"), ("triple", "x")]
+    with pytest.raises(wg.GraphError, match=r"exposes no input 'xx' \(did you mean 'x'\?\)"):
+        g.feed_from_input("xx", "triple.x")
+    with pytest.raises(wg.GraphError, match="has no input port 'w'"):
+        g.feed_from_input("x", "triple.w")

@@ -1,5 +1,6 @@
 """Flux.1 presets: `flux-tiny` and `flux-small` (schnell-like: no guidance embeddings, a fixed shift) and
-`flux-dev-tiny` (dev-like: the distilled guidance embedding, dynamic shifting), each a `FluxPipeline`.
+`flux-dev-tiny` (dev-like: the distilled guidance embedding, dynamic shifting), each a `FluxPipeline`; and
+ControlNets that fit `flux-tiny`: `flux-controlnet-tiny` and the union `flux-controlnet-union-tiny`.
 
 They keep Flux's interfaces at toy widths: a VAE with 16 latent channels, shift and scaling factors and a
 downsampling of 8 (so sizes are multiples of 16), a transformer taking 2x2 patches of it (64 channels per
@@ -9,6 +10,7 @@ built tokenizers (worldgen/models/tiny.py). The scheduler configs are the real c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from worldgen.models.presets import Component, Preset, register_preset
@@ -158,5 +160,63 @@ for _name, _spec in SPECS.items():
                 "scheduler": Component("diffusers.FlowMatchEulerDiscreteScheduler", _spec["scheduler"]),
             },
             pipeline_extra={"image_encoder": None, "feature_extractor": None},
+        )
+    )
+
+
+# ---- ControlNets -----------------------------------------------------------------------------------------
+# A ControlNet preset is a model, not a pipeline: its `pipeline_class` is the model class and its one component
+# sits at subfolder "controlnet" (a model reference `{source: "preset:flux-controlnet-tiny", subfolder:
+# "controlnet"}`; the templates add the subfolder), so its identity and single load work as for any component.
+# It belongs to the "controlnet" family of presets: it is no Flux pipeline a graph could be built from.
+CONTROLNET_FAMILY = "controlnet"
+CONTROLNET_SUBFOLDER = "controlnet"
+
+
+def _controlnet(num_mode: int | None = None) -> dict[str, Any]:
+    """The flux-tiny transformer's layout (so its residuals fit it), one double and one single block."""
+    return {**_TINY_TRANSFORMER, "num_mode": num_mode, "conditioning_embedding_channels": None}
+
+
+def build_controlnet(config: Mapping[str, Any]) -> Any:
+    """A FluxControlNetModel whose zero-initialised layers (the control embedder and the residual
+    projections, zero as training starts) get small random weights, so the control visibly changes images
+    and a test of it can fail."""
+    import torch
+    from diffusers import FluxControlNetModel
+
+    model = FluxControlNetModel(**config)
+    zeroed = [model.controlnet_x_embedder, *model.controlnet_blocks, *model.controlnet_single_blocks]
+    for layer in zeroed:
+        torch.nn.init.normal_(layer.weight, std=0.2)
+        torch.nn.init.normal_(layer.bias, std=0.02)
+    return model
+
+
+CONTROLNETS: dict[str, dict[str, Any]] = {
+    "flux-controlnet-tiny": {
+        "description": "test-sized Flux ControlNet (InstantX kind) for flux-tiny: 1+1 blocks of width 32",
+        "config": _controlnet(),
+        "seed": 10,
+    },
+    "flux-controlnet-union-tiny": {
+        "description": "test-sized Flux union ControlNet (4 control modes) for flux-tiny: 1+1 blocks of width 32",
+        "config": _controlnet(num_mode=4),
+        "seed": 11,
+    },
+}
+
+for _name, _spec in CONTROLNETS.items():
+    register_preset(
+        Preset(
+            name=_name,
+            family=CONTROLNET_FAMILY,
+            pipeline_class="FluxControlNetModel",
+            description=_spec["description"],
+            components={
+                CONTROLNET_SUBFOLDER: Component(
+                    "diffusers.FluxControlNetModel", _spec["config"], _spec["seed"], build=build_controlnet
+                )
+            },
         )
     )

@@ -98,6 +98,8 @@ class FluxTransformerBackboneBlock(ModelBlock):
     (Flux.1-dev; schnell has none and ignores it), CLIP's pooled output, T5's sequence with zero text ids and
     the tokens' image ids. With a negative prompt's embeddings and `true_cfg_scale` > 1 it also predicts the
     negative branch, in a second call as FluxPipeline does (true CFG: `guidance/cfg` combines the two).
+    With `control` (adapter/flux_controlnet's residuals) it adds them after its blocks, in both calls, as
+    FluxControlNetPipeline does.
     """
 
     block_type = "backbone/flux_transformer"
@@ -136,6 +138,7 @@ class FluxTransformerBackboneBlock(ModelBlock):
             default=1.0,
             doc="the negative branch runs when this is over 1 and a negative prompt is given",
         ),
+        Port("control", K.ANY, optional=True, doc="ControlNet residuals (adapter/flux_controlnet)"),
     )
     OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT, doc="None without true CFG"))
 
@@ -163,6 +166,7 @@ class FluxTransformerBackboneBlock(ModelBlock):
         condition_uncond: torch.Tensor | None = None,
         pooled_uncond: torch.Tensor | None = None,
         true_cfg_scale: float | None = 1.0,
+        control: Any = None,
     ) -> dict[str, Any]:
         model = self.model
         device, dtype = self.placement()
@@ -180,6 +184,7 @@ class FluxTransformerBackboneBlock(ModelBlock):
             embedded_guidance = torch.full([1], float(guidance), device=device, dtype=torch.float32)
             embedded_guidance = embedded_guidance.expand(batch)
         ids = img_ids.to(device=device, dtype=dtype)
+        residuals = _control_residuals(control, model, device, dtype)
 
         def predict(sequence: torch.Tensor, pooled_output: torch.Tensor) -> torch.Tensor:
             sequence = _batched(sequence.to(device=device, dtype=dtype), batch)
@@ -192,6 +197,8 @@ class FluxTransformerBackboneBlock(ModelBlock):
                 encoder_hidden_states=sequence,
                 txt_ids=torch.zeros(sequence.shape[1], 3, device=device, dtype=dtype),
                 img_ids=ids,
+                # As FluxControlNetPipeline: the positive prompt's residuals in both calls of true CFG.
+                **residuals,
                 return_dict=False,
             )[0]
 
@@ -202,6 +209,24 @@ class FluxTransformerBackboneBlock(ModelBlock):
         if condition_uncond is None or pooled_uncond is None or scale <= 1:
             return {"pred": pred, "pred_uncond": None}
         return {"pred": pred, "pred_uncond": predict(condition_uncond, pooled_uncond)}
+
+
+def _control_residuals(control: Any, model: Any, device: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """The transformer's ControlNet arguments for `control` (a FluxControl, or None: no control); a
+    ConfigError at `control` for residuals of a ControlNet whose width is not the transformer's."""
+    if control is None:
+        return {}
+    if control.width != model.inner_dim:
+        raise ConfigError(
+            f"the ControlNet's residuals are {control.width} wide but this transformer's blocks are "
+            f"{model.inner_dim} (num_attention_heads x attention_head_dim): use a ControlNet made for this model",
+            path="control",
+        )
+    control = control.to(device, dtype)
+    return {
+        "controlnet_block_samples": list(control.block_samples) or None,
+        "controlnet_single_block_samples": list(control.single_block_samples) or None,
+    }
 
 
 def _batched(value: torch.Tensor, batch: int) -> torch.Tensor:
