@@ -111,7 +111,7 @@ def test_a_reference_the_world_cannot_honour_fails_before_anything_runs(local_wo
         (
             {"control": "controlnet"},
             r"reference\.0\.control: control 'controlnet' feeds input 'control_image', which pipeline "
-            r"'from_previous' does not take; pipelines that take control 'controlnet': none",
+            r"'from_previous' does not take; pipelines that take control 'controlnet': keep_the_look",
         ),
     ]
     for reference, message in cases:
@@ -163,29 +163,38 @@ def test_every_episode_after_the_first_is_drawn_from_the_previous_one(local_worl
     assert "references" not in meta  # nothing to record: episode 1 was drawn from text
     for number in (2, 3):
         state, meta = world.storage.load_episode(number)
-        assert state.generation.pipeline == "from_previous"
+        # the offline Architect picks the first pipeline that takes a reference, with every control it takes
+        assert state.generation.pipeline == "keep_the_look"
         assert [r.model_dump() for r in state.generation.reference] == [
-            {"episode": "previous", "image": 0, "control": "img2img", "scale": None, "strength": None}
+            {"episode": "previous", "image": 0, "control": control, "scale": None, "strength": None}
+            for control in ("controlnet", "ip_adapter")
         ]
         previous, _ = world.storage.load_episode(number - 1)
-        (used,) = meta["references"]  # what was referenced, and how
-        assert used == {
-            "control": "img2img",
-            "episode": number - 1,
-            "image": 0,
-            "artifact": previous.artifacts[0].path,
-            "sha256": previous.artifacts[0].sha256,
-            "inputs": {
-                "image": previous.artifacts[0].path,
-                "strength": 0.6,
-            },  # the pipeline's default strength
-        }
-    assert (
-        "**Reference:** img2img from episode 1, image 0 (strength 0.6)"
-        in world.storage.episode_folder(2).page_path.read_text()
-    )
+        artifact = previous.artifacts[0]
+        # what was referenced, and how (the scales: the pipeline's defaults, from the world's config)
+        assert meta["references"] == [
+            {
+                "control": "controlnet",
+                "episode": number - 1,
+                "image": 0,
+                "artifact": artifact.path,
+                "sha256": artifact.sha256,
+                "inputs": {"control_image": artifact.path, "controlnet_scale": 0.8},
+            },
+            {
+                "control": "ip_adapter",
+                "episode": number - 1,
+                "image": 0,
+                "artifact": artifact.path,
+                "sha256": artifact.sha256,
+                "inputs": {"ip_adapter_image": artifact.path, "ip_adapter_scale": 0.6},
+            },
+        ]
+    page = world.storage.episode_folder(2).page_path.read_text()
+    assert "**Reference:** controlnet from episode 1, image 0 (controlnet_scale 0.8)" in page
+    assert "**Reference:** ip_adapter from episode 1, image 0 (ip_adapter_scale 0.6)" in page
 
-    # episode 2 is the image-to-image pipeline on episode 1's stored image, and not what text alone draws
+    # episode 2 is the ControlNet + IP-Adapter graph on episode 1's stored image, not what text alone draws
     state, _ = world.storage.load_episode(2)
     g, pipelines = state.generation, world.selecting_stage
     block_2 = {
@@ -203,7 +212,8 @@ def test_every_episode_after_the_first_is_drawn_from_the_previous_one(local_worl
         return pixels_of(engine.run(inputs, seed=g.seed)["image"])
 
     drawn = pixels(image_of(world, 2))
-    assert np.abs(run("from_previous", image=as_tensor(image_of(world, 1))) - drawn).max() <= 1
+    previous = as_tensor(image_of(world, 1))
+    assert np.abs(run("keep_the_look", control_image=previous, ip_adapter_image=previous) - drawn).max() <= 1
     assert np.abs(run("text_to_image") - drawn).mean() > 10  # an unreferenced run draws something else
 
 
@@ -216,7 +226,7 @@ def test_episode_2_follows_episode_1s_stored_image(tmp_path):
         world = World.from_config(load_config_file(LOOK), directory=tmp_path / f"w{colour[0]}")
         prompt = {"prompt": "the harbor", "width": 64, "height": 64, "steps": 4}
         report = world.step(state={1: "the harbor", 2: prompt, 3: [str(picture)]})
-        assert report.episode == 1 and report.state.generation.pipeline == "from_previous"
+        assert report.episode == 1 and report.state.generation.pipeline == "keep_the_look"
         assert (pixels(image_of(world, 1)) == np.array(colour)).all()
         drawn.append(pixels(world.storage.artifact_path(report.state.artifacts[0])))
     red, blue = drawn

@@ -240,22 +240,33 @@ def attach_unet(g: Graph, task: str, ref: Mapping[str, Any], spec: Spec, backbon
     g.add_edge(f"{previous}.residuals", f"{backbone}.control")
 
 
-# Family name -> how ControlNets attach to its graph: (graph, task, ref, spec) -> None.
-_BRANCHES: dict[str, Callable[[Graph, str, Mapping[str, Any], Spec], None]] = {
-    "sd": attach_unet,
-    "sdxl": attach_unet,
+def _attach_unet_spec(g: Graph, task: str, ref: Mapping[str, Any], spec: Any) -> None:
+    attach_unet(g, task, ref, parse_spec(spec))
+
+
+def _attach_flux(g: Graph, task: str, ref: Mapping[str, Any], spec: Any) -> None:
+    from worldgen.templates.flux_controlnet import attach_flux_controlnet
+
+    attach_flux_controlnet(g, spec, ref, task=task)
+
+
+# Family name -> how ControlNets attach to its graph: (graph, task, ref, the option's raw value) -> None; each
+# branch parses the spec fields its ControlNets take (Flux: `mode` for union ControlNets, no `preprocess` yet).
+_BRANCHES: dict[str, Callable[[Graph, str, Mapping[str, Any], Any], None]] = {
+    "sd": _attach_unet_spec,
+    "sdxl": _attach_unet_spec,
+    "flux": _attach_flux,
 }
 
 
 def attach(g: Graph, *, family: Family, task: str, ref: Mapping[str, Any], spec: Any) -> None:
-    """The `controlnet:` attachment: parse the spec, then the family's branch adds the nodes."""
-    parsed = parse_spec(spec)
+    """The `controlnet:` attachment: the family's branch parses the spec and adds the nodes."""
     if family.name not in _BRANCHES:
         raise ConfigError(
             f"controlnet: not yet for the {family.name} family (ControlNets attach to: {', '.join(_BRANCHES)})",
             path=OPTION,
         )
-    _BRANCHES[family.name](g, task, ref, parsed)
+    _BRANCHES[family.name](g, task, ref, spec)
 
 
 register_attachment(

@@ -195,6 +195,6 @@ def test_a_controlnet_that_does_not_fit_the_unet_is_refused_before_loading():
 
 
 def test_a_family_without_controlnet_support_says_not_yet():
-    with pytest.raises(ConfigError, match="not yet for the flux family") as err:
-        wg.Graph.from_template("controlled", preset="tiny", family="flux", controlnet={"model": CN})
+    with pytest.raises(ConfigError, match="not yet for the sd3 family.*sd, sdxl, flux") as err:
+        wg.Graph.from_template("controlled", preset="tiny", family="sd3", controlnet={"model": CN})
     assert err.value.path == "controlnet"

@@ -42,8 +42,8 @@ def reference(controlnet, **call) -> torch.Tensor:
 
 
 def controlled(specs) -> wg.Graph:
-    graph = wg.Graph.from_template("text_to_image", preset="flux-tiny", steps=STEPS)
-    return attach_flux_controlnet(graph, specs, REF)
+    """The Flux graph with ControlNets, through the `controlnet:` template option (as a config names it)."""
+    return wg.Graph.from_template("text_to_image", preset="flux-tiny", steps=STEPS, controlnet=specs)
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -120,8 +120,13 @@ def test_image_to_image_with_a_controlnet_matches_the_img2img_pipeline():
         output_type="pt",
         **SIZE,
     ).images
-    graph = wg.Graph.from_template("image_to_image", preset="flux-tiny", steps=4, strength=0.6)
-    attach_flux_controlnet(graph, {"model": f"preset:{TINY}", "scale": 0.7}, REF, task="image_to_image")
+    graph = wg.Graph.from_template(
+        "image_to_image",
+        preset="flux-tiny",
+        steps=4,
+        strength=0.6,
+        controlnet={"model": f"preset:{TINY}", "scale": 0.7},
+    )
     inputs = {"prompt": PROMPT, "image": init, "control_image": control}
     assert diff(graph.run(inputs, seed=SEED)["image"], expected) <= TOL
 
