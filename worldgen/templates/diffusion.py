@@ -14,6 +14,7 @@ The graphs are the diffusers pipelines written out as task nodes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from worldgen.block import ModelRef
@@ -261,61 +262,46 @@ def _family_graph(
     return graph
 
 
-@register_template("text_to_image")
-def text_to_image(
-    model: str | None = None,
-    preset: str | None = None,
-    family: str | None = None,
-    revision: str | None = None,
-    dtype: str = "float32",
-    **options: Any,
-) -> Graph:
+def _task_template(task: str, doc: str) -> Callable[..., Graph]:
+    """The template of one task for every family that builds it: the family found from the model (or `family:`),
+    `options` the family builder's, attachments (`controlnet:`, `ip_adapter:`, `lora:`) applied after."""
+
+    def template(
+        model: str | None = None,
+        preset: str | None = None,
+        family: str | None = None,
+        revision: str | None = None,
+        dtype: str = "float32",
+        **options: Any,
+    ) -> Graph:
+        return _family_graph(task, model, preset, family, revision, dtype, options)
+
+    template.__name__ = template.__qualname__ = task
+    template.__doc__ = doc
+    return register_template(task)(template)
+
+
+text_to_image = _task_template(
+    "text_to_image",
     """Text to image for SD 1.x/2.x, SDXL, SD3 and Flux (the family found from the model): prompt -> image.
-    `options` are the family's (steps, guidance_scale, height, width, ...)."""
-    return _family_graph("text_to_image", model, preset, family, revision, dtype, options)
-
-
-@register_template("image_to_image")
-def image_to_image(
-    model: str | None = None,
-    preset: str | None = None,
-    family: str | None = None,
-    revision: str | None = None,
-    dtype: str = "float32",
-    **options: Any,
-) -> Graph:
+    `options` are the family's (steps, guidance_scale, height, width, ...).""",
+)
+image_to_image = _task_template(
+    "image_to_image",
     """Image to image for SD 1.x/2.x, SDXL, SD3 and Flux (the family found from the model): image, prompt,
-    strength -> image. `options` are the family's (steps, strength, guidance_scale, ...)."""
-    return _family_graph("image_to_image", model, preset, family, revision, dtype, options)
-
-
-@register_template("inpaint")
-def inpaint(
-    model: str | None = None,
-    preset: str | None = None,
-    family: str | None = None,
-    revision: str | None = None,
-    dtype: str = "float32",
-    **options: Any,
-) -> Graph:
+    strength -> image. `options` are the family's (steps, strength, guidance_scale, ...).""",
+)
+inpaint = _task_template(
+    "inpaint",
     """Inpainting for SD 1.x/2.x and SDXL (the family found from the model; an inpainting UNet or a base one):
     image, mask_image (white = repaint), prompt, strength -> image. `options` are the family's (steps,
-    strength, guidance_scale, height, width, ...)."""
-    return _family_graph("inpaint", model, preset, family, revision, dtype, options)
-
-
-@register_template("upscale")
-def upscale(
-    model: str | None = None,
-    preset: str | None = None,
-    family: str | None = None,
-    revision: str | None = None,
-    dtype: str = "float32",
-    **options: Any,
-) -> Graph:
+    strength, guidance_scale, height, width, ...).""",
+)
+upscale = _task_template(
+    "upscale",
     """Upscaling with a Stable Diffusion upscaler (x4 `StableDiffusionUpscalePipeline` or the x2 latent upscaler,
-    found from the model): image, prompt -> image. `options` are the family's (steps, guidance_scale, ...)."""
-    return _family_graph("upscale", model, preset, family, revision, dtype, options)
+    found from the model): image, prompt -> image. `options` are the family's (steps, guidance_scale, ...).""",
+)
 
 
 @register_template("generate_and_refine", kind="pipeline")
