@@ -17,7 +17,7 @@ What it adds, per ControlNet k (ids and input names without a suffix for the fir
     schedule.state / solver.state -> controlnet(_k).state   (which step of how many: start/end)
 
 and exposes `control_image(_k)` and `controlnet_scale(_k)`. Each family that takes ControlNets has a branch in
-`_BRANCHES` (SD 1.x/2.x and SDXL share the UNet's); another family adds its own there.
+`_BRANCHES` (SD 1.x/2.x and SDXL share the UNet's; Flux's is worldgen/templates/flux_controlnet.py).
 """
 
 from __future__ import annotations
@@ -288,8 +288,8 @@ def controlled(
     dtype: str = "float32",
     **options: Any,
 ) -> Graph:
-    """Text to image steered by ControlNet(s) (`StableDiffusion(XL)ControlNetPipeline`): prompt + control_image ->
-    image. `controlnet` is required (see the module doc); `options` are the family's text_to_image options."""
+    """Text to image steered by ControlNet(s) (`StableDiffusion(XL)ControlNetPipeline`, `FluxControlNetPipeline`):
+    prompt + control_image -> image. `controlnet` is required (see the module doc); `options` are the family's text_to_image options."""
     from worldgen.templates.diffusion import text_to_image
 
     if controlnet is None:
