@@ -188,8 +188,10 @@ def _resolve_local(kwargs: dict[str, Any], fetch: bool = False) -> dict[str, Any
     plain refs."""
     out = {}
     for k, v in kwargs.items():
-        if isinstance(v, _Gather):
-            v = AGGREGATORS[v.policy](_get(list(v.refs)))
+        if isinstance(v, _Gather):  # refs of tasks and hosts, plain values of inline blocks
+            refs = [r for r in v.refs if isinstance(r, ray.ObjectRef)]
+            got = iter(_get(refs) if refs else ())
+            v = AGGREGATORS[v.policy]([next(got) if isinstance(r, ray.ObjectRef) else r for r in v.refs])
         elif fetch and isinstance(v, ray.ObjectRef):
             v = _get(v)
         out[k] = v

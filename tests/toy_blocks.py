@@ -26,6 +26,14 @@ class Scale(wg.Block):
 
 
 @wg.register_block
+class ScaleInline(Scale):
+    """`toy/scale` that a distributed executor runs where the run is driven (its output is a plain value)."""
+
+    block_type = "toy/scale_inline"
+    inline = True
+
+
+@wg.register_block
 class Add(wg.Block):
     block_type = "toy/add"
     INPUTS = (Port("a", K.SCALAR), Port("b", K.SCALAR, optional=True, default=0.0))

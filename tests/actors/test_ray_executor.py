@@ -103,6 +103,21 @@ def test_inline_blocks_run_in_the_driving_process(clean_hosts):
     assert out["here"] == os.getpid() and out["there"] != os.getpid()
 
 
+def test_a_port_gathering_an_inline_value_and_a_task_result(clean_hosts):
+    """One aggregating port fed by an inline block (a plain value) and a task (an ObjectRef)."""
+    import tests.toy_blocks  # noqa: F401 - registers the toy blocks
+
+    graph = wg.Graph("gather")
+    graph.add_node("toy/scale_inline", id="here", config={"factor": 2.0})
+    graph.add_node("toy/scale", id="there", config={"factor": 3.0})
+    graph.add_node("toy/sum", id="sum")
+    graph.add_edge("here.y", "sum.values")
+    graph.add_edge("there.y", "sum.values")
+    graph.expose_input("x", ["here.x", "there.x"])
+    graph.expose_output("y", "sum.y")
+    assert graph.run({"x": 1.0}, executor="ray")["y"] == 5.0
+
+
 # ---- limits (issue 10): a deadline every executor honours; a placement no node can satisfy ----------------
 def slow_loop(steps: int, seconds: float) -> wg.Graph:
     """x -> [ctl -> slow -> ctl]: `steps` iterations of `seconds` each."""
