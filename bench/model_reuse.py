@@ -201,7 +201,7 @@ def scenario(name: str, path: str) -> dict[str, Any]:
         }
         loaded = time.perf_counter()
         for g in graphs:
-            extra = {"control_image": image} if "control_image" in g.exposed_inputs() else {}
+            extra = {"control_image": image} if "control_image" in g.exposed_inputs else {}
             g.run({"prompt": PROMPT, "steps": RUN["steps"], **_size(), **extra}, seed=0)
         pool = default_pool()
         figures |= {"loads": pool.loads, "distinct_model_objects": len(objects), "pool_keys": pool.keys()}
