@@ -12,7 +12,7 @@ config is *admitted* first (`admit_config`), against the server's `TrustPolicy`:
 | `{ref: file}`, `prompts:`, `base:`, `adapters:`, LoRA files (`lora:`, `adapter/lora`'s `path`) | a relative path (no `..`) to something under one of `roots` |
 | `file:NAME.j2` prompts                | a relative name (no `..`), found in the world's admitted `prompts:` or the built-in prompt library |
 | `base_url`, `endpoint`, `url`         | only URLs under a prefix on `urls` (a vendor's default URL is fine)   |
-| a model block's `model`, a template's `model` | a built-in `preset:`, or a source on `models`                   |
+| a model block's `model`, a template's `model`, its ControlNets' and IP-Adapter's | a built-in `preset:`, or a source on `models` |
 
 Admitting returns the *resolved* config: every `ref:` is inlined and every path made absolute, so the world
 stored from it never reads another file on reload. A refusal is a `TrustError` (a ConfigError: 400 over HTTP)
@@ -213,8 +213,11 @@ class _Admission:
     def node(self, data: Mapping[str, Any], where: str) -> None:
         """Model sources of model blocks (`{type, config: {model}}`) and templates (`{template, params}`)."""
         params = data.get("params")
-        if isinstance(data.get("template"), str) and isinstance(params, Mapping) and "model" in params:
-            self.model(params["model"], where=f"{where}.params.model")
+        if isinstance(data.get("template"), str) and isinstance(params, Mapping):
+            if "model" in params:
+                self.model(params["model"], where=f"{where}.params.model")
+            for field, source in _adapter_models(params):  # a ControlNet, an IP-Adapter, its image encoder
+                self.model(source, where=f"{where}.params.{field}")
         block_type, config = data.get("type"), data.get("config")
         if isinstance(block_type, str) and isinstance(config, Mapping) and "model" in config:
             from worldgen.block import ModelBlock
@@ -270,6 +273,32 @@ class _Admission:
                 f"{allowed})",
                 path=where,
             )
+
+
+def _adapter_models(params: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(field, source) of the models a template's adapter options load: `controlnet:` (a mapping, a list, or
+    {nets: [...]}) and `ip_adapter:` (a source or a mapping; an `image_encoder` given as a model reference)."""
+    found: list[tuple[str, Any]] = []
+    nets = params.get("controlnet")
+    if isinstance(nets, Mapping) and isinstance(nets.get("nets"), list):
+        nets = [(f"controlnet.nets.{i}", n) for i, n in enumerate(nets["nets"])]
+    elif isinstance(nets, list):
+        nets = [(f"controlnet.{i}", n) for i, n in enumerate(nets)]
+    else:
+        nets = [("controlnet", nets)] if nets is not None else []
+    adapter = params.get("ip_adapter")
+    adapter = [("ip_adapter", {"model": adapter} if isinstance(adapter, str) else adapter)] if adapter else []
+    for field, spec in nets + adapter:
+        if not isinstance(spec, Mapping):
+            continue
+        for key in ("model", "image_encoder"):
+            source = spec.get(key)
+            if key == "image_encoder" and not isinstance(source, Mapping):
+                continue  # a folder inside the adapter's own model
+            source = source.get("source") if isinstance(source, Mapping) else source
+            if source is not None:
+                found.append((f"{field}.{key}", source))
+    return found
 
 
 def _under(url: str, prefix: str) -> bool:

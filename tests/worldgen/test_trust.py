@@ -176,6 +176,27 @@ def test_model_sources_presets_or_allowed():
     assert admit_config(config, TrustPolicy(models=["org/any-hub-model"]))
 
 
+@pytest.mark.parametrize(
+    ("option", "field"),
+    [
+        ({"controlnet": {"model": "/srv/any-controlnet"}}, "controlnet.model"),
+        ({"controlnet": [{"model": "preset:controlnet-tiny"}, {"model": "org/cn"}]}, "controlnet.1.model"),
+        ({"controlnet": {"nets": [{"model": {"source": "org/cn"}}]}}, "controlnet.nets.0.model"),
+        ({"ip_adapter": "org/ip-adapter"}, "ip_adapter.model"),
+        (
+            {"ip_adapter": {"model": "preset:ip-adapter-tiny", "image_encoder": {"source": "/srv/encoder"}}},
+            "ip_adapter.image_encoder",
+        ),
+    ],
+)
+def test_adapter_models_presets_or_allowed(option, field):
+    config = world_config()
+    config["stages"]["creator"]["params"] = {"preset": "tiny", **option}
+    refused(config, TrustPolicy(), f"stages.creator.params.{field}", "model source")
+    allowed = ["/srv/any-controlnet", "org/cn", "org/ip-adapter", "/srv/encoder"]
+    assert admit_config(config, TrustPolicy(models=allowed))
+
+
 def test_the_admitted_config_builds_the_same_world(files, tmp_path):
     root, _ = files
     config = {**world_config(), "prompts": "prompts"}
