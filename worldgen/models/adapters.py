@@ -7,12 +7,27 @@ the manifest) is worldgen/lora.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from worldgen.errors import ConfigError
 from worldgen.model_ref import AdapterRef
+
+
+@contextmanager
+def keeping_trainable_flags(model: Any) -> Iterator[None]:
+    """Adding adapters inside leaves the model's own trainable flags as they were: peft marks only adapters
+    trainable, and a shared model keeps its own flags (training freezes explicitly)."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        yield
+    finally:
+        for param_name, param in model.named_parameters():
+            base_name = param_name.replace(".base_layer", "")
+            if param_name in flags or base_name in flags:
+                param.requires_grad_(flags.get(param_name, flags.get(base_name)))
 
 
 def inject_adapter(config: Any, model: Any, name: str) -> None:
@@ -21,15 +36,11 @@ def inject_adapter(config: Any, model: Any, name: str) -> None:
 
     from peft import inject_adapter_in_model
 
-    # peft marks only adapters trainable; a shared model keeps its own flags (training freezes explicitly)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    with warnings.catch_warnings():  # "multiple adapters in the model": on purpose, one per world
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+    with keeping_trainable_flags(model), warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Already found a `peft_config`"
+        )  # on purpose: one per world
         inject_adapter_in_model(config, model, adapter_name=name)
-    for param_name, param in model.named_parameters():
-        base_name = param_name.replace(".base_layer", "")
-        if param_name in flags or base_name in flags:
-            param.requires_grad_(flags.get(param_name, flags.get(base_name)))
 
 
 def tuner_layers(model: Any) -> Iterable[Any]:

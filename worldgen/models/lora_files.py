@@ -161,29 +161,27 @@ def _load(
     metadata: Any,
     mine: list[str],
 ) -> None:
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    from worldgen.models.adapters import keeping_trainable_flags
+
     try:
-        if hasattr(
-            model, "load_lora_adapter"
-        ):  # a diffusers model (UNet, SD3/Flux transformer): its own loader
-            with warnings.catch_warnings():  # "multiple adapters in the model": on purpose, one per file
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                model.load_lora_adapter(
-                    state_dict,
-                    prefix=component,
-                    network_alphas=alphas,
-                    adapter_name=spec.key,
-                    metadata=metadata,
-                )
-        else:
-            _load_into_text_encoder(model, spec, component, state_dict, alphas, metadata)
+        with keeping_trainable_flags(model):
+            if hasattr(
+                model, "load_lora_adapter"
+            ):  # a diffusers model (UNet, SD3/Flux transformer): its own loader
+                with warnings.catch_warnings():  # "multiple adapters in the model": on purpose, one per file
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    model.load_lora_adapter(
+                        state_dict,
+                        prefix=component,
+                        network_alphas=alphas,
+                        adapter_name=spec.key,
+                        metadata=metadata,
+                    )
+            else:
+                _load_into_text_encoder(model, spec, component, state_dict, alphas, metadata)
     except (ValueError, KeyError, RuntimeError) as err:
         _forget(model, spec.key)
         _unmatched(spec, component, mine, str(err).splitlines()[0])
-    for param_name, param in model.named_parameters():  # the shared model keeps its own trainable flags
-        base = param_name.replace(".base_layer", "")
-        if param_name in flags or base in flags:
-            param.requires_grad_(flags.get(param_name, flags.get(base)))
 
 
 def _load_into_text_encoder(

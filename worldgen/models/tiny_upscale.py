@@ -20,7 +20,7 @@ from typing import Any
 
 import worldgen.models.tiny  # noqa: F401  (registers `tiny`, whose VAE and text encoder the x2 preset takes)
 from worldgen.models.presets import Component, Preset, get_preset, register_preset
-from worldgen.models.tiny import clip_text_component, clip_tokenizer_component
+from worldgen.models.tiny import PRESETS, clip_text_component, clip_tokenizer_component
 
 _SEEDS: dict[str, int] = {"unet": 20, "vae": 21, "text_encoder": 22, "latent_unet": 23}
 
@@ -65,17 +65,7 @@ _X4_VAE: dict[str, Any] = {
     "sample_size": 32,
     "scaling_factor": 0.08333,  # the x4 VAE's (the pipeline rewrites any other value to it)
 }
-_SD2_TEXT: dict[str, Any] = {
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "num_hidden_layers": 5,
-    "num_attention_heads": 4,
-    "vocab_size": 1000,
-    "max_position_embeddings": 77,
-    "projection_dim": 32,
-    "layer_norm_eps": 1e-5,
-    "hidden_act": "gelu",  # SD 2.x's OpenCLIP
-}
+_SD2_TEXT: dict[str, Any] = {**PRESETS["tiny"]["text_encoder"], "hidden_act": "gelu"}  # SD 2.x's OpenCLIP
 
 register_preset(
     Preset(

@@ -33,6 +33,14 @@ def image_ids(rows: int, columns: int, *, dtype: torch.dtype, device: Any = None
     return ids.reshape(rows * columns, 3).to(device=device, dtype=dtype)
 
 
+def refuse_non_numbers(inputs: Mapping[str, Any], ports: tuple[str, ...]) -> None:
+    """A ConfigError at the first of `ports` whose known value is not a number (bools are not numbers)."""
+    for port in ports:
+        value = inputs.get(port)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
+            raise ConfigError(f"{port} must be a number, got {value!r}", path=port)
+
+
 @register_block
 class FluxPackBlock(Block):
     """(B, C, H, W) latent → (B, H/2·W/2, 4C) tokens of 2x2 patches and their position ids (`img_ids`)."""
@@ -148,10 +156,7 @@ class FluxTransformerBackboneBlock(ModelBlock):
         return FluxTransformer2DModel
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
-        for port in ("guidance", "true_cfg_scale"):
-            value = inputs.get(port)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
-                raise ConfigError(f"{port} must be a number, got {value!r}", path=port)
+        refuse_non_numbers(inputs, ("guidance", "true_cfg_scale"))
         return Work()
 
     @inference

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from pydantic import Field
 from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, Work, inference
 from worldgen.errors import ConfigError
 from worldgen.nodes.diffusion import SolverState
+from worldgen.nodes.flux import refuse_non_numbers
 from worldgen.ports import Port, PortKind
 from worldgen.registry import register_block
 
@@ -186,10 +186,7 @@ class FluxControlNetBlock(ModelBlock):
         return FluxControlNetModel
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
-        for port in ("guidance", "conditioning_scale"):
-            value = inputs.get(port)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
-                raise ConfigError(f"{port} must be a number, got {value!r}", path=port)
+        refuse_non_numbers(inputs, ("guidance", "conditioning_scale"))
         mode = inputs.get("control_mode")
         if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or mode < 0):
             raise ConfigError(
