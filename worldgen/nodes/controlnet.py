@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, Work, inference
 from worldgen.errors import ConfigError
-from worldgen.nodes.diffusion import SolverState
+from worldgen.nodes.diffusion import SolverState, text_conditioning
 from worldgen.ports import Port, PortKind
 from worldgen.registry import register_block
 
@@ -373,37 +373,18 @@ class ControlNetBlock(ModelBlock):
         batch = sample.shape[0]
         control = self._prepared_image(image, sample)
         sample = _on_model(sample, self)
-        text = _on_model(_to_batch(condition, batch), self)
         config = self.config
         conditioning_scale = (config.scale if scale is None else float(scale)) * control_keep(
             state, config.start, config.end
         )
         guess = config.guess_mode or bool(net.config.get("global_pool_conditions", False))
-        added = None
-        if net.config.get("addition_embed_type") == "text_time":
-            if pooled is None or time_ids is None:
-                missing = "pooled" if pooled is None else "time_ids"
-                raise ConfigError(
-                    f"this ControlNet takes SDXL's added conditioning: connect `{missing}` as for the UNet",
-                    path=missing,
-                )
-            added = {"text_embeds": _to_batch(pooled, batch), "time_ids": _to_batch(time_ids, batch)}
         guided = condition_uncond is not None
-        if guided and not guess:  # both branches in one call, as the UNet's: [uncond, cond]
+        both = guided and not guess  # both branches in one call, as the UNet's: [uncond, cond]
+        text, added = text_conditioning(
+            self, batch, condition, condition_uncond, pooled, pooled_uncond, time_ids, time_ids_uncond, both
+        )
+        if both:
             sample, control = torch.cat([sample] * 2), torch.cat([control] * 2)
-            text = torch.cat([_on_model(_to_batch(condition_uncond, batch), self), text])
-            if added is not None:
-                if pooled_uncond is None or time_ids_uncond is None:
-                    missing = "pooled_uncond" if pooled_uncond is None else "time_ids_uncond"
-                    raise ConfigError(
-                        f"guidance needs `{missing}` too (the negative branch's twin)", path=missing
-                    )
-                added = {
-                    "text_embeds": torch.cat([_to_batch(pooled_uncond, batch), added["text_embeds"]]),
-                    "time_ids": torch.cat([_to_batch(time_ids_uncond, batch), added["time_ids"]]),
-                }
-        if added is not None:
-            added = {k: _on_model(v, self) for k, v in added.items()}
         down, mid = net(
             sample,
             timestep,

@@ -141,52 +141,66 @@ class UNet2DBackboneBlock(ModelBlock):
         unet = self.model
         batch = sample.shape[0]
         residuals = _control_kwargs(control, self, batch * (1 if condition_uncond is None else 2))
-        sample, condition = _on_model(sample, self), _on_model(_to_batch(condition, batch), self)
+        guided = condition_uncond is not None
+        text, added = text_conditioning(
+            self, batch, condition, condition_uncond, pooled, pooled_uncond, time_ids, time_ids_uncond, guided
+        )
+        sample = _on_model(sample, self)
         extra = _extra_channels(concat, batch, self, sample.shape[1])
         if class_labels is not None:  # labels (indices, or a noise level) keep their dtype
             class_labels = _to_batch(class_labels.reshape(-1), batch).to(sample.device)
-        added = None
-        if unet.config.get("addition_embed_type") == "text_time":
-            if pooled is None or time_ids is None:
-                _refuse_missing_text_time("pooled" if pooled is None else "time_ids")
-            added = {"text_embeds": _to_batch(pooled, batch), "time_ids": _to_batch(time_ids, batch)}
-        if condition_uncond is None:
-            added = {k: _on_model(v, self) for k, v in added.items()} if added is not None else None
-            pred = unet(
-                _with_channels(sample, extra),
-                timestep,
-                encoder_hidden_states=condition,
-                added_cond_kwargs=added,
-                class_labels=class_labels,
-                return_dict=False,
-                **residuals,
-            )
-            return {"pred": pred[0], "pred_uncond": None}
-        uncond = _on_model(_to_batch(condition_uncond, batch), self)
+        if guided:  # both branches in one call, as the pipelines batch them: [uncond, cond]
+            sample, extra = torch.cat([sample] * 2), extra if extra is None else torch.cat([extra] * 2)
+            class_labels = None if class_labels is None else torch.cat([class_labels] * 2)
+        pred = unet(
+            _with_channels(sample, extra),
+            timestep,
+            encoder_hidden_states=text,
+            added_cond_kwargs=added,
+            class_labels=class_labels,
+            return_dict=False,
+            **residuals,
+        )[0]
+        if not guided:
+            return {"pred": pred, "pred_uncond": None}
+        pred_uncond, pred_cond = pred.chunk(2)
+        return {"pred": pred_cond, "pred_uncond": pred_uncond}
+
+
+def text_conditioning(
+    block: ModelBlock,
+    batch: int,
+    condition: torch.Tensor,
+    condition_uncond: torch.Tensor | None,
+    pooled: torch.Tensor | None,
+    pooled_uncond: torch.Tensor | None,
+    time_ids: torch.Tensor | None,
+    time_ids_uncond: torch.Tensor | None,
+    guided: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """The text condition and SDXL's added conditioning (`text_time` models) of one UNet-shaped call, on the
+    block's model: the conditional branch alone, or (`guided`) both branches as the pipelines batch them,
+    [uncond, cond]. The UNet and its ControlNets share it."""
+    text = _on_model(_to_batch(condition, batch), block)
+    added = None
+    if block.model.config.get("addition_embed_type") == "text_time":
+        if pooled is None or time_ids is None:
+            _refuse_missing_text_time("pooled" if pooled is None else "time_ids")
+        added = {"text_embeds": _to_batch(pooled, batch), "time_ids": _to_batch(time_ids, batch)}
+    if guided:
+        text = torch.cat([_on_model(_to_batch(condition_uncond, batch), block), text])
         if added is not None:  # the negative branch's twins go first, as the pipelines concatenate them
             if pooled_uncond is None or time_ids_uncond is None:
                 missing = "pooled_uncond" if pooled_uncond is None else "time_ids_uncond"
                 raise ConfigError(
-                    f"guidance with a text_time UNet needs `{missing}` too (the negative branch's twin)",
+                    f"guidance with a text_time model needs `{missing}` too (the negative branch's twin)",
                     path=missing,
                 )
             added = {
                 "text_embeds": torch.cat([_to_batch(pooled_uncond, batch), added["text_embeds"]]),
                 "time_ids": torch.cat([_to_batch(time_ids_uncond, batch), added["time_ids"]]),
             }
-        if added is not None:
-            added = {k: _on_model(v, self) for k, v in added.items()}
-        pred = unet(
-            _with_channels(torch.cat([sample] * 2), extra if extra is None else torch.cat([extra] * 2)),
-            timestep,
-            encoder_hidden_states=torch.cat([uncond, condition]),
-            added_cond_kwargs=added,
-            class_labels=None if class_labels is None else torch.cat([class_labels] * 2),
-            return_dict=False,
-            **residuals,
-        )[0]
-        pred_uncond, pred_cond = pred.chunk(2)
-        return {"pred": pred_cond, "pred_uncond": pred_uncond}
+    return text, None if added is None else {k: _on_model(v, block) for k, v in added.items()}
 
 
 def _extra_channels(
@@ -237,7 +251,7 @@ def _control_kwargs(control: Any, block: ModelBlock, batch: int) -> dict[str, An
 
 def _refuse_missing_text_time(port: str) -> None:
     raise ConfigError(
-        "this UNet takes SDXL's added conditioning (config `addition_embed_type: text_time`): connect `pooled` "
+        "this UNet (or ControlNet) takes SDXL's added conditioning (config `addition_embed_type: text_time`): connect `pooled` "
         "(text_encoder_2's projected embedding) and `time_ids` (from a conditioner/sdxl_time_ids node), with "
         "their `_uncond` twins for guidance",
         path=port,
