@@ -177,23 +177,15 @@ class FluxTransformerBackboneBlock(ModelBlock):
         device, dtype = self.placement()
         sample = sample.to(device=device, dtype=dtype)
         batch = sample.shape[0]
-        # As the pipeline: the step's t broadcast to the batch in the latent's dtype, then scaled to 0-1.
-        t = torch.as_tensor(timestep, device=device).expand(batch).to(dtype) / 1000
-        embedded_guidance = None
-        if model.config.guidance_embeds:
-            if guidance is None:
-                raise ConfigError(
-                    "this Flux transformer has guidance embeddings (Flux.1-dev): give it a guidance scale",
-                    path="guidance",
-                )
-            embedded_guidance = torch.full([1], float(guidance), device=device, dtype=torch.float32)
-            embedded_guidance = embedded_guidance.expand(batch)
+        t, embedded_guidance = step_embedding_inputs(
+            model, timestep, guidance, batch, (device, dtype), "this Flux transformer (Flux.1-dev)"
+        )
         ids = img_ids.to(device=device, dtype=dtype)
         residuals = _control_residuals(control, model, device, dtype)
 
         def predict(sequence: torch.Tensor, pooled_output: torch.Tensor) -> torch.Tensor:
-            sequence = _batched(sequence.to(device=device, dtype=dtype), batch)
-            pooled_output = _batched(pooled_output.to(device=device, dtype=dtype), batch)
+            sequence = batched(sequence.to(device=device, dtype=dtype), batch)
+            pooled_output = batched(pooled_output.to(device=device, dtype=dtype), batch)
             return model(
                 hidden_states=sample,
                 timestep=t,
@@ -234,7 +226,22 @@ def _control_residuals(control: Any, model: Any, device: Any, dtype: torch.dtype
     }
 
 
-def _batched(value: torch.Tensor, batch: int) -> torch.Tensor:
+def step_embedding_inputs(
+    model: Any, timestep: Any, guidance: float | None, batch: int, placement: tuple[Any, Any], what: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Flux model's timestep and distilled-guidance inputs for one step, as the pipelines pass them: t
+    broadcast to the batch in the latent's dtype and scaled to 0-1, the guidance scale per latent (models with
+    guidance embeddings only; `what` names the model in the error when it is missing)."""
+    device, dtype = placement
+    t = torch.as_tensor(timestep, device=device).expand(batch).to(dtype) / 1000
+    if not model.config.guidance_embeds:
+        return t, None
+    if guidance is None:
+        raise ConfigError(f"{what} has guidance embeddings: give it a guidance scale", path="guidance")
+    return t, torch.full([batch], float(guidance), device=device, dtype=torch.float32)
+
+
+def batched(value: torch.Tensor, batch: int) -> torch.Tensor:
     """One prompt's embedding for a batch of latents (e.g. of init images), as the pipelines repeat it."""
     if value.shape[0] == 1 and batch > 1:
         return value.expand(batch, *value.shape[1:])

@@ -23,7 +23,7 @@ from pydantic import Field
 from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, Work, inference
 from worldgen.errors import ConfigError
 from worldgen.nodes.diffusion import SolverState
-from worldgen.nodes.flux import refuse_non_numbers
+from worldgen.nodes.flux import batched, refuse_non_numbers, step_embedding_inputs
 from worldgen.ports import Port, PortKind
 from worldgen.registry import register_block
 
@@ -238,27 +238,21 @@ class FluxControlNetBlock(ModelBlock):
         device, dtype = self.placement()
         sample = sample.to(device=device, dtype=dtype)
         batch = sample.shape[0]
-        # As the pipeline: the step's t broadcast to the batch in the latent's dtype, then scaled to 0-1.
-        t = torch.as_tensor(timestep, device=device).expand(batch).to(dtype) / 1000
-        embedded_guidance = None
-        if model.config.guidance_embeds:
-            if guidance is None:
-                raise ConfigError(
-                    "this Flux ControlNet has guidance embeddings: give it a guidance scale", path="guidance"
-                )
-            embedded_guidance = torch.full([batch], float(guidance), device=device, dtype=torch.float32)
+        t, embedded_guidance = step_embedding_inputs(
+            model, timestep, guidance, batch, (device, dtype), "this Flux ControlNet"
+        )
         mode = None
         if control_mode is not None:
             mode = torch.full((batch, 1), int(control_mode), device=device, dtype=torch.long)
-        sequence = _batched(condition.to(device=device, dtype=dtype), batch)
+        sequence = batched(condition.to(device=device, dtype=dtype), batch)
         block_samples, single_block_samples = model(
             hidden_states=sample,
-            controlnet_cond=_batched(controlnet_cond.to(device=device, dtype=dtype), batch),
+            controlnet_cond=batched(controlnet_cond.to(device=device, dtype=dtype), batch),
             controlnet_mode=mode,
             conditioning_scale=scale,
             timestep=t,
             guidance=embedded_guidance,
-            pooled_projections=_batched(pooled.to(device=device, dtype=dtype), batch),
+            pooled_projections=batched(pooled.to(device=device, dtype=dtype), batch),
             encoder_hidden_states=sequence,
             txt_ids=torch.zeros(sequence.shape[1], 3, device=device, dtype=dtype),
             img_ids=img_ids.to(device=device, dtype=dtype),
@@ -302,10 +296,3 @@ def _check_mode(modes: int | None, control_mode: int | None) -> None:
             f"{control_mode!r}",
             path="control_mode",
         )
-
-
-def _batched(value: torch.Tensor, batch: int) -> torch.Tensor:
-    """One prompt's (or control image's) values for a batch of latents, as the pipeline repeats them."""
-    if value.shape[0] == 1 and batch > 1:
-        return value.expand(batch, *value.shape[1:])
-    return value
