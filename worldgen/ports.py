@@ -17,7 +17,9 @@ class PortKind(str, Enum):
     MASK = "mask"
     EMBEDDING = "embedding"
     LATENT = "latent"
-    IMAGE = "image"
+    IMAGE = "image"  # (B, C, H, W) float in [0, 1]
+    VIDEO = "video"  # (B, F, C, H, W) float in [0, 1]: F frames per clip
+    AUDIO = "audio"  # (B, channels, samples) float in [-1, 1]; the sample rate travels on an INT port
     TIMESTEP = "timestep"
     SCALAR = "scalar"
     INT = "int"
