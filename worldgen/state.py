@@ -25,9 +25,11 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from worldgen.errors import ConfigError, format_validation_error
+from worldgen.media import media_type
 
 BLOCKS = (1, 2, 3, 4, 5)
 _FIELDS = {1: "happening", 2: "generation", 3: "artifacts", 4: "description", 5: "outcome"}
@@ -47,6 +49,8 @@ ImageSide = Annotated[
 Steps = Annotated[int, Field(ge=1, le=500)]
 Guidance = Annotated[float, Field(ge=0.0, le=50.0)]
 
+
+ArtifactKind = Literal["image", "video", "audio"]
 
 # How a referenced image steers a generation (worldgen.stage.REFERENCE_INPUTS names the pipeline inputs each feeds):
 # `controlnet` keeps its layout (edges, pose, depth), `ip_adapter` its subject or style, `img2img` starts from it.
@@ -141,15 +145,29 @@ class ReferenceUse(BaseModel):
 
 
 class ArtifactRef(BaseModel):
-    """Block 3 entry: a file in the world directory (path relative to it)."""
+    """Block 3 entry: a file in the world directory (path relative to it), typed: what it is and what it holds."""
 
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    kind: str = "image"
+    kind: ArtifactKind = "image"
+    mime: str | None = Field(None, description="its MIME type (from the file's suffix when not given)")
     width: int | None = None
     height: int | None = None
+    frames: int | None = Field(None, description="video: frames in the clip")
+    fps: float | None = Field(None, description="video: frames per second")
+    duration: float | None = Field(None, description="video, audio: seconds")
+    sample_rate: int | None = Field(None, description="audio: samples per second")
+    channels: int | None = Field(None, description="audio: 1 mono, 2 stereo")
     sha256: str | None = None
+    preview: str | None = Field(None, description="video: a small animated WebP of the clip (path)")
+    request: int | None = Field(None, description="the block-2 request that made it (0-based)")
+
+    @model_validator(mode="after")
+    def _mime_from_suffix(self) -> ArtifactRef:
+        if self.mime is None:
+            self.mime = media_type(self.path)
+        return self
 
 
 class WorldState(BaseModel):
