@@ -135,3 +135,56 @@ class Slow(wg.Block):
 
         time.sleep(self.config.seconds)
         return {"x": x}
+
+
+@wg.register_block
+class PanClip(wg.Block):
+    """A clip made from a picture: each frame the picture rolled `speed` pixels further right (a camera pan), so
+    a test knows every frame. Refuses more than 64 frames (a model's own limit, checked before a run)."""
+
+    block_type = "toy/pan_clip"
+    INPUTS = (
+        Port("image", K.IMAGE),
+        Port("frames", K.INT, optional=True, default=5),
+        Port("prompt", K.TEXT, optional=True, default=""),
+    )
+    OUTPUTS = (Port("video", K.VIDEO),)
+    speed = 2
+
+    def check_inputs(self, inputs):
+        frames = inputs.get("frames")
+        if isinstance(frames, int) and not 1 <= frames <= 64:
+            raise wg.ConfigError(f"frames {frames}: this model makes 1 to 64 frames", path="frames")
+        return super().check_inputs(inputs)
+
+    def forward(self, image, frames=5, prompt=""):
+        import torch
+
+        clip = [torch.roll(image, shifts=self.speed * f, dims=-1) for f in range(frames)]
+        return {"video": torch.stack(clip, dim=1)}  # (B, F, C, H, W)
+
+
+@wg.register_block
+class Tone(wg.Block):
+    """A stereo sine of `duration` seconds at 8 kHz: the left channel at 440 Hz, the right at 880 Hz. Refuses
+    more than 4 seconds (a model's own limit, checked before a run)."""
+
+    block_type = "toy/tone"
+    INPUTS = (Port("duration", K.SCALAR), Port("prompt", K.TEXT, optional=True, default=""))
+    OUTPUTS = (Port("audio", K.AUDIO), Port("sample_rate", K.INT))
+    rate = 8000
+
+    def check_inputs(self, inputs):
+        duration = inputs.get("duration")
+        if isinstance(duration, (int, float)) and duration > 4:
+            raise wg.ConfigError(
+                f"duration {duration} s is over this model's maximum of 4 s", path="duration"
+            )
+        return super().check_inputs(inputs)
+
+    def forward(self, duration, prompt=""):
+        import torch
+
+        t = torch.arange(round(duration * self.rate)) / self.rate
+        sound = torch.stack([torch.sin(2 * torch.pi * 440 * t), torch.sin(2 * torch.pi * 880 * t)]) * 0.5
+        return {"audio": sound[None], "sample_rate": self.rate}

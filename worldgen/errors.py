@@ -64,11 +64,18 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+_TAGS = frozenset({"image", "video", "audio"})  # the kinds of block 2's requests (worldgen.state)
+
+
 def format_validation_error(err, prefix: str = "") -> str:
     """One line per pydantic error: 'prefix.field.sub: message (got value)'."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e.get("loc", ()))
+        parts = list(e.get("loc", ()))
+        # a tagged union's member is named in the location after the item's index (`generation.0.video.frames`):
+        # the tag is the item's own `kind`, so the path a user wrote is `generation.0.frames`
+        parts = [p for i, p in enumerate(parts) if not (i and isinstance(parts[i - 1], int) and p in _TAGS)]
+        loc = ".".join(str(p) for p in parts)
         path = ".".join(p for p in (prefix, loc) if p) or "(root)"
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
         lines.append(f"{path}: {e['msg']}{got}")

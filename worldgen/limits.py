@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +50,14 @@ class Limits(BaseModel):
         1024 * 1024 * 4 * 50,
         ge=1,
         description="width x height x count x steps of one generation: four 1024x1024 images at 50 steps",
+    )
+    max_video_frames: int = Field(241, ge=1, description="frames of one clip (Wan 2.x makes 81 at 16 fps)")
+    max_audio_seconds: float = Field(120.0, gt=0, description="seconds of one sound")
+    max_request_bytes: int = Field(
+        4 * 1024**3,
+        ge=1,
+        description="memory of one request's output as the pipeline hands it over (float32 pixels or samples, "
+        "all its images, clips or sounds): 4 GiB holds eight 81-frame 832x480 clips",
     )
     max_iterations: int = Field(
         1000, ge=1, description="loop iterations of one graph run (a graph endpoint's `iterations`)"
@@ -105,6 +114,58 @@ class Limits(BaseModel):
                 f"{self.max_pixel_steps:,}",
                 path=path,
                 file=file,
+            )
+
+    def check_request(self, request: Any, *, path: str | None = None) -> None:
+        """Raise LimitExceeded when one block-2 request (worldgen.state: image, video or audio) is too big."""
+        kind = getattr(request, "kind", "image")
+        if kind == "audio":
+            if request.steps > self.max_steps:
+                raise LimitExceeded("max_steps", f"{request.steps} steps is over {self.max_steps}", path=path)
+            if request.count > self.max_count:
+                raise LimitExceeded("max_count", f"count {request.count} is over {self.max_count}", path=path)
+            if request.duration > self.max_audio_seconds:
+                raise LimitExceeded(
+                    "max_audio_seconds",
+                    f"duration {request.duration:g} s is over {self.max_audio_seconds:g} s",
+                    path=f"{path}.duration" if path else None,
+                )
+            rate = request.sample_rate or 48_000
+            size = request.duration * rate * 2 * 4 * request.count  # stereo float32
+            what = f"{request.count} sound(s) of {request.duration:g} s at {rate} Hz"
+        elif kind == "video":
+            frames = request.frames
+            if frames > self.max_video_frames:
+                raise LimitExceeded(
+                    "max_video_frames",
+                    f"{frames} frames is over {self.max_video_frames}",
+                    path=f"{path}.frames" if path else None,
+                )
+            # a clip's cost per step is its frames' pixels; the pixel-step budget is for images
+            self.check_generation(
+                width=request.width,
+                height=request.height,
+                steps=request.steps,
+                count=request.count,
+                path=path,
+            )
+            size = request.width * request.height * 3 * 4 * frames * request.count
+            what = f"{request.count} clip(s) of {frames} frames at {request.width}x{request.height}"
+        else:
+            self.check_generation(
+                width=request.width,
+                height=request.height,
+                steps=request.steps,
+                count=request.count,
+                path=path,
+            )
+            size = request.width * request.height * 3 * 4 * request.count
+            what = f"{request.count} image(s) at {request.width}x{request.height}"
+        if size > self.max_request_bytes:
+            raise LimitExceeded(
+                "max_request_bytes",
+                f"{what} need {size / 1024**2:,.0f} MiB as float32, over {self.max_request_bytes / 1024**2:,.0f} MiB",
+                path=path,
             )
 
 

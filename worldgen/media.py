@@ -60,6 +60,25 @@ class MediaInfo:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+@dataclass
+class Media:
+    """One artifact to write (worldgen.storage): an image ((C, H, W) in [0, 1] or a PIL image), a clip ((F, C, H, W)
+    in [0, 1]) played at `fps`, or a sound ((channels, samples) in [-1, 1]) at `sample_rate`; `format` is the file's
+    suffix (png; mp4 or webm; wav, flac or ogg). `request` and `source` are recorded with it (block 3)."""
+
+    kind: Kind
+    data: Any
+    fps: float | None = None
+    sample_rate: int | None = None
+    format: str | None = None
+    request: int | None = None
+    source: Any = None
+
+    @property
+    def suffix(self) -> str:
+        return self.format or {"image": "png", "video": "mp4", "audio": "wav"}[self.kind]
+
+
 def media_type(path: str | PurePath) -> str:
     """The MIME type of a media file by its suffix (application/octet-stream when unknown)."""
     return MEDIA_TYPES.get(PurePath(path).suffix.lower(), "application/octet-stream")
@@ -269,6 +288,21 @@ def probe(path: str | Path) -> MediaInfo:
             channels=int(info.channels),
         )
     raise ValueError(f"{path}: not a media file worldgen knows (suffixes: {', '.join(MEDIA_TYPES)})")
+
+
+def read_media(path: str | Path) -> Media:
+    """A media file read back as the artifact it would be written from (an image, a clip with its fps, a sound
+    with its sample rate)."""
+    info = probe(path)
+    if info.kind == "image":
+        from PIL import Image
+
+        with Image.open(path) as picture:
+            return Media("image", picture.convert("RGB"))
+    if info.kind == "video":
+        return Media("video", read_frames(path), fps=info.fps or 16.0, format=Path(path).suffix.lower()[1:])
+    samples, rate = read_audio(path)
+    return Media("audio", samples.T, sample_rate=rate, format=Path(path).suffix.lower()[1:])
 
 
 def _check_fps(fps: float) -> None:

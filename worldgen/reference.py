@@ -26,21 +26,21 @@ from typing import Any
 
 from worldgen.errors import ConfigError
 from worldgen.stage import REFERENCE_INPUTS, Stage, reference_input
-from worldgen.state import GenerationConfig, Reference, ReferenceUse, WorldState
+from worldgen.state import ArtifactRef, ImageRequest, ReferenceUse
 from worldgen.storage import StorageError, UnsafePathError, WorldStorage
 
 FIRST_EPISODE_NOTE = "no previous episode (this is the world's first): drawn without this reference"
 
 
 def plan_references(
-    generation: GenerationConfig, creator: Stage, storage: WorldStorage, *, where: str
+    generation: ImageRequest, creator: Stage, storage: WorldStorage, *, where: str
 ) -> list[ReferenceUse]:
-    """What block 2's references will feed the pipeline it selects, checked against the pipeline and the
-    world's episodes (no image is read). `where` names block 2 in errors (e.g. `state.generation`)."""
+    """What an image request's references will feed the pipeline it selects, checked against the pipeline and
+    the world's episodes (no image is read). `where` names the request in errors (e.g. `state.generation.0`)."""
     if not generation.reference:
         return []
     pipeline = generation.pipeline
-    engine = creator.selected(WorldState(generation=generation))
+    engine = creator.item(pipeline)
     episodes = storage.episodes()
     uses = []
     counts: dict[str, int] = {}
@@ -59,7 +59,7 @@ def plan_references(
                 f"take; pipelines that take control '{ref.control}': {', '.join(takers) or 'none'}",
                 path=f"{at}.control",
             )
-        number = _episode(ref, episodes, at)
+        number = _episode(ref.episode, episodes, at)
         if number is None:
             if not exposed.optional:
                 raise ConfigError(
@@ -107,23 +107,35 @@ def reference_inputs(
         for name, value in use.inputs.items():  # the image input is recorded as the artifact's path
             is_image = value == use.artifact
             out[name] = (
-                _read_image(storage, value, width, height, f"{where}.reference.{i}") if is_image else value
+                read_image(storage, value, width, height, f"{where}.reference.{i}") if is_image else value
             )
     return out
 
 
-def _episode(ref: Reference, episodes: list[int], at: str) -> int | None:
-    """The episode number a reference means (None: "previous" before the first episode)."""
-    if ref.episode == "previous":
+def episode_image(storage: WorldStorage, episode: str | int | None, image: int, at: str) -> ArtifactRef:
+    """The `image`-th image of an earlier episode ("previous" or a number), which must exist (`at` names the
+    field that asked for it in errors)."""
+    number = _episode(episode, storage.episodes(), at)
+    if number is None:
+        raise ConfigError(
+            'the world has no episode yet, so no "previous" image; start from an image of this step',
+            path=f"{at}.episode",
+        )
+    return _artifact(storage, number, image, at)
+
+
+def _episode(episode: str | int | None, episodes: list[int], at: str) -> int | None:
+    """The episode number `episode` means (None: "previous" before the first episode)."""
+    if episode == "previous":
         return episodes[-1] if episodes else None
-    if ref.episode not in episodes:
+    if episode not in episodes:
         have = f"episodes {episodes[0]} to {episodes[-1]}" if episodes else "no episode yet"
         raise ConfigError(
-            f"episode {ref.episode} does not exist (the world has {have}); reference an earlier episode of "
+            f"episode {episode} does not exist (the world has {have}); refer to an earlier episode of "
             'this world by number, or "previous"',
             path=f"{at}.episode",
         )
-    return ref.episode
+    return episode
 
 
 def _artifact(storage: WorldStorage, number: int, index: int, at: str) -> Any:
@@ -143,7 +155,7 @@ def _artifact(storage: WorldStorage, number: int, index: int, at: str) -> Any:
     return images[index]
 
 
-def _read_image(storage: WorldStorage, path: str, width: int, height: int, at: str) -> Any:
+def read_image(storage: WorldStorage, path: str, width: int, height: int, at: str) -> Any:
     """An episode's image as a (1, 3, height, width) float tensor in [0, 1], read only through the storage."""
     import io
 

@@ -82,13 +82,16 @@ def _episode_html(number: int, state: WorldState, meta: EpisodeMeta, link: Link)
     if meta.action:
         out.append(f'<p class="action"><span class="label">Action</span> {e(meta.action)}</p>')
     out.append(_block_html(1, _paragraphs(state.happening)))
-    if state.generation is not None:
-        rows = "".join(
-            f"<tr><th>{e(k)}</th><td>{e(_scalar(v))}</td></tr>" for k, v in _generation(state).items()
+    if state.generation:
+        tables = "".join(
+            '<table class="generation">'
+            + "".join(f"<tr><th>{e(k)}</th><td>{e(_scalar(v))}</td></tr>" for k, v in request.items())
+            + "</table>"
+            for request in _generation(state)
         )
         used = "".join(f"<li>{e(_reference(use))}</li>" for use in meta.references)
         used = f'<p class="label">References</p><ul class="references">{used}</ul>' if used else ""
-        out.append(_block_html(2, f'<table class="generation">{rows}</table>{used}'))
+        out.append(_block_html(2, f"{tables}{used}"))
     figures = _shown_artifacts(
         state,
         link,
@@ -122,8 +125,15 @@ def episode_markdown(
         lines.extend([f"{h}# {n}. {_BLOCK_TITLES[n]}", "", body.rstrip(), ""])
 
     block(1, (state.happening or "").strip() or "—")
-    if state.generation is not None:
-        dumped = yaml.dump(_generation(state), Dumper=_DUMPER, sort_keys=False, allow_unicode=True, width=100)
+    if state.generation:
+        requests = _generation(state)
+        dumped = yaml.dump(
+            requests[0] if len(requests) == 1 else requests,
+            Dumper=_DUMPER,
+            sort_keys=False,
+            allow_unicode=True,
+            width=100,
+        )
         fence = _fence(dumped)
         used = "".join(f"\n- **Reference:** {_reference(use)}" for use in meta.references)
         block(2, f"{fence}yaml\n{dumped}{fence}{chr(10) if used else ''}{used}")
@@ -170,12 +180,12 @@ def _figure_html(number: int, i: int, ref: ArtifactRef, target: str) -> str:
     )
 
 
-def _generation(state: WorldState) -> dict[str, Any]:
-    """Block 2's fields as shown: an empty `reference` (most episodes) is left out."""
-    shown = state.generation.model_dump() if state.generation is not None else {}
-    if not shown.get("reference"):
-        shown.pop("reference", None)
-    return shown
+def _generation(state: WorldState) -> list[dict[str, Any]]:
+    """Block 2's requests as shown: fields left at nothing (an empty `reference`, no `source`) are left out."""
+    return [
+        {k: v for k, v in request.model_dump(mode="json").items() if v not in (None, [])}
+        for request in state.generation or []
+    ]
 
 
 def _reference(use: ReferenceUse) -> str:

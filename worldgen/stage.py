@@ -42,7 +42,9 @@ class Schema(Enum):
 
     TEXT = "text"  # a string: a text block (1, 4, 5), or the world's new story
     GENERATION_CONFIG = "generation config"  # a mapping, validated as state.GenerationConfig (block 2)
-    IMAGES = "images"  # image tensors, one run of the selected pipeline each, saved as artifacts (block 3)
+    ARTIFACTS = (
+        "artifacts"  # images, clips, sounds: block 2's requests run by their pipelines, saved (block 3)
+    )
 
 
 # The examples a role's episodes give (worldgen.training): "chat" an llm/transformers block's messages and the
@@ -114,7 +116,7 @@ CONTRACTS: dict[str, Contract] = {
         {2},
         3,
         "image",
-        Schema.IMAGES,
+        Schema.ARTIFACTS,
         selects_pipeline=True,
         feeds_references=True,
         trained_as={"denoising"},
@@ -206,25 +208,35 @@ class Stage(Pipeline):
             raise GraphError(self._problem_text(problems), problems)
         return problems
 
-    def selected(self, state: WorldState) -> Engine:
-        """The Creator's pipeline for this state's block 2."""
-        name = state.generation.pipeline if state.generation else None
-        if name not in self._items:
-            raise ConfigError(
-                f"block 2 asks for pipeline '{name}'{did_you_mean(str(name), self._items)}, but the creator has: "
-                f"{', '.join(self._items)}"
-            )
-        return self._items[name]
-
     def controls(self) -> dict[str, list[str]]:
         """For each of its pipelines, the controls a reference may give it: those whose image input it
-        exposes (REFERENCE_INPUTS). Shown to the Architect, so it asks only for what a pipeline can take."""
+        exposes (REFERENCE_INPUTS), for image pipelines (a clip's `image` is its source, not a reference). Shown
+        to the Architect, so it asks only for what a pipeline can take."""
+        kinds = self.kinds()
         return {
             name: [
-                c for c, (image, _, _) in REFERENCE_INPUTS.items() if image in self.item(name).exposed_inputs
+                c
+                for c, (image, _, _) in REFERENCE_INPUTS.items()
+                if kinds[name] == "image" and image in self.item(name).exposed_inputs
             ]
             for name in self.node_ids
         }
+
+    def kinds(self) -> dict[str, str]:
+        """What each of its pipelines makes: image, video or audio (worldgen.creation.pipeline_kind). Shown to
+        the Architect, so it asks each pipeline for what it can make."""
+        from worldgen.creation import pipeline_kind
+
+        return {name: pipeline_kind(self.item(name)) for name in self.node_ids}
+
+    def sources(self) -> list[str]:
+        """Its video pipelines that start a clip from an image (block 2's `source` feeds their input)."""
+        from worldgen.creation import SOURCE_INPUT
+
+        kinds = self.kinds()
+        return [
+            n for n in self.node_ids if kinds[n] == "video" and SOURCE_INPUT in self.item(n).exposed_inputs
+        ]
 
     @classmethod
     def _item_from_config(cls, spec: Mapping[str, Any]) -> Engine:

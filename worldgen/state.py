@@ -21,7 +21,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    RootModel,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -29,7 +32,7 @@ from pydantic import (
 )
 
 from worldgen.errors import ConfigError, format_validation_error
-from worldgen.media import media_type
+from worldgen.media import MAX_FPS, media_type
 
 BLOCKS = (1, 2, 3, 4, 5)
 _FIELDS = {1: "happening", 2: "generation", 3: "artifacts", 4: "description", 5: "outcome"}
@@ -99,29 +102,166 @@ class Reference(BaseModel):
 
 
 def _one_or_more(value: Any) -> Any:
-    """One reference given as a mapping means a list of one."""
-    return [value] if isinstance(value, (Mapping, Reference)) else value
+    """One item given as a mapping (or a model) means a list of one."""
+    return [value] if isinstance(value, (Mapping, BaseModel)) else value
 
 
-class GenerationConfig(BaseModel):
-    """Block 2: what the Creator generates. The Architect's JSON output is validated against this schema."""
+EpisodeNumber = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=1, le=16, description="how many artifacts to generate")]
+Seed = Annotated[int | None, Field(ge=0, description="None: derived from the world's seed and step")]
+Prompt = Annotated[str, Field(min_length=1, max_length=2000)]
+NegativePrompt = Annotated[str, Field(max_length=2000)]
+
+
+class ImageRequest(BaseModel):
+    """A block-2 request for images (the default kind: block 2 as written before videos and audio)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["image"] = "image"
     pipeline: str = Field("text_to_image", description="name of one of the Creator's pipelines")
-    prompt: str = Field(min_length=1, max_length=2000)
-    negative_prompt: str = Field("", max_length=2000)
+    prompt: Prompt
+    negative_prompt: NegativePrompt = ""
     width: ImageSide = 512
     height: ImageSide = 512
     steps: Steps = 30
     guidance: Guidance = 7.5
-    seed: int | None = Field(None, ge=0, description="None: derived from the world's seed and step")
-    count: int = Field(1, ge=1, le=16, description="how many artifacts to generate")
+    seed: Seed = None
+    count: Count = 1
     reference: Annotated[list[Reference], BeforeValidator(_one_or_more), Field(max_length=4)] = Field(
         default_factory=list,
         description="earlier images of this world to condition on (one mapping or a list): the k-th reference "
         "of a control feeds that control's k-th input of the pipeline",
     )
+
+
+# The name block 2 had when it held one image request (kept: configs, schemas and user code use it).
+GenerationConfig = ImageRequest
+
+
+class VideoSource(BaseModel):
+    """The image a clip starts from: an image request of this block 2 (made before the clip, in this step) or an
+    image of an earlier episode of this world. Never a path: the world reads it from its own storage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: int | None = Field(None, ge=0, description="an earlier image request of this block 2 (0-based)")
+    episode: Literal["previous"] | EpisodeNumber | None = Field(
+        None, description='or an episode: "previous" (the last saved one) or its number'
+    )
+    image: int = Field(
+        0, ge=0, le=15, description="which of that request's or episode's images (0: the first)"
+    )
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> VideoSource:
+        if (self.request is None) == (self.episode is None):
+            raise ValueError(
+                "give exactly one of `request` (this step's image) or `episode` (an earlier one)"
+            )
+        return self
+
+
+class VideoRequest(BaseModel):
+    """A block-2 request for video clips (`frames` at `fps`), from a source image or from the prompt alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["video"]
+    pipeline: str = Field("image_to_video", description="name of one of the Creator's pipelines")
+    prompt: Prompt
+    negative_prompt: NegativePrompt = ""
+    width: ImageSide = 512
+    height: ImageSide = 512
+    frames: int = Field(17, ge=1, le=1024, description="frames in each clip")
+    fps: float = Field(16.0, gt=0, le=MAX_FPS, description="frames per second of the file written")
+    steps: Steps = 30
+    guidance: Guidance = 5.0
+    seed: Seed = None
+    count: Count = 1
+    format: Literal["mp4", "webm"] = Field("mp4", description="mp4 (H.264) or webm (VP9)")
+    source: VideoSource | None = Field(
+        None, description="the image the clip starts from (image-to-video pipelines need one)"
+    )
+
+
+class AudioRequest(BaseModel):
+    """A block-2 request for sounds of `duration` seconds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["audio"]
+    pipeline: str = Field("text_to_audio", description="name of one of the Creator's pipelines")
+    prompt: Prompt
+    negative_prompt: NegativePrompt = ""
+    duration: float = Field(5.0, gt=0, le=600, description="seconds of each sound")
+    sample_rate: int | None = Field(
+        None, ge=8000, le=192_000, description="samples per second of the file (None: the model's own)"
+    )
+    steps: Steps = 30
+    guidance: Guidance = 7.0
+    seed: Seed = None
+    count: Count = 1
+    format: Literal["wav", "flac", "ogg"] = "wav"
+
+
+def _request_kind(value: Any) -> str:
+    """The kind of a request (a mapping without `kind` is an image request: block 2 as it was written before)."""
+    if isinstance(value, Mapping):
+        return str(value.get("kind", "image"))
+    return str(getattr(value, "kind", "image"))
+
+
+GenerationRequest = Annotated[
+    Annotated[ImageRequest, Tag("image")]
+    | Annotated[VideoRequest, Tag("video")]
+    | Annotated[AudioRequest, Tag("audio")],
+    Discriminator(_request_kind),
+]
+
+
+def _sources_made_before(requests: list[Any]) -> list[Any]:
+    """A clip's `source.request` names an image request before it, and one of the images that one makes."""
+    for i, request in enumerate(requests):
+        source = getattr(request, "source", None)
+        if source is None or source.request is None:
+            continue
+        j = source.request
+        if j >= i:
+            raise ValueError(
+                f"request {i}: source.request {j} is not an earlier request; a clip starts from an image "
+                f"made before it (requests 0 to {i - 1})"
+            )
+        if requests[j].kind != "image":
+            raise ValueError(
+                f"request {i}: source.request {j} is a {requests[j].kind} request, not an image one"
+            )
+        if source.image >= requests[j].count:
+            raise ValueError(
+                f"request {i}: source.image {source.image}, but request {j} makes {requests[j].count} image(s)"
+            )
+    return requests
+
+
+def _requests(value: Any) -> Any:
+    """Block 2 as written: a list of requests, `{"requests": [...]}` (a JSON object, as APIs' JSON modes answer),
+    or one request."""
+    if isinstance(value, Mapping) and set(value) == {"requests"}:
+        return value["requests"]
+    return _one_or_more(value)
+
+
+# Block 2: the requests of one step, in order.
+Generation = Annotated[
+    list[GenerationRequest],
+    BeforeValidator(_requests),
+    Field(max_length=8),
+    AfterValidator(_sources_made_before),
+]
+
+
+class GenerationPlan(RootModel[Generation]):
+    """Block 2 as a whole, for the Architect's JSON (the `generation` output schema): a list of requests."""
 
 
 class ReferenceUse(BaseModel):
@@ -162,6 +302,9 @@ class ArtifactRef(BaseModel):
     sha256: str | None = None
     preview: str | None = Field(None, description="video: a small animated WebP of the clip (path)")
     request: int | None = Field(None, description="the block-2 request that made it (0-based)")
+    source: VideoSource | None = Field(
+        None, description="video: the image it started from (an earlier episode's by its number)"
+    )
 
     @model_validator(mode="after")
     def _mime_from_suffix(self) -> ArtifactRef:
@@ -170,17 +313,57 @@ class ArtifactRef(BaseModel):
         return self
 
 
+# The format of a saved state (state.json, the resume journal). 1: block 2 was one image request and block 3 held
+# untyped image files (worldgen before videos and audio); 2: block 2 a list of typed requests, block 3 typed.
+STATE_SCHEMA_VERSION = 2
+
+
+def upgrade_state(data: Any) -> Any:
+    """A saved state's JSON in the current format. A state without `schema_version` is read as version 1 (the
+    upgrade is a no-op on data already in the current form, so a block 2 a user writes the old way reads too)."""
+    if not isinstance(data, Mapping):
+        return data
+    data = dict(data)
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= STATE_SCHEMA_VERSION:
+        raise ValueError(
+            f"schema_version {version!r}: this worldgen reads states of versions 1 to {STATE_SCHEMA_VERSION} "
+            "(a newer worldgen wrote it?)"
+        )
+    if version == 1:
+        generation = data.get("generation")
+        if isinstance(generation, Mapping):  # one image request -> a list of one, of kind image
+            data["generation"] = [{"kind": "image", **generation}]
+        if isinstance(
+            data.get("artifacts"), list
+        ):  # untyped files were images (the MIME comes from the suffix)
+            data["artifacts"] = [
+                {"kind": "image", **a} if isinstance(a, Mapping) else a for a in data["artifacts"]
+            ]
+    data["schema_version"] = STATE_SCHEMA_VERSION
+    return data
+
+
 class WorldState(BaseModel):
     """The five blocks; `None` means empty. `id` identifies this state across saves (for exactly-once episodes)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    schema_version: Literal[2] = Field(
+        STATE_SCHEMA_VERSION,
+        description="the format the state is written in (older ones are upgraded on read)",
+    )
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     happening: str | None = None
-    generation: GenerationConfig | None = None
+    generation: Generation | None = None
     artifacts: list[ArtifactRef] | None = None
     description: str | None = None
     outcome: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        return upgrade_state(data)
 
     def block(self, number: int) -> Any:
         return getattr(self, _FIELDS[_check_number(number)])
@@ -201,7 +384,7 @@ class WorldState(BaseModel):
     def from_blocks(
         cls, blocks: Mapping[int | str, Any] | WorldState | None, *, where: str = "state"
     ) -> WorldState:
-        """From a WorldState or a mapping {block number: content}: block 2 a generation-config mapping,
+        """From a WorldState or a mapping {block number: content}: block 2 a list of requests (or one mapping),
         block 3 a list of artifact paths (or artifact references), the others text."""
         if blocks is None:
             return cls()

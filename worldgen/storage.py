@@ -45,6 +45,7 @@ from pydantic import BaseModel, ValidationError
 from worldgen.config import dump_config, load_config_file
 from worldgen.errors import ConfigError, WorldgenError, format_validation_error
 from worldgen.images import png_bytes, to_pil
+from worldgen.media import Media, probe, write_audio, write_preview, write_video
 from worldgen.report import episode_markdown, report_html, report_markdown
 from worldgen.state import ArtifactRef, EpisodeMeta, Progress, ReferenceUse, WorldContent, WorldState
 from worldgen.storage_io import atomic_write_bytes, atomic_write_text
@@ -320,30 +321,43 @@ class WorldStorage:
 
     # ---------------------------------------------------------------- artifacts
 
-    def save_artifacts(self, state_id: str, images: Any) -> list[ArtifactRef]:
-        """Write images as `artifacts/<state_id>/000.png`, `001.png`, ... (each atomically); returns their refs
-        (paths relative to the root, size, sha256). `images`: a tensor/array (B, C, H, W) or (C, H, W) in [0, 1],
-        a PIL image, or a list of either. A repeated call for the same state replaces its files."""
+    def save_artifacts(
+        self, state_id: str, items: Any, *, after: list[ArtifactRef] | None = None
+    ) -> list[ArtifactRef]:
+        """Write block 3's files as `artifacts/<state_id>/000.png`, `001.mp4` (+ `001.preview.webp`), `002.wav`,
+        ... (each atomically); returns their typed refs (paths relative to the root, what each holds, sha256).
+        `items`: `Media` values, or images (a tensor/array (B, C, H, W) or (C, H, W) in [0, 1], a PIL image, or a
+        list of them). A repeated call for the same state replaces its files, except those of `after` (what an
+        earlier call of this state wrote, kept: the new files are numbered after them)."""
         folder = self.artifacts_dir / _check_id(state_id)
-        refs = []
-        for i, picture in enumerate(_pictures(images)):
-            data = png_bytes(picture)
-            target = folder / f"{i:03d}.png"
-            atomic_write_bytes(target, data, durable=False)  # in flight: the episode copy is the durable one
-            refs.append(
-                ArtifactRef(
-                    path=target.relative_to(self.root).as_posix(),
-                    kind="image",
-                    width=picture.width,
-                    height=picture.height,
-                    sha256=hashlib.sha256(data).hexdigest(),
-                )
-            )
-        keep = {PurePosixPath(r.path).name for r in refs}
-        for stale in folder.glob("*.png") if folder.is_dir() else ():
-            if stale.name not in keep:
+        refs = list(after or [])
+        refs += [self._save_medium(folder, len(refs) + i, medium) for i, medium in enumerate(_media(items))]
+        keep = {PurePosixPath(name).name for r in refs for name in (r.path, r.preview) if name}
+        for stale in folder.iterdir() if folder.is_dir() else ():
+            if stale.name not in keep and not stale.name.startswith("."):
                 stale.unlink(missing_ok=True)
         return refs
+
+    def _save_medium(self, folder: Path, index: int, medium: Media) -> ArtifactRef:
+        """One artifact written (in flight: the episode's copy is the durable one) and described."""
+        target = folder / f"{index:03d}.{medium.suffix}"
+        preview = None
+        if medium.kind == "image":
+            atomic_write_bytes(target, png_bytes(_pictures(medium.data)[0]), durable=False)
+        elif medium.kind == "video":
+            write_video(target, medium.data, fps=medium.fps or 16.0)
+            preview = folder / f"{index:03d}.preview.webp"
+            write_preview(preview, medium.data, fps=medium.fps or 16.0)
+        else:
+            write_audio(target, medium.data, sample_rate=medium.sample_rate or 44_100)
+        return ArtifactRef(
+            path=self._rel(target),
+            sha256=hashlib.sha256(target.read_bytes()).hexdigest(),
+            preview=self._rel(preview) if preview else None,
+            request=medium.request,
+            source=medium.source,
+            **probe(target).fields(),
+        )
 
     def artifact_path(self, ref: ArtifactRef | str) -> Path:
         """The file a ref points at, guaranteed inside the root: absolute paths, `..` parts and symlinks that
@@ -662,26 +676,26 @@ class WorldStorage:
                     f"artifact {ref.path} of state {state.id} does not exist (looked at {source})"
                 )
             name = f"{i:03d}{source.suffix.lower()}"
-            digest, width, height = ref.sha256, ref.width, ref.height
-            if digest and (ref.kind != "image" or None not in (width, height)):
+            update: dict[str, Any] = {"path": (final / name).relative_to(self.root).as_posix()}
+            if ref.sha256 and (ref.kind != "image" or None not in (ref.width, ref.height)):
                 _link_synced(
                     source, folder / name
                 )  # refs written by save_artifacts: no need to read the file
-            else:
+            else:  # a file adopted from elsewhere: measured here
                 data = source.read_bytes()
                 _write_synced(folder / name, data)
-                digest = hashlib.sha256(data).hexdigest()
-                if ref.kind == "image" and (width is None or height is None):
-                    width, height = _image_size(data)
-            refs.append(
-                ArtifactRef(
-                    path=(final / name).relative_to(self.root).as_posix(),
-                    kind=ref.kind,
-                    width=width,
-                    height=height,
-                    sha256=digest,
+                update["sha256"] = hashlib.sha256(data).hexdigest()
+                if ref.kind == "image" and (ref.width is None or ref.height is None):
+                    update["width"], update["height"] = _image_size(data)
+            preview = self.artifact_path(ref.preview) if ref.preview else None
+            if preview is not None and preview.is_file():  # a video's thumbnail goes with it
+                _link_synced(preview, folder / f"{i:03d}.preview{preview.suffix.lower()}")
+                update["preview"] = (
+                    (final / f"{i:03d}.preview{preview.suffix.lower()}").relative_to(self.root).as_posix()
                 )
-            )
+            else:
+                update["preview"] = None
+            refs.append(ref.model_copy(update=update))
         saved = state.model_copy(update={"artifacts": refs})
         meta = EpisodeMeta(
             episode=number,
@@ -832,6 +846,15 @@ def _read_model(path: Path, cls: type[_M]) -> _M | None:
         raise ConfigError(
             f"not a valid {cls.__name__}: {format_validation_error(err)}", file=str(path)
         ) from None
+
+
+def _media(items: Any) -> list[Media]:
+    """Media values from Media values, images (see `_pictures`), or a list of either."""
+    if isinstance(items, Media):
+        return [items]
+    if isinstance(items, (list, tuple)) and any(isinstance(item, Media) for item in items):
+        return [m for item in items for m in _media(item)]
+    return [Media("image", picture) for picture in _pictures(items)]
 
 
 def _pictures(images: Any) -> list[Any]:

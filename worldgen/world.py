@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from worldgen import creation
 from worldgen.config import SCHEMA_VERSION, check_schema, load_config_file, resolve_refs
 from worldgen.errors import (
     ConfigError,
@@ -27,12 +28,13 @@ from worldgen.errors import (
     format_validation_error,
 )
 from worldgen.limits import LimitExceeded, Limits, applying, time_limit, within
+from worldgen.media import MAX_FPS, read_media
 from worldgen.plan import Problem
-from worldgen.reference import plan_references, reference_inputs
+from worldgen.reference import reference_inputs
 from worldgen.registry import build_world_template, check_executor
 from worldgen.stage import CONTRACTS, CYCLE, REFERENCE_INPUTS, Schema, Stage, build_item, role_that
 from worldgen.state import (
-    GenerationConfig,
+    Generation,
     Guidance,
     ImageSide,
     Progress,
@@ -43,6 +45,7 @@ from worldgen.state import (
 from worldgen.storage import WorldDamagedError, WorldStorage
 
 log = logging.getLogger("worldgen.world")
+_GENERATION: TypeAdapter[list] = TypeAdapter(Generation)  # block 2 as the Architect writes it
 
 
 class InitialWorld(BaseModel):
@@ -65,6 +68,9 @@ class GenerationDefaults(BaseModel):
     height: ImageSide = 512
     steps: Steps = 30
     guidance: Guidance = 7.5
+    frames: int = Field(17, ge=1, le=1024, description="frames of a clip (video requests)")
+    fps: float = Field(16.0, gt=0, le=MAX_FPS, description="frames per second of a clip")
+    duration: float = Field(5.0, gt=0, le=600, description="seconds of a sound (audio requests)")
 
 
 class WorldSettings(BaseModel):
@@ -361,11 +367,8 @@ class World:
             p.ran, p.skipped, p.episode = [], [], None
             if state is not None:
                 given = WorldState.from_blocks(state)
-                self._check_generation(given.generation, path="state.generation")
-                if given.generation is not None:  # a bad reference fails here, before any stage runs
-                    plan_references(
-                        given.generation, self.selecting_stage, self.storage, where="state.generation"
-                    )
+                # a bad request (limits, pipeline, references, video source) fails here, before any stage runs
+                self._plan(given.generation, "state.generation")
                 if given.id != p.state.id:
                     self.storage.discard_artifacts(p.state.id)  # the state it replaces will never be saved
                 self._new_state(self._adopt(given), None)
@@ -441,13 +444,14 @@ class World:
             defaults=self.settings.generation_defaults.model_dump(),
             seed=self._seed(role),
             controls=self.selecting_stage.controls(),
+            kinds=self.selecting_stage.kinds(),
+            sources=self.selecting_stage.sources(),
         )
 
-    def _inputs(self, role: str, engine: Any, references: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def _inputs(self, role: str, engine: Any, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The inputs `engine` exposes, from what the world offers a stage plus `given` (a request's)."""
         state = self.progress.state
-        available = world_inputs(self._context(role), state, self.storage.artifact_path) | dict(
-            references or {}
-        )
+        available = world_inputs(self._context(role), state, self.storage.artifact_path) | dict(given or {})
         inputs = {}
         for name, exposed in engine.exposed_inputs.items():
             if name in available:
@@ -463,12 +467,10 @@ class World:
         return inputs
 
     def _call(
-        self, role: str, engine: Any, seed: int, references: Mapping[str, Any] | None = None
+        self, role: str, engine: Any, seed: int, given: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         try:
-            return engine.run(
-                self._inputs(role, engine, references), seed=seed, executor=self.settings.executor
-            )
+            return engine.run(self._inputs(role, engine, given), seed=seed, executor=self.settings.executor)
         except WorldgenError as err:
             err.args = (f"stage '{role}': {err}",)  # keep the error's type; say which stage
             raise
@@ -483,7 +485,7 @@ class World:
         """Run a stage and put what it made where its contract says."""
         p = self.progress
         contract = stage.contract
-        if contract.output_schema is Schema.IMAGES:
+        if contract.output_schema is Schema.ARTIFACTS:
             value: Any = self._create(role, stage)
         elif contract.output_schema is Schema.GENERATION_CONFIG:
             value = self._generation(role, self._output(role, stage))
@@ -504,54 +506,63 @@ class World:
             raise ExecutionError(f"stage '{role}' produced no '{output}' output")
         return result
 
-    def _generation(self, role: str, data: Any) -> GenerationConfig:
+    def _generation(self, role: str, data: Any) -> list:
+        """The Architect's output as block 2: validated, and planned against the Creator and the world."""
         try:
-            config = GenerationConfig.model_validate(data)
+            requests = _GENERATION.validate_python(data)
         except ValidationError as err:
             raise ExecutionError(
                 f"stage '{role}': invalid generation config: {format_validation_error(err)}"
             ) from None
         try:
-            self._check_generation(config)
+            self._plan(requests, "generation")
         except LimitExceeded as err:
             err.args = (f"stage '{role}': block 2: {err}",)  # keep the type (and the limit); say where
             raise
-        self.selecting_stage.selected(WorldState(generation=config))  # the pipeline must exist
-        try:  # and its references must be ones the pipeline and the world's episodes can honour
-            plan_references(config, self.selecting_stage, self.storage, where="generation")
         except ConfigError as err:
             raise ConfigError(f"stage '{role}': block 2: {err.detail}", path=err.path) from None
-        return config
+        return requests
 
-    def _check_generation(self, config: GenerationConfig | None, path: str | None = None) -> None:
-        """Block 2 within the world's limits (checked before the Creator runs anything)."""
-        if self.limits is not None and config is not None:
-            self.limits.check_generation(
-                width=config.width, height=config.height, steps=config.steps, count=config.count, path=path
-            )
+    def _plan(self, requests: list | None, where: str) -> creation.Plan:
+        """Block 2 checked before the Creator runs anything (worldgen.creation)."""
+        return creation.plan(requests, self.selecting_stage, self.storage, where=where, limits=self.limits)
 
     def _create(self, role: str, stage: Stage) -> list:
-        """Block 2's pipeline run once per image asked for (seeds in a row), the images saved as artifacts;
-        block 2's references feed it earlier episodes' images (recorded with the episode)."""
-        import torch
-
+        """Each of block 2's requests run by its pipeline, in order, once per artifact asked for (seeds in a row);
+        the artifacts saved. References feed earlier episodes' images (recorded with the episode); a clip starts
+        from an image of an earlier request or episode."""
         p = self.progress
-        state, generation = p.state, p.state.generation
-        engine = stage.selected(state)
-        references: dict[str, Any] = {}
+        plan = self._plan(p.state.generation, "generation")
         if stage.contract.feeds_references:
-            p.state_references = plan_references(generation, stage, self.storage, where="generation")
-            references = reference_inputs(
-                p.state_references,
-                self.storage,
-                width=generation.width,
-                height=generation.height,
-                where="generation",
-            )
-        seed = generation.seed if generation.seed is not None else self._seed(role)
-        output = stage.contract.output
-        images = [self._call(role, engine, seed + i, references)[output] for i in range(generation.count)]
-        return self.storage.save_artifacts(state.id, torch.cat(images))
+            p.state_references = plan.all_references()
+        base = self._seed(role)
+        refs: list = []
+        made: dict[int, list] = {}  # request -> its artifacts
+        for i, (request, engine) in enumerate(zip(plan.requests, plan.engines, strict=True)):
+            given = creation.request_inputs(request)
+            if stage.contract.feeds_references and plan.references[i]:
+                given |= reference_inputs(
+                    plan.references[i],
+                    self.storage,
+                    width=request.width,
+                    height=request.height,
+                    where=f"generation.{i}",
+                )
+            image = creation.source_image(plan, i, made, self.storage, "generation")
+            if image is not None:
+                given[creation.SOURCE_INPUT] = image
+            seed = request.seed if request.seed is not None else base + 7919 * i  # a request's own seeds
+            media = [
+                m
+                for k in range(request.count)
+                for m in creation.media_of(
+                    request, i, self._call(role, engine, seed + k, given), plan.sources[i]
+                )
+            ]
+            # saved after each request, so a later clip reads this request's images from the world's storage
+            made[i] = self.storage.save_artifacts(p.state.id, media, after=refs)[len(refs) :]
+            refs += made[i]
+        return refs
 
     def _update_world(self, story: str) -> None:
         """Save the complete state as an episode and apply it to the content — each exactly once."""
@@ -573,20 +584,22 @@ class World:
         p.state, p.state_action, p.state_references = state, action, []
 
     def _adopt(self, state: WorldState) -> WorldState:
-        """Copy user-supplied artifact files into the world directory (block 3 then refers to them there)."""
+        """Copy user-supplied artifact files into the world directory (block 3 then refers to them there): images
+        as PNG, clips and sounds re-encoded in the world's formats."""
         if not state.artifacts:
             return state
-        from PIL import Image
-
-        images = []
-        for ref in state.artifacts:
+        media = []
+        for i, ref in enumerate(state.artifacts):
             path = Path(ref.path)
             if not path.is_absolute() and (self.storage.root / path).exists():
                 path = self.storage.root / path
             if not path.exists():
-                raise ConfigError(f"block 3 artifact '{ref.path}' does not exist", path="state.3")
-            images.append(Image.open(path).convert("RGB"))
-        return state.with_block(3, self.storage.save_artifacts(state.id, images))
+                raise ConfigError(f"block 3 artifact '{ref.path}' does not exist", path=f"state.3.{i}")
+            try:
+                media.append(read_media(path))
+            except Exception as err:  # not a file of a kind worldgen reads, or a broken one
+                raise ConfigError(f"block 3 artifact '{ref.path}': {err}", path=f"state.3.{i}") from None
+        return state.with_block(3, self.storage.save_artifacts(state.id, media))
 
     def __repr__(self) -> str:
         return f"World({self.settings.name!r}, step={self.progress.step}, directory='{self.storage.root}')"
@@ -635,9 +648,13 @@ def stage_context(
     defaults: Mapping[str, Any],
     seed: int,
     controls: Mapping[str, list[str]] | None = None,
+    kinds: Mapping[str, str] | None = None,
+    sources: list[str] | None = None,
 ) -> dict[str, Any]:
     """The `context` input of a stage: the variables its prompt templates are rendered with. `controls`: for each
-    pipeline, the controls a reference in block 2 may give it (Stage.controls)."""
+    pipeline, the controls a reference in block 2 may give it (Stage.controls); `kinds`: what each pipeline makes
+    (image, video or audio: Stage.kinds), so the Architect asks each for what it can make; `sources`: the video
+    pipelines that start a clip from an image (Stage.sources)."""
     blocks = state.model_dump(mode="json")
     blocks.pop("id")
     return {
@@ -649,27 +666,20 @@ def stage_context(
         "defaults": dict(defaults),
         "seed": seed,
         "controls": {name: list(c) for name, c in (controls or {}).items()},
+        "kinds": dict(kinds or {}),
+        "sources": list(sources or []),
     }
 
 
 def world_inputs(
     context: dict[str, Any], state: WorldState, artifact_path: Callable[[Any], Path]
 ) -> dict[str, Any]:
-    """Every input the world offers a stage (see worldgen.stage): the context, block 3's image files, block 2's
-    fields; `artifact_path` turns a block-3 reference into its file."""
+    """Every input the world offers a stage (see worldgen.stage): the context and block 3's files (a request's
+    inputs are the Creator's: worldgen.creation); `artifact_path` turns a block-3 reference into its file."""
     available: dict[str, Any] = {"context": context}
     if state.artifacts:
-        available["images"] = [str(artifact_path(a)) for a in state.artifacts]
-    if state.generation:
-        g = state.generation
-        available |= {
-            "prompt": g.prompt,
-            "negative_prompt": g.negative_prompt,
-            "width": g.width,
-            "height": g.height,
-            "steps": g.steps,
-            "guidance_scale": g.guidance,
-        }
+        # every artifact, of every kind, in block 3's order (`images`: the name stages had when all were images)
+        available["artifacts"] = available["images"] = [str(artifact_path(a)) for a in state.artifacts]
     return available
 
 

@@ -364,9 +364,9 @@ def test_a_user_block_2_may_reference_an_earlier_episode(gateway):
     refused = [
         (
             {"episode": 5, "control": "img2img"},
-            "state.generation.reference.0.episode: episode 5 does not exist",
+            "state.generation.0.reference.0.episode: episode 5 does not exist",
         ),
-        ({"control": "img2img", "scale": 0.5}, "state.generation.reference.0.scale"),
+        ({"control": "img2img", "scale": 0.5}, "state.generation.0.reference.0.scale"),
         ({"control": "ip_adapter"}, "pipelines that take control 'ip_adapter': keep_the_look"),
     ]
     for reference, detail in refused:

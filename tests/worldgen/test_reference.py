@@ -65,7 +65,7 @@ def local_world(tmp_path_factory) -> World:
 @pytest.mark.parametrize(
     ("reference", "message"),
     [
-        ({"control": "sketch"}, r"state\.generation\.reference\.0\.control: Input should be 'controlnet'"),
+        ({"control": "sketch"}, r"state\.generation\.0\.reference\.0\.control: Input should be 'controlnet'"),
         (
             {"control": "controlnet", "strength": 0.5},
             r"reference\.0\.strength: .*takes `scale`, not `strength`",
@@ -102,7 +102,7 @@ def test_a_reference_the_world_cannot_honour_fails_before_anything_runs(local_wo
     cases = [
         (
             {"episode": 9, "control": "img2img"},
-            r"at state\.generation\.reference\.0\.episode: episode 9 does not exist \(the world has episodes 1 to 3\)",
+            r"at state\.generation\.0\.reference\.0\.episode: episode 9 does not exist \(the world has episodes 1 to 3\)",
         ),
         (
             {"episode": 1, "image": 2, "control": "img2img"},
@@ -132,7 +132,7 @@ def test_an_architect_asking_for_a_missing_episode_stops_before_the_creator(tmp_
     world = World.from_config(config, directory=tmp_path / "w")
     with pytest.raises(ConfigError, match=r"stage 'architect': block 2: episode 2 does not exist") as err:
         world.step()
-    assert err.value.path == "generation.reference.0.episode"
+    assert err.value.path == "generation.0.reference.0.episode"
     assert world.progress.ran == ["development"] and world.state.generation is None  # the Creator never ran
 
 
@@ -159,13 +159,13 @@ def test_every_episode_after_the_first_is_drawn_from_the_previous_one(local_worl
     world = local_world
     assert world.storage.episodes() == [1, 2, 3]
     first, meta = world.storage.load_episode(1)
-    assert first.generation.pipeline == "text_to_image" and not first.generation.reference
+    assert first.generation[0].pipeline == "text_to_image" and not first.generation[0].reference
     assert "references" not in meta  # nothing to record: episode 1 was drawn from text
     for number in (2, 3):
         state, meta = world.storage.load_episode(number)
         # the offline Architect picks the first pipeline that takes a reference, with every control it takes
-        assert state.generation.pipeline == "keep_the_look"
-        assert [r.model_dump() for r in state.generation.reference] == [
+        assert state.generation[0].pipeline == "keep_the_look"
+        assert [r.model_dump() for r in state.generation[0].reference] == [
             {"episode": "previous", "image": 0, "control": control, "scale": None, "strength": None}
             for control in ("controlnet", "ip_adapter")
         ]
@@ -196,7 +196,7 @@ def test_every_episode_after_the_first_is_drawn_from_the_previous_one(local_worl
 
     # episode 2 is the ControlNet + IP-Adapter graph on episode 1's stored image, not what text alone draws
     state, _ = world.storage.load_episode(2)
-    g, pipelines = state.generation, world.selecting_stage
+    g, pipelines = state.generation[0], world.selecting_stage
     block_2 = {
         "prompt": g.prompt,
         "negative_prompt": g.negative_prompt,
@@ -226,7 +226,7 @@ def test_episode_2_follows_episode_1s_stored_image(tmp_path):
         world = World.from_config(load_config_file(LOOK), directory=tmp_path / f"w{colour[0]}")
         prompt = {"prompt": "the harbor", "width": 64, "height": 64, "steps": 4}
         report = world.step(state={1: "the harbor", 2: prompt, 3: [str(picture)]})
-        assert report.episode == 1 and report.state.generation.pipeline == "keep_the_look"
+        assert report.episode == 1 and report.state.generation[0].pipeline == "keep_the_look"
         assert (pixels(image_of(world, 1)) == np.array(colour)).all()
         drawn.append(pixels(world.storage.artifact_path(report.state.artifacts[0])))
     red, blue = drawn

@@ -35,7 +35,7 @@ CANON_OUTPUT = {
     "world_update": ("text", Schema.TEXT),  # the world's new story
     "development": ("text", Schema.TEXT),
     "architect": ("data", Schema.GENERATION_CONFIG),
-    "creator": ("image", Schema.IMAGES),
+    "creator": ("image", Schema.ARTIFACTS),
 }
 # the one role with each behaviour: Development always runs, takes the user's Action and starts a new state;
 # the Creator runs the pipeline block 2 names; World update saves the complete state as an episode

@@ -384,7 +384,7 @@ def test_report_has_every_episode_and_its_images(store):
     for n in (1, 2):
         state, _ = store.load_episode(n)
         assert f"Episode {n}" in page and f"Episode {n}" in md
-        for text in (state.happening, state.description, state.outcome, state.generation.prompt):
+        for text in (state.happening, state.description, state.outcome, state.generation[0].prompt):
             assert text in md
         for ref in state.artifacts:
             assert f"]({ref.path})" in md

@@ -253,7 +253,9 @@ def test_bad_world_configs_name_the_yaml_path(tmp_path):
 
 def test_invalid_state_from_the_user_is_refused_clearly(tmp_path):
     world = World.from_config(fast_config(), directory=tmp_path / "w")
-    with pytest.raises(wg.ConfigError, match=r"state.generation.width: Value error, must be a multiple of 8"):
+    with pytest.raises(
+        wg.ConfigError, match=r"state.generation.0.width: Value error, must be a multiple of 8"
+    ):
         world.step(state={1: "x", 2: {"prompt": "p", "width": 30}})
     with pytest.raises(wg.ConfigError, match="unknown block 7"):
         world.step(state={7: "x"})
@@ -416,7 +418,9 @@ def test_limits_refuse_generation_settings_before_any_model_runs(tmp_path):
 
     world = World.from_config(config, directory=tmp_path / "w", limits=Limits(max_steps=2))
     given = user_state(2, "unused") | {2: {"prompt": "a ship", "width": 32, "height": 32, "steps": 3}}
-    with pytest.raises(LimitExceeded, match=r"at state.generation: 3 steps is over 2 \(limit 'max_steps'\)"):
+    with pytest.raises(
+        LimitExceeded, match=r"at state.generation.0: 3 steps is over 2 \(limit 'max_steps'\)"
+    ):
         world.step(state=given)
     assert world.progress.step == 0 and world.state.filled() == set()  # refused before anything ran
 
@@ -425,7 +429,9 @@ def test_limits_refuse_generation_settings_before_any_model_runs(tmp_path):
         '{"prompt": "{{ state.happening }}", "width": 32, "height": 32, "steps": 2, "count": 3}'
     )
     world = World.from_config(config, directory=tmp_path / "a", limits=Limits(max_count=2))
-    with pytest.raises(LimitExceeded, match=r"stage 'architect': block 2: count 3 is over 2") as err:
+    with pytest.raises(
+        LimitExceeded, match=r"stage 'architect': block 2: at generation.0: count 3 is over 2"
+    ) as err:
         world.step()
     assert err.value.limit == "max_count"
     saved = WorldStorage(tmp_path / "a").load_progress()
@@ -484,6 +490,6 @@ def test_block_2_can_name_a_pipeline_of_any_family(family, tmp_path):
     world = World.from_config(config, directory=tmp_path / "w")
     world.run(2)
     state, _ = world.storage.load_episode(1)
-    assert state.generation.pipeline == family
+    assert state.generation[0].pipeline == family
     (artifact,) = state.artifacts
     assert Image.open(world.storage.artifact_path(artifact)).size == (32, 48)

@@ -69,9 +69,12 @@ def schema_names() -> list[str]:
 
 
 def _register_builtin_schemas() -> None:
-    from worldgen.state import GenerationConfig
+    from worldgen.state import GenerationConfig, GenerationPlan
 
-    register_schema("generation_config", GenerationConfig)
+    register_schema("generation", GenerationPlan)  # block 2: a list of requests (or one mapping)
+    register_schema(
+        "generation_config", GenerationConfig
+    )  # one image request: block 2 before videos and audio
 
 
 _register_builtin_schemas()
@@ -81,9 +84,10 @@ _register_builtin_schemas()
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
 
 
-def extract_json(text: str) -> dict[str, Any]:
-    """The JSON object in a model's answer: the whole answer, a ```json fenced block, or the first
-    `{…}` that parses in surrounding prose. ValueError when there is none."""
+def extract_json(text: str) -> dict[str, Any] | list[dict[str, Any]]:
+    """The JSON object (or array of objects: block 2's list of requests) in a model's answer: the whole answer,
+    a ```json fenced block, or the first `{…}` / `[{…}, …]` that parses in surrounding prose. ValueError when
+    there is none."""
     stripped = text.strip()
     candidates = [stripped, *(m.group(1).strip() for m in _FENCE.finditer(text))]
     for candidate in candidates:
@@ -91,19 +95,26 @@ def extract_json(text: str) -> dict[str, Any]:
             value = json.loads(candidate)
         except ValueError:
             continue
-        if isinstance(value, dict):
+        if _is_answer(value):
             return value
     decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
+    for match in re.finditer(r"[{\[]", text):
         try:
             value, _ = decoder.raw_decode(text, match.start())
         except ValueError:
             continue
-        if isinstance(value, dict):
+        if _is_answer(value):
             return value
     if not stripped:
         raise ValueError("the answer is empty, expected a JSON object")
     raise ValueError("the answer contains no JSON object")
+
+
+def _is_answer(value: Any) -> bool:
+    """An object, or a non-empty array of objects (a `[1]` in prose is not an answer)."""
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(v, dict) for v in value)
+    return isinstance(value, dict)
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -241,7 +252,7 @@ class LLMBlock(Block):
         )
 
     @staticmethod
-    def parse(text: str, schema: type[BaseModel] | None) -> dict[str, Any]:
+    def parse(text: str, schema: type[BaseModel] | None) -> Any:
         """The answer's JSON object, validated against `schema` and dumped back to plain data."""
         value = extract_json(text)
         if schema is None:

@@ -352,6 +352,8 @@ def role_context(world: Any, episodes: Sequence[Episode], index: int, role: str)
         defaults=world.settings.generation_defaults.model_dump(),
         seed=stage_seed(world.settings.seed, step, role),
         controls=world.selecting_stage.controls(),
+        kinds=world.selecting_stage.kinds(),
+        sources=world.selecting_stage.sources(),
     )
 
 
@@ -461,31 +463,42 @@ def _per_image(episode: Episode, count: int) -> list[str]:
 
 
 def _denoising_examples(world: Any, episode: Episode, role: str) -> list[ImageExample]:
+    """One example per image of the episode, with the image request that made it (block 3's `request`; an
+    episode written before requests had kinds made all its images with its one request)."""
     state = episode.state
     contract = CONTRACTS[role]
     if not {*contract.reads, contract.writes} <= episode.filled or not episode.images:
         return []
-    try:
-        engine = world.stages[role].selected(state)
-    except ConfigError as err:
-        raise ConfigError(err.detail, file=str(episode.state_path), path="generation.pipeline") from None
-    if diffusion_blocks(engine) is None:
-        return []
-    g = state.generation
-    return [
-        ImageExample(
-            role,
-            episode.number,
-            g.pipeline,
-            g.prompt,
-            g.negative_prompt,
-            _sized(image, g.height, g.width),
-            g.width,
-            g.height,
-            g.guidance,
+    refs = [ref for ref in state.artifacts or [] if ref.kind == "image"]
+    examples = []
+    for ref, image in zip(refs, episode.images, strict=True):
+        index = ref.request or 0
+        g = state.generation[index] if index < len(state.generation) else None
+        if g is None or g.kind != "image":
+            continue
+        stage = world.stages[role]
+        if g.pipeline not in stage.node_ids:
+            raise ConfigError(
+                f"block 2 asks for pipeline '{g.pipeline}', but the {role} has: {', '.join(stage.node_ids)}",
+                file=str(episode.state_path),
+                path=f"generation.{index}.pipeline",
+            )
+        if diffusion_blocks(stage.item(g.pipeline)) is None:
+            continue
+        examples.append(
+            ImageExample(
+                role,
+                episode.number,
+                g.pipeline,
+                g.prompt,
+                g.negative_prompt,
+                _sized(image, g.height, g.width),
+                g.width,
+                g.height,
+                g.guidance,
+            )
         )
-        for image in episode.images
-    ]
+    return examples
 
 
 def _sized(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

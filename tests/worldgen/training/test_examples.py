@@ -207,8 +207,8 @@ def test_examples_are_what_the_stages_were_sent_and_what_the_episodes_hold(recor
         assert by["development", episode.number].target == episode.state.happening
         creator = by["creator", episode.number]
         assert isinstance(creator, ImageExample) and creator.pipeline == "text_to_image"
-        assert creator.prompt == episode.state.generation.prompt
-        assert creator.negative_prompt == episode.state.generation.negative_prompt
+        assert creator.prompt == episode.state.generation[0].prompt
+        assert creator.negative_prompt == episode.state.generation[0].negative_prompt
         assert (creator.width, creator.height) == (32, 32) and torch.equal(creator.image, episode.images[0])
 
     # Episode 1's stages saw the initial content: the rebuilt chats are exactly what the LLM blocks were sent.
