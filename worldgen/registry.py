@@ -32,6 +32,7 @@ _BUILTIN_MODULES = (
     "worldgen.nodes.lora",
     "worldgen.nodes.controlnet",
     "worldgen.nodes.flux_controlnet",
+    "worldgen.nodes.stable_audio",
 )
 _TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*/[a-z0-9][a-z0-9_.-]*$")
 _EXECUTOR_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -188,6 +189,7 @@ _BUILTIN_TEMPLATE_MODULES = (
     "worldgen.templates.upscale",
     "worldgen.templates.controlnet",
     "worldgen.templates.worlds",
+    "worldgen.templates.stable_audio",
 )
 _templates_loaded = False
 
