@@ -17,6 +17,7 @@ then cuts the decoded waveform, as the pipeline does.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from numbers import Real
 from typing import Any
@@ -365,6 +366,13 @@ class CosineDPMSolver(SchedulerSolver):
 
     block_type = "solver/cosine_dpm"
     scheduler_class_name = "CosineDPMSolverMultistepScheduler"
+
+    def _step(self, latent: Any, pred: Any, state: Any) -> dict[str, Any]:
+        # diffusers builds the tree over [sigma_min, sigma_max] and asks it for the step down to sigma 0 (and,
+        # in float32, for values a hair outside the ends): torchsde warns about each such query, every run.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            return super()._step(latent, pred, state)
 
 
 # ---- codec ---------------------------------------------------------------------------------------------
