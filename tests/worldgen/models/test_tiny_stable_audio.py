@@ -32,7 +32,9 @@ def test_the_preset_is_a_stable_audio_pipeline_whose_parts_fit():
     # The longest clip: 8 latent steps x hop 4 / 16 Hz.
     assert dit.sample_size * pipe.vae.hop_length / vae.sampling_rate == 2.0
     assert_same_weights(pipe.transformer, build_preset_component("stable-audio-tiny", "transformer"))
-    assert_same_weights(pipe.projection_model, build_preset_component("stable-audio-tiny", "projection_model"))
+    assert_same_weights(
+        pipe.projection_model, build_preset_component("stable-audio-tiny", "projection_model")
+    )
 
 
 def test_the_pipeline_makes_stereo_of_the_asked_length():
