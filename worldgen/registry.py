@@ -189,7 +189,6 @@ _BUILTIN_TEMPLATE_MODULES = (
     "worldgen.templates.upscale",
     "worldgen.templates.controlnet",
     "worldgen.templates.worlds",
-    "worldgen.templates.stable_audio",
 )
 _templates_loaded = False
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from worldgen.errors import ConfigError
 from worldgen.graph import Graph
-from worldgen.templates.diffusion import _task_template
 from worldgen.templates.families import Family, family_components, read_config, register_family
 from worldgen.templates.loop import add_denoising_loop
 
@@ -157,10 +156,4 @@ register_family(
         text_to_audio=stable_audio_text_to_audio,
         description="Stable Audio Open: latent DiT, T5 + seconds conditioning, Oobleck VAE, 44.1 kHz stereo",
     )
-)
-
-text_to_audio = _task_template(
-    "text_to_audio",
-    """Text to audio with Stable Audio Open (the family found from the model): prompt -> audio, sample_rate.
-    `options` are the family's (steps, guidance_scale, duration, start).""",
 )
