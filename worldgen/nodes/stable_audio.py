@@ -53,6 +53,15 @@ def clip_span(start: Any, duration: Any) -> tuple[float, float]:
     return float(start), float(start) + float(duration)
 
 
+def longest_clip(vae_config: Mapping[str, Any], latent_length: int) -> float:
+    """The longest clip in seconds (the pipeline's max_audio_length_in_s): the DiT's latent steps x the VAE's
+    hop length (the product of its downsampling ratios) / its sampling rate."""
+    hop = 1
+    for ratio in vae_config["downsampling_ratios"]:
+        hop *= int(ratio)
+    return latent_length * hop / float(vae_config["sampling_rate"])
+
+
 def _unloaded_config(block: ModelBlock) -> Mapping[str, Any]:
     """The block's model config, without loading its weights unless they are loaded already."""
     if block.model_loaded:
@@ -128,9 +137,8 @@ class StableAudioProjectionBlock(ModelBlock):
     def check_inputs(self, inputs: Mapping[str, Any]) -> Work:
         if "duration" not in inputs:
             return Work()  # the span comes from another node
-        _, end = clip_span(
-            inputs.get("start", 0.0) if inputs.get("start") is not None else 0.0, inputs["duration"]
-        )
+        start = inputs.get("start")
+        _, end = clip_span(0.0 if start is None else start, inputs["duration"])
         config = _unloaded_config(self)
         self._check_range(end, float(config["min_value"]), float(config["max_value"]))
         return Work()
@@ -409,13 +417,6 @@ class OobleckCodecBlock(ModelBlock):
 
         return AutoencoderOobleck
 
-    def max_seconds(self, config: Mapping[str, Any], latent_length: int) -> float:
-        """The longest clip the model makes: the pipeline's max_audio_length_in_s."""
-        hop = 1
-        for ratio in config["downsampling_ratios"]:
-            hop *= int(ratio)
-        return latent_length * hop / float(config["sampling_rate"])
-
     def _check_span(
         self, start: Any, duration: Any, config: Mapping[str, Any], latent_length: int | None
     ) -> None:
@@ -428,7 +429,7 @@ class OobleckCodecBlock(ModelBlock):
             )
         if latent_length is None:
             return
-        most = self.max_seconds(config, latent_length)
+        most = longest_clip(config, latent_length)
         model = self.config.model.source
         if end_s - start_s > most:
             raise ConfigError(

@@ -47,15 +47,13 @@ def _check_components(ref: dict[str, Any]) -> None:
 
 def max_seconds(ref: dict[str, Any]) -> float:
     """The longest clip the model makes (the pipeline's max_audio_length_in_s), from the DiT's and the VAE's
-    configs: sample_size latent steps x the VAE's hop length / its sampling rate."""
+    configs (no weights load)."""
     from diffusers import AutoencoderOobleck, StableAudioDiTModel
 
+    from worldgen.nodes.stable_audio import longest_clip
+
     dit = read_config(ref, "transformer", StableAudioDiTModel)
-    vae = read_config(ref, "vae", AutoencoderOobleck)
-    hop = 1
-    for ratio in vae["downsampling_ratios"]:
-        hop *= int(ratio)
-    return int(dit["sample_size"]) * hop / float(vae["sampling_rate"])
+    return longest_clip(read_config(ref, "vae", AutoencoderOobleck), int(dit["sample_size"]))
 
 
 def stable_audio_text_to_audio(
