@@ -302,6 +302,11 @@ upscale = _task_template(
     """Upscaling with a Stable Diffusion upscaler (x4 `StableDiffusionUpscalePipeline` or the x2 latent upscaler,
     found from the model): image, prompt -> image. `options` are the family's (steps, guidance_scale, ...).""",
 )
+text_to_audio = _task_template(
+    "text_to_audio",
+    """Text to audio with Stable Audio Open (the family found from the model): prompt -> audio, sample_rate.
+    `options` are the family's (steps, guidance_scale, duration, start).""",
+)
 
 
 @register_template("generate_and_refine", kind="pipeline")
