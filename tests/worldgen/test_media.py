@@ -22,7 +22,9 @@ def clip(frames: int = 5, height: int = 16, width: int = 24, channels: int = 3) 
 
 def tone(seconds: float = 0.5, rate: int = 16_000, channels: int = 2) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
-    return np.stack([0.5 * np.sin(2 * math.pi * 440 * (c + 1) * t) for c in range(channels)]).astype(np.float32)
+    return np.stack([0.5 * np.sin(2 * math.pi * 440 * (c + 1) * t) for c in range(channels)]).astype(
+        np.float32
+    )
 
 
 def decoded(path) -> list[np.ndarray]:
@@ -38,7 +40,13 @@ def test_a_clip_round_trips_through_its_container(tmp_path, suffix, codec):
     assert [p.shape for p in pictures] == [(16, 24, 3)] * 6
     with av.open(str(tmp_path / f"clip.{suffix}")) as container:
         assert container.streams.video[0].codec_context.name == codec
-    assert (info.kind, info.mime, info.width, info.height, info.frames) == ("video", f"video/{suffix}", 24, 16, 6)
+    assert (info.kind, info.mime, info.width, info.height, info.frames) == (
+        "video",
+        f"video/{suffix}",
+        24,
+        16,
+        6,
+    )
     assert info.fps == 8 and info.duration == pytest.approx(0.75)
     # lossy, but the picture is the one written (a gradient: a wrong channel order or layout is far off)
     expected = media.video_array(frames).astype(np.float32)
@@ -89,7 +97,9 @@ def test_read_frames_gives_all_frames_or_evenly_spaced_ones(tmp_path):
     assert len(picks) == 3 and picks[0].size == (24, 16)
 
 
-@pytest.mark.parametrize(("suffix", "mime"), [("wav", "audio/wav"), ("flac", "audio/flac"), ("ogg", "audio/ogg")])
+@pytest.mark.parametrize(
+    ("suffix", "mime"), [("wav", "audio/wav"), ("flac", "audio/flac"), ("ogg", "audio/ogg")]
+)
 def test_a_sound_round_trips(tmp_path, suffix, mime):
     sound = tone(seconds=0.5, rate=16_000, channels=2)
     info = media.write_audio(tmp_path / f"sound.{suffix}", torch.from_numpy(sound), sample_rate=16_000)
@@ -119,8 +129,15 @@ def test_resample_changes_the_length_by_the_rates(tmp_path):
 
 def test_mime_types_and_kinds_by_suffix():
     assert media.media_type("a/B.MP4") == "video/mp4" and media.media_type("x.webm") == "video/webm"
-    assert media.media_type("x.wav") == "audio/wav" and media.media_type("x.bin") == "application/octet-stream"
-    assert [media.kind_of(p) for p in ("x.png", "x.mp4", "x.ogg", "x.json")] == ["image", "video", "audio", None]
+    assert (
+        media.media_type("x.wav") == "audio/wav" and media.media_type("x.bin") == "application/octet-stream"
+    )
+    assert [media.kind_of(p) for p in ("x.png", "x.mp4", "x.ogg", "x.json")] == [
+        "image",
+        "video",
+        "audio",
+        None,
+    ]
     with pytest.raises(ValueError, match="not a media file"):
         media.probe("config.json")
 
