@@ -135,3 +135,44 @@ class Slow(wg.Block):
 
         time.sleep(self.config.seconds)
         return {"x": x}
+
+
+@wg.register_block
+class Clip(wg.Block):
+    """A (B, F, 3, H, W) clip in [0, 1]: a bar sweeping right (graph endpoints and `worldgen generate` write it)."""
+
+    block_type = "toy/clip"
+    INPUTS = (
+        Port("frames", K.INT, optional=True, default=4),
+        Port("batch_size", K.INT, optional=True, default=1),
+    )
+    OUTPUTS = (Port("video", K.VIDEO),)
+
+    def forward(self, frames=4, batch_size=1):
+        import torch
+
+        clip = torch.zeros(batch_size, frames, 3, 16, 24)
+        for f in range(frames):
+            clip[:, f, :, :, f * 24 // frames : f * 24 // frames + 4] = 1.0
+        return {"video": clip}
+
+
+@wg.register_block
+class Tone(wg.Block):
+    """A (B, 2, samples) stereo tone in [-1, 1] and its sample rate (on an INT port, as audio pipelines give)."""
+
+    block_type = "toy/tone"
+    INPUTS = (Port("seconds", K.SCALAR, optional=True, default=0.25),)
+    OUTPUTS = (Port("audio", K.AUDIO), Port("sample_rate", K.INT))
+
+    def forward(self, seconds=0.25):
+        import math
+
+        import torch
+
+        rate = 8000
+        t = torch.arange(int(seconds * rate)) / rate
+        return {
+            "audio": (0.5 * torch.sin(2 * math.pi * 440 * t)).expand(1, 2, -1).clone(),
+            "sample_rate": rate,
+        }
