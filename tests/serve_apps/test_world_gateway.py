@@ -522,3 +522,23 @@ def test_a_video_and_a_sound_are_served_with_their_types_and_in_ranges(gateway, 
             assert shown == [pytest.approx(FRAMES / FPS, abs=0.2), WIDTH, HEIGHT]
         finally:
             browser.close()
+
+
+def test_episodes_give_each_artifact_its_url_and_a_videos_preview_its_own():
+    from types import SimpleNamespace
+
+    from serve_apps.world_gateway import WorldGateway
+
+    episode = {
+        "state": {
+            "artifacts": [
+                {"path": "episodes/000001/000.mp4", "preview": "episodes/000001/000.preview.webp"},
+                {"path": "episodes/000001/001.wav", "preview": None},
+            ]
+        }
+    }
+    request = SimpleNamespace(scope={"root_path": "/api"})
+    video, sound = WorldGateway.func_or_class.with_urls(None, request, "bay", episode)["state"]["artifacts"]
+    base = "/api/v1/worlds/bay/artifacts/episodes/000001/"
+    assert (video["url"], video["preview_url"]) == (base + "000.mp4", base + "000.preview.webp")
+    assert sound["url"] == base + "001.wav" and "preview_url" not in sound
