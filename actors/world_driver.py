@@ -44,6 +44,7 @@ from actors.cluster import (
 )
 from worldgen.errors import ConfigError
 from worldgen.limits import Limits
+from worldgen.media import MEDIA_TYPES, kind_of
 from worldgen.storage import WorldStorage
 
 PREFIX = "wg-world-"
@@ -97,20 +98,27 @@ def name_slug(name: object) -> str:
 
 
 # ---- artifacts -----------------------------------------------------------------------------------------
-ARTIFACT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-
-
 class ArtifactNotFound(ConfigError, LookupError):
-    """No readable artifact at that path (outside the world, not an image, or missing)."""
+    """No readable artifact at that path (outside the world, not a media file, or missing)."""
 
 
-def read_artifact(storage: WorldStorage, path: str) -> bytes:
-    """An image's bytes: only the world's own artifacts (`WorldStorage.read_artifact`), never its config or
-    content, nor a file that leaves the world (`..`, absolute, symlinks, hard links from outside)."""
-    if Path(path).suffix.lower() not in ARTIFACT_TYPES:
-        raise ArtifactNotFound(f"artifact {path!r}: expected an image ({', '.join(ARTIFACT_TYPES)})")
+def read_artifact(storage: WorldStorage, path: str, start: int = 0, stop: int | None = None) -> bytes:
+    """A media file's bytes (all of them, or [start, stop)): only the world's own artifacts
+    (`WorldStorage.read_artifact`), never its config or content, nor a file that leaves the world (`..`,
+    absolute, symlinks, hard links from outside)."""
+    return _artifact_call(storage.read_artifact, path, start, stop)
+
+
+def artifact_size(storage: WorldStorage, path: str) -> int:
+    """A media file's size in bytes, checked as `read_artifact` checks it."""
+    return _artifact_call(storage.artifact_size, path)
+
+
+def _artifact_call(call: Any, path: str, *args: Any) -> Any:
+    if kind_of(path) is None:
+        raise ArtifactNotFound(f"artifact {path!r}: expected a media file ({', '.join(MEDIA_TYPES)})")
     try:
-        return storage.read_artifact(path)
+        return call(path, *args)
     except ConfigError as err:
         raise ArtifactNotFound(str(err)) from None
     except OSError:
@@ -287,11 +295,18 @@ class WorldDriver:
         }
 
     @ray.method(concurrency_group="read")
-    def artifact(self, path: str) -> bytes:
-        """The bytes of an image under `episodes/` or `artifacts/` of the world directory. Anything else, a path
-        that leaves the directory (`..`, absolute, symlinks) or a missing file raises ArtifactNotFound."""
+    def artifact(self, path: str, start: int = 0, stop: int | None = None) -> bytes:
+        """The bytes of a media file under `episodes/` or `artifacts/` of the world directory: all of them, or
+        [start, stop) (a range request reads only its slice). Anything else, a path that leaves the directory
+        (`..`, absolute, symlinks) or a missing file raises ArtifactNotFound."""
         self._ok()
-        return read_artifact(self.world.storage, path)
+        return read_artifact(self.world.storage, path, start, stop)
+
+    @ray.method(concurrency_group="read")
+    def artifact_size(self, path: str) -> int:
+        """The size in bytes of what `artifact(path)` reads (a range request is resolved against it)."""
+        self._ok()
+        return artifact_size(self.world.storage, path)
 
     @ray.method(concurrency_group="read")
     def history(self) -> list[dict[str, Any]]:

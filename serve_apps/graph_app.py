@@ -4,14 +4,18 @@
     serve run serve_apps.graph_app:app_builder graph=configs/graphs/text_to_image_tiny.yaml
 
     GET  /  (or /spec)  {name, level, inputs, outputs, options}: each exposed port with kind, optional/default, doc
-    POST /run           {"inputs": {...}, "seed": 0, "iterations": null, "encoding": "png" | "tensor"}
+    POST /run           {"inputs": {...}, "seed": 0, "iterations": null, "encoding": "png" | "tensor",
+                         "fps": 16 (video outputs), "sample_rate": null (audio outputs)}
                         -> {"outputs": {...}, "encoding": "png", "seed": 0}
     GET  /docs          OpenAPI docs: the request and response schemas are built from the graph's ports
 
 Values travel in the wire format of worldgen/nodes/endpoint.py: text/int/scalar/json as JSON values; tensors
 (latents, embeddings…) as `{dtype, shape, data_base64}` (raw little-endian bytes: lossless); images as
 `{"png_base64": [one PNG per batch item]}` by default, or as tensors with `"encoding": "tensor"` (what endpoint
-nodes use, so a remote run reproduces a local one exactly). An image input is accepted either way. An optional
+nodes use, so a remote run reproduces a local one exactly). An image input is accepted either way. By default
+too, a video output is `{"mp4_base64": [one MP4 (H.264) per clip], "fps": ...}` at the request's `fps` (default 16)
+and an audio output `{"wav_base64": [one WAV per sound], "sample_rate": ...}` at the graph's `sample_rate` output
+(else the request's `sample_rate`); `"encoding": "tensor"` sends them as tensors too. An optional
 input given as null is the same as leaving it out (the graph's default applies).
 
 Every request is checked before anything runs: the schema (strict types, the seed's range), then the graph's own
@@ -71,6 +75,7 @@ from worldgen.engine import Engine
 from worldgen.errors import ConfigError, GraphError, WorldgenError, format_validation_error
 from worldgen.graph import Graph
 from worldgen.limits import DEFAULT_LIMITS, LimitExceeded, Limits
+from worldgen.media import MAX_FPS, encode_audio, encode_video
 from worldgen.nodes.endpoint import (
     ENCODINGS,
     TENSOR_KINDS,
@@ -93,10 +98,15 @@ TEMPLATE_PREFIX = "template:"
 # 2**63 and 2**64 are the bounds a float states exactly (2**64 - 1 would read as 2**64).
 INT64 = 2**63  # an int port's values travel as 64-bit integers (what a torch tensor holds)
 SEEDS = MAX_SEED + 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+DEFAULT_FPS = 16.0  # a video output's frame rate when the request names none (Wan's clips play at 16)
+SAMPLE_RATES = (1000, 384_000)  # what worldgen.media writes
+_MEDIA_KINDS = frozenset({K.VIDEO, K.AUDIO})  # sent as files by default (MP4, WAV), as tensors on request
 WIRE_DOC = (
     "`POST /run` takes `{inputs, seed, iterations, encoding}`. Text, int, scalar and json ports are JSON values; "
     "tensors are `{dtype, shape, data_base64}` (raw little-endian bytes, lossless); images are "
-    "`{png_base64: [one PNG per batch item]}`, or tensors with `encoding: tensor`. An optional input given as "
+    "`{png_base64: [one PNG per batch item]}`, videos `{mp4_base64: [one MP4 per clip], fps}`, sounds "
+    "`{wav_base64: [one WAV per sound], sample_rate}`, or all as tensors with `encoding: tensor`. An optional "
+    "input given as "
     "null takes the graph's default. 401: no or a wrong bearer token; 413: the body is too large; 422: the "
     "request does not fit the schema; 400: the graph refused the inputs, or they ask for more than a limit "
     "allows (named in the message); 500: the run failed."
@@ -247,6 +257,41 @@ class PngPayload(BaseModel):
         return self
 
 
+class VideoPayload(BaseModel):
+    """Clips as MP4 files (H.264, playable in every browser) in base64, one per batch item."""
+
+    mp4_base64: list[str] = Field(description="one base64 MP4 per clip")
+    fps: float = Field(description="frames per second the clips play at")
+
+
+class AudioPayload(BaseModel):
+    """Sounds as WAV files (16-bit PCM) in base64, one per batch item."""
+
+    wav_base64: list[str] = Field(description="one base64 WAV per sound")
+    sample_rate: int = Field(description="samples per second")
+
+
+def encode_media(value: Any, kind: PortKind, *, fps: float, sample_rate: int | None) -> dict[str, Any]:
+    """A VIDEO output ((B, F, C, H, W) in [0, 1]) as a VideoPayload's fields, an AUDIO one ((B, channels,
+    samples) in [-1, 1]) as an AudioPayload's. A value of another shape is a ValueError naming the one expected."""
+    ndim, name, shape = (
+        (5, "video", "(B, F, C, H, W)") if kind is K.VIDEO else (3, "audio", "(B, channels, samples)")
+    )
+    if getattr(value, "ndim", None) != ndim:
+        raise ValueError(
+            f"a {name} output must be a {shape} tensor; got {getattr(value, 'shape', type(value))}"
+        )
+    if kind is K.VIDEO:
+        clips = [base64.b64encode(encode_video(clip, fps=fps)).decode("ascii") for clip in value]
+        return {"mp4_base64": clips, "fps": fps}
+    if sample_rate is None:
+        raise ValueError("an audio output needs a sample rate: the graph has no `sample_rate` output")
+    sounds = [
+        base64.b64encode(encode_audio(sound, sample_rate=sample_rate)).decode("ascii") for sound in value
+    ]
+    return {"wav_base64": sounds, "sample_rate": sample_rate}
+
+
 def _png_payload(max_side: int) -> type[PngPayload]:
     """PngPayload for an app whose limits allow images up to `max_side` pixels."""
     if max_side == PngPayload.max_side:
@@ -265,9 +310,9 @@ def _image_payload(png: type[PngPayload]) -> Any:
     ]
 
 
-_WIRE_HINT = {kind: "a tensor payload {dtype, shape, data_base64}" for kind in TENSOR_KINDS} | {
-    K.IMAGE: "{png_base64: [...]} or a tensor payload {dtype, shape, data_base64}"
-}
+_WIRE_HINT = {
+    kind: "a tensor payload {dtype, shape, data_base64}" for kind in TENSOR_KINDS | _MEDIA_KINDS
+} | {K.IMAGE: "{png_base64: [...]} or a tensor payload {dtype, shape, data_base64}"}
 
 
 def _value_type(kind: PortKind, direction: str, limits: Limits, png: type[PngPayload]) -> Any:
@@ -283,7 +328,13 @@ def _value_type(kind: PortKind, direction: str, limits: Limits, png: type[PngPay
         return Annotated[float, Field(strict=True, allow_inf_nan=False)]  # Python's JSON reads NaN
     if kind is K.IMAGE:
         return _image_payload(png) if direction == "input" else png | TensorPayload
-    if kind in TENSOR_KINDS:
+    if kind is K.VIDEO and direction == "output":
+        return VideoPayload | TensorPayload
+    if kind is K.AUDIO and direction == "output":
+        return AudioPayload | TensorPayload
+    if (
+        kind in TENSOR_KINDS | _MEDIA_KINDS
+    ):  # a video or sound input: a tensor (exact, as endpoint nodes send)
         return TensorPayload
     if kind is K.TIMESTEP:
         return int | float | TensorPayload
@@ -333,6 +384,22 @@ def run_models(
     inputs = _ports_model(f"{title}Inputs", input_ports, "input", limits, png)
     outputs = _ports_model(f"{title}Outputs", output_ports, "output", limits, png)
     all_optional = all(p.optional for p in input_ports.values())
+    media: dict[str, Any] = {}  # the options of the graph's video and audio outputs, when it has any
+    kinds = {port.kind for port in output_ports.values()}
+    if K.VIDEO in kinds:
+        media["fps"] = (
+            Annotated[float, Field(gt=0, le=MAX_FPS, strict=True, allow_inf_nan=False)],
+            Field(
+                DEFAULT_FPS, description=f"frames per second of the MP4s (more than 0, at most {MAX_FPS:g})"
+            ),
+        )
+    if K.AUDIO in kinds:
+        media["sample_rate"] = (
+            Annotated[StrictInt, Field(ge=SAMPLE_RATES[0], le=SAMPLE_RATES[1])] | None,
+            Field(
+                None, description="samples per second of the WAVs when the graph gives none (`sample_rate`)"
+            ),
+        )
     request = create_model(
         f"{title}RunRequest",
         __config__=ConfigDict(extra="forbid"),
@@ -352,8 +419,12 @@ def run_models(
         ),
         encoding=(
             Literal["png", "tensor"],
-            Field("png", description="images as PNG (default) or every tensor losslessly"),
+            Field(
+                "png",
+                description="images as PNG, videos as MP4, sounds as WAV (default) or every tensor losslessly",
+            ),
         ),
+        **media,
     )
     response = create_model(
         f"{title}RunResponse",
@@ -462,6 +533,10 @@ def build_app(
 
     def execute(body: Any) -> JSONResponse:
         inputs = _input_values(body.inputs, input_ports)
+        sound = any(port.kind is K.AUDIO for port in output_ports.values()) and body.encoding != "tensor"
+        if sound and "sample_rate" not in output_ports and body.sample_rate is None:
+            message = "sample_rate: the graph gives no sample rate for its audio; name one (1000 to 384000)"
+            raise HTTPException(400, {"error": "ConfigError", "message": message})
         try:
             preflight(engine, inputs, iterations=body.iterations, limits=limits)  # before any model runs
             outputs = runner(inputs, body.seed, body.iterations)
@@ -476,13 +551,19 @@ def build_app(
             raise HTTPException(500, {"error": type(err).__name__, "message": message}) from None
         try:
             encoded = {
-                name: encode_value(outputs[name], port.kind, body.encoding)
-                for name, port in output_ports.items()
+                name: _encode(outputs[name], port.kind, body, outputs) for name, port in output_ports.items()
             }
             # rendered here (NaN/inf are not JSON) so such an output is a reported 500, not a bare one
             return JSONResponse({"outputs": encoded, "encoding": body.encoding, "seed": body.seed})
         except (TypeError, ValueError) as err:
             raise HTTPException(500, {"error": "EncodingError", "message": str(err)}) from None
+
+    def _encode(value: Any, kind: PortKind, body: Any, outputs: dict[str, Any]) -> Any:
+        if kind in _MEDIA_KINDS and body.encoding != "tensor":
+            rate = outputs.get("sample_rate", getattr(body, "sample_rate", None))
+            fps = getattr(body, "fps", DEFAULT_FPS)
+            return encode_media(value, kind, fps=fps, sample_rate=None if rate is None else int(rate))
+        return encode_value(value, kind, body.encoding)
 
     errors: dict[int | str, dict[str, Any]] = {
         400: {"model": RunError, "description": "the graph refused the inputs, or they exceed a limit"},

@@ -15,7 +15,10 @@ in parallel, and any gateway replica reaches the same driver by name.
                                                the stages as server-sent events, then the report
     GET    /v1/worlds/{id}/episodes            ?offset=0&limit=20, oldest first, artifacts with URLs
     GET    /v1/worlds/{id}/episodes/{n}        one episode
-    GET    /v1/worlds/{id}/artifacts/{path}    an image of an episode (or of the state in flight)
+    GET    /v1/worlds/{id}/artifacts/{path}    a file of an episode (or of the state in flight): an image, a video
+                                               (MP4, WebM, its animated WebP preview) or a sound (WAV, FLAC, OGG),
+                                               with its MIME type; a `Range: bytes=...` request gets 206 and only
+                                               that slice (a player seeks), one past the end 416; HEAD too
     DELETE /v1/worlds/{id}                     stop the driver and delete the world directory
     GET    /docs, /openapi.json                OpenAPI docs
 
@@ -50,7 +53,6 @@ from ray import serve
 
 from actors.cluster import get_named
 from actors.world_driver import (
-    ARTIFACT_TYPES,
     ArtifactNotFound,
     driver_name,
     get_or_create_driver,
@@ -61,6 +63,7 @@ from serve_apps.auth import token_digest
 from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
 from worldgen.errors import ConfigError, StepInFlightError, WorldgenError, format_validation_error
 from worldgen.limits import DeadlineExceeded, Limits
+from worldgen.media import MEDIA_TYPES, media_type
 from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
 from worldgen.trust import TrustPolicy, admit_config
 
@@ -204,6 +207,38 @@ def _http_error(error: BaseException, detail: str | None = None) -> HTTPExceptio
     return HTTPException(status, detail or str(error))
 
 
+# Every media type the world writes, for the artifact route's document.
+_MEDIA_CONTENT: dict[str, Any] = {media: {} for media in sorted(set(MEDIA_TYPES.values()))}
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+
+
+def parse_range(header: str | None) -> tuple[int | None, int | None] | None:
+    """A Range header's one byte range as (first, last): `bytes=a-b` -> (a, b), `bytes=a-` -> (a, None), the
+    suffix `bytes=-n` -> (None, n). None when there is no header, or one to ignore (malformed, a-b with b < a,
+    several ranges): HTTP lets a server answer those with the whole file."""
+    match = _RANGE.match(header or "")
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first = int(match.group(1)) if match.group(1) else None
+    last = int(match.group(2)) if match.group(2) else None
+    if first is not None and last is not None and last < first:
+        return None
+    return first, last
+
+
+def resolve_range(wanted: tuple[int | None, int | None], size: int) -> tuple[int, int] | None:
+    """(start, stop) of a parsed range in a file of `size` bytes, or None when it cannot be satisfied (it
+    starts at or past the end; a suffix of 0 bytes)."""
+    first, last = wanted
+    if first is None:  # the last `last` bytes
+        if last == 0 or size == 0:
+            return None
+        return max(0, size - last), size
+    if first >= size:
+        return None
+    return first, size if last is None else min(last + 1, size)
+
+
 def _event(name: str, data: Any) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
@@ -268,9 +303,12 @@ class WorldGateway:
             ) from None
 
     def with_urls(self, request: Request, world_id: str, episode: dict[str, Any]) -> dict[str, Any]:
+        """Each artifact's URL (and a video's preview's, `preview_url`)."""
         base = f"{request.scope.get('root_path', '')}/v1/worlds/{world_id}/artifacts/"
         for ref in episode.get("state", {}).get("artifacts") or []:
             ref["url"] = base + ref["path"]
+            if ref.get("preview"):
+                ref["preview_url"] = base + ref["preview"]
         return episode
 
     # ---- worlds ----------------------------------------------------------------------------------------
@@ -425,12 +463,45 @@ class WorldGateway:
     @api.get(
         "/v1/worlds/{world_id}/artifacts/{path:path}",
         response_class=Response,
-        responses={200: {"content": {media: {} for media in sorted(set(ARTIFACT_TYPES.values()))}}},
+        responses={
+            200: {"content": _MEDIA_CONTENT, "description": "the whole file"},
+            206: {
+                "content": _MEDIA_CONTENT,
+                "description": "the slice a `Range: bytes=...` header asked for",
+            },
+            416: {"model": ErrorResponse, "description": "the range starts past the file's end"},
+        },
     )
-    async def artifact(self, world_id: str, path: str) -> Response:
+    async def artifact(self, world_id: str, path: str, request: Request) -> Response:
+        """A media file with its MIME type. One byte range (`bytes=a-b`, `bytes=a-`, `bytes=-n`) is answered
+        206 with that slice alone, read from the file as such (seeking in a long clip never sends it whole); a
+        Range header this does not understand (or several ranges) is ignored, as HTTP allows: 200, the file."""
         handle = await self.driver(world_id)
-        data = await self.call(handle.artifact.remote(path))
-        return Response(data, media_type=ARTIFACT_TYPES[Path(path).suffix.lower()])
+        headers = {"Accept-Ranges": "bytes"}
+        wanted = parse_range(request.headers.get("range"))
+        if wanted is None:
+            data = await self.call(handle.artifact.remote(path))
+            return Response(data, media_type=media_type(path), headers=headers)
+        size = await self.call(handle.artifact_size.remote(path))
+        span = resolve_range(wanted, size)
+        if span is not None:
+            data = await self.call(handle.artifact.remote(path, *span))
+            if data:  # empty only when the file shrank since its size was read: past the end after all
+                headers["Content-Range"] = f"bytes {span[0]}-{span[0] + len(data) - 1}/{size}"
+                return Response(data, status_code=206, media_type=media_type(path), headers=headers)
+        raise HTTPException(
+            416,
+            f"range {request.headers['range']!r} is past the end of {path} ({size} bytes)",
+            headers=headers | {"Content-Range": f"bytes */{size}"},
+        )
+
+    @api.head("/v1/worlds/{world_id}/artifacts/{path:path}", include_in_schema=False)
+    async def artifact_head(self, world_id: str, path: str) -> Response:
+        """What GET would answer, without the body: a player asks for the size before it asks for ranges."""
+        handle = await self.driver(world_id)
+        size = await self.call(handle.artifact_size.remote(path))
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(size)}
+        return Response(media_type=media_type(path), headers=headers)
 
     @api.delete("/v1/worlds/{world_id}", status_code=204)
     async def delete(self, world_id: str) -> Response:

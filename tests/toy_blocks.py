@@ -170,7 +170,10 @@ class Tone(wg.Block):
     more than 4 seconds (a model's own limit, checked before a run)."""
 
     block_type = "toy/tone"
-    INPUTS = (Port("duration", K.SCALAR), Port("prompt", K.TEXT, optional=True, default=""))
+    INPUTS = (
+        Port("duration", K.SCALAR, optional=True, default=0.25),
+        Port("prompt", K.TEXT, optional=True, default=""),
+    )
     OUTPUTS = (Port("audio", K.AUDIO), Port("sample_rate", K.INT))
     rate = 8000
 
@@ -182,7 +185,7 @@ class Tone(wg.Block):
             )
         return super().check_inputs(inputs)
 
-    def forward(self, duration, prompt=""):
+    def forward(self, duration=0.25, prompt=""):
         import torch
 
         t = torch.arange(round(duration * self.rate)) / self.rate

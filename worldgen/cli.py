@@ -271,21 +271,80 @@ def cmd_generate(args: argparse.Namespace) -> int:
     outputs = engine.run(inputs, seed=args.seed, progress=True, executor=executor)
 
     spec_out = engine.output_spec()
-    images = [name for name in outputs if spec_out.get(name, {}).get("kind") == "image"]
+    files = {name: kind for name in outputs if (kind := spec_out.get(name, {}).get("kind")) in _FILE_KINDS}
     written: list[Path] = []
-    for name in images:
+    for name, kind in files.items():
         stem = (
-            f"{engine.name}_seed{args.seed}" if len(images) == 1 else f"{engine.name}_{name}_seed{args.seed}"
+            f"{engine.name}_seed{args.seed}" if len(files) == 1 else f"{engine.name}_{name}_seed{args.seed}"
         )
-        written += save_png(outputs[name], out_dir, stem)
+        if kind == "image":
+            written += save_png(outputs[name], out_dir, stem)
+        elif kind == "video":
+            written += _write_videos(outputs[name], out_dir, stem, fps=args.fps, format=args.video_format)
+        else:
+            written += _write_sounds(
+                outputs[name], out_dir, stem, outputs.get("sample_rate"), args.audio_format
+            )
     diagram = atomic_write_text(out_dir / "graph.mmd", to_mermaid(engine))
     for name, value in outputs.items():
-        if name not in images:
+        if name not in files:
             print(f"{name}: {_summary(value)}", file=sys.stderr)
     print(f"{PROG}: diagram: {diagram}", file=sys.stderr)
     for path in written:
         print(path)
     return 0
+
+
+_FILE_KINDS = ("image", "video", "audio")  # the outputs `generate` writes as files (the others it summarises)
+
+
+def _write_videos(video: Any, out_dir: Path, stem: str, *, fps: float, format: str) -> list[Path]:
+    """Each clip of a (B, F, C, H, W) video as `<stem>.<format>` (`<stem>_<i>.<format>` for several) and its
+    animated preview `<stem>.preview.webp`; the paths."""
+    from worldgen.media import write_preview, write_video
+
+    if getattr(video, "ndim", None) != 5:
+        raise _CliError(
+            f"a video output must be a (B, F, C, H, W) tensor; got {getattr(video, 'shape', video)!r}"
+        )
+    paths = []
+    for i, clip in enumerate(video):
+        name = stem if len(video) == 1 else f"{stem}_{i}"
+        write_video(out_dir / f"{name}.{format}", clip, fps=fps)
+        write_preview(out_dir / f"{name}.preview.webp", clip, fps=fps)
+        paths += [out_dir / f"{name}.{format}", out_dir / f"{name}.preview.webp"]
+    return paths
+
+
+def _write_sounds(audio: Any, out_dir: Path, stem: str, sample_rate: Any, format: str) -> list[Path]:
+    """Each sound of a (B, channels, samples) audio output as `<stem>.<format>` at the graph's `sample_rate`."""
+    from worldgen.media import write_audio
+
+    if sample_rate is None:
+        raise _CliError("the graph gives audio but no `sample_rate` output: cannot write a sound file")
+    if getattr(audio, "ndim", None) != 3:
+        raise _CliError(
+            f"an audio output must be a (B, channels, samples) tensor; got {getattr(audio, 'shape', audio)!r}"
+        )
+    paths = []
+    for i, sound in enumerate(audio):
+        path = out_dir / (f"{stem}.{format}" if len(audio) == 1 else f"{stem}_{i}.{format}")
+        write_audio(path, sound, sample_rate=int(sample_rate))
+        paths.append(path)
+    return paths
+
+
+def _fps(text: str) -> float:
+    """--fps: more than 0 and at most MAX_FPS (checked before the graph runs)."""
+    from worldgen.media import MAX_FPS
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= MAX_FPS:
+        raise argparse.ArgumentTypeError(f"{text}: expected more than 0 and at most {MAX_FPS:g}")
+    return value
 
 
 def _world_config(spec: str) -> Path | None:
@@ -659,9 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate",
         parents=[common],
-        help="run a graph and write its image(s) as PNG",
-        description="Run a graph and write its images as PNG into --out, with the graph's Mermaid diagram "
-        "(graph.mmd). Without FILE: the text_to_image template on the built-in 'small' preset, 20 steps, 64x64.",
+        help="run a graph and write its images (PNG), videos (MP4/WebM) and sounds (WAV/FLAC/OGG)",
+        description="Run a graph and write its outputs into --out by kind: images as PNG, videos as MP4 (or "
+        "WebM) with an animated WebP preview, sounds as WAV (or FLAC/OGG) at the graph's `sample_rate`; with "
+        "the graph's Mermaid diagram (graph.mmd). Without FILE: the text_to_image template on the built-in "
+        "'small' preset, 20 steps, 64x64.",
     )
     p.add_argument(
         "file",
@@ -687,6 +748,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default: {DEFAULT_OUT}/)"
+    )
+    p.add_argument("--fps", type=_fps, default=16.0, help="frames per second of written videos (default: 16)")
+    p.add_argument(
+        "--video-format", choices=("mp4", "webm"), default="mp4", help="MP4 (H.264, default) or WebM (VP9)"
+    )
+    p.add_argument(
+        "--audio-format", choices=("wav", "flac", "ogg"), default="wav", help="sound files (default: wav)"
     )
     p.add_argument(
         "--executor",

@@ -159,6 +159,7 @@ def encode_preview(frames: Any, *, fps: float, max_side: int = 160, max_frames: 
     `max_frames` frames, evenly picked, and `max_side` pixels."""
     from PIL import Image
 
+    _check_fps(fps)  # the frame duration divides by it
     array = video_array(frames)
     picks = _evenly(len(array), max_frames)
     pictures = [Image.fromarray(array[i]) for i in picks]

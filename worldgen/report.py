@@ -1,5 +1,6 @@
 """The readable report of a world: every episode as Markdown (the world's report and each episode's own page) and
-as one self-contained HTML page, images inline through relative links.
+as one self-contained HTML page, images inline through relative links, videos and sounds as players (`<video>`
+with the clip's animated preview as its poster, `<audio>`) that load only their metadata until played.
 
 Rendering only: the storage (worldgen/storage.py) decides where the files go, gives each artifact its link and
 writes the text this module returns (atomically). Nothing here reads or writes a file.
@@ -96,8 +97,9 @@ def _episode_html(number: int, state: WorldState, meta: EpisodeMeta, link: Link)
         state,
         link,
         missing=lambda ref: f'<p class="missing">missing artifact: {e(ref.path)}</p>',
-        image=lambda i, ref, target: _figure_html(number, i, ref, target),
-        other=lambda i, ref, target: f'<p><a href="{e(target)}">{e(ref.kind)} {i}</a></p>',
+        image=lambda i, ref, target, _: _figure_html(number, i, ref, target),
+        video=lambda i, ref, target, preview: _video_html(number, i, ref, target, preview),
+        audio=lambda i, ref, target, _: _audio_html(number, i, ref, target),
     )
     out.append(_block_html(3, f'<div class="images">{"".join(figures)}</div>'))
     out.append(_block_html(4, _paragraphs(state.description)))
@@ -141,8 +143,13 @@ def episode_markdown(
         state,
         link,
         missing=lambda ref: f"_missing artifact: {ref.path}_",
-        image=lambda i, ref, target: f"![episode {number}, image {i}]({target})",
-        other=lambda i, ref, target: f"[{ref.kind} {i}]({target})",
+        image=lambda i, ref, target, _: f"![episode {number}, image {i}]({target})",
+        # a video: its animated preview, linked to the clip (Markdown has no player), or a plain link
+        video=lambda i, ref, target, preview: (
+            (f"[![episode {number}, video {i}]({preview})]({target})" if preview else "")
+            + f"{' ' if preview else ''}[video {i}{_measures(ref)}]({target})"
+        ),
+        audio=lambda i, ref, target, _: f"[audio {i}{_measures(ref)}]({target})",
     )
     block(3, "\n".join(shown) or "—")
     block(4, (state.description or "").strip() or "—")
@@ -150,24 +157,42 @@ def episode_markdown(
     return "\n".join(lines)
 
 
+Shown = Callable[[int, ArtifactRef, str, str | None], str]
+"""One artifact as a format shows it: (number from 1, ref, its link, its preview's link or None) -> text."""
+
+
 def _shown_artifacts(
     state: WorldState,
     link: Link,
     *,
     missing: Callable[[ArtifactRef], str],
-    image: Callable[[int, ArtifactRef, str], str],
-    other: Callable[[int, ArtifactRef, str], str],
+    image: Shown,
+    video: Shown,
+    audio: Shown,
 ) -> list[str]:
-    """Block 3, one entry per artifact (numbered from 1): `missing(ref)` for one without a link, `image(i, ref,
-    link)` for an image, `other(i, ref, link)` for any other kind. The two formats differ only in these."""
+    """Block 3, one entry per artifact (numbered from 1): `missing(ref)` for one without a link, else the
+    renderer of its kind. The two formats differ only in these."""
     shown = []
     for i, ref in enumerate(state.artifacts or [], 1):
         target = link(ref)
         if target is None:
             shown.append(missing(ref))
-        else:
-            shown.append((image if ref.kind == "image" else other)(i, ref, target))
+            continue
+        preview = link(ArtifactRef(path=ref.preview, kind="image")) if ref.preview else None
+        render = {"video": video, "audio": audio}.get(ref.kind, image)
+        shown.append(render(i, ref, target, preview))
     return shown
+
+
+def _measures(ref: ArtifactRef) -> str:
+    """What a clip or sound holds, for its caption: ', 2 s, 16 frames at 8 fps' ('' when nothing is known)."""
+    facts = [f"{ref.duration:g} s" if ref.duration else ""]
+    if ref.kind == "video" and ref.frames:
+        facts.append(f"{ref.frames} frames" + (f" at {ref.fps:g} fps" if ref.fps else ""))
+    if ref.kind == "audio" and ref.sample_rate:
+        facts.append(f"{ref.sample_rate} Hz" + {1: " mono", 2: " stereo"}.get(ref.channels or 0, ""))
+    text = ", ".join(f for f in facts if f)
+    return f", {text}" if text else ""
 
 
 def _figure_html(number: int, i: int, ref: ArtifactRef, target: str) -> str:
@@ -177,6 +202,28 @@ def _figure_html(number: int, i: int, ref: ArtifactRef, target: str) -> str:
     return (
         f'<figure><a href="{e(target)}"><img src="{e(target)}" alt="episode {number}, image {i}"'
         f'{size}{small} loading="lazy"></a><figcaption>{i}</figcaption></figure>'
+    )
+
+
+def _video_html(number: int, i: int, ref: ArtifactRef, target: str, preview: str | None) -> str:
+    """A player that fetches only the clip's header until played; the animated preview is its poster."""
+    e = html.escape
+    poster = f' poster="{e(preview)}"' if preview else ""
+    size = f' width="{ref.width}" height="{ref.height}"' if ref.width and ref.height else ""
+    return (
+        f'<figure class="video"><video controls preload="metadata"{poster}{size} '
+        f'aria-label="episode {number}, video {i}"><source src="{e(target)}" type="{e(ref.mime or "")}">'
+        f'<a href="{e(target)}">video {i}</a></video>'
+        f'<figcaption><a href="{e(target)}">{i}</a>{e(_measures(ref))}</figcaption></figure>'
+    )
+
+
+def _audio_html(number: int, i: int, ref: ArtifactRef, target: str) -> str:
+    e = html.escape
+    return (
+        f'<figure class="audio"><audio controls preload="metadata" aria-label="episode {number}, audio {i}">'
+        f'<source src="{e(target)}" type="{e(ref.mime or "")}"><a href="{e(target)}">audio {i}</a></audio>'
+        f'<figcaption><a href="{e(target)}">{i}</a>{e(_measures(ref))}</figcaption></figure>'
     )
 
 
@@ -274,5 +321,8 @@ table.generation th, table.generation td { padding: .2rem .5rem .2rem 0; border-
 figure { margin: 0; }
 figure img { display: block; width: 100%; height: auto; border-radius: 8px; border: 1px solid var(--line); }
 figure img.small { image-rendering: pixelated; }
+figure video { display: block; width: 100%; height: auto; border-radius: 8px; border: 1px solid var(--line);
+  background: #000; }
+figure audio { display: block; width: 100%; }
 figcaption { font-size: .75rem; color: var(--muted); text-align: center; margin-top: .2rem; }
 """

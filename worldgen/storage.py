@@ -378,22 +378,35 @@ class WorldStorage:
             raise UnsafePathError(f"artifact path {raw!r} leads outside {self.root} (through a symlink)")
         return target
 
-    def read_artifact(self, path: str) -> bytes:
+    def read_artifact(self, path: str, start: int = 0, stop: int | None = None) -> bytes:
         """The bytes of one of the world's artifacts (a file under episodes/ or artifacts/). Only a regular file
         inside the world whose every name is the world's own is read: a path leaving the root (see
         `artifact_path`), anything but a regular file, or a file hard-linked from outside the world raises
-        UnsafePathError; a missing file raises FileNotFoundError."""
+        UnsafePathError; a missing file raises FileNotFoundError. `start`/`stop`: only bytes [start, stop) are
+        read (a player seeking in a long clip asks for a slice, not the whole file)."""
+        with self._open_artifact(path) as fh:
+            fh.seek(max(0, start))
+            return fh.read(-1 if stop is None else max(0, stop - max(0, start)))
+
+    def artifact_size(self, path: str) -> int:
+        """The size in bytes of one of the world's artifacts (checked as `read_artifact` checks it)."""
+        with self._open_artifact(path) as fh:
+            return os.fstat(fh.fileno()).st_size
+
+    def _open_artifact(self, path: str) -> io.BufferedReader:
+        """The artifact opened for reading, once it is known to be the world's own regular file."""
         if PurePosixPath(path.replace("\\", "/")).parts[:1] not in (("episodes",), ("artifacts",)):
             raise UnsafePathError(f"artifact path {path!r}: expected a file under episodes/ or artifacts/")
         target = self.artifact_path(path)
         # checked on the open file (not the name), so the file read is the file checked; O_NONBLOCK keeps a
         # FIFO from blocking the reader, O_NOFOLLOW a symlink swapped in since `artifact_path` resolved it
         fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd, "rb") as fh:
-            problem = self._file_problem(target, os.fstat(fd))
-            if problem:
-                raise UnsafePathError(f"artifact {path!r} {problem}")
-            return fh.read()
+        fh = os.fdopen(fd, "rb")
+        problem = self._file_problem(target, os.fstat(fd))
+        if problem:
+            fh.close()
+            raise UnsafePathError(f"artifact {path!r} {problem}")
+        return fh
 
     def _file_problem(self, target: Path, info: os.stat_result) -> str | None:
         """Why the world would not serve `target` (a resolved path inside the root), or None."""

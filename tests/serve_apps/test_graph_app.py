@@ -280,3 +280,97 @@ def test_png_dimensions_are_checked_before_the_png_is_decoded():
     assert response.status_code == 422
     (error,) = response.json()["detail"]
     assert "png_base64[0]: 4000x16 is over 64 pixels (limit 'max_image_side')" in error["msg"]
+
+
+# ---- video and audio outputs (issue 14) ---------------------------------------------------------------------
+def media_graph(rate_output: bool = True):
+    """A toy graph giving a clip and a sound (with the sound's sample rate unless `rate_output` is False)."""
+    import tests.toy_blocks  # noqa: F401 - registers the toy blocks
+    import worldgen as wg
+
+    g = wg.Graph("clip_and_tone")
+    g.add_node("toy/clip", id="clip")
+    g.add_node("toy/tone", id="tone")
+    g.expose_input("frames", "clip.frames", default=4)
+    g.expose_input("batch_size", "clip.batch_size", default=1)
+    g.expose_output("video", "clip.video")
+    g.expose_output("audio", "tone.audio")
+    if rate_output:
+        g.expose_output("sample_rate", "tone.sample_rate")
+    return g
+
+
+def media_client(graph) -> TestClient:
+    runner = lambda inputs, seed, iterations: graph.run(inputs, seed=seed)  # noqa: E731
+    return TestClient(build_app(graph, runner), raise_server_exceptions=False)
+
+
+def test_a_video_comes_back_as_mp4s_and_a_sound_as_wavs(tmp_path):
+    import base64
+
+    from worldgen import media
+
+    client = media_client(media_graph())
+    answer = client.post("/run", json={"inputs": {"frames": 6, "batch_size": 2}, "fps": 12})
+    assert answer.status_code == 200, answer.text
+    video, audio = answer.json()["outputs"]["video"], answer.json()["outputs"]["audio"]
+    assert video["fps"] == 12 and len(video["mp4_base64"]) == 2  # one MP4 per clip
+    (tmp_path / "clip.mp4").write_bytes(base64.b64decode(video["mp4_base64"][1]))
+    info = media.probe(tmp_path / "clip.mp4")
+    assert (info.frames, info.width, info.height, info.fps) == (6, 24, 16, 12)
+    assert audio["sample_rate"] == 8000 == answer.json()["outputs"]["sample_rate"]  # the graph's own rate
+    (tmp_path / "tone.wav").write_bytes(base64.b64decode(audio["wav_base64"][0]))
+    samples, rate = media.read_audio(tmp_path / "tone.wav")
+    assert rate == 8000 and samples.shape == (2000, 2)
+    default = client.post("/run", json={"inputs": {}}).json()["outputs"]["video"]
+    assert default["fps"] == 16 and len(default["mp4_base64"]) == 1
+
+
+def test_tensor_encoding_sends_video_and_audio_exactly_as_endpoint_nodes_decode_them():
+    from worldgen.nodes.endpoint import decode_value
+
+    graph = media_graph()
+    local = graph.run({"frames": 3}, seed=0)
+    answer = media_client(graph).post("/run", json={"inputs": {"frames": 3}, "encoding": "tensor"})
+    outputs = decode_value(answer.json()["outputs"])
+    assert outputs["video"].shape == (1, 3, 3, 16, 24) and outputs["video"].equal(local["video"])
+    assert outputs["audio"].equal(local["audio"])
+
+
+def test_a_sound_without_a_graph_rate_takes_the_requests_or_is_refused():
+    client = media_client(media_graph(rate_output=False))
+    refused = client.post("/run", json={"inputs": {}})
+    assert refused.status_code == 400 and "sample_rate" in refused.json()["detail"]["message"]
+    named = client.post("/run", json={"inputs": {}, "sample_rate": 22_050})
+    assert named.status_code == 200 and named.json()["outputs"]["audio"]["sample_rate"] == 22_050
+    assert (
+        client.post("/run", json={"inputs": {}, "encoding": "tensor"}).status_code == 200
+    )  # no WAV: no rate
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"fps": 0}, "fps"),
+        ({"fps": -1}, "fps"),
+        ({"fps": 1000}, "fps"),
+        ({"fps": "16"}, "fps"),
+        ({"sample_rate": 10}, "sample_rate"),
+    ],
+)
+def test_a_bad_fps_or_sample_rate_gets_422(body, field):
+    answer = media_client(media_graph()).post("/run", json={"inputs": {}, **body})
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"][:2] == ["body", field], answer.text
+
+
+def test_openapi_describes_the_video_and_audio_payloads():
+    document = media_client(media_graph()).get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    assert set(schemas["VideoPayload"]["required"]) == {"mp4_base64", "fps"}
+    assert set(schemas["AudioPayload"]["required"]) == {"wav_base64", "sample_rate"}
+    video = json.dumps(schemas["ClipAndToneOutputs"]["properties"]["video"])
+    assert "VideoPayload" in video and "TensorPayload" in video
+    fps = schemas["ClipAndToneRunRequest"]["properties"]["fps"]
+    assert fps["exclusiveMinimum"] == 0 and fps["maximum"] == 120 and fps["default"] == 16
+    plain = TestClient(build_app(load_graph(str(T2I)), lambda *a: {})).get("/openapi.json").json()
+    assert "fps" not in plain["components"]["schemas"]["TextToImageTinyRunRequest"]["properties"]

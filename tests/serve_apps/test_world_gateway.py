@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -430,3 +431,114 @@ def test_a_gateway_holds_at_most_max_worlds_and_names_its_limits(limited_gateway
 
     assert client.delete("/v1/worlds/one").status_code == 204
     assert client.post("/v1/worlds", json={"id": "two", **SMALL}).status_code == 201  # room again
+
+
+# ---- media: types, ranges, a browser seeking (issue 14) ------------------------------------------------
+@pytest.mark.parametrize(
+    ("header", "size", "span"),
+    [
+        ("bytes=0-99", 1000, (0, 100)),
+        ("bytes=100-", 1000, (100, 1000)),
+        ("bytes=-100", 1000, (900, 1000)),
+        ("bytes=-5000", 1000, (0, 1000)),  # a suffix longer than the file: all of it
+        ("bytes=900-5000", 1000, (900, 1000)),  # a last byte past the end: up to the end
+        (" Bytes = 5 - 9 ", 1000, (5, 10)),
+        ("bytes=1000-", 1000, None),  # starts at the end: unsatisfiable (416)
+        ("bytes=-0", 1000, None),
+        ("bytes=0-", 0, None),  # an empty file has no byte 0
+    ],
+)
+def test_a_range_resolves_to_the_slice_http_means(header, size, span):
+    from serve_apps.world_gateway import parse_range, resolve_range
+
+    assert resolve_range(parse_range(header), size) == span
+
+
+@pytest.mark.parametrize(
+    "header", [None, "", "bytes=", "bytes=-", "bytes=5-1", "bytes=0-1,5-6", "items=0-1", "x"]
+)
+def test_a_range_header_to_ignore_parses_to_none(header):
+    from serve_apps.world_gateway import parse_range
+
+    assert parse_range(header) is None  # the whole file, 200, as HTTP allows
+
+
+def test_a_video_and_a_sound_are_served_with_their_types_and_in_ranges(gateway, serve_url):
+    """An episode holding an MP4 (and its preview) and a WAV, made by hand: each served with its MIME type, the
+    MP4 in the byte ranges a player seeks by (206, exactly the slice), and played by chromium from its URL."""
+    from tests.media_episode import FPS, FRAMES, HEIGHT, WIDTH, save_media_episode
+    from worldgen.storage import WorldStorage
+
+    client, root = gateway
+    assert client.post("/v1/worlds", json={"id": "lighthouse", **SMALL}).status_code == 201
+    save_media_episode(WorldStorage(root / "lighthouse"))
+    video, audio = client.get("/v1/worlds/lighthouse/episodes/1").json()["state"]["artifacts"]
+    assert (video["kind"], audio["kind"]) == ("video", "audio")
+    if video.get("preview"):  # a preview kept with the episode is linked beside its clip
+        preview = client.get(video["preview_url"].removeprefix(PREFIX))
+        assert preview.status_code == 200 and preview.headers["content-type"] == "image/webp"
+
+    url = video["url"].removeprefix(PREFIX)
+    data = (root / "lighthouse" / video["path"]).read_bytes()
+    size = len(data)
+    whole = client.get(url)
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["content-type"] == "video/mp4" and whole.headers["accept-ranges"] == "bytes"
+    for header, (start, stop) in [("bytes=100-199", (100, 200)), ("bytes=-50", (size - 50, size))]:
+        part = client.get(url, headers={"Range": header})
+        assert part.status_code == 206, part.text
+        assert part.content == data[start:stop] and part.headers["content-type"] == "video/mp4"
+        assert part.headers["content-range"] == f"bytes {start}-{stop - 1}/{size}"
+    tail = client.get(url, headers={"Range": f"bytes={size - 10}-{size + 500}"})
+    assert tail.status_code == 206 and tail.content == data[-10:]
+    past = client.get(url, headers={"Range": f"bytes={size}-"})
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{size}"
+    assert "past the end" in past.json()["detail"]
+    ignored = client.get(url, headers={"Range": "bytes=oops"})
+    assert ignored.status_code == 200 and ignored.content == data
+    head = client.head(url)
+    assert head.status_code == 200 and head.headers["content-length"] == str(size) and not head.content
+
+    wav = client.get(audio["url"].removeprefix(PREFIX), headers={"Range": "bytes=0-3"})
+    assert wav.status_code == 206 and wav.content == b"RIFF" and wav.headers["content-type"] == "audio/wav"
+    assert client.get("/v1/worlds/lighthouse/artifacts/episodes/000001/state.json").status_code == 404
+
+    # a browser loads the clip's metadata through the gateway (it asks for ranges to find the index)
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (`make setup` installs Debian's)")
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        try:
+            context = browser.new_context(extra_http_headers={"Authorization": f"Bearer {TOKEN}"})
+            page = context.new_page()
+            page.set_content(f'<video controls preload="metadata" src="{serve_url}{video["url"]}"></video>')
+            page.wait_for_function("() => document.querySelector('video').readyState >= 1", timeout=20_000)
+            shown = page.eval_on_selector("video", "v => [v.duration, v.videoWidth, v.videoHeight]")
+            assert shown == [pytest.approx(FRAMES / FPS, abs=0.2), WIDTH, HEIGHT]
+        finally:
+            browser.close()
+
+
+def test_episodes_give_each_artifact_its_url_and_a_videos_preview_its_own():
+    from types import SimpleNamespace
+
+    from serve_apps.world_gateway import WorldGateway
+
+    episode = {
+        "state": {
+            "artifacts": [
+                {"path": "episodes/000001/000.mp4", "preview": "episodes/000001/000.preview.webp"},
+                {"path": "episodes/000001/001.wav", "preview": None},
+            ]
+        }
+    }
+    request = SimpleNamespace(scope={"root_path": "/api"})
+    video, sound = WorldGateway.func_or_class.with_urls(None, request, "bay", episode)["state"]["artifacts"]
+    base = "/api/v1/worlds/bay/artifacts/episodes/000001/"
+    assert (video["url"], video["preview_url"]) == (base + "000.mp4", base + "000.preview.webp")
+    assert sound["url"] == base + "001.wav" and "preview_url" not in sound

@@ -377,6 +377,66 @@ def test_run_writes_png_and_diagram(tmp_path, capsys):
     assert "running graph 'text_to_image'" in captured.err
 
 
+@pytest.fixture
+def media_file(tmp_path) -> Path:
+    """A toy graph giving a batch of two clips, a sound and the sound's sample rate."""
+    import tests.toy_blocks  # noqa: F401 - registers the toy blocks
+
+    g = wg.Graph("moving")
+    g.add_node("toy/clip", id="clip")
+    g.add_node("toy/tone", id="tone")
+    g.expose_input("frames", "clip.frames", default=5)
+    g.expose_input("batch_size", "clip.batch_size", default=2)
+    g.expose_output("video", "clip.video")
+    g.expose_output("audio", "tone.audio")
+    g.expose_output("sample_rate", "tone.sample_rate")
+    return _write(tmp_path / "moving.yaml", g.to_config())
+
+
+def test_run_writes_videos_with_previews_and_sounds(media_file, tmp_path, capsys):
+    from PIL import Image
+
+    from worldgen.media import probe
+
+    out = tmp_path / "out"
+    assert main(["generate", str(media_file), "--fps", "10", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    names = ["moving_video_seed0_0.mp4", "moving_video_seed0_0.preview.webp", "moving_video_seed0_1.mp4"]
+    names += ["moving_video_seed0_1.preview.webp", "moving_audio_seed0.wav"]
+    assert printed == [str(out / name) for name in names]
+    clip = probe(out / "moving_video_seed0_1.mp4")
+    assert (clip.frames, clip.fps, clip.width, clip.height) == (5, 10, 24, 16)
+    with Image.open(out / "moving_video_seed0_0.preview.webp") as preview:
+        assert preview.is_animated and preview.n_frames == 5
+    sound = probe(out / "moving_audio_seed0.wav")
+    assert (sound.sample_rate, sound.channels, sound.duration) == (8000, 2, 0.25)  # the graph's own rate
+
+    other = tmp_path / "other"
+    args = [
+        "generate",
+        str(media_file),
+        "-i",
+        "batch_size=1",
+        "--video-format",
+        "webm",
+        "--audio-format",
+        "flac",
+    ]
+    assert main([*args, "--out", str(other)]) == 0
+    assert capsys.readouterr().out.split() == [
+        str(other / name)
+        for name in ("moving_video_seed0.webm", "moving_video_seed0.preview.webp", "moving_audio_seed0.flac")
+    ]
+    assert probe(other / "moving_video_seed0.webm").frames == 5
+
+
+@pytest.mark.parametrize("fps", ["0", "-3", "500", "fast"])
+def test_run_refuses_a_bad_fps_before_the_graph_runs(media_file, tmp_path, capsys, fps):
+    assert main(["generate", str(media_file), "--fps", fps, "--out", str(tmp_path / "out")]) == 2
+    assert "argument --fps" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_rejects_preset_with_file(graph_file, tmp_path, capsys):
     assert main(["generate", str(graph_file), "--preset", "tiny", "--out", str(tmp_path)]) == 2
     assert "--preset applies only to a template" in _error_line(capsys)
