@@ -174,8 +174,11 @@ def test_openai_vlm_sends_text_and_one_image_part_per_image(monkeypatch):
     assert request.body["model"] == "test-vlm" and request.body["max_tokens"] == 64
     (message,) = request.messages
     assert message["role"] == "user"
-    text, *parts = message["content"]
+    text, first, *parts = message["content"]
     assert text == {"type": "text", "text": "Describe precisely what these images show."}
+    # each image named by a text part before it (the numbering block 4 uses)
+    assert first == {"type": "text", "text": "Image 1"} and parts[1] == {"type": "text", "text": "Image 2"}
+    parts = parts[::2]
     assert [p["type"] for p in parts] == ["image_url", "image_url"]
     assert [p["image_url"]["detail"] for p in parts] == ["low", "low"]
     decoded = [_decode_png(p["image_url"]["url"]) for p in parts]
@@ -198,11 +201,15 @@ def test_openai_vlm_prompt_input_context_template_and_tensor_images(monkeypatch)
         }
         block = create_block("vlm/openai", config)
         tensor = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-        assert block(images=tensor, context={"what": "harbor"})["text"] == "echo: Describe the harbor."
-        assert block(images=tensor, prompt="What colour?")["text"] == "echo: What colour?"
+        # the server echoes every text part: the prompt, then the images' names
+        names = "Image 1Image 2Image 3"
+        assert block(images=tensor, context={"what": "harbor"})["text"] == "echo: Describe the harbor." + names
+        assert block(images=tensor, prompt="What colour?")["text"] == "echo: What colour?" + names
     parts = server.chat_requests[0].messages[0]["content"]
-    assert len(parts) == 4 and all(p["image_url"]["detail"] == "auto" for p in parts[1:])
-    assert all(_decode_png(p["image_url"]["url"]).size == (16, 16) for p in parts[1:])
+    assert [p["text"] for p in parts[1::2]] == ["Image 1", "Image 2", "Image 3"]
+    pictures = parts[2::2]
+    assert len(pictures) == 3 and all(p["image_url"]["detail"] == "auto" for p in pictures)
+    assert all(_decode_png(p["image_url"]["url"]).size == (16, 16) for p in pictures)
 
 
 def test_openai_vlm_refuses_literal_keys():
