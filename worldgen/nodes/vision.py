@@ -1,15 +1,20 @@
-"""Vision-language task nodes (role `vlm`): images (and an optional prompt) in, a description out.
+"""Vision-language task nodes (role `vlm`): artifacts (and an optional prompt) in, a description out.
 
-The Philosopher uses them to say what the generated artifacts (world state block 3) actually show:
+The Philosopher uses them to say what the generated artifacts (world state block 3) actually show, one
+numbered entry per artifact with its kind ("Image 1: …", "Video 2: …", "Audio 3: …"):
 
 - `vlm/image_stats`: offline and deterministic, no model; states measurable properties of each image
-  (size, dominant colours, brightness, contrast, colourfulness).
-- `vlm/openai`: any OpenAI-compatible chat API that accepts image content parts.
+  (size, dominant colours, brightness, contrast, colourfulness), of each clip (length, motion and where it
+  goes, the same measures over its sampled frames) and of each sound (loudness, silence, brightness).
+- `vlm/openai`: any OpenAI-compatible chat API that accepts image content parts; a clip goes as its sampled
+  frames, a sound as its measures (text).
 - `vlm/transformers`: a local transformers vision-to-text model (captioners such as ViT-GPT2 or BLIP, and
-  chat VLMs whose processor has a chat template).
+  chat VLMs whose processor has a chat template); a clip gets one caption per sampled frame.
 
-Every block accepts `images` as a tensor (B, 3, H, W) in [0, 1], a PIL image, a file path, or a list of these
-(block-3 artifact references with a `path` count as paths); `as_pil_images` normalises them.
+Every block accepts `images` as file paths of any artifact kind (image, video, audio), a tensor (B, 3, H, W)
+or (B, F, 3, H, W) in [0, 1], a PIL image, or a list of these (block-3 artifact references with a `path`
+count as paths); `worldgen.nodes.vlm_media.read_media` reads them, `frames` says how many evenly spaced
+frames of a clip are looked at. `as_pil_images` is the images-only reader other blocks use.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from pydantic import Field, field_validator
 from worldgen.block import Block, BlockConfig, ModelBlock, ModelConfig, ModelRef
 from worldgen.errors import ConfigError, ModelLoadError
 from worldgen.nodes.llm import Message, OpenAIConfig, OpenAILLM
+from worldgen.nodes.media_measures import clip_motion, describe_motion, describe_sound, sound_measures
+from worldgen.nodes.vlm_media import MAX_FRAMES, Clip, Item, Picture, Sound, read_media
 from worldgen.ports import Port, PortKind
 from worldgen.registry import register_block
 
@@ -33,12 +40,24 @@ VLM_INPUTS = (
     Port(
         "images",
         K.IMAGE,
-        doc="tensor (B, 3, H, W) in [0, 1], PIL image(s), or PNG path(s) / artifact reference(s)",
+        doc="block 3's files (image, video, audio paths / artifact references), PIL image(s), or a tensor "
+        "(B, 3, H, W) or (B, F, 3, H, W) in [0, 1]",
     ),
     Port("prompt", K.TEXT, optional=True, doc="what to describe (default: the block's `prompt`)"),
     Port("context", K.JSON, optional=True, doc="variables for the `prompt` template (a mapping)"),
 )
-VLM_OUTPUTS = (Port("text", K.TEXT, doc="one description per image, 'Image i: …' lines"),)
+VLM_OUTPUTS = (
+    Port("text", K.TEXT, doc="one description per artifact: 'Image i: …', 'Video i: …', 'Audio i: …' lines"),
+)
+
+
+def frames_field() -> Any:
+    return Field(
+        4,
+        ge=1,
+        le=MAX_FRAMES,
+        description="how many evenly spaced frames of each video are looked at (first and last included)",
+    )
 
 
 # ---- inputs --------------------------------------------------------------------------------------------
@@ -106,8 +125,12 @@ def png_data_url(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
-def _numbered(descriptions: list[str]) -> str:
-    return "\n".join(f"Image {i}: {d}" for i, d in enumerate(descriptions, start=1))
+def _numbered(items: Sequence[Item], descriptions: Sequence[str]) -> str:
+    """'Image 1: …' / 'Video 2: …' / 'Audio 3: …' lines: each artifact numbered in order, with its kind."""
+    kinds = {"image": "Image", "video": "Video", "audio": "Audio"}
+    return "\n".join(
+        f"{kinds[item.kind]} {i}: {d}" for i, (item, d) in enumerate(zip(items, descriptions, strict=True), 1)
+    )
 
 
 # ---- offline: measurable properties --------------------------------------------------------------------
@@ -223,12 +246,23 @@ def dominant_colours(image: Any, max_colours: int = 3) -> list[tuple[str, str, f
     Median-cut seeds a k-means (Lloyd) on a downsampled copy; clusters that get the same palette name are
     merged. Deterministic: no randomness, stable sorts, ties broken by name.
     """
+    return pixel_colours(_thumb_pixels(image), max_colours)
+
+
+def _thumb_pixels(image: Any) -> Any:
+    """(N, 3) sRGB in [0, 1] of a copy at most _THUMB pixels on its long side."""
     import numpy as np
     from PIL import Image
 
     # Nearest sampling keeps real pixel colours (a box filter would average noise or texture into grey).
     thumb = _shrink(image, _THUMB, Image.Resampling.NEAREST)
-    pixels = np.asarray(thumb, dtype=np.float64).reshape(-1, 3) / 255.0
+    return np.asarray(thumb, dtype=np.float64).reshape(-1, 3) / 255.0
+
+
+def pixel_colours(pixels: Any, max_colours: int = 3) -> list[tuple[str, str, float]]:
+    """`dominant_colours` of (N, 3) sRGB pixels in [0, 1]."""
+    import numpy as np
+
     k = min(max(2 * max_colours, 4), 12)
     centres = _median_cut(pixels, k)
     for _ in range(_KMEANS_STEPS):
@@ -335,15 +369,64 @@ def describe_stats(stats: Mapping[str, Any]) -> str:
     return "; ".join(parts) + "."
 
 
+def clip_stats(clip: Clip, max_colours: int = 3) -> dict[str, Any]:
+    """`image_stats` over a clip's sampled frames: brightness, contrast, colourfulness and balance are the
+    frames' means, the dominant colours those of all their (thumbnail) pixels together; plus
+    `first_brightness` / `last_brightness` (the first and last sampled frame's) and the clip's `motion`
+    (measured over all its frames, worldgen.nodes.media_measures.clip_motion)."""
+    import numpy as np
+
+    per_frame = [image_stats(frame, max_colours) for frame in clip.frames]
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    return {
+        "width": clip.frames[0].width,
+        "height": clip.frames[0].height,
+        "colours": pixel_colours(np.concatenate([_thumb_pixels(f) for f in clip.frames]), max_colours),
+        "brightness": mean([s["brightness"] for s in per_frame]),
+        "contrast": mean([s["contrast"] for s in per_frame]),
+        "colourfulness": mean([s["colourfulness"] for s in per_frame]),
+        "balance": {k: mean([s["balance"][k] for s in per_frame]) for k in ("top", "left")},
+        "first_brightness": per_frame[0]["brightness"],
+        "last_brightness": per_frame[-1]["brightness"],
+        "motion": clip_motion(clip.all_frames or clip.frames),
+    }
+
+
+def describe_clip(clip: Clip, stats: Mapping[str, Any]) -> str:
+    """A clip's length, motion and what its sampled frames show (the measures `describe_stats` gives)."""
+    shown = ", ".join(str(i + 1) for i in clip.picked)
+    parts = [clip.timing(), describe_motion(stats["motion"])]
+    first, last = stats["first_brightness"], stats["last_brightness"]
+    if abs(last - first) >= 0.1:
+        parts.append(f"{'brightening' if last > first else 'darkening'} from {first:.2f} to {last:.2f}")
+    frames = f"frame{'s' if len(clip.picked) != 1 else ''} {shown}"
+    return "; ".join(parts) + f"; {frames} show: " + describe_stats(stats)
+
+
+def describe_item(item: Item, max_colours: int = 3) -> str:
+    """The offline description of one artifact (an image, a clip or a sound)."""
+    if isinstance(item, Clip):
+        return describe_clip(item, clip_stats(item, max_colours))
+    if isinstance(item, Sound):
+        return describe_sound(sound_measures(item.samples, item.rate))
+    return describe_stats(image_stats(item.image, max_colours))
+
+
 class ImageStatsConfig(BlockConfig):
     max_colours: int = Field(3, ge=1, le=8, description="how many dominant colours to name per image")
+    frames: int = frames_field()
 
 
 @register_block
 class ImageStatsVLMBlock(Block):
     """Offline describer: per image its size, dominant colours (named, with hex and share), brightness,
-    contrast and colourfulness. Deterministic, no model, a few milliseconds per image. `prompt` and
-    `context` are accepted (so it can stand in for a real VLM) and ignored."""
+    contrast and colourfulness; per video its length, motion (how much, and where it goes) and those measures
+    over `frames` evenly spaced frames; per sound its length, rate, channels, loudness (RMS and peak dBFS),
+    silent share and spectral centroid. Deterministic, no model, a few milliseconds per artifact. `prompt`
+    and `context` are accepted (so it can stand in for a real VLM) and ignored."""
 
     block_type = "vlm/image_stats"
     Config = ImageStatsConfig
@@ -351,10 +434,8 @@ class ImageStatsVLMBlock(Block):
     OUTPUTS = VLM_OUTPUTS
 
     def forward(self, images: Any, prompt: str | None = None, context: Any = None) -> dict[str, Any]:
-        pictures = as_pil_images(images)
-        return {
-            "text": _numbered([describe_stats(image_stats(p, self.config.max_colours)) for p in pictures])
-        }
+        items = read_media(images, self.config.frames)
+        return {"text": _numbered(items, [describe_item(item, self.config.max_colours) for item in items])}
 
 
 # ---- remote: OpenAI-compatible chat with image parts ---------------------------------------------------
@@ -364,7 +445,7 @@ DEFAULT_PROMPT = "Describe precisely what these images show."
 class OpenAIVLMConfig(OpenAIConfig):
     prompt: str | None = Field(
         DEFAULT_PROMPT,
-        description="the instruction sent with the images (Jinja template, rendered with `context`)",
+        description="the instruction sent with the artifacts (Jinja template, rendered with `context`)",
     )
     temperature: float | None = Field(
         0.0, ge=0.0, le=2.0, description="0: as deterministic as the API allows; None: the backend's default"
@@ -372,12 +453,20 @@ class OpenAIVLMConfig(OpenAIConfig):
     detail: Literal["low", "high", "auto"] = Field(
         "auto", description="image detail the API looks at (low: cheaper, a 512 px overview)"
     )
+    frames: int = frames_field()
 
 
 @register_block
 class OpenAIVLMBlock(OpenAILLM):
     """Any OpenAI-compatible chat endpoint that reads images: one user message holding the (rendered)
-    prompt as a text part and each image as an `image_url` part (a base64 PNG data URL).
+    prompt as a text part, then each artifact named by a text part ("Image 1", "Video 2: frames 1, 4, 7, 9 of
+    9, 8 fps, 1.1 s", "Audio 3: …") and followed by its pictures as `image_url` parts (base64 PNG data URLs):
+    an image's one, a clip's `frames` sampled frames; a sound has none, its text part states its measures.
+
+    Why one user message and not one per artifact: chat templates of several open VLMs served through
+    OpenAI-compatible servers (Gemma, Mistral, ...) refuse two user messages in a row; text parts between
+    the pictures name each artifact just as well. Why no spectrogram picture for a sound: general VLMs are
+    not trained to read spectrograms, so one would add image tokens and guesses, not facts the measures lack.
 
     Shares everything else with `llm/openai`: the key as an `${env:NAME}` reference (never stored, logged or
     sent anywhere but the endpoint), one cached client per endpoint, retries, errors naming the endpoint, and
@@ -388,7 +477,7 @@ class OpenAIVLMBlock(OpenAILLM):
     Config = OpenAIVLMConfig
     INPUTS = (*VLM_INPUTS, Port("system", K.TEXT, optional=True, doc="the system prompt (overrides config)"))
     OUTPUTS = (
-        Port("text", K.TEXT, doc="the model's answer (one text about all the images)"),
+        Port("text", K.TEXT, doc="the model's answer (one text about all the artifacts)"),
         Port("data", K.JSON, doc="output=json: the parsed (and validated) object; else None"),
     )
 
@@ -399,27 +488,41 @@ class OpenAIVLMBlock(OpenAILLM):
         context: Mapping[str, Any] | None = None,
         system: str | None = None,
     ) -> dict[str, Any]:
-        urls = [png_data_url(p) for p in as_pil_images(images)]
-        return self.complete(context, prompt, system, image_urls=urls)
+        parts = self.artifact_parts(read_media(images, self.config.frames))
+        return self.complete(context, prompt, system, artifact_parts=parts)
 
-    def image_messages(self, messages: list[Message], image_urls: Sequence[str]) -> list[dict[str, Any]]:
-        """`messages` with the images attached to the first user message (as content parts after its text)."""
+    def artifact_parts(self, items: Sequence[Item]) -> list[dict[str, Any]]:
+        """The content parts that show `items`: per artifact a text part naming it, then its pictures."""
+        parts: list[dict[str, Any]] = []
+        for number, item in enumerate(items, start=1):
+            if isinstance(item, Sound):
+                measures = describe_sound(sound_measures(item.samples, item.rate))
+                text = f"{item.label(number)} (a sound: its measures, not the sound itself): {measures}"
+                parts.append({"type": "text", "text": text})
+                continue
+            parts.append({"type": "text", "text": item.label(number)})
+            pictures = item.frames if isinstance(item, Clip) else [item.image]
+            parts += [
+                {"type": "image_url", "image_url": {"url": png_data_url(p), "detail": self.config.detail}}
+                for p in pictures
+            ]
+        return parts
+
+    def image_messages(
+        self, messages: list[Message], parts: Sequence[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """`messages` with the artifacts' parts attached to the first user message (after its text)."""
         out: list[dict[str, Any]] = []
         attached = False
         for message in messages:
             if message["role"] == "user" and not attached:
-                parts: list[dict[str, Any]] = [{"type": "text", "text": message["content"]}]
-                parts += [
-                    {"type": "image_url", "image_url": {"url": url, "detail": self.config.detail}}
-                    for url in image_urls
-                ]
-                message = {"role": "user", "content": parts}
+                message = {"role": "user", "content": [{"type": "text", "text": message["content"]}, *parts]}
                 attached = True
             out.append(message)
         return out
 
     def generate(self, messages: list[Message], **call: Any) -> str:
-        return super().generate(self.image_messages(messages, call.get("image_urls") or ()), **call)
+        return super().generate(self.image_messages(messages, call.get("artifact_parts") or ()), **call)
 
 
 # ---- local: transformers vision-to-text ----------------------------------------------------------------
@@ -430,7 +533,8 @@ class TransformersVLMConfig(ModelConfig):
         f"(default '{DEFAULT_PROMPT}'); processors that take text get it as the caption's prefix; "
         "plain captioners (image processor + tokenizer) ignore it",
     )
-    max_new_tokens: int = Field(48, ge=1, description="most tokens generated per image")
+    max_new_tokens: int = Field(48, ge=1, description="most tokens generated per image (per frame of a clip)")
+    frames: int = frames_field()
     processor_subfolder: str | None = Field(
         None,
         description="where the processor/tokenizer files are inside the model's source (default: its root)",
@@ -587,9 +691,27 @@ class TransformersVLMBlock(ModelBlock):
 
     # ---- describing ----------------------------------------------------------------------------------
     def forward(self, images: Any, prompt: str | None = None, context: Any = None) -> dict[str, Any]:
-        pictures = as_pil_images(images)
+        items = read_media(images, self.config.frames)
         prompt = self.instruction(prompt, context)
-        return {"text": _numbered([self.describe(p, prompt) for p in pictures])}
+        return {"text": _numbered(items, [self.describe_item(item, prompt) for item in items])}
+
+    def describe_item(self, item: Item, prompt: str | None = None) -> str:
+        """An image's caption; a clip's length and motion, then one caption per sampled frame ("frame 4: …");
+        a sound's measures (a vision model cannot hear it).
+
+        One caption per frame rather than one for a grid of frames: captioners are trained on single
+        pictures at their input size (a grid is out of their distribution, each frame a quarter of the
+        pixels), and the frames' captions in order tell what changes; the cost is `frames` greedy runs."""
+        if isinstance(item, Sound):
+            return describe_sound(sound_measures(item.samples, item.rate))
+        if isinstance(item, Picture):
+            return self.describe(item.image, prompt)
+        motion = describe_motion(clip_motion(item.all_frames or item.frames))
+        captions = [
+            f"frame {i + 1}: {self.describe(f, prompt)}"
+            for i, f in zip(item.picked, item.frames, strict=True)
+        ]
+        return "; ".join([item.timing(), motion, *captions])
 
     def instruction(self, prompt: str | None, context: Mapping[str, Any] | None) -> str | None:
         """The prompt `describe` gets: the `prompt` input, else the config's template rendered with `context`."""

@@ -174,8 +174,11 @@ def test_openai_vlm_sends_text_and_one_image_part_per_image(monkeypatch):
     assert request.body["model"] == "test-vlm" and request.body["max_tokens"] == 64
     (message,) = request.messages
     assert message["role"] == "user"
-    text, *parts = message["content"]
+    text, first, *parts = message["content"]
     assert text == {"type": "text", "text": "Describe precisely what these images show."}
+    # each image named by a text part before it (the numbering block 4 uses)
+    assert first == {"type": "text", "text": "Image 1"} and parts[1] == {"type": "text", "text": "Image 2"}
+    parts = parts[::2]
     assert [p["type"] for p in parts] == ["image_url", "image_url"]
     assert [p["image_url"]["detail"] for p in parts] == ["low", "low"]
     decoded = [_decode_png(p["image_url"]["url"]) for p in parts]
@@ -198,11 +201,17 @@ def test_openai_vlm_prompt_input_context_template_and_tensor_images(monkeypatch)
         }
         block = create_block("vlm/openai", config)
         tensor = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-        assert block(images=tensor, context={"what": "harbor"})["text"] == "echo: Describe the harbor."
-        assert block(images=tensor, prompt="What colour?")["text"] == "echo: What colour?"
+        # the server echoes every text part: the prompt, then the images' names
+        names = "Image 1Image 2Image 3"
+        assert (
+            block(images=tensor, context={"what": "harbor"})["text"] == "echo: Describe the harbor." + names
+        )
+        assert block(images=tensor, prompt="What colour?")["text"] == "echo: What colour?" + names
     parts = server.chat_requests[0].messages[0]["content"]
-    assert len(parts) == 4 and all(p["image_url"]["detail"] == "auto" for p in parts[1:])
-    assert all(_decode_png(p["image_url"]["url"]).size == (16, 16) for p in parts[1:])
+    assert [p["text"] for p in parts[1::2]] == ["Image 1", "Image 2", "Image 3"]
+    pictures = parts[2::2]
+    assert len(pictures) == 3 and all(p["image_url"]["detail"] == "auto" for p in pictures)
+    assert all(_decode_png(p["image_url"]["url"]).size == (16, 16) for p in pictures)
 
 
 def test_openai_vlm_refuses_literal_keys():
@@ -334,3 +343,81 @@ def test_transformers_vlm_config_errors(tmp_path):
     block = create_block("vlm/transformers", {"model": "preset:tiny"})
     with pytest.raises(wg.ModelLoadError, match="no built-in"):
         block(images=_red())
+
+
+# ---- videos and sounds -------------------------------------------------------------------------------
+@pytest.fixture
+def artifact_files(tmp_path):
+    """Block 3 of an episode with every kind: a PNG, a 9-frame MP4 of a square moving left (8 fps), a WAV."""
+    from worldgen.media import write_audio, write_video
+
+    _red().save(tmp_path / "a.png")
+    clip = np.zeros((9, 3, 48, 64), dtype=np.float32)
+    for t in range(9):
+        clip[t, :, 18:30, 40 - 3 * t : 52 - 3 * t] = 1.0
+    write_video(tmp_path / "b.mp4", clip, fps=8)
+    tone = 0.8 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)
+    write_audio(tmp_path / "c.wav", tone[None], sample_rate=16000)
+    return [str(tmp_path / n) for n in ("a.png", "b.mp4", "c.wav")]
+
+
+def test_image_stats_describes_every_artifact_kind(artifact_files):
+    text = create_block("vlm/image_stats", {"frames": 3})(images=artifact_files)["text"]
+    image, video, audio = text.splitlines()
+    assert image.startswith("Image 1: 64×48 pixels (landscape); dominant colours: red #FF0000 (100%)")
+    assert video.startswith("Video 2: 9 frames, 8 fps, 1.1 s; motion ")
+    assert (
+        "motion to the left); frames 1, 5, 9 show: 64×48 pixels (landscape); dominant colours: black" in video
+    )
+    assert audio.startswith("Audio 3: 0.50 s, 16000 Hz, mono; loudness RMS -4.9 dBFS, peak -1.9 dBFS (loud)")
+    assert "spectral centroid 44" in audio
+    assert create_block("vlm/image_stats", {"frames": 3})(images=artifact_files)["text"] == text
+
+
+def test_frames_is_validated_on_every_vlm_block(tiny_vlm_dir):
+    configs = {
+        "vlm/image_stats": {},
+        "vlm/openai": {"model": "m"},
+        "vlm/transformers": {"model": str(tiny_vlm_dir)},
+    }
+    for block_type, config in configs.items():
+        assert create_block(block_type, config).config.frames == 4
+        for bad, bound in ((0, "greater than or equal to 1"), (33, "less than or equal to 32")):
+            with pytest.raises(ConfigError, match=f"config.frames: Input should be {bound} \\(got {bad}\\)"):
+                create_block(block_type, {**config, "frames": bad})
+
+
+def test_openai_vlm_sends_a_clip_as_its_frames_and_a_sound_as_its_measures(monkeypatch, artifact_files):
+    monkeypatch.setenv("WG_TEST_VLM_KEY", "sk-test")
+    with serve_openai(responses=["A red card, a square sliding left, a tone."]) as server:
+        config = {"model": "m", "base_url": server.url, "api_key": "${env:WG_TEST_VLM_KEY}", "frames": 3}
+        assert create_block("vlm/openai", config)(images=artifact_files)["text"].startswith("A red card")
+    (message,) = server.chat_requests[0].messages
+    kinds = [p["type"] for p in message["content"]]
+    assert kinds == ["text", "text", "image_url", "text", "image_url", "image_url", "image_url", "text"]
+    prompt, image, picture, clip, *frames, sound = message["content"]
+    assert image["text"] == "Image 1" and _decode_png(picture["image_url"]["url"]).size == (64, 48)
+    assert clip["text"] == "Video 2: frames 1, 5, 9 of 9, 8 fps, 1.1 s"
+    decoded = [np.asarray(_decode_png(f["image_url"]["url"]).convert("RGB")) for f in frames]
+    assert [d.shape for d in decoded] == [(48, 64, 3)] * 3
+    # the square moves left by 3 pixels a frame: its bright columns in the sampled frames 1, 5 and 9
+    lefts = [int(np.argmax(d[24, :, 0] > 128)) for d in decoded]
+    assert lefts[0] > lefts[1] > lefts[2] and lefts[0] - lefts[2] == pytest.approx(24, abs=2)
+    assert sound["text"].startswith("Audio 3 (a sound: its measures, not the sound itself): 0.50 s, 16000 Hz")
+    assert "dBFS" in sound["text"]
+
+
+def test_transformers_vlm_captions_each_sampled_frame_and_states_a_sounds_measures(
+    tiny_vlm_dir, artifact_files
+):
+    block = create_block("vlm/transformers", {"model": str(tiny_vlm_dir), "max_new_tokens": 3, "frames": 2})
+    text = block(images=artifact_files)["text"]
+    image, video, audio = text.splitlines()
+    assert image.startswith("Image 1: ") and len(image.split(": ", 1)[1].split()) == 3
+    head, frame_1, frame_9 = video.split("; frame ")[0], *video.split("; frame ")[1:]
+    assert head.startswith("Video 2: 9 frames, 8 fps, 1.1 s; motion ") and "to the left" in head
+    for caption, number in ((frame_1, "1"), (frame_9, "9")):
+        label, words = caption.split(": ", 1)
+        assert label == number and set(words.split()) <= set(CAPTION_WORDS), caption
+    assert audio.startswith("Audio 3: 0.50 s, 16000 Hz, mono; loudness")
+    assert block(images=artifact_files)["text"] == text  # greedy: the same artifacts, the same text
