@@ -69,7 +69,7 @@ Message = dict[str, str]
 TRAINED_ROLES = tuple(
     sorted((r for r in CYCLE if CONTRACTS[r].trained_as), key=lambda r: CONTRACTS[r].writes or 0)
 )
-_NUMBERED = re.compile(r"^Image (\d+): ", re.MULTILINE)
+_NUMBERED = re.compile(r"^(?:Image|Video|Audio) (\d+): ", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -427,8 +427,8 @@ def _target_text(state: WorldState, role: str) -> str:
     """What the role's LLM answered, as text: a generation config (the Architect's) as JSON."""
     contract = CONTRACTS[role]
     value = state.block(contract.writes)
-    if contract.output_schema is Schema.GENERATION_CONFIG:
-        return json.dumps(value.model_dump(mode="json"), ensure_ascii=False)
+    if contract.output_schema is Schema.GENERATION_CONFIG:  # block 2: the list of requests
+        return json.dumps([request.model_dump(mode="json") for request in value], ensure_ascii=False)
     return str(value)
 
 
@@ -445,21 +445,24 @@ def _caption_examples(
 
 
 def _per_image(episode: Episode, count: int) -> list[str]:
-    """Block 4 split into one description per image ('Image i: ...' lines, as the VLM blocks write it)."""
+    """Block 4 split into one description per image: the VLM blocks write one 'Image i: ...' (or 'Video i: ...',
+    'Audio i: ...') line per artifact of block 3, in order; the images' lines are the captions."""
     text = episode.state.description or ""
+    kinds = [a.kind for a in episode.state.artifacts or []] or ["image"] * count
     marks = list(_NUMBERED.finditer(text))
-    if not marks and count == 1:
+    if not marks and kinds == ["image"]:
         return [text.strip()]
     numbers = [int(m.group(1)) for m in marks]
-    if numbers != list(range(1, count + 1)) or marks[0].start() != 0:
+    if numbers != list(range(1, len(kinds) + 1)) or marks[0].start() != 0:
         raise ConfigError(
-            f"block 4 must describe the episode's {count} image(s) as 'Image 1: ...', 'Image 2: ...' lines "
-            f"(one per image, in order); found {numbers or 'none'}",
+            f"block 4 must describe the episode's {len(kinds)} artifact(s) as 'Image 1: ...', 'Video 2: ...' "
+            f"lines (one per artifact, in order); found {numbers or 'none'}",
             file=str(episode.state_path),
             path="description",
         )
     ends = [m.start() for m in marks[1:]] + [len(text)]
-    return [text[m.end() : end].strip() for m, end in zip(marks, ends, strict=True)]
+    entries = [text[m.end() : end].strip() for m, end in zip(marks, ends, strict=True)]
+    return [entry for entry, kind in zip(entries, kinds, strict=True) if kind == "image"]
 
 
 def _denoising_examples(world: Any, episode: Episode, role: str) -> list[ImageExample]:
