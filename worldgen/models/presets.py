@@ -32,6 +32,7 @@ _BUILTIN_MODULES = (
     "worldgen.models.tiny_inpaint",
     "worldgen.models.tiny_ip_adapter",
     "worldgen.models.tiny_controlnet",
+    "worldgen.models.tiny_wan",
 )
 
 

@@ -27,6 +27,7 @@ _FAMILY_MODULES = (
     "worldgen.templates.sd3",
     "worldgen.templates.flux",
     "worldgen.templates.upscale",
+    "worldgen.templates.wan",
 )
 # Modules registering attachments (adapters a family graph takes as a template option), applied in this order.
 _ATTACHMENT_MODULES: tuple[str, ...] = (
@@ -36,7 +37,8 @@ _ATTACHMENT_MODULES: tuple[str, ...] = (
 )
 
 
-TASKS = ("text_to_image", "image_to_image", "inpaint", "upscale")  # the graphs a family may build
+# The graphs a family may build.
+TASKS = ("text_to_image", "image_to_image", "inpaint", "upscale", "text_to_video", "image_to_video")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class Family:
     description: str = ""
     inpaint: Builder | None = None
     upscale: Builder | None = None  # the upscaler families' one graph
+    text_to_video: Builder | None = None  # video families (wan)
+    image_to_video: Builder | None = None
 
     def builder(self, task: str) -> Builder:
         build = getattr(self, task)
