@@ -112,8 +112,9 @@ class UMT5ConditionerBlock(ModelBlock):
         hidden = encoder(token_ids.to(encoder.device), attention_mask.to(encoder.device)).last_hidden_state
         lengths = attention_mask.gt(0).sum(dim=1).tolist()
         # Zero every position after the prompt's own tokens (the pipelines' trim and re-pad).
-        keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < torch.tensor(lengths)[:, None]
-        embedding = torch.where(keep[..., None].to(hidden.device), hidden, hidden.new_zeros(()))
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+        keep = positions < torch.tensor(lengths, device=hidden.device)[:, None]
+        embedding = torch.where(keep[..., None], hidden, hidden.new_zeros(()))
         return {"embedding": embedding.to(dtype=encoder.dtype)}
 
 

@@ -97,6 +97,9 @@ def test_first_frame_condition_matches_the_pipeline(i2v_pipe, picture):
     condition = block("latent/wan_i2v_condition", I2V)
     video = clip(image=picture, height=32, width=48, frames=9)["video"]
     assert video.shape == (1, 9, 3, 32, 48) and torch.all(video[:, 1:] == 0.5)
+    # A [0, 1] tensor (another graph's IMAGE output) is resized the same way to the clip's size.
+    tensor = torch.from_numpy(np.array(picture)).permute(2, 0, 1)[None].float() / 255
+    assert clip(image=tensor, height=32, width=48, frames=5)["video"].shape == (1, 5, 3, 32, 48)
     got = condition(latent=encode(video=video)["latent"])["condition"]
 
     image = i2v_pipe.video_processor.preprocess(picture, height=32, width=48)
