@@ -1,6 +1,8 @@
-"""Wan 2.1 presets: `wan-tiny` (text to video, a `WanPipeline`) and `wan-i2v-tiny` (image to video, a
+"""Wan presets: `wan-tiny` (Wan 2.1 text to video, a `WanPipeline`), `wan-i2v-tiny` (Wan 2.1 image to video, a
 `WanImageToVideoPipeline`: the transformer takes 36 channels — 16 of noise, 4 of first-frame mask, 16 of the
-encoded first frame — and CLIP-vision image embeddings).
+encoded first frame — and CLIP-vision image embeddings) and `wan22-ti2v-tiny` (Wan 2.2 TI2V-5B-like: the Wan 2.2
+VAE with 48 latent channels and 16x spatial compression, no image encoder, `expand_timesteps`: the image's latent
+stands in for the first latent frame at timestep 0).
 
 They keep Wan's interfaces at the sizes diffusers' own Wan pipeline tests use: the Wan VAE (16 latent channels,
 8x spatial and 4x temporal compression, its latents_mean/latents_std), a 3D transformer taking (1, 2, 2) patches,
@@ -145,5 +147,43 @@ register_preset(
             "image_encoder": Component("transformers.CLIPVisionModel", _CLIP_VISION, _SEEDS["image_encoder"]),
             "image_processor": Component("transformers.CLIPImageProcessor", build=_image_processor),
         },
+    )
+)
+
+
+# The Wan 2.2 VAE (TI2V-5B's layout): 2x2 pixel patches in, residual blocks, 48 channels, 16x spatial compression.
+# Its statistics are not 0/1 here (diffusers' test sets them so), so a missing normalisation would show.
+_VAE_22: dict[str, Any] = {
+    "base_dim": 3,
+    "z_dim": 48,
+    "in_channels": 12,
+    "out_channels": 12,
+    "is_residual": True,
+    "patch_size": 2,
+    "latents_mean": [round(0.1 * ((i % 7) - 3), 2) for i in range(48)],
+    "latents_std": [round(1.0 + 0.1 * (i % 5), 2) for i in range(48)],
+    "dim_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "scale_factor_spatial": 16,
+    "scale_factor_temporal": 4,
+    "temperal_downsample": [False, True, True],
+}
+
+register_preset(
+    Preset(
+        name="wan22-ti2v-tiny",
+        family="wan",
+        pipeline_class="WanImageToVideoPipeline",
+        description="test-sized Wan 2.2 TI2V-like model (expand_timesteps, no image encoder): 32x32 clips",
+        components={
+            "transformer": Component(
+                "diffusers.WanTransformer3DModel",
+                {**_transformer(48, None), "out_channels": 48},
+                _SEEDS["transformer"],
+            ),
+            **_common(),
+            "vae": Component("diffusers.AutoencoderKLWan", _VAE_22, _SEEDS["vae"]),
+        },
+        pipeline_extra={"expand_timesteps": True, "image_encoder": None, "image_processor": None},
     )
 )

@@ -292,12 +292,21 @@ class VideoNoiseBlock(_VideoSized):
         return {"latent": latent, "rng": RngState.of(generator) if generator is not None else None}
 
 
+class FirstFrameClipConfig(VideoSizeConfig):
+    first_frame_only: bool = Field(
+        False,
+        description="the clip is the image alone (Wan 2.2's expand_timesteps models encode only the first frame)",
+    )
+
+
 @register_block
 class FirstFrameClipBlock(_VideoSized):
     """Image → the clip WanImageToVideoPipeline encodes as its condition: the image resized to height x width
-    (the pipeline's video processor) as frame 0, then frames - 1 empty frames (0 in the VAE's [-1, 1], 0.5 here)."""
+    (the pipeline's video processor) as frame 0, then frames - 1 empty frames (0 in the VAE's [-1, 1], 0.5 here);
+    with `first_frame_only` (Wan 2.2) the image alone."""
 
     block_type = "video/first_frame_clip"
+    Config = FirstFrameClipConfig
     inline = True  # a resize and a concatenation
     INPUTS = (Port("image", K.IMAGE, doc="PIL image, or a float tensor (1, 3, H, W) in [0, 1]"), *_SIZE_PORTS)
     OUTPUTS = (Port("video", K.VIDEO, doc="(B, frames, 3, height, width) in [0, 1]"),)
@@ -314,6 +323,8 @@ class FirstFrameClipBlock(_VideoSized):
         height, width, frames = self.size(height, width, frames)
         first = VideoProcessor(vae_scale_factor=SPATIAL_SCALE).preprocess(image, height=height, width=width)
         first = first.to(torch.float32) / 2 + 0.5  # [-1, 1] -> [0, 1] (the codec maps it back exactly)
+        if self.config.first_frame_only:
+            return {"video": first.unsqueeze(1)}
         rest = first.new_full((first.shape[0], frames - 1, *first.shape[1:]), 0.5)
         return {"video": torch.cat([first.unsqueeze(1), rest], dim=1)}
 
@@ -345,6 +356,31 @@ class I2VConditionBlock(Block):
         mask = latent.new_zeros(batch, self.config.temporal_scale_factor, latent_frames, h, w)
         mask[:, :, 0] = 1  # the first latent frame holds the given image (repeated over its 4 channels)
         return {"condition": torch.cat([mask, latent], dim=1)}
+
+
+def first_frame_mask(latent: torch.Tensor) -> torch.Tensor:
+    """Wan 2.2's (1, 1, F', h, w) mask: 0 on the first latent frame (given by the image), 1 on those generated."""
+    mask = torch.ones(1, 1, *latent.shape[2:], dtype=torch.float32, device=latent.device)
+    mask[:, :, 0] = 0
+    return mask
+
+
+@register_block
+class FirstFrameBlendBlock(Block):
+    """Wan 2.2 image to video after its denoising loop: the first latent frame replaced by the image's latent,
+    as WanImageToVideoPipeline does with `expand_timesteps` before decoding."""
+
+    block_type = "latent/wan_first_frame_blend"
+    inline = True
+    INPUTS = (
+        Port("latent", K.LATENT, doc="the denoised latent (B, C, F', h, w)"),
+        Port("first_frame", K.LATENT, doc="the image's latent (B, C, 1, h, w), normalised"),
+    )
+    OUTPUTS = (Port("latent", K.LATENT),)
+
+    def forward(self, latent: torch.Tensor, first_frame: torch.Tensor) -> dict[str, Any]:
+        mask = first_frame_mask(latent)
+        return {"latent": (1 - mask) * first_frame.to(latent) + mask * latent}
 
 
 # ---- codec ---------------------------------------------------------------------------------------------
@@ -436,6 +472,14 @@ class WanVAECodecBlock(ModelBlock):
 
 
 # ---- backbone ------------------------------------------------------------------------------------------
+class WanTransformerConfig(ModelConfig):
+    expand_timesteps: bool = Field(
+        False,
+        description="Wan 2.2 TI2V: one timestep per latent token (0 on a given first frame), as the pipelines' "
+        "`expand_timesteps`",
+    )
+
+
 @register_block
 class WanTransformerBackboneBlock(ModelBlock):
     """One `WanTransformer3DModel` prediction (the flow velocity) for a video latent.
@@ -447,6 +491,7 @@ class WanTransformerBackboneBlock(ModelBlock):
     """
 
     block_type = "backbone/wan_transformer"
+    Config = WanTransformerConfig
     # What diffusers' Wan LoRAs train: self- and cross-attention projections and the feed-forward.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
     default_subfolder = "transformer"
@@ -463,7 +508,19 @@ class WanTransformerBackboneBlock(ModelBlock):
             doc="the unconditional call runs when this is over 1 (as do_classifier_free_guidance)",
         ),
         Port("image_embeds", K.EMBEDDING, optional=True, doc="CLIP-vision hidden states (image to video)"),
-        Port("latent_condition", K.LATENT, optional=True, doc="mask + first-frame latent (image to video)"),
+        Port(
+            "latent_condition",
+            K.LATENT,
+            optional=True,
+            doc="mask + first-frame latent (Wan 2.1 image to video)",
+        ),
+        Port(
+            "first_frame",
+            K.LATENT,
+            optional=True,
+            doc="the image's latent (B, C, 1, h, w): Wan 2.2 image to video (expand_timesteps) puts it in place "
+            "of the first latent frame, at timestep 0",
+        ),
     )
     OUTPUTS = (Port("pred", K.LATENT), Port("pred_uncond", K.LATENT, doc="None without guidance"))
 
@@ -477,6 +534,22 @@ class WanTransformerBackboneBlock(ModelBlock):
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real)):
             raise ConfigError(f"guidance_scale must be a number, got {scale!r}", path="guidance_scale")
         return Work()
+
+    def _expanded(
+        self, sample: torch.Tensor, timestep: Any, first_frame: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent and the model's timestep: t for the batch, or (expand_timesteps) t per latent token with
+        the image's latent in place of the first frame at t = 0, as the pipelines compute them."""
+        t = torch.as_tensor(timestep, device=sample.device)
+        if not self.config.expand_timesteps:
+            return sample, t.expand(sample.shape[0])
+        mask = torch.ones(1, 1, *sample.shape[2:], dtype=torch.float32, device=sample.device)
+        if first_frame is not None:
+            mask = first_frame_mask(sample)
+            sample = (1 - mask) * first_frame.to(sample) + mask * sample
+        _, rows, columns = self.model.config.patch_size
+        tokens = (mask[0][0][:, ::rows, ::columns] * t).flatten()
+        return sample, tokens.unsqueeze(0).expand(sample.shape[0], -1)
 
     def _model_input(self, sample: torch.Tensor, latent_condition: torch.Tensor | None) -> torch.Tensor:
         """The latent (with the image condition's channels); a ConfigError when they are not the model's."""
@@ -502,10 +575,17 @@ class WanTransformerBackboneBlock(ModelBlock):
         guidance_scale: float | None = 5.0,
         image_embeds: torch.Tensor | None = None,
         latent_condition: torch.Tensor | None = None,
+        first_frame: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         model = self.active_model()
         device, dtype = self.placement()
         batch = sample.shape[0]
+        if first_frame is not None and not self.config.expand_timesteps:
+            raise ConfigError(
+                "a `first_frame` is taken by Wan 2.2 expand_timesteps models only (config expand_timesteps)",
+                path="first_frame",
+            )
+        sample, t = self._expanded(sample, timestep, first_frame)
         hidden = self._model_input(sample, latent_condition).to(device=device, dtype=dtype)
         if (image_embeds is None) != (model.config.image_dim is None):
             raise ConfigError(
@@ -519,7 +599,7 @@ class WanTransformerBackboneBlock(ModelBlock):
             image_embeds = image_embeds.repeat(batch // image_embeds.shape[0], 1, 1).to(
                 device=device, dtype=dtype
             )
-        t = torch.as_tensor(timestep, device=device).expand(batch)
+        t = t.to(device)
 
         def predict(sequence: torch.Tensor) -> torch.Tensor:
             sequence = sequence.to(device=device, dtype=dtype)

@@ -8,7 +8,9 @@
 
 Image to video adds the image's conditions: `image_enc` (CLIP vision, penultimate hidden states) into both
 transformer calls, and `clip` -> `vae_enc` -> `cond` (the image as frame 0 of an otherwise empty clip, encoded,
-with a first-frame mask) concatenated to the latent at every step. `te_neg` shares the block of `te`, so the
+with a first-frame mask) concatenated to the latent at every step. Wan 2.2's expand_timesteps models (TI2V-5B:
+no image encoder) encode the image alone and put its latent in place of the first latent frame at timestep 0,
+in every step (the transformer) and after the loop (`blend`). `te_neg` shares the block of `te`, so the
 encoder is loaded once. The transformer runs twice per step (positive, negative) when guidance_scale > 1, as
 the pipelines do.
 
@@ -63,6 +65,7 @@ class WanSpec:
     image_dim: int | None  # CLIP-vision hidden size (image to video), None: text to video
     scheduler_class: str
     flow_shift: float
+    expand_timesteps: bool = False  # Wan 2.2 TI2V: a timestep per token, the image as the first latent frame
 
     @property
     def size_multiple(self) -> int:
@@ -97,7 +100,8 @@ def wan_spec(ref: Mapping[str, Any], task: str) -> WanSpec:
             )
     assert transformer is not None
     vae = read_config(ref, "vae", AutoencoderKLWan)
-    scheduler_entry = model_index(ref["source"], ref.get("revision")).get("scheduler") or [None, ""]
+    index = model_index(ref["source"], ref.get("revision"))
+    scheduler_entry = index.get("scheduler") or [None, ""]
     scheduler_class = str(scheduler_entry[-1]).rsplit(".", 1)[-1]
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -112,6 +116,7 @@ def wan_spec(ref: Mapping[str, Any], task: str) -> WanSpec:
         image_dim=transformer.get("image_dim"),
         scheduler_class=scheduler_class,
         flow_shift=float(flow_shift if flow_shift is not None else 1.0),
+        expand_timesteps=bool(index.get("expand_timesteps", False)),
     )
 
 
@@ -189,7 +194,8 @@ def _graph(
     g.add_node("latent/video_noise", id="noise", config=noise, auto_connect=False)
     sized_nodes = ["noise"]
     if task == "image_to_video":  # the first frame is resized to the clip's size
-        g.add_node("video/first_frame_clip", id="clip", config=sized, auto_connect=False)
+        clip = {**sized, "first_frame_only": spec.expand_timesteps}
+        g.add_node("video/first_frame_clip", id="clip", config=clip, auto_connect=False)
         sized_nodes.append("clip")
     for port in ("height", "width", "frames"):
         g.expose_input(port, [f"{node}.{port}" for node in sized_nodes], default=None)
@@ -204,7 +210,10 @@ def _graph(
         },
         backbone="backbone/wan_transformer",
         backbone_id="wan",
-        backbone_config={"model": {**ref, "subfolder": "transformer"}},
+        backbone_config={
+            "model": {**ref, "subfolder": "transformer"},
+            "expand_timesteps": spec.expand_timesteps,
+        },
         conditions=[("te.embedding", "condition"), ("te_neg.embedding", "condition_uncond")],
         cfg_config={"scale": guidance_scale},
     )
@@ -216,7 +225,8 @@ def _graph(
         config={"model": {**ref, "subfolder": "vae"}, "mode": "decode"},
         auto_connect=False,
     )
-    g.add_edge("solver.latent", "vae.latent")
+    if not (task == "image_to_video" and spec.expand_timesteps):
+        g.add_edge("solver.latent", "vae.latent")  # (Wan 2.2 image to video puts its first frame back first)
     g.expose_input("guidance_scale", ["wan.guidance_scale", "cfg.scale"], default=guidance_scale)
     g.expose_output("video", "vae.video")
     return g, spec
@@ -235,6 +245,13 @@ def wan_text_to_video(
 ) -> Graph:
     """Wan text to video (`WanPipeline`): prompt -> video (B, F, C, H, W) in [0, 1]. `solver` unset: the
     checkpoint's scheduler (UniPC with flow sigmas for Wan 2.1); height/width multiples of 16, frames 4k+1."""
+    spec = wan_spec(ref, "text_to_video")
+    if _in_channels(ref) != spec.latent_channels:
+        raise ConfigError(
+            f"'{ref['source']}' is a Wan 2.1 image-to-video model (its transformer takes the first-frame "
+            "condition's channels): use image_to_video",
+            path="model",
+        )
     g, _ = _graph(
         "text_to_video", ref, solver, steps, guidance_scale, height, width, frames, max_sequence_length
     )
@@ -252,10 +269,13 @@ def wan_image_to_video(
     frames: int | None = None,
     max_sequence_length: int = TEXT_TOKENS,
 ) -> Graph:
-    """Wan 2.1 image to video (`WanImageToVideoPipeline`): image (its first frame, resized to height x width),
-    prompt -> video. The image also conditions both transformer calls through CLIP vision."""
+    """Wan image to video (`WanImageToVideoPipeline`): image (its first frame, resized to height x width),
+    prompt -> video. Wan 2.1: the image also conditions both transformer calls through CLIP vision, its encoded
+    clip and a first-frame mask are concatenated to the latent; Wan 2.2 (`expand_timesteps`, no image encoder):
+    the image's latent is the first latent frame, at timestep 0."""
     spec = wan_spec(ref, "image_to_video")
-    if 2 * spec.latent_channels + spec.temporal != _in_channels(ref):
+    channels = spec.latent_channels if spec.expand_timesteps else 2 * spec.latent_channels + spec.temporal
+    if channels != _in_channels(ref):
         raise ConfigError(
             f"'{ref['source']}' is no image-to-video model: its transformer does not take the first-frame "
             "condition's channels (use text_to_video, or a Wan image-to-video checkpoint)",
@@ -270,15 +290,23 @@ def wan_image_to_video(
         config={"model": {**ref, "subfolder": "vae"}, "mode": "encode"},
         auto_connect=False,
     )
-    g.add_node(
-        "latent/wan_i2v_condition",
-        id="cond",
-        config={"temporal_scale_factor": spec.temporal},
-        auto_connect=False,
-    )
     g.add_edge("clip.video", "vae_enc.video")
-    g.add_edge("vae_enc.latent", "cond.latent")
-    g.add_edge("cond.condition", "wan.latent_condition")
+    if spec.expand_timesteps:
+        # Wan 2.2: the image's latent is the first latent frame (timestep 0) in every step and after the loop.
+        g.add_node("latent/wan_first_frame_blend", id="blend", auto_connect=False)
+        g.add_edge("vae_enc.latent", "wan.first_frame")
+        g.add_edge("solver.latent", "blend.latent")
+        g.add_edge("vae_enc.latent", "blend.first_frame")
+        g.add_edge("blend.latent", "vae.latent")
+    else:
+        g.add_node(
+            "latent/wan_i2v_condition",
+            id="cond",
+            config={"temporal_scale_factor": spec.temporal},
+            auto_connect=False,
+        )
+        g.add_edge("vae_enc.latent", "cond.latent")
+        g.add_edge("cond.condition", "wan.latent_condition")
     image_targets = ["clip.image"]
     if spec.image_dim is not None:
         g.add_node(

@@ -137,6 +137,9 @@ def test_transformer_refuses_a_latent_or_image_condition_that_does_not_fit():
     # Guidance over 1 with a negative sequence: a second, unconditional call (as the pipelines, never batched).
     out = t2v(sample=sample, timestep=torch.tensor(999), condition=condition, condition_uncond=condition * 0)
     assert out["pred_uncond"] is not None and not torch.equal(out["pred"], out["pred_uncond"])
+    with pytest.raises(ConfigError, match="expand_timesteps models only") as err:
+        t2v(sample=sample, timestep=torch.tensor(999), condition=condition, first_frame=sample[:, :, :1])
+    assert err.value.path == "first_frame"
     assert (
         t2v(sample=sample, timestep=torch.tensor(999), condition=condition, guidance_scale=1.0)["pred_uncond"]
         is None

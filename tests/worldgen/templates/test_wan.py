@@ -79,6 +79,26 @@ def test_image_to_video_matches_the_pipeline(picture):
     assert diff(got["video"], expected) <= TOL
 
 
+def test_wan22_expand_timesteps_image_and_text_to_video_match_the_pipelines(picture):
+    # Wan 2.2 TI2V: no image encoder; the image's latent is the first latent frame at timestep 0.
+    pipe = preset_pipeline("wan22-ti2v-tiny")  # a WanImageToVideoPipeline with expand_timesteps
+    size = {"height": 32, "width": 64, "frames": 9}  # multiples of 32: the Wan 2.2 VAE compresses 16x
+    expected = reference(pipe, image=picture, negative_prompt=NEGATIVE, height=32, width=64)
+    graph = wg.Graph.from_template("image_to_video", preset="wan22-ti2v-tiny", steps=STEPS)
+    assert "image_enc" not in dict(graph.blocks())
+    got = graph.run({"prompt": PROMPT, "negative_prompt": NEGATIVE, "image": picture, **size}, seed=SEED)
+    assert diff(got["video"], expected) <= TOL
+
+    components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "image_processor")}
+    expected = reference(WanPipeline(**components, expand_timesteps=True), height=32, width=64, num_frames=5)
+    graph = wg.Graph.from_template("text_to_video", preset="wan22-ti2v-tiny", steps=STEPS)
+    got = graph.run({"prompt": PROMPT, "height": 32, "width": 64, "frames": 5}, seed=SEED)["video"]
+    assert diff(got, expected) <= TOL
+    with pytest.raises(ConfigError, match="positive multiple of 32") as err:
+        preflight(graph, {"prompt": PROMPT, "width": 48})
+    assert err.value.path == "inputs.width"
+
+
 def test_family_found_from_a_save_pretrained_directory(tmp_path, picture):
     folder = save_preset_pipeline("wan-i2v-tiny", tmp_path / "wan-i2v")
     graph = wg.Graph.from_template("image_to_video", model=str(folder), steps=STEPS)
@@ -133,6 +153,9 @@ def test_bad_sizes_frames_and_solvers_are_refused_before_models_load(picture):
     assert err.value.path == "solver"
     with pytest.raises(ConfigError, match="no image-to-video model") as err:
         wg.Graph.from_template("image_to_video", preset="wan-tiny")
+    assert err.value.path == "model"
+    with pytest.raises(ConfigError, match="image-to-video model .*use image_to_video") as err:
+        wg.Graph.from_template("text_to_video", preset="wan-i2v-tiny")
     assert err.value.path == "model"
 
 
