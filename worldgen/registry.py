@@ -33,6 +33,7 @@ _BUILTIN_MODULES = (
     "worldgen.nodes.controlnet",
     "worldgen.nodes.flux_controlnet",
     "worldgen.nodes.stable_audio",
+    "worldgen.nodes.wan",
 )
 _TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*/[a-z0-9][a-z0-9_.-]*$")
 _EXECUTOR_NAME = re.compile(r"^[a-z][a-z0-9_]*$")

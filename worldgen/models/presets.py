@@ -33,6 +33,7 @@ _BUILTIN_MODULES = (
     "worldgen.models.tiny_ip_adapter",
     "worldgen.models.tiny_controlnet",
     "worldgen.models.tiny_stable_audio",
+    "worldgen.models.tiny_wan",
 )
 
 

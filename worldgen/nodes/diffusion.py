@@ -475,7 +475,15 @@ class SchedulerSolver(Block):
                 base = dict(load_component(self.config.model, cls).config)
             else:
                 base = {}
-            self._template = cls.from_config({**base, **self.scheduler_defaults, **self.config.scheduler})
+            overrides = {**self.scheduler_defaults, **self.config.scheduler}
+            config = {**base, **overrides}
+            # diffusers drops the keys a config lists as defaults (`_use_default_values`) when it builds from it:
+            # an override is no default (else a Wan UniPC config's `shift` override for Euler is lost).
+            if "_use_default_values" in config:
+                config["_use_default_values"] = [
+                    k for k in config["_use_default_values"] if k not in overrides
+                ]
+            self._template = cls.from_config(config)
         return self._template
 
     def _step_params(self) -> frozenset[str]:

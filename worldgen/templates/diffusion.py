@@ -308,6 +308,17 @@ text_to_audio = _task_template(
     `options` are the family's (steps, guidance_scale, duration, start).""",
 )
 
+text_to_video = _task_template(
+    "text_to_video",
+    """Text to video for Wan 2.x (the family found from the model): prompt -> video (B, F, C, H, W) in [0, 1].
+    `options` are the family's (solver, steps, guidance_scale, height, width, frames, ...).""",
+)
+image_to_video = _task_template(
+    "image_to_video",
+    """Image to video for Wan 2.1 image-to-video models (the family found from the model): image (the first
+    frame), prompt -> video. `options` are the family's (solver, steps, guidance_scale, height, width, frames).""",
+)
+
 
 @register_template("generate_and_refine", kind="pipeline")
 def generate_and_refine(

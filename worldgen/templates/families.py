@@ -28,6 +28,7 @@ _FAMILY_MODULES = (
     "worldgen.templates.flux",
     "worldgen.templates.upscale",
     "worldgen.templates.stable_audio",
+    "worldgen.templates.wan",
 )
 # Modules registering attachments (adapters a family graph takes as a template option), applied in this order.
 _ATTACHMENT_MODULES: tuple[str, ...] = (
@@ -37,13 +38,16 @@ _ATTACHMENT_MODULES: tuple[str, ...] = (
 )
 
 
+# The graphs a family may build.
 TASKS = (
     "text_to_image",
     "image_to_image",
     "inpaint",
     "upscale",
+    "text_to_video",
+    "image_to_video",
     "text_to_audio",
-)  # the graphs a family may build
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class Family:
     inpaint: Builder | None = None
     upscale: Builder | None = None  # the upscaler families' one graph
     text_to_audio: Builder | None = None  # the audio families' (Stable Audio Open)
+    text_to_video: Builder | None = None  # video families (wan)
+    image_to_video: Builder | None = None
 
     def builder(self, task: str) -> Builder:
         build = getattr(self, task)
