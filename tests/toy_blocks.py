@@ -191,3 +191,23 @@ class Tone(wg.Block):
         t = torch.arange(round(duration * self.rate)) / self.rate
         sound = torch.stack([torch.sin(2 * torch.pi * 440 * t), torch.sin(2 * torch.pi * 880 * t)]) * 0.5
         return {"audio": sound[None], "sample_rate": self.rate}
+
+
+@wg.register_block
+class Clip(wg.Block):
+    """A (B, F, 3, H, W) clip in [0, 1]: a bar sweeping right (graph endpoints and `worldgen generate` write it)."""
+
+    block_type = "toy/clip"
+    INPUTS = (
+        Port("frames", K.INT, optional=True, default=4),
+        Port("batch_size", K.INT, optional=True, default=1),
+    )
+    OUTPUTS = (Port("video", K.VIDEO),)
+
+    def forward(self, frames=4, batch_size=1):
+        import torch
+
+        clip = torch.zeros(batch_size, frames, 3, 16, 24)
+        for f in range(frames):
+            clip[:, f, :, :, f * 24 // frames : f * 24 // frames + 4] = 1.0
+        return {"video": clip}

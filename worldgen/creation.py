@@ -25,9 +25,9 @@ from typing import Any
 from worldgen.engine import Engine
 from worldgen.errors import ConfigError
 from worldgen.limits import Limits
-from worldgen.media import Kind, Media
+from worldgen.media import Media
 from worldgen.reference import episode_image, plan_references, read_image
-from worldgen.stage import Stage
+from worldgen.stage import SOURCE_INPUT, Stage, pipeline_kind
 from worldgen.state import (
     ArtifactRef,
     AudioRequest,
@@ -38,15 +38,6 @@ from worldgen.state import (
     VideoSource,
 )
 from worldgen.storage import WorldStorage
-
-KINDS: tuple[Kind, ...] = ("image", "video", "audio")
-SOURCE_INPUT = "image"  # the input an image-to-video pipeline takes its first frame from
-
-
-def pipeline_kind(engine: Engine) -> Kind:
-    """What a pipeline makes, from its outputs: a `video` or `audio` output, else images."""
-    outputs = engine.exposed_outputs
-    return next((kind for kind in ("video", "audio") if kind in outputs), "image")
 
 
 def request_inputs(request: GenerationRequest) -> dict[str, Any]:

@@ -133,6 +133,17 @@ REFERENCE_INPUTS: dict[str, tuple[str, str, str]] = {
 }
 
 
+SOURCE_INPUT = (
+    "image"  # the input an image-to-video pipeline takes a clip's first frame from (block 2's `source`)
+)
+
+
+def pipeline_kind(engine: Engine) -> str:
+    """What a pipeline makes, from its outputs: a `video` or `audio` output, else images."""
+    outputs = engine.exposed_outputs
+    return next((kind for kind in ("video", "audio") if kind in outputs), "image")
+
+
 def reference_input(name: str, k: int) -> str:
     """The input the k-th (1-based) reference of a control feeds: `name`, then `name_2`, `name_3`, ..."""
     return name if k == 1 else f"{name}_{k}"
@@ -225,14 +236,10 @@ class Stage(Pipeline):
     def kinds(self) -> dict[str, str]:
         """What each of its pipelines makes: image, video or audio (worldgen.creation.pipeline_kind). Shown to
         the Architect, so it asks each pipeline for what it can make."""
-        from worldgen.creation import pipeline_kind
-
         return {name: pipeline_kind(self.item(name)) for name in self.node_ids}
 
     def sources(self) -> list[str]:
         """Its video pipelines that start a clip from an image (block 2's `source` feeds their input)."""
-        from worldgen.creation import SOURCE_INPUT
-
         kinds = self.kinds()
         return [
             n for n in self.node_ids if kinds[n] == "video" and SOURCE_INPUT in self.item(n).exposed_inputs

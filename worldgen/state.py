@@ -319,29 +319,18 @@ STATE_SCHEMA_VERSION = 2
 
 
 def upgrade_state(data: Any) -> Any:
-    """A saved state's JSON in the current format. A state without `schema_version` is read as version 1 (the
-    upgrade is a no-op on data already in the current form, so a block 2 a user writes the old way reads too)."""
+    """A saved state's JSON in the current format. A state without `schema_version` is version 1, which the
+    schema reads as it is: one block-2 mapping is a list of one image request (`Generation`), an untyped block-3
+    entry is an image whose MIME type comes from its suffix (`ArtifactRef`). A newer version is refused."""
     if not isinstance(data, Mapping):
         return data
-    data = dict(data)
     version = data.get("schema_version", 1)
     if not isinstance(version, int) or not 1 <= version <= STATE_SCHEMA_VERSION:
         raise ValueError(
             f"schema_version {version!r}: this worldgen reads states of versions 1 to {STATE_SCHEMA_VERSION} "
             "(a newer worldgen wrote it?)"
         )
-    if version == 1:
-        generation = data.get("generation")
-        if isinstance(generation, Mapping):  # one image request -> a list of one, of kind image
-            data["generation"] = [{"kind": "image", **generation}]
-        if isinstance(
-            data.get("artifacts"), list
-        ):  # untyped files were images (the MIME comes from the suffix)
-            data["artifacts"] = [
-                {"kind": "image", **a} if isinstance(a, Mapping) else a for a in data["artifacts"]
-            ]
-    data["schema_version"] = STATE_SCHEMA_VERSION
-    return data
+    return {**data, "schema_version": STATE_SCHEMA_VERSION}
 
 
 class WorldState(BaseModel):

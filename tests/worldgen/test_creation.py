@@ -6,6 +6,7 @@ before requests had kinds loads unchanged and goes on."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -125,9 +126,11 @@ def test_block_3_holds_a_picture_a_clip_from_it_and_a_sound(moved):
     from PIL import Image
 
     picture = np.asarray(Image.open(folder / "000.png").convert("RGB"), dtype=np.float32)
-    for f, frame in enumerate(frames):  # H.264 is lossy: close, and closer to its own pan than to another
-        own = np.abs(frame - np.roll(picture, 2 * f, axis=1)).mean()
-        assert own < 12 and (f == 0 or own < np.abs(frame - picture).mean())
+    for f, frame in enumerate(
+        frames
+    ):  # H.264 is lossy (and a tiny model's picture is noise): nearest its own pan
+        error = [np.abs(frame - np.roll(picture, 2 * shift, axis=1)).mean() for shift in range(6)]
+        assert int(np.argmin(error)) == f and error[f] < 30, error
 
     samples, rate = soundfile.read(folder / "002.wav", always_2d=True)
     assert rate == 8000 and samples.shape == (4000, 2)
@@ -145,7 +148,7 @@ def test_the_philosopher_is_given_every_artifact(moved):
 
 def test_a_bad_request_is_refused_before_any_model_runs_and_nothing_changes(moved, tmp_path):
     world = World.load(
-        shutil.copytree(moved.directory, tmp_path / "copy"), limits=Limits(max_request_bytes=10**6)
+        shutil.copytree(moved.directory, tmp_path / "copy"), limits=Limits(max_request_bytes=5 * 10**6)
     )
     before = files_of(world.directory)
     big = {"kind": "video", "pipeline": "pan", "prompt": "x", "width": 512, "height": 512, "frames": 40}
@@ -183,12 +186,12 @@ def test_a_bad_request_is_refused_before_any_model_runs_and_nothing_changes(move
         (
             [*requests()[:2], {"kind": "audio", "pipeline": "tone", "prompt": "waves", "duration": 9}],
             ConfigError,
-            r"cannot run request 2: .*duration 9 s is over this model's maximum of 4 s",
+            r"cannot run request 2: .*duration 9(\.0)? s is over this model's maximum of 4 s",
         ),
         (
             [big],
             LimitExceeded,
-            r"generation\.0: 1 clip\(s\) of 40 frames at 512x512 need 120 MiB .*'max_request_bytes'",
+            r"generation\.0: 1 clip\(s\) of 40 frames at 512x512 need 120 MiB as float32, over 5 MiB",
         ),
     ]
     for blocks, error, message in cases:
@@ -197,11 +200,23 @@ def test_a_bad_request_is_refused_before_any_model_runs_and_nothing_changes(move
     assert files_of(world.directory) == before
 
 
-def test_a_clip_from_an_earlier_episodes_picture(moved, tmp_path):
-    world = World.load(shutil.copytree(moved.directory, tmp_path / "copy"))
-    report = world.step(state={1: "The harbor again.", 2: requests(source={"episode": "previous"})[1:2]})
-    (clip,) = report.state.artifacts
-    assert clip.kind == "video" and clip.source.episode == 1 and clip.source.request is None
+def test_a_clip_from_an_earlier_episodes_picture(tmp_path):
+    """An Architect that asks, once the world has an episode, for a clip of the previous episode's picture."""
+    config = moving_config()
+    clip = {"kind": "video", "pipeline": "pan", "prompt": "again", "width": SIDE, "height": SIDE, "frames": 3}
+    template = (
+        '{% if content.history %}{"requests": ['
+        + json.dumps(clip)[:-1]
+        + ', "source": {"episode": "previous"}}]}'
+        '{% else %}{"prompt": "the harbor", "width": 32, "height": 32, "steps": 2}{% endif %}'
+    )
+    config["stages"]["architect"]["nodes"]["llm"]["config"]["template"] = template
+    world = World.from_config(config, directory=tmp_path / "world")
+    first, second = world.run(2)
+    assert [a.kind for a in first.state.artifacts] == ["image"]
+    (made,) = second.state.artifacts  # step 2 saved episode 1, then drew a clip from its picture
+    assert second.episode == 1 and made.kind == "video" and made.frames == 3
+    assert made.source.episode == 1 and made.source.request is None and made.source.image == 0
 
 
 def test_a_world_saved_before_requests_had_kinds_loads_unchanged_and_goes_on(tmp_path):

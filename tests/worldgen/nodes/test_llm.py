@@ -18,7 +18,7 @@ from tests.openai_server import serve_openai
 from worldgen.nodes.llm import LocalLLM, OpenAILLM, TemplateLLM, extract_json, output_schema
 from worldgen.prompts import DEFAULT_PROMPT_DIR, prompt_dirs, render_prompt, set_prompt_dirs
 from worldgen.rng import RngState
-from worldgen.state import GenerationConfig
+from worldgen.state import GenerationConfig, GenerationPlan
 
 KEY = "sk-test-4f9c2a7e1b3d5f60a8c4e2d1"
 KEY_ENV = "WORLDGEN_TEST_LLM_KEY"
@@ -164,15 +164,19 @@ def test_offline_templates_render_and_architect_validates():
 def test_template_llm_json_output_validates_generation_config():
     block = wg.create_block(
         "llm/template",
-        {"template": "file:offline/architect.j2", "output": "json", "schema": "generation_config"},
+        {"template": "file:offline/architect.j2", "output": "json", "schema": "generation"},
     )
     out = block(context=sample_context())
-    assert out["data"] == GenerationConfig.model_validate_json(out["text"]).model_dump(mode="json")
+    assert out["data"] == GenerationPlan.model_validate_json(out["text"]).model_dump(mode="json")
+    assert [r["kind"] for r in out["data"]] == [
+        "image"
+    ]  # block 2: a list of requests (one written as an object)
     with pytest.raises(wg.ConfigError, match="unknown output schema 'generation_cfg'.*did you mean"):
         wg.create_block("llm/template", {"template": "x", "output": "json", "schema": "generation_cfg"})
     with pytest.raises(wg.ConfigError, match="output: json"):
         wg.create_block("llm/template", {"template": "x", "schema": "generation_config"})
-    assert output_schema("generation_config") is GenerationConfig
+    assert output_schema("generation_config") is GenerationConfig  # one image request: block 2 as it was
+    assert output_schema("generation") is GenerationPlan
 
 
 def test_extract_json_tolerates_fences_and_prose():

@@ -109,7 +109,7 @@ def _hand_written(recorded, folder: Path) -> Path:
     shutil.copy(world.storage.episode_dir(1) / "000.png", one / "picture.png")
     blocks = {
         "1": first.happening,
-        "2": first.generation.model_dump(mode="json"),
+        "2": first.generation[0].model_dump(mode="json"),  # one request written the old way: a mapping
         "3": ["picture.png"],
         "4": first.description,
         "5": first.outcome,
@@ -161,9 +161,9 @@ def test_bad_episodes_are_named_by_file_and_field(recorded, tmp_path):
     with pytest.raises(ConfigError, match=r"000001/state\.json.*malformed JSON"):
         read_episodes(tmp_path / "bad")
     (folder / "state.json").write_text(
-        json.dumps({**state, "generation": {**state["generation"], "width": 33}})
+        json.dumps({**state, "generation": [{**state["generation"][0], "width": 33}]})
     )
-    with pytest.raises(ConfigError, match=r"state\.json.*generation\.width.*multiple of 8"):
+    with pytest.raises(ConfigError, match=r"state\.json.*generation\.0\.width.*multiple of 8"):
         read_episodes(tmp_path / "bad")
     (folder / "state.json").write_text(json.dumps({**state, "mood": "grim"}))
     with pytest.raises(ConfigError, match=r"state\.json.*unknown field.*mood"):
@@ -237,7 +237,7 @@ def test_a_trainable_architect_and_philosopher_learn_from_another_worlds_episode
 ):
     config = _config(recorded["lm"])
     config["stages"]["architect"] = _llm_stage(
-        recorded["lm"], "file:architect.j2", output="json", schema="generation_config"
+        recorded["lm"], "file:architect.j2", output="json", schema="generation"
     )
     config["stages"]["philosopher"] = {
         "name": "philosopher",
@@ -254,7 +254,7 @@ def test_a_trainable_architect_and_philosopher_learn_from_another_worlds_episode
     assert set(examples) == {("architect", 1), ("architect", 2), ("philosopher", 1), ("philosopher", 2)}
     for episode in episodes:
         architect = examples["architect", episode.number]
-        assert json.loads(architect.target) == episode.state.generation.model_dump(mode="json")
+        assert json.loads(architect.target) == [r.model_dump(mode="json") for r in episode.state.generation]
         step = episode.meta.step - 1  # the Architect ran in the step before the one that saved the episode
         content = world.content.model_copy(
             update={"history": [e.state.outcome for e in episodes[: episode.number - 1]]}
