@@ -403,7 +403,9 @@ def text_to_image_to_video(
             model=video_model,
             preset=video_preset,
             dtype=dtype,
-            **given(steps=video_steps, guidance_scale=video_guidance_scale, solver=video_solver, frames=frames),
+            **given(
+                steps=video_steps, guidance_scale=video_guidance_scale, solver=video_solver, frames=frames
+            ),
             **size,
         ),
         id="clip",
