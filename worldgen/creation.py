@@ -174,6 +174,8 @@ def _plan_source(
     request: GenerationRequest, engine: Engine, requests: list[Any], storage: WorldStorage, at: str
 ) -> VideoSource | None:
     """A clip's source, checked against the pipeline and the world; an episode source resolved to its number."""
+    if not isinstance(request, VideoRequest):
+        return None  # an image pipeline's `image` is fed by a reference (img2img), not a source
     takes = engine.exposed_inputs.get(SOURCE_INPUT)
     source = getattr(request, "source", None)
     if source is None:

@@ -94,7 +94,7 @@ def test_create_step_twice_page_episodes_and_fetch_a_png(gateway):
 
     info = client.get("/v1/worlds/harbor").json()
     assert info["step"] == 3 and info["episodes"] == 2
-    assert client.get("/v1/worlds/harbor/state").json()["generation"]["width"] == 32
+    assert client.get("/v1/worlds/harbor/state").json()["generation"][0]["width"] == 32
     assert [w["id"] for w in client.get("/v1/worlds").json()["worlds"]] == ["harbor"]
     assert client.get("/openapi.json").json()["paths"]["/v1/worlds/{world_id}/step"]
 
@@ -187,7 +187,7 @@ def test_a_graph_or_pipeline_template_is_a_400_listing_the_world_templates(gatew
     )
     assert response.status_code == 400, response.text
     assert response.json()["detail"] == (
-        f"template '{template}' builds a {kind}, not a world; the world templates: offline_world"
+        f"template '{template}' builds a {kind}, not a world; the world templates: moving_world, offline_world"
     )
     assert not (root / "from-graph").exists()
 
