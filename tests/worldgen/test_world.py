@@ -332,10 +332,10 @@ def test_world_from_a_graph_or_pipeline_template_names_what_it_builds_and_the_wo
         with pytest.raises(ConfigError) as caught:
             wg.World.from_template(template, directory=tmp_path / "w", preset="tiny")
         assert str(caught.value) == (
-            f"template '{template}' builds a {kind}, not a world; the world templates: offline_world"
+            f"template '{template}' builds a {kind}, not a world; the world templates: moving_world, offline_world"
         )
     assert not (tmp_path / "w").exists()
-    assert list(wg.list_templates(kind="world")) == ["offline_world"]
+    assert list(wg.list_templates(kind="world")) == ["moving_world", "offline_world"]
 
 
 def test_a_mapping_config_with_a_ref_is_stored_resolved(tmp_path, monkeypatch):
