@@ -444,6 +444,18 @@ class WanVAECodecBlock(ModelBlock):
     def forward(self, **inputs: Any) -> dict[str, Any]:
         return self._decode(**inputs) if self.config.mode == "decode" else self._encode(**inputs)
 
+    def training_latent(self, video: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A clip (B, F, 3, H, W) in [0, 1] -> its normalised latent sampled from the encoder's distribution with
+        `generator` (what a denoising loss trains on, as diffusers' training scripts sample it); no gradient: the
+        latent is data."""
+        vae = self.model
+        device, dtype = self.placement()
+        pixels = (video.permute(0, 2, 1, 3, 4) * 2 - 1).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            latent = vae.encode(pixels).latent_dist.sample(generator=generator).to(torch.float32)
+        mean, inv_std = self._statistics(latent)
+        return (latent - mean) * inv_std
+
     def _decode(self, latent: torch.Tensor) -> dict[str, Any]:
         from diffusers.video_processor import VideoProcessor
 
