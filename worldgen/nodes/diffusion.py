@@ -511,9 +511,8 @@ class SchedulerSolver(Block):
         `generator`."""
         from diffusers import DDPMScheduler
 
-        if (
-            self.scheduler.config.get("prediction_type") == "flow_prediction"
-        ):  # a flow model run by UniPC (Wan)
+        # a flow model sampled by a multistep solver (Wan's UniPC): it learns the flow's velocity
+        if self.scheduler.config.get("prediction_type") == "flow_prediction":
             sigmas, timesteps = flow_training_table(self.scheduler.config)
             return flow_training_sample(latents, noise, generator, sigmas, timesteps)
         accepted = set(inspect.signature(DDPMScheduler.__init__).parameters)
