@@ -551,7 +551,8 @@ class WanTransformerBackboneBlock(ModelBlock):
         self, sample: torch.Tensor, timestep: Any, first_frame: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The latent and the model's timestep: t for the batch, or (expand_timesteps) t per latent token with
-        the image's latent in place of the first frame at t = 0, as the pipelines compute them."""
+        the image's latent in place of the first frame at t = 0, as the pipelines compute them. `timestep` is one
+        for the batch (sampling) or one per clip (B,) (a training loss's random timesteps)."""
         t = torch.as_tensor(timestep, device=sample.device)
         if not self.config.expand_timesteps:
             return sample, t.expand(sample.shape[0])
@@ -560,7 +561,10 @@ class WanTransformerBackboneBlock(ModelBlock):
             mask = first_frame_mask(sample)
             sample = (1 - mask) * first_frame.to(sample) + mask * sample
         _, rows, columns = self.model.config.patch_size
-        tokens = (mask[0][0][:, ::rows, ::columns] * t).flatten()
+        if t.numel() > 1:  # one timestep per clip: each clip's tokens at its own
+            tokens = mask[0][0][:, ::rows, ::columns].flatten()
+            return sample, tokens.unsqueeze(0) * t.reshape(-1, 1)
+        tokens = (mask[0][0][:, ::rows, ::columns] * t.reshape(())).flatten()
         return sample, tokens.unsqueeze(0).expand(sample.shape[0], -1)
 
     def _model_input(self, sample: torch.Tensor, latent_condition: torch.Tensor | None) -> torch.Tensor:

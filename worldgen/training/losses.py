@@ -206,6 +206,10 @@ def denoising_loss(
         kwargs = gather_inputs(graph, node, values, inputs, loop=loop, outside_only=True)
         kwargs = {k: v for k, v in kwargs.items() if not _is_uncond(k)}
         pred = blocks.backbone(**{**kwargs, "sample": noisy, "timestep": timesteps})["pred"]
+    if kwargs.get("first_frame") is not None:
+        # Wan 2.2 image to video: the image's latent is the first latent frame, given (at timestep 0), not
+        # generated; only the frames after it are learned
+        pred, target = pred[:, :, 1:], target[:, :, 1:]
     return F.mse_loss(pred.float(), target.float())
 
 

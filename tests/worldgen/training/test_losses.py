@@ -138,6 +138,30 @@ def test_a_wan_clip_trains_the_transformer_through_the_graphs_own_conditioning(t
         assert not torch.equal(first.detach(), loss(3, _sources(seed=2)))
 
 
+def test_wan22_learns_only_the_frames_it_generates(monkeypatch):
+    """Wan 2.2 image to video (expand_timesteps): the image's latent is the first latent frame, at timestep 0 in
+    every step; the loss learns the frames after it, whatever the target says there."""
+    parts = diffusion_blocks(wg.Graph.from_template("image_to_video", preset="wan22-ti2v-tiny", steps=2))
+
+    def loss() -> torch.Tensor:
+        return denoising_loss(parts, _clips(), PROMPTS, torch.Generator().manual_seed(3), source=_sources())
+
+    base = loss()
+    assert torch.isfinite(base)
+    original = type(parts.solver).training_sample
+
+    def shifted(self, latents, noise, generator, where):
+        noisy, timesteps, target = original(self, latents, noise, generator)
+        target = target.clone()
+        target[:, :, where] += 10.0
+        return noisy, timesteps, target
+
+    monkeypatch.setattr(type(parts.solver), "training_sample", lambda *a: shifted(*a, where=0))
+    assert torch.equal(loss(), base)  # the given first frame is no target
+    monkeypatch.setattr(type(parts.solver), "training_sample", lambda *a: shifted(*a, where=1))
+    assert loss() > base + 1
+
+
 def test_wan_learns_the_flow_velocity_at_its_shifted_sigmas():
     """Wan's UniPC solver (flow_prediction, flow sigmas shifted by 3): x_t = (1 - s) x + s noise at the
     timestep 1000 s, target noise - x — not DDPM's noising, which would not match how the model samples."""
