@@ -4,6 +4,7 @@ custom world whose clips differ from the base's."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -136,3 +137,33 @@ def test_a_missing_or_unreadable_clip_names_the_file_and_the_field(moved, tmp_pa
     with pytest.raises(ConfigError, match="video 'episodes/000001/001.mp4' not found") as err:
         read_episodes(tmp_path)
     assert (err.value.file, err.value.path) == (str(episode / "state.json"), "artifacts.1.path")
+
+
+def test_a_clip_made_from_an_earlier_episodes_picture_takes_that_picture(moved, tmp_path):
+    """Episode 2 (written by hand) holds only a clip whose source is episode 1's picture: the example's image is
+    that picture, whether episode 1 is among the episodes given or only beside episode 2 on disk."""
+    first = tmp_path / "episodes" / "000001"
+    shutil.copytree(moved.storage.episode_dir(1), first)
+    state = json.loads((first / "state.json").read_text())
+    clip = state["generation"][1]
+    clip["source"] = {"episode": 1}
+    video = {**state["artifacts"][1], "path": "episodes/000002/000.mp4", "request": 0}
+    second = tmp_path / "episodes" / "000002"
+    second.mkdir()
+    shutil.copy(first / "001.mp4", second / "000.mp4")
+
+    def write(source: dict) -> None:
+        blocks = {**state, "id": "by-hand", "generation": [clip], "artifacts": [{**video, "source": source}]}
+        (second / "state.json").write_text(json.dumps(blocks))
+
+    write({"episode": 1, "image": 0})
+    episodes = read_episodes(tmp_path)
+    picture = episodes[0].images[0]
+    (example,) = [x for x in build_examples(moved, episodes, ["creator"]) if x.episode == 2]
+    assert isinstance(example, VideoExample) and torch.equal(example.image, picture)
+    (alone,) = build_examples(moved, read_episodes(tmp_path, numbers=[2]), ["creator"])
+    assert torch.equal(alone.image, picture)  # read from the episode folder beside it
+    write({"episode": 7, "image": 0})
+    with pytest.raises(ConfigError, match="episode 7, which is not here") as err:
+        build_examples(moved, read_episodes(tmp_path, numbers=[2]), ["creator"])
+    assert (err.value.file, err.value.path) == (str(second / "state.json"), "artifacts.0.source.episode")
