@@ -21,10 +21,10 @@ One episode folder holds:
   World update saved it), `action` (the visitor's action Development was given) and `ran`; a hand-written
   one may add `content` (the world's content — title, story, history, glossary, style, rules — as the
   episode's stages saw it), which makes the rebuilt prompts exact (see `worldgen.training.examples`).
-- the artifact files block 3 names (PNG or any image PIL reads; a clip as MP4 or WebM, decoded with PyAV). A path is looked up relative to the episode
-  folder, then relative to the world root (the folder holding `episodes/`, as the world writes them:
-  `episodes/000001/000.png`), then as a file of the same name in the episode folder (so episode folders
-  copied out of a world keep working). Absolute paths are taken as they are.
+- the artifact files block 3 names (PNG or any image PIL reads; clips as MP4 or WebM, decoded with PyAV). A
+  path is looked up relative to the episode folder, then relative to the world root (the folder holding
+  `episodes/`, as the world writes them: `episodes/000001/000.png`), then as a file of the same name in the
+  episode folder (so episode folders copied out of a world keep working). Absolute paths are taken as they are.
 
 Images come back as float tensors (1, 3, H, W) in [0, 1], one per image artifact; clips as (1, F, 3, H, W) in
 [0, 1], one per video artifact (sounds are not read: nothing trains on them yet). A bad `state.json` or

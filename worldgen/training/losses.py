@@ -1,7 +1,7 @@
 """Per-role training losses on a world's own blocks (plain PyTorch: the Ray Train job distributes them).
 
 - `denoising_loss`: the diffusion fine-tuning loss on a Creator graph's own blocks, for every family — VAE-encode
-  the image (or a video codec the clip: Wan), noise it at a random training timestep by the loop solver's forward
+  the image (a clip: the graph's video codec, Wan's), noise it at a random training timestep by the loop solver's forward
   process (DDPM with the graph's scheduler config, or rectified flow), condition the backbone through the graph's
   own conditioning nodes (for image to video also the image the clip started from), MSE against the solver's
   target (the scheduler's `prediction_type`, or the flow's velocity).
