@@ -506,10 +506,15 @@ class SchedulerSolver(Block):
         self, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy latents, timesteps, the backbone's target) at random training timesteps, one per latent: the
-        forward process the model was trained on (DDPM's, with this scheduler's noise schedule), whatever
-        sampler the graph generates with. Randomness only from `generator`."""
+        forward process the model was trained on (DDPM's, with this scheduler's noise schedule; rectified flow
+        for a `flow_prediction` scheduler), whatever sampler the graph generates with. Randomness only from
+        `generator`."""
         from diffusers import DDPMScheduler
 
+        # a flow model sampled by a multistep solver (Wan's UniPC): it learns the flow's velocity
+        if self.scheduler.config.get("prediction_type") == "flow_prediction":
+            sigmas, timesteps = flow_training_table(self.scheduler.config)
+            return flow_training_sample(latents, noise, generator, sigmas, timesteps)
         accepted = set(inspect.signature(DDPMScheduler.__init__).parameters)
         config = {k: v for k, v in dict(self.scheduler.config).items() if k in accepted}
         ddpm = DDPMScheduler.from_config(config)
@@ -829,15 +834,7 @@ class FlowMatchSolver(SchedulerSolver):
         """Rectified flow, as diffusers' SD3/Flux LoRA scripts train (uniform timestep density): x_t = (1 - sigma)
         x + sigma noise at one of the scheduler's training sigmas, and the velocity noise - x as the target."""
         scheduler = self.scheduler
-        count = len(scheduler.timesteps)
-        index = torch.randint(
-            0, count, (latents.shape[0],), generator=generator, device=generator.device
-        ).cpu()
-        timesteps = scheduler.timesteps[index].to(latents.device)
-        sigma = scheduler.sigmas[index].to(device=latents.device, dtype=latents.dtype)
-        sigma = sigma.reshape(-1, *([1] * (latents.dim() - 1)))
-        noisy = (1.0 - sigma) * latents + sigma * noise
-        return noisy, timesteps, noise - latents
+        return flow_training_sample(latents, noise, generator, scheduler.sigmas, scheduler.timesteps)
 
     def _first_step(self, steps: int, strength: float) -> int:
         # The flow pipelines round after subtracting (SD's `get_timesteps` rounds the strength first).
@@ -853,6 +850,37 @@ class FlowMatchSolver(SchedulerSolver):
 
     def _model_input(self, scheduler: Any, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return latent  # flow matching does not scale the backbone's input
+
+
+def flow_training_table(config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas, timesteps) a flow-matching model trains on, for a scheduler config with flow sigmas (UniPC's
+    `use_flow_sigmas`, Wan's): N sigmas from 1 to 1/N shifted by `flow_shift`, timesteps sigma * N — the table
+    FlowMatchEulerDiscreteScheduler builds at its construction with that shift."""
+    count = int(config.get("num_train_timesteps", 1000))
+    shift = float(config.get("flow_shift") or 1.0)
+    sigmas = torch.linspace(1.0, 1.0 / count, count, dtype=torch.float64)
+    sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).to(torch.float32)
+    return sigmas, sigmas * count
+
+
+def flow_training_sample(
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    generator: torch.Generator,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rectified flow at one of the training `sigmas` per latent, drawn uniformly from `generator`:
+    x_t = (1 - sigma) x + sigma noise, the backbone's timestep the matching entry of `timesteps`, and the
+    velocity noise - x as the target. Latents of any rank (images (B, C, h, w), clips (B, C, F', h, w))."""
+    index = torch.randint(
+        0, len(timesteps), (latents.shape[0],), generator=generator, device=generator.device
+    ).cpu()
+    chosen = timesteps[index].to(latents.device)
+    sigma = sigmas[index].to(device=latents.device, dtype=latents.dtype)
+    sigma = sigma.reshape(-1, *([1] * (latents.dim() - 1)))
+    noisy = (1.0 - sigma) * latents + sigma * noise
+    return noisy, chosen, noise - latents
 
 
 def _image_seq_len(latent: torch.Tensor, patch_size: int) -> int:

@@ -444,6 +444,18 @@ class WanVAECodecBlock(ModelBlock):
     def forward(self, **inputs: Any) -> dict[str, Any]:
         return self._decode(**inputs) if self.config.mode == "decode" else self._encode(**inputs)
 
+    def training_latent(self, video: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A clip (B, F, 3, H, W) in [0, 1] -> its normalised latent sampled from the encoder's distribution with
+        `generator` (what a denoising loss trains on, as diffusers' training scripts sample it); no gradient: the
+        latent is data."""
+        vae = self.model
+        device, dtype = self.placement()
+        pixels = (video.permute(0, 2, 1, 3, 4) * 2 - 1).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            latent = vae.encode(pixels).latent_dist.sample(generator=generator).to(torch.float32)
+        mean, inv_std = self._statistics(latent)
+        return (latent - mean) * inv_std
+
     def _decode(self, latent: torch.Tensor) -> dict[str, Any]:
         from diffusers.video_processor import VideoProcessor
 
@@ -539,7 +551,8 @@ class WanTransformerBackboneBlock(ModelBlock):
         self, sample: torch.Tensor, timestep: Any, first_frame: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The latent and the model's timestep: t for the batch, or (expand_timesteps) t per latent token with
-        the image's latent in place of the first frame at t = 0, as the pipelines compute them."""
+        the image's latent in place of the first frame at t = 0, as the pipelines compute them. `timestep` is one
+        for the batch (sampling) or one per clip (B,) (a training loss's random timesteps)."""
         t = torch.as_tensor(timestep, device=sample.device)
         if not self.config.expand_timesteps:
             return sample, t.expand(sample.shape[0])
@@ -548,7 +561,10 @@ class WanTransformerBackboneBlock(ModelBlock):
             mask = first_frame_mask(sample)
             sample = (1 - mask) * first_frame.to(sample) + mask * sample
         _, rows, columns = self.model.config.patch_size
-        tokens = (mask[0][0][:, ::rows, ::columns] * t).flatten()
+        if t.numel() > 1:  # one timestep per clip: each clip's tokens at its own
+            tokens = mask[0][0][:, ::rows, ::columns].flatten()
+            return sample, tokens.unsqueeze(0) * t.reshape(-1, 1)
+        tokens = (mask[0][0][:, ::rows, ::columns] * t.reshape(())).flatten()
         return sample, tokens.unsqueeze(0).expand(sample.shape[0], -1)
 
     def _model_input(self, sample: torch.Tensor, latent_condition: torch.Tensor | None) -> torch.Tensor:

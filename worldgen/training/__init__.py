@@ -7,7 +7,7 @@ losses on the world's own blocks (plain PyTorch; the Ray Train job in train_jobs
 """
 
 from worldgen.state import EpisodeMeta  # the one model of episode metadata (the storage writes it)
-from worldgen.training.episodes import Episode, load_image, read_episode, read_episodes
+from worldgen.training.episodes import Episode, load_image, load_video, read_episode, read_episodes
 from worldgen.training.examples import (
     TRAINED_ROLES,
     CaptionExample,
@@ -15,6 +15,7 @@ from worldgen.training.examples import (
     Example,
     ImageExample,
     TextExample,
+    VideoExample,
     build_examples,
     diffusion_blocks,
     episode_content,
@@ -42,6 +43,7 @@ __all__ = [
     "Example",
     "ImageExample",
     "TextExample",
+    "VideoExample",
     "batch_loss",
     "build_examples",
     "caption_loss",
@@ -53,6 +55,7 @@ __all__ = [
     "example_loss",
     "find_block",
     "load_image",
+    "load_video",
     "read_episode",
     "read_episodes",
     "role_context",

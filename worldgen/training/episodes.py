@@ -21,13 +21,14 @@ One episode folder holds:
   World update saved it), `action` (the visitor's action Development was given) and `ran`; a hand-written
   one may add `content` (the world's content — title, story, history, glossary, style, rules — as the
   episode's stages saw it), which makes the rebuilt prompts exact (see `worldgen.training.examples`).
-- the artifact files block 3 names (PNG or any image PIL reads). A path is looked up relative to the episode
-  folder, then relative to the world root (the folder holding `episodes/`, as the world writes them:
-  `episodes/000001/000.png`), then as a file of the same name in the episode folder (so episode folders
-  copied out of a world keep working). Absolute paths are taken as they are.
+- the artifact files block 3 names (PNG or any image PIL reads; clips as MP4 or WebM, decoded with PyAV). A
+  path is looked up relative to the episode folder, then relative to the world root (the folder holding
+  `episodes/`, as the world writes them: `episodes/000001/000.png`), then as a file of the same name in the
+  episode folder (so episode folders copied out of a world keep working). Absolute paths are taken as they are.
 
-Images come back as float tensors (1, 3, H, W) in [0, 1], one per image artifact. A bad `state.json` or
-`meta.json`, or a missing image, raises a ConfigError naming the file and the field.
+Images come back as float tensors (1, 3, H, W) in [0, 1], one per image artifact; clips as (1, F, 3, H, W) in
+[0, 1], one per video artifact (sounds are not read: nothing trains on them yet). A bad `state.json` or
+`meta.json`, or a missing or unreadable image or clip, raises a ConfigError naming the file and the field.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from worldgen.errors import ConfigError, format_validation_error
 from worldgen.state import ArtifactRef, EpisodeMeta, WorldState
 from worldgen.storage import EpisodeFolder, WorldStorage
 
-__all__ = ["Episode", "episode_folders", "read_episode", "read_episodes", "load_image"]
+__all__ = ["Episode", "episode_folders", "read_episode", "read_episodes", "load_image", "load_video"]
 
 _NUMBER = re.compile(r"^\d+$")
 _STATE_FIELDS = set(WorldState.model_fields)
@@ -54,7 +55,8 @@ _STATE_FIELDS = set(WorldState.model_fields)
 
 @dataclass(frozen=True)
 class Episode:
-    """One episode read back: its number, five blocks, meta, and its images (one per image artifact)."""
+    """One episode read back: its number, five blocks, meta, its images (one per image artifact) and its clips
+    (one per video artifact), each in block 3's order."""
 
     number: int
     state: WorldState
@@ -62,6 +64,8 @@ class Episode:
     folder: Path
     images: list[torch.Tensor] = field(default_factory=list)  # (1, 3, H, W) float32 in [0, 1]
     image_paths: list[Path] = field(default_factory=list)
+    videos: list[torch.Tensor] = field(default_factory=list)  # (1, F, 3, H, W) float32 in [0, 1]
+    video_paths: list[Path] = field(default_factory=list)
 
     @property
     def filled(self) -> set[int]:
@@ -124,14 +128,19 @@ def read_episode(folder: str | Path, number: int | None = None, *, root: str | P
     files = EpisodeFolder(folder)
     state = _read_state(files.state_path)
     meta = files.read_meta() or EpisodeMeta()
-    images, paths = [], []
+    images, paths, videos, video_paths = [], [], [], []
     for i, ref in enumerate(state.artifacts or []):
-        if ref.kind != "image":
+        if ref.kind not in ("image", "video"):
             continue
-        path = _find_artifact(ref, folder, root, where=(files.state_path, f"artifacts.{i}.path"))
-        images.append(load_image(path))
-        paths.append(path)
-    return Episode(number, state, meta, folder, images, paths)
+        where = f"artifacts.{i}.path"
+        path = _find_artifact(ref, folder, root, where=(files.state_path, where))
+        if ref.kind == "image":
+            images.append(load_image(path))
+            paths.append(path)
+        else:
+            videos.append(load_video(path, field=where))
+            video_paths.append(path)
+    return Episode(number, state, meta, folder, images, paths, videos, video_paths)
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -145,6 +154,22 @@ def load_image(path: str | Path) -> torch.Tensor:
     except OSError as err:
         raise ConfigError(f"cannot read image: {err}", file=str(path)) from None
     return torch.from_numpy(array / 255.0).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def load_video(path: str | Path, *, field: str | None = None) -> torch.Tensor:
+    """A clip file (MP4, WebM: anything PyAV decodes) as a float tensor (1, F, 3, H, W) in [0, 1] (RGB);
+    `field` is the block-3 field that named it, for the error when it cannot be decoded."""
+    import av
+    import numpy as np
+
+    from worldgen.media import read_frames
+
+    try:
+        frames = read_frames(path)
+    except (av.error.FFmpegError, OSError, ValueError) as err:  # damaged, truncated, no video stream
+        raise ConfigError(f"cannot read video: {err}", file=str(path), path=field) from None
+    array = np.stack([np.asarray(frame.convert("RGB"), dtype=np.float32) for frame in frames])
+    return torch.from_numpy(array / 255.0).permute(0, 3, 1, 2).unsqueeze(0).contiguous()
 
 
 def _read_json(path: Path) -> tuple[Any, bytes]:
@@ -199,5 +224,5 @@ def _find_artifact(ref: ArtifactRef, folder: Path, root: Path, *, where: tuple[P
             return candidate
     looked = ", ".join(dict.fromkeys(str(c) for c in candidates))
     raise ConfigError(
-        f"image '{ref.path}' not found (looked at: {looked})", file=str(where[0]), path=where[1]
+        f"{ref.kind} '{ref.path}' not found (looked at: {looked})", file=str(where[0]), path=where[1]
     )

@@ -4,7 +4,8 @@
 |-------------|--------------------------------------------------------|------------------------------|
 | development | the messages Development's LLM got (world content)     | block 1                      |
 | architect   | the messages the Architect's LLM got (block 1 + world) | block 2, as JSON             |
-| creator     | block 2's prompt, negative prompt, size                | block 3's images             |
+| creator     | block 2's prompt, negative prompt, size (+ frames, the | block 3's images and clips   |
+|             | clip's source image)                                   |                              |
 | philosopher | block 3's images (+ the VLM's prompt), or its messages | block 4 (per image for VLMs) |
 | author      | the messages the Author's LLM got (blocks 1-4 + world) | block 5                      |
 
@@ -44,7 +45,8 @@ from worldgen.errors import ConfigError
 from worldgen.graph import Graph
 from worldgen.stage import CONTRACTS, CYCLE, Schema, role_that
 from worldgen.state import WorldContent, WorldState
-from worldgen.training.episodes import Episode
+from worldgen.storage import EpisodeFolder
+from worldgen.training.episodes import Episode, read_episode
 from worldgen.world import stage_context, stage_seed, world_inputs
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "Example",
     "ImageExample",
     "TextExample",
+    "VideoExample",
     "build_examples",
     "diffusion_blocks",
     "episode_content",
@@ -110,7 +113,25 @@ class ImageExample:
     guidance: float
 
 
-Example = TextExample | CaptionExample | ImageExample
+@dataclass(frozen=True)
+class VideoExample:
+    """One clip of block 3 and the video request (block 2) it was made from; for an image-to-video pipeline also
+    the image it started from (the request's source, at the clip's size)."""
+
+    role: str
+    episode: int
+    pipeline: str  # the Creator pipeline block 2 names
+    prompt: str
+    negative_prompt: str
+    video: torch.Tensor  # (1, frames, 3, height, width) in [0, 1]
+    width: int
+    height: int
+    frames: int
+    guidance: float
+    image: torch.Tensor | None  # (1, 3, height, width) in [0, 1]: the source image; None for text to video
+
+
+Example = TextExample | CaptionExample | ImageExample | VideoExample
 
 
 # ---- finding the trainable blocks ----------------------------------------------------------------------
@@ -402,7 +423,9 @@ def role_examples(world: Any, episodes: Sequence[Episode], role: str) -> list[Ex
     """The examples of one role ([] when its stage has nothing to train, or no episode has its blocks)."""
     contract = CONTRACTS[role]
     if "denoising" in contract.trained_as:
-        return [x for episode in episodes for x in _denoising_examples(world, episode, role)]
+        return [
+            x for index in range(len(episodes)) for x in _denoising_examples(world, episodes, index, role)
+        ]
     found = stage_llm(world, role)
     if found is None:
         return []
@@ -465,43 +488,126 @@ def _per_image(episode: Episode, count: int) -> list[str]:
     return [entry for entry, kind in zip(entries, kinds, strict=True) if kind == "image"]
 
 
-def _denoising_examples(world: Any, episode: Episode, role: str) -> list[ImageExample]:
-    """One example per image of the episode, with the image request that made it (block 3's `request`; an
-    episode written before requests had kinds made all its images with its one request)."""
+def _denoising_examples(
+    world: Any, episodes: Sequence[Episode], index: int, role: str
+) -> list[ImageExample | VideoExample]:
+    """One example per image and per clip of the episode, with the request that made it (block 3's `request`;
+    an episode written before requests had kinds made all its images with its one request)."""
+    episode = episodes[index]
     state = episode.state
     contract = CONTRACTS[role]
-    if not {*contract.reads, contract.writes} <= episode.filled or not episode.images:
+    if not {*contract.reads, contract.writes} <= episode.filled or not (episode.images or episode.videos):
         return []
-    refs = [ref for ref in state.artifacts or [] if ref.kind == "image"]
-    examples = []
-    for ref, image in zip(refs, episode.images, strict=True):
-        index = ref.request or 0
-        g = state.generation[index] if index < len(state.generation) else None
-        if g is None or g.kind != "image":
+    images = iter(episode.images)
+    clips = iter(zip(episode.videos, episode.video_paths, strict=True))
+    examples: list[ImageExample | VideoExample] = []
+    for i, ref in enumerate(state.artifacts or []):
+        if ref.kind not in ("image", "video"):
+            continue
+        pixels, path = (next(images), None) if ref.kind == "image" else next(clips)
+        number = ref.request or 0
+        g = state.generation[number] if number < len(state.generation) else None
+        if g is None or g.kind != ref.kind:
             continue
         stage = world.stages[role]
         if g.pipeline not in stage.node_ids:
             raise ConfigError(
                 f"block 2 asks for pipeline '{g.pipeline}', but the {role} has: {', '.join(stage.node_ids)}",
                 file=str(episode.state_path),
-                path=f"generation.{index}.pipeline",
+                path=f"generation.{number}.pipeline",
             )
-        if diffusion_blocks(stage.item(g.pipeline)) is None:
+        pipeline = stage.item(g.pipeline)
+        if diffusion_blocks(pipeline) is None:
             continue
+        if ref.kind == "image":
+            image = _sized(pixels, g.height, g.width)
+            examples.append(
+                ImageExample(
+                    role,
+                    episode.number,
+                    g.pipeline,
+                    g.prompt,
+                    g.negative_prompt,
+                    image,
+                    g.width,
+                    g.height,
+                    g.guidance,
+                )
+            )
+            continue
+        if pixels.shape[1] != g.frames:
+            raise ConfigError(
+                f"the clip has {pixels.shape[1]} frames, but the request that made it asks for {g.frames}",
+                file=str(path),
+                path=f"generation.{number}.frames",
+            )
+        clip = _sized(pixels[0], g.height, g.width).unsqueeze(0)
+        source = None
+        if "image" in pipeline.exposed_inputs:  # image to video: the condition is the image it started from
+            source = _video_source(episodes, index, i, ref)
+            source = clip[:, 0] if source is None else _sized(source, g.height, g.width)
         examples.append(
-            ImageExample(
+            VideoExample(
                 role,
                 episode.number,
                 g.pipeline,
                 g.prompt,
                 g.negative_prompt,
-                _sized(image, g.height, g.width),
+                clip,
                 g.width,
                 g.height,
+                g.frames,
                 g.guidance,
+                source,
             )
         )
     return examples
+
+
+def _video_source(episodes: Sequence[Episode], index: int, at: int, ref: Any) -> torch.Tensor | None:
+    """The image the clip of block 3's entry `at` started from (its `source`): an image this episode's request
+    made, or an image of an earlier episode (among `episodes`, else read from the folder beside this one's).
+    None when block 3 records no source (a hand-written episode): the clip's first frame stands in for it."""
+    episode = episodes[index]
+    source = ref.source
+    if source is None:
+        return None
+    where = f"artifacts.{at}.source"
+    if source.request is not None:
+        made = [
+            image
+            for image, r in zip(
+                episode.images, [r for r in episode.state.artifacts or [] if r.kind == "image"], strict=True
+            )
+            if (r.request or 0) == source.request
+        ]
+        if source.image >= len(made):
+            raise ConfigError(
+                f"the clip's source is image {source.image} of request {source.request}, which made "
+                f"{len(made)} image(s) in this episode",
+                file=str(episode.state_path),
+                path=where,
+            )
+        return made[source.image]
+    number = episode.number - 1 if source.episode == "previous" else int(source.episode)
+    earlier = next((e for e in episodes if e.number == number), None)
+    if earlier is None:
+        folders = [f for f in episode.folder.parent.iterdir() if f.is_dir() and f.name.isdigit()]
+        folder = next((f for f in folders if int(f.name) == number), None)
+        if folder is None or not EpisodeFolder(folder).state_path.is_file():
+            raise ConfigError(
+                f"the clip's source is an image of episode {number}, which is not here",
+                file=str(episode.state_path),
+                path=f"{where}.episode",
+            )
+        earlier = read_episode(folder, number)
+    if source.image >= len(earlier.images):
+        raise ConfigError(
+            f"the clip's source is image {source.image} of episode {number}, which has {len(earlier.images)}",
+            file=str(episode.state_path),
+            path=f"{where}.image",
+        )
+    return earlier.images[source.image]
 
 
 def _sized(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Per-role training losses on a world's own blocks (plain PyTorch: the Ray Train job distributes them).
 
 - `denoising_loss`: the diffusion fine-tuning loss on a Creator graph's own blocks, for every family — VAE-encode
-  the image, noise it at a random training timestep by the loop solver's forward process (DDPM with the graph's
-  scheduler config, or rectified flow), condition the backbone through the graph's own conditioning nodes, MSE
-  against the solver's target (the scheduler's `prediction_type`, or the flow's velocity).
+  the image (a clip: the graph's video codec, Wan's), noise it at a random training timestep by the loop solver's forward
+  process (DDPM with the graph's scheduler config, or rectified flow), condition the backbone through the graph's
+  own conditioning nodes (for image to video also the image the clip started from), MSE against the solver's
+  target (the scheduler's `prediction_type`, or the flow's velocity).
 - `causal_lm_loss`: a local LLM's mean token cross-entropy of the target after the chat prompt, tokenised as
   generation tokenises it (`encode_chat`), the prompt masked out.
 - `caption_loss`: a `vlm/transformers` encoder-decoder captioner's cross-entropy of one image's description.
@@ -38,6 +39,7 @@ from worldgen.training.examples import (
     Example,
     ImageExample,
     TextExample,
+    VideoExample,
     diffusion_blocks,
     find_block,
 )
@@ -65,16 +67,27 @@ def _device(model: Any) -> torch.device:
 
 
 # ---- diffusion ----------------------------------------------------------------------------------------
-def _encode(vae: Any, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Images in [0, 1] -> scaled latents, as the `codec/vae` encoder computes them (sampled)."""
+def _encode(codec: Block, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] -> scaled latents, as the `codec/vae` encoder computes them (sampled); clips
+    (B, F, 3, H, W) -> the video codec's own normalised latents (B, C, F', h, w), sampled likewise."""
+    if pixels.ndim == 5:
+        if not hasattr(codec, "training_latent"):
+            raise ConfigError(
+                f"the graph's codec ({codec.block_type}) encodes images, not clips: a video needs a video codec "
+                "(codec/wan_vae)",
+                path="stages.creator",
+            )
+        return codec.training_latent(pixels, generator)
+    vae = _model(codec)
     first = next(vae.parameters())
-    pixels = (images * 2.0 - 1.0).to(device=first.device, dtype=first.dtype)
+    pixels = (pixels * 2.0 - 1.0).to(device=first.device, dtype=first.dtype)
     with torch.no_grad():
         latent = vae.encode(pixels).latent_dist.sample(generator=generator)
     return scale_latent(vae, latent)
 
 
 _LOOP_PORTS = ("sample", "timestep")  # what the denoising loop feeds the backbone (the loss supplies them)
+_NOISE_SOURCES = ("latent/noise", "latent/video_noise")  # where a graph's latent path starts (the loss's own)
 
 
 def _is_uncond(port: str) -> bool:
@@ -116,7 +129,7 @@ def _latent_path(graph: Graph, node: str, loop: Loop) -> list[tuple[str, str, st
         if len(edges) != 1:
             break
         source = graph.item(edges[0].source)
-        if source.block_type == "latent/noise" or source.role == "codec":
+        if source.block_type in _NOISE_SOURCES or source.role == "codec":
             break
         path.append((edges[0].source, _latent_input(source), edges[0].source_port))
         current, port = edges[0].source, _latent_input(source)
@@ -139,7 +152,12 @@ def _run_nodes(graph: Graph, nodes: set[str], inputs: dict[str, Any]) -> dict[st
 
 
 def denoising_loss(
-    blocks: DiffusionBlocks, images: torch.Tensor, prompts: Sequence[str], generator: torch.Generator
+    blocks: DiffusionBlocks,
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    generator: torch.Generator,
+    *,
+    source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error of the backbone's prediction at random training timesteps (one per image).
 
@@ -148,25 +166,35 @@ def denoising_loss(
     so one loss trains every family. The images' latents (VAE-encoded) are noised by the loop solver's forward
     process (`training_sample`: DDPM's for UNet families, rectified flow for SD3/Flux), put in the backbone's
     layout by the graph's own layout nodes (Flux's packing), and the prediction is compared with the solver's
-    target. `images` (B, 3, H, W) in [0, 1], `prompts` one per image. The VAE's latent sample, the noise and
-    the timesteps are drawn from `generator`, in that order."""
-    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
+    target. `images` (B, 3, H, W) in [0, 1], or clips (B, F, 3, H, W) in [0, 1] for a video graph (Wan: the
+    clip's latent is 5-D, the graph's video codec encodes it); `prompts` one per image or clip; `source`
+    (B, 3, H, W): the image each clip started from, the `image` input of an image-to-video graph (its nodes make
+    the first-frame condition and the CLIP-vision embeddings from it, as when generating). The codec's latent
+    sample, the noise and the timesteps are drawn from `generator`, in that order."""
+    clips = images.ndim == 5
+    channels = images.shape[2] if clips else images.shape[1] if images.ndim == 4 else None
+    if channels != 3 or images.shape[0] != len(prompts):
         raise ValueError(
-            f"expected images (B, 3, H, W) and B prompts, got {tuple(images.shape)} and {len(prompts)}"
+            "expected images (B, 3, H, W) or clips (B, F, 3, H, W) and B prompts, got "
+            f"{tuple(images.shape)} and {len(prompts)}"
         )
+    if source is not None and (not clips or source.shape[0] != images.shape[0]):
+        raise ValueError(f"a source image (B, 3, H, W) goes with B clips, got {tuple(source.shape)}")
     graph, node = blocks.graph, blocks.backbone_node
     loop = next(lp for lp in graph.plan().loops if node in lp.nodes)
-    latents = _encode(_model(blocks.codec), images, generator)
+    latents = _encode(blocks.codec, images, generator)
     noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)
     noise = noise.to(latents.device, latents.dtype)
     noisy, timesteps, target = blocks.solver.training_sample(latents, noise, generator)
 
-    offered = {
+    offered: dict[str, Any] = {
         "prompt": list(prompts),
         "height": images.shape[-2],
         "width": images.shape[-1],
-        "image": images,
+        "image": source if clips else images,
     }
+    if clips:
+        offered["frames"] = images.shape[1]
     inputs = check_inputs(graph, {k: v for k, v in offered.items() if k in graph.exposed_inputs})
     with training():
         values = _run_nodes(graph, _conditioning_nodes(graph, node, loop), inputs)
@@ -178,6 +206,10 @@ def denoising_loss(
         kwargs = gather_inputs(graph, node, values, inputs, loop=loop, outside_only=True)
         kwargs = {k: v for k, v in kwargs.items() if not _is_uncond(k)}
         pred = blocks.backbone(**{**kwargs, "sample": noisy, "timestep": timesteps})["pred"]
+    if kwargs.get("first_frame") is not None:
+        # Wan 2.2 image to video: the image's latent is the first latent frame, given (at timestep 0), not
+        # generated; only the frames after it are learned
+        pred, target = pred[:, :, 1:], target[:, :, 1:]
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -268,6 +300,14 @@ def example_loss(world: Any, example: Example, generator: torch.Generator) -> to
         return denoising_loss(
             _creator_blocks(world, example.pipeline), example.image, [example.prompt], generator
         )
+    if isinstance(example, VideoExample):
+        return denoising_loss(
+            _creator_blocks(world, example.pipeline),
+            example.video,
+            [example.prompt],
+            generator,
+            source=example.image,
+        )
     if isinstance(example, TextExample):
         return causal_lm_loss(find_block(world, example.block), example.messages, example.target)
     if isinstance(example, CaptionExample):
@@ -277,19 +317,29 @@ def example_loss(world: Any, example: Example, generator: torch.Generator) -> to
 
 def batch_loss(world: Any, examples: Sequence[Example], generator: torch.Generator) -> torch.Tensor:
     """The mean of the examples' losses (each example weighs the same). Creator examples of one pipeline and
-    size share one batched denoising pass; the rest run one by one, in order."""
+    size (images, or clips of one frame count) share one batched denoising pass; the rest run one by one."""
     if not examples:
         raise ValueError("batch_loss needs at least one example")
-    groups: dict[tuple[str, int, int], list[ImageExample]] = {}
+    # one pipeline's examples of one size (and, for clips, one frame count) stack into one batch
+    groups: dict[tuple[str, int, int, int], list[ImageExample | VideoExample]] = {}
     total: torch.Tensor | None = None
     for example in examples:
-        if isinstance(example, ImageExample):
-            groups.setdefault((example.pipeline, example.height, example.width), []).append(example)
+        if isinstance(example, (ImageExample, VideoExample)):
+            frames = example.frames if isinstance(example, VideoExample) else 0
+            key = (example.pipeline, example.height, example.width, frames)
+            groups.setdefault(key, []).append(example)
             continue
         loss = example_loss(world, example, generator)
         total = loss if total is None else total + loss
-    for (pipeline, _, _), group in groups.items():
-        images = torch.cat([x.image for x in group])
-        loss = denoising_loss(_creator_blocks(world, pipeline), images, [x.prompt for x in group], generator)
+    for (pipeline, _, _, frames), group in groups.items():
+        prompts = [x.prompt for x in group]
+        blocks = _creator_blocks(world, pipeline)
+        if frames:  # clips, each with the image it started from (image to video) or none
+            clips = torch.cat([x.video for x in group])
+            sources = [x.image for x in group if x.image is not None]
+            source = torch.cat(sources) if len(sources) == len(group) else None
+            loss = denoising_loss(blocks, clips, prompts, generator, source=source)
+        else:
+            loss = denoising_loss(blocks, torch.cat([x.image for x in group]), prompts, generator)
         total = loss * len(group) if total is None else total + loss * len(group)
     return total / len(examples)

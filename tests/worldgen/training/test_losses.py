@@ -98,3 +98,81 @@ def test_lora_steps_lower_the_loss(family):
         denoising_loss(parts, _images(), PROMPTS, torch.Generator().manual_seed(7)).backward()
         optimizer.step()
     assert score() < before
+
+
+# ---- Wan: clips, a video codec, the image-to-video condition ------------------------------------------------
+WAN_PRESETS = {"image_to_video": "wan-i2v-tiny", "text_to_video": "wan-tiny"}
+
+
+def _clips() -> torch.Tensor:
+    return torch.rand(
+        2, 5, 3, 32, 32, generator=torch.Generator().manual_seed(0)
+    )  # 5 frames: 2 latent frames
+
+
+def _sources(seed: int = 1) -> torch.Tensor:
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("task", list(WAN_PRESETS))
+def test_a_wan_clip_trains_the_transformer_through_the_graphs_own_conditioning(task):
+    graph = wg.Graph.from_template(task, preset=WAN_PRESETS[task], steps=2)
+    parts = diffusion_blocks(graph)
+    source = _sources() if task == "image_to_video" else None
+
+    def loss(seed: int, given: torch.Tensor | None = source) -> torch.Tensor:
+        return denoising_loss(parts, _clips(), PROMPTS, torch.Generator().manual_seed(seed), source=given)
+
+    first = loss(3)
+    assert torch.isfinite(first) and torch.equal(first, loss(3)) and not torch.equal(first, loss(4))
+    models = {b.config.model.subfolder: b.model for _, b in graph.blocks() if isinstance(b, ModelBlock)}
+    for model in models.values():
+        if isinstance(model, torch.nn.Module):
+            model.zero_grad(set_to_none=True)
+    first.backward()
+    assert _grad(models["transformer"]) > 0 and _grad(models["text_encoder"]) > 0
+    assert _grad(models["vae"]) == 0  # the clip's latent and the first-frame condition are data
+    if task == "image_to_video":
+        assert _grad(models["image_encoder"]) > 0  # the CLIP-vision embeddings come from the graph's own node
+        # the first-frame condition and the image embeddings are the source's: another image, another loss
+        assert not torch.equal(first.detach(), loss(3, _sources(seed=2)))
+
+
+def test_wan22_learns_only_the_frames_it_generates(monkeypatch):
+    """Wan 2.2 image to video (expand_timesteps): the image's latent is the first latent frame, at timestep 0 in
+    every step; the loss learns the frames after it, whatever the target says there."""
+    parts = diffusion_blocks(wg.Graph.from_template("image_to_video", preset="wan22-ti2v-tiny", steps=2))
+
+    def loss() -> torch.Tensor:
+        return denoising_loss(parts, _clips(), PROMPTS, torch.Generator().manual_seed(3), source=_sources())
+
+    base = loss()
+    assert torch.isfinite(base)
+    original = type(parts.solver).training_sample
+
+    def shifted(self, latents, noise, generator, where):
+        noisy, timesteps, target = original(self, latents, noise, generator)
+        target = target.clone()
+        target[:, :, where] += 10.0
+        return noisy, timesteps, target
+
+    monkeypatch.setattr(type(parts.solver), "training_sample", lambda *a: shifted(*a, where=0))
+    assert torch.equal(loss(), base)  # the given first frame is no target
+    monkeypatch.setattr(type(parts.solver), "training_sample", lambda *a: shifted(*a, where=1))
+    assert loss() > base + 1
+
+
+def test_wan_learns_the_flow_velocity_at_its_shifted_sigmas():
+    """Wan's UniPC solver (flow_prediction, flow sigmas shifted by 3): x_t = (1 - s) x + s noise at the
+    timestep 1000 s, target noise - x — not DDPM's noising, which would not match how the model samples."""
+    parts = diffusion_blocks(wg.Graph.from_template("image_to_video", preset="wan-i2v-tiny", steps=2))
+    assert parts.solver.block_type == "solver/unipc"
+    latents, noise = torch.randn(2, 64, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))  # 64 clips
+    noisy, timesteps, target = parts.solver.training_sample(latents, noise, torch.Generator().manual_seed(5))
+    sigma = (timesteps / 1000).reshape(-1, 1, 1, 1, 1)
+    assert torch.allclose(noisy, (1 - sigma) * latents + sigma * noise, atol=1e-6)
+    assert torch.equal(target, noise - latents)
+    # each sigma is a training sigma u = k / 1000 shifted by 3 (3u / (1 + 2u)): undo the shift, find k whole
+    unshifted = sigma.flatten() / (3 - 2 * sigma.flatten())
+    assert torch.allclose(unshifted * 1000, (unshifted * 1000).round(), atol=1e-2)
+    assert len(set(timesteps.tolist())) > 1  # one timestep per latent
