@@ -9,6 +9,7 @@ writes the text this module returns (atomically). Nothing here reads or writes a
 from __future__ import annotations
 
 import html
+import json
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -84,11 +85,13 @@ def _episode_html(number: int, state: WorldState, meta: EpisodeMeta, link: Link)
         out.append(f'<p class="action"><span class="label">Action</span> {e(meta.action)}</p>')
     out.append(_block_html(1, _paragraphs(state.happening)))
     if state.generation:
+        requests = _generation(state)
         tables = "".join(
             '<table class="generation">'
+            + (f"<caption>request {i} · {e(request['kind'])}</caption>" if len(requests) > 1 else "")
             + "".join(f"<tr><th>{e(k)}</th><td>{e(_scalar(v))}</td></tr>" for k, v in request.items())
             + "</table>"
-            for request in _generation(state)
+            for i, request in enumerate(requests)
         )
         used = "".join(f"<li>{e(_reference(use))}</li>" for use in meta.references)
         used = f'<p class="label">References</p><ul class="references">{used}</ul>' if used else ""
@@ -230,7 +233,7 @@ def _audio_html(number: int, i: int, ref: ArtifactRef, target: str) -> str:
 def _generation(state: WorldState) -> list[dict[str, Any]]:
     """Block 2's requests as shown: fields left at nothing (an empty `reference`, no `source`) are left out."""
     return [
-        {k: v for k, v in request.model_dump(mode="json").items() if v not in (None, [])}
+        {k: v for k, v in request.model_dump(mode="json", exclude_none=True).items() if v != []}
         for request in state.generation or []
     ]
 
@@ -260,6 +263,8 @@ def _when(meta: EpisodeMeta) -> str:
 
 
 def _scalar(value: Any) -> str:
+    if isinstance(value, (dict, list)):  # a request's `source`, `reference`: as JSON, what the request holds
+        return json.dumps(value, ensure_ascii=False)
     return "—" if value is None or value == "" else str(value)
 
 
@@ -314,7 +319,8 @@ h3 .num { display: inline-flex; align-items: center; justify-content: center; wi
   border-radius: 50%; background: var(--accent); color: var(--card); font-size: .75rem; letter-spacing: 0; }
 p { margin: 0 0 .75rem; }
 .empty, .missing { color: var(--muted); font-style: italic; }
-table.generation { border-collapse: collapse; font-size: .85rem; width: 100%; }
+table.generation { border-collapse: collapse; font-size: .85rem; width: 100%; margin-bottom: .6rem; }
+table.generation caption { text-align: left; font-weight: 600; padding: .2rem 0; }
 table.generation th { text-align: left; font-weight: 600; color: var(--muted); width: 9rem; vertical-align: top; }
 table.generation th, table.generation td { padding: .2rem .5rem .2rem 0; border-bottom: 1px solid var(--line); }
 .images { display: grid; grid-template-columns: repeat(auto-fill, minmax(14rem, 1fr)); gap: .75rem; }

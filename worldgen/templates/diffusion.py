@@ -358,3 +358,65 @@ def generate_and_refine(
     p.expose_output("draft", "generate.image")
     p.expose_output("image", "refine.image")
     return p
+
+
+@register_template("text_to_image_to_video", kind="pipeline")
+def text_to_image_to_video(
+    model: str | None = None,
+    preset: str | None = None,
+    video_model: str | None = None,
+    video_preset: str | None = None,
+    family: str | None = None,
+    steps: int | None = None,
+    video_steps: int | None = None,
+    guidance_scale: float | None = None,
+    video_guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    solver: str | None = None,
+    video_solver: str | None = None,
+    dtype: str = "float32",
+) -> Pipeline:
+    """The canon's text -> image -> video: a picture drawn from the prompt (any image family), then a clip
+    that starts from it (an image-to-video model: Wan 2.x). One prompt for both; the picture's size is the
+    clip's (a Wan model needs multiples of 16). Outputs `image` (the first frame as drawn) and `video`."""
+
+    def given(**values: Any) -> dict[str, Any]:
+        return {k: v for k, v in values.items() if v is not None}
+
+    size = given(height=height, width=width)
+    p = Pipeline("text_to_image_to_video")
+    p.add_graph(
+        text_to_image(
+            model=model,
+            preset=preset,
+            family=family,
+            dtype=dtype,
+            **given(steps=steps, guidance_scale=guidance_scale, solver=solver),
+            **size,
+        ),
+        id="picture",
+    )
+    p.add_graph(
+        image_to_video(
+            model=video_model,
+            preset=video_preset,
+            dtype=dtype,
+            **given(
+                steps=video_steps, guidance_scale=video_guidance_scale, solver=video_solver, frames=frames
+            ),
+            **size,
+        ),
+        id="clip",
+    )
+    p.connect("picture.image", "clip.image")
+    p.expose_input("prompt", ["picture.prompt", "clip.prompt"])
+    p.expose_input("negative_prompt", ["picture.negative_prompt", "clip.negative_prompt"], default="")
+    for name in ("width", "height"):  # one size for both: the clip starts from the picture
+        picture, clip = p.item("picture").exposed_inputs[name], p.item("clip").exposed_inputs[name]
+        p.expose_input(name, [f"picture.{name}", f"clip.{name}"], default=clip.default or picture.default)
+    p.expose_input("frames", "clip.frames", default=p.item("clip").exposed_inputs["frames"].default)
+    p.expose_output("image", "picture.image")
+    p.expose_output("video", "clip.video")
+    return p
