@@ -11,8 +11,19 @@ from html.parser import HTMLParser
 import av
 import pytest
 
-from tests.moving_world import FRAMES, SIDE, small_moving_config
+from worldgen.templates import build_template
 from worldgen.world import World
+
+SIDE, FRAMES, STEPS = (
+    32,
+    5,
+    2,
+)  # Wan makes 4k+1 frames; 2 denoising steps tell a fused loop from an unfused one
+
+
+def small_moving_config(executor: str = "local") -> dict:
+    """configs/worlds/moving.yaml (the `moving_world` template) at 32x32, 5 frames, 2 denoising steps."""
+    return build_template("moving_world", size=SIDE, frames=FRAMES, steps=STEPS, executor=executor)
 
 
 @pytest.fixture(scope="module")

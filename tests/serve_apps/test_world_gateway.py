@@ -94,7 +94,7 @@ def test_create_step_twice_page_episodes_and_fetch_a_png(gateway):
 
     info = client.get("/v1/worlds/harbor").json()
     assert info["step"] == 3 and info["episodes"] == 2
-    assert client.get("/v1/worlds/harbor/state").json()["generation"]["width"] == 32
+    assert client.get("/v1/worlds/harbor/state").json()["generation"][0]["width"] == 32  # block 2: a list
     assert [w["id"] for w in client.get("/v1/worlds").json()["worlds"]] == ["harbor"]
     assert client.get("/openapi.json").json()["paths"]["/v1/worlds/{world_id}/step"]
 
@@ -187,7 +187,7 @@ def test_a_graph_or_pipeline_template_is_a_400_listing_the_world_templates(gatew
     )
     assert response.status_code == 400, response.text
     assert response.json()["detail"] == (
-        f"template '{template}' builds a {kind}, not a world; the world templates: offline_world"
+        f"template '{template}' builds a {kind}, not a world; the world templates: moving_world, offline_world"
     )
     assert not (root / "from-graph").exists()
 
@@ -545,14 +545,19 @@ def test_episodes_give_each_artifact_its_url_and_a_videos_preview_its_own():
 
 
 # ---- the world that moves, over HTTP (issue 14) --------------------------------------------------------
+MOVING_SIDE, MOVING_FRAMES = 32, 5
+SMALL_MOVING = {
+    "template": "moving_world",
+    "params": {"size": MOVING_SIDE, "frames": MOVING_FRAMES, "steps": 2},
+}
+
+
 @pytest.fixture(scope="module")
 def moving(gateway):
-    """configs/worlds/moving.yaml made small, created and stepped twice through the gateway: episode 1 holds a
-    picture and a Wan clip from it."""
-    from tests.moving_world import small_moving_config
-
+    """The world that moves (configs/worlds/moving.yaml as the `moving_world` template) made small, created and
+    stepped twice through the gateway: episode 1 holds a picture and a Wan clip from it."""
     client, root = gateway
-    created = client.post("/v1/worlds", json={"id": "moving", "config": small_moving_config()})
+    created = client.post("/v1/worlds", json={"id": "moving", **SMALL_MOVING})
     assert created.status_code == 201, created.text
     for _ in range(2):
         step = client.post("/v1/worlds/moving/step")
@@ -561,8 +566,6 @@ def moving(gateway):
 
 
 def test_the_moving_worlds_clip_is_listed_with_its_preview_and_served_in_ranges(moving):
-    from tests.moving_world import FRAMES, SIDE
-
     client, directory = moving
     page = client.get("/v1/worlds/moving/episodes").json()
     assert page["total"] == 1
@@ -571,8 +574,8 @@ def test_the_moving_worlds_clip_is_listed_with_its_preview_and_served_in_ranges(
     assert (video["kind"], video["mime"], video["frames"], video["width"]) == (
         "video",
         "video/mp4",
-        FRAMES,
-        SIDE,
+        MOVING_FRAMES,
+        MOVING_SIDE,
     )
     base = f"{PREFIX}/v1/worlds/moving/artifacts/episodes/000001/"
     assert (video["url"], video["preview_url"]) == (base + "001.mp4", base + "001.preview.webp")
@@ -597,15 +600,13 @@ def _files(directory: Path) -> dict[str, bytes]:
 def test_bad_video_requests_are_400_naming_the_field_and_change_nothing(moving):
     """A user's block 2 whose clip cannot be made is refused before any model runs: the world's step count and
     every file it saved stay as they were."""
-    from tests.moving_world import SIDE
-
     client, directory = moving
-    picture = {"prompt": "the harbor", "width": SIDE, "height": SIDE, "steps": 2}
+    picture = {"prompt": "the harbor", "width": MOVING_SIDE, "height": MOVING_SIDE, "steps": 2}
     clip = {
         "kind": "video",
         "prompt": "the fog rolls in",
-        "width": SIDE,
-        "height": SIDE,
+        "width": MOVING_SIDE,
+        "height": MOVING_SIDE,
         "frames": 5,
         "steps": 2,
     }
