@@ -94,7 +94,7 @@ def test_create_step_twice_page_episodes_and_fetch_a_png(gateway):
 
     info = client.get("/v1/worlds/harbor").json()
     assert info["step"] == 3 and info["episodes"] == 2
-    assert client.get("/v1/worlds/harbor/state").json()["generation"][0]["width"] == 32
+    assert client.get("/v1/worlds/harbor/state").json()["generation"][0]["width"] == 32  # block 2: a list
     assert [w["id"] for w in client.get("/v1/worlds").json()["worlds"]] == ["harbor"]
     assert client.get("/openapi.json").json()["paths"]["/v1/worlds/{world_id}/step"]
 
@@ -542,3 +542,120 @@ def test_episodes_give_each_artifact_its_url_and_a_videos_preview_its_own():
     base = "/api/v1/worlds/bay/artifacts/episodes/000001/"
     assert (video["url"], video["preview_url"]) == (base + "000.mp4", base + "000.preview.webp")
     assert sound["url"] == base + "001.wav" and "preview_url" not in sound
+
+
+# ---- the world that moves, over HTTP (issue 14) --------------------------------------------------------
+MOVING_SIDE, MOVING_FRAMES = 32, 5
+SMALL_MOVING = {
+    "template": "moving_world",
+    "params": {"size": MOVING_SIDE, "frames": MOVING_FRAMES, "steps": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def moving(gateway):
+    """The world that moves (configs/worlds/moving.yaml as the `moving_world` template) made small, created and
+    stepped twice through the gateway: episode 1 holds a picture and a Wan clip from it."""
+    client, root = gateway
+    created = client.post("/v1/worlds", json={"id": "moving", **SMALL_MOVING})
+    assert created.status_code == 201, created.text
+    for _ in range(2):
+        step = client.post("/v1/worlds/moving/step")
+        assert step.status_code == 200, step.text
+    return client, root / "moving"
+
+
+def test_the_moving_worlds_clip_is_listed_with_its_preview_and_served_in_ranges(moving):
+    client, directory = moving
+    page = client.get("/v1/worlds/moving/episodes").json()
+    assert page["total"] == 1
+    image, video = page["items"][0]["state"]["artifacts"]
+    assert (image["kind"], image["mime"]) == ("image", "image/png")
+    assert (video["kind"], video["mime"], video["frames"], video["width"]) == (
+        "video",
+        "video/mp4",
+        MOVING_FRAMES,
+        MOVING_SIDE,
+    )
+    base = f"{PREFIX}/v1/worlds/moving/artifacts/episodes/000001/"
+    assert (video["url"], video["preview_url"]) == (base + "001.mp4", base + "001.preview.webp")
+
+    preview = client.get(video["preview_url"].removeprefix(PREFIX))
+    assert preview.status_code == 200 and preview.headers["content-type"] == "image/webp"
+    assert preview.content == (directory / video["preview"]).read_bytes()
+
+    data = (directory / video["path"]).read_bytes()
+    part = client.get(video["url"].removeprefix(PREFIX), headers={"Range": "bytes=16-1039"})
+    assert part.status_code == 206, part.text
+    assert part.content == data[16:1040] and part.headers["content-type"] == "video/mp4"
+    assert part.headers["content-range"] == f"bytes 16-1039/{len(data)}"
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def test_bad_video_requests_are_400_naming_the_field_and_change_nothing(moving):
+    """A user's block 2 whose clip cannot be made is refused before any model runs: the world's step count and
+    every file it saved stay as they were."""
+    client, directory = moving
+    picture = {"prompt": "the harbor", "width": MOVING_SIDE, "height": MOVING_SIDE, "steps": 2}
+    clip = {
+        "kind": "video",
+        "prompt": "the fog rolls in",
+        "width": MOVING_SIDE,
+        "height": MOVING_SIDE,
+        "frames": 5,
+        "steps": 2,
+    }
+    from_picture = clip | {"source": {"request": 0}}
+    from_previous = clip | {"source": {"episode": "previous"}}
+    cases = [
+        (
+            [picture, from_picture | {"frames": 0}],
+            "state.generation.1.frames: Input should be greater than or",
+        ),
+        (
+            [picture, from_picture | {"frames": -1}],
+            "state.generation.1.frames: Input should be greater than or",
+        ),
+        (
+            [picture, from_picture | {"fps": 1000}],
+            "state.generation.1.fps: Input should be less than or equal",
+        ),
+        (
+            [clip | {"source": {"episode": 9}}],
+            "state.generation.0.source.episode: episode 9 does not exist (the world has episodes 1 to 1)",
+        ),
+        (
+            [picture, from_picture | {"source": {"request": 1}}],
+            "state.generation: Value error, request 1: source.request 1 is not an earlier request",
+        ),
+        (
+            [from_previous, from_picture],
+            "state.generation: Value error, request 1: source.request 0 is a video request, not an image one",
+        ),
+        (  # 241 frames of 2048x2048 as float32: 11.3 GiB, over the gateway's default 4 GiB
+            [from_previous | {"width": 2048, "height": 2048, "frames": 241, "steps": 1}],
+            "state.generation.0: 1 clip(s) of 241 frames at 2048x2048 need 11,568 MiB as float32, over "
+            "4,096 MiB (limit 'max_request_bytes')",
+        ),
+        (
+            [picture, from_picture | {"frames": 6}],
+            "state.generation.1: pipeline 'image_to_video' cannot run request 1: frames must be 4k+1 (the video "
+            "VAE packs 4 frames per latent frame after the first), got 6; nearest valid: 5 or 9",
+        ),
+    ]
+    before = _files(directory)
+    for block_2, detail in cases:
+        response = client.post("/v1/worlds/moving/step", json={"state": {"1": "The fog.", "2": block_2}})
+        assert response.status_code == 400 and detail in response.json()["detail"], (block_2, response.text)
+    assert client.get("/v1/worlds/moving").json()["step"] == 2  # no step ran
+    assert _files(directory) == before
+
+    # the same shapes with values the model takes are accepted (the canon's cycle then drops a state of blocks
+    # 1-2 at World update, and the step goes on from Development)
+    taken = client.post("/v1/worlds/moving/step", json={"state": {"1": "The fog.", "2": [from_previous]}})
+    assert taken.status_code == 200 and taken.json()["step"] == 3, taken.text
