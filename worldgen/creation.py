@@ -39,6 +39,11 @@ from worldgen.state import (
 )
 from worldgen.storage import WorldStorage
 
+# The request field each pipeline input comes from (the others are named alike).
+_FIELDS = {"guidance_scale": "guidance", SOURCE_INPUT: "source"} | {
+    name: name for name in ("prompt", "negative_prompt", "steps", "width", "height", "frames", "duration")
+}
+
 
 def request_inputs(request: GenerationRequest) -> dict[str, Any]:
     """The pipeline inputs a request sets (the world feeds those its pipeline exposes)."""
@@ -101,9 +106,12 @@ def plan(
             }
         try:
             preflight(engine, inputs)
-        except ConfigError as err:
+        except ConfigError as err:  # a block refused an input: name the request's field that set it
+            port = str(err.path or "").removeprefix("inputs.")  # preflight names the run's input
+            field = _FIELDS.get(port)
             raise ConfigError(
-                f"pipeline '{request.pipeline}' cannot run request {i}: {err.detail}", path=at
+                f"pipeline '{request.pipeline}' cannot run request {i}: {err.detail}",
+                path=f"{at}.{field}" if field in type(request).model_fields else at,
             ) from None
         result.engines.append(engine)
         result.references.append(uses)

@@ -77,6 +77,6 @@ def format_validation_error(err, prefix: str = "") -> str:
         parts = [p for i, p in enumerate(parts) if not (i and isinstance(parts[i - 1], int) and p in _TAGS)]
         loc = ".".join(str(p) for p in parts)
         path = ".".join(p for p in (prefix, loc) if p) or "(root)"
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], (dict, list)) else ""
         lines.append(f"{path}: {e['msg']}{got}")
     return "; ".join(lines)

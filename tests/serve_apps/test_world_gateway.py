@@ -644,7 +644,7 @@ def test_bad_video_requests_are_400_naming_the_field_and_change_nothing(moving):
         ),
         (
             [picture, from_picture | {"frames": 6}],
-            "state.generation.1: pipeline 'image_to_video' cannot run request 1: frames must be 4k+1 (the video "
+            "state.generation.1.frames: pipeline 'image_to_video' cannot run request 1: frames must be 4k+1 (the video "
             "VAE packs 4 frames per latent frame after the first), got 6; nearest valid: 5 or 9",
         ),
     ]

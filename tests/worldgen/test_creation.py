@@ -163,7 +163,7 @@ def test_a_bad_request_is_refused_before_any_model_runs_and_nothing_changes(move
         (
             requests(frames=80),
             ConfigError,
-            r"pipeline 'pan' cannot run request 1: .*frames 80: this model makes 1 to 64",
+            r"generation\.1\.frames: pipeline 'pan' cannot run request 1: .*frames 80: this model makes 1 to 64",
         ),
         (
             requests(source={"episode": 7}),
@@ -186,7 +186,7 @@ def test_a_bad_request_is_refused_before_any_model_runs_and_nothing_changes(move
         (
             [*requests()[:2], {"kind": "audio", "pipeline": "tone", "prompt": "waves", "duration": 9}],
             ConfigError,
-            r"cannot run request 2: .*duration 9(\.0)? s is over this model's maximum of 4 s",
+            r"generation\.2\.duration: pipeline .tone. cannot run request 2: .*duration 9(\.0)? s is over this model's maximum of 4 s",
         ),
         (
             [big],
