@@ -192,6 +192,17 @@ class World:
                 path="generation_defaults",
                 file=file,
             )
+            for field, value, limit in (
+                ("frames", defaults.frames, "max_video_frames"),
+                ("duration", defaults.duration, "max_audio_seconds"),
+            ):
+                if value > getattr(limits, limit):
+                    raise LimitExceeded(
+                        limit,
+                        f"{field} {value:g} is over {getattr(limits, limit):g}",
+                        path=f"generation_defaults.{field}",
+                        file=file,
+                    )
         prompts = None
         if settings.prompts:
             from worldgen.prompts import set_prompt_dirs

@@ -252,3 +252,12 @@ def test_a_state_from_a_newer_worldgen_is_refused_clearly():
 def test_one_request_given_as_a_mapping_is_a_list_of_one():
     state = wg.WorldState.from_blocks({2: {"prompt": "a lighthouse"}})
     assert [r.kind for r in state.generation] == ["image"]
+
+
+def test_generation_defaults_over_a_servers_limits_are_refused_before_the_world_is_built():
+    with pytest.raises(
+        LimitExceeded, match=r"generation_defaults\.frames: frames 6 is over 5 \(limit 'max_video_frames'\)"
+    ):
+        World.check(moving_config(), limits=Limits(max_video_frames=5))
+    with pytest.raises(LimitExceeded, match=r"generation_defaults\.duration: duration 0\.5 is over 0\.25"):
+        World.check(moving_config(), limits=Limits(max_audio_seconds=0.25))
