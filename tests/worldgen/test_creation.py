@@ -261,3 +261,28 @@ def test_generation_defaults_over_a_servers_limits_are_refused_before_the_world_
         World.check(moving_config(), limits=Limits(max_video_frames=5))
     with pytest.raises(LimitExceeded, match=r"generation_defaults\.duration: duration 0\.5 is over 0\.25"):
         World.check(moving_config(), limits=Limits(max_audio_seconds=0.25))
+
+
+def test_a_world_that_sounds_with_stable_audio(tmp_path):
+    """A Creator with Stable Audio Open (the tiny preset makes 16 Hz audio: the request asks for 8 kHz)."""
+    config = moving_config()
+    config["stages"]["creator"] = {
+        "template": "text_to_audio",
+        "params": {"preset": "stable-audio-tiny", "steps": 2},
+    }
+    sound = {"kind": "audio", "pipeline": "text_to_audio", "prompt": "gulls", "duration": 1.0, "steps": 2}
+    architect = config["stages"]["architect"]["nodes"]["llm"]["config"]
+    architect["template"] = json.dumps(sound | {"sample_rate": 8000, "format": "flac"})
+    world = World.from_config(config, directory=tmp_path / "sounds")
+    (made,) = world.step().state.artifacts
+    assert (made.kind, made.mime, made.sample_rate, made.channels) == ("audio", "audio/flac", 8000, 2)
+    assert made.duration == pytest.approx(1.0)
+    samples, rate = soundfile.read(world.directory / made.path, always_2d=True)
+    assert rate == 8000 and samples.shape == (8000, 2) and np.abs(samples).max() > 0
+
+    architect["template"] = json.dumps(sound)  # the model's own 16 Hz: no file holds it
+    world = World.from_config(config, directory=tmp_path / "too_slow")
+    with pytest.raises(
+        ConfigError, match=r"generation\.0\.sample_rate: pipeline 'text_to_audio' makes 16 Hz audio"
+    ):
+        world.step()
