@@ -339,13 +339,15 @@ class World:
                 if stage.selects
                 else [(f"stages.{role}", stage)]
             )
+            # the Creator's pipelines each make one kind of artifact: an `image`, `video` or `audio` output
+            wanted = creation.KINDS if stage.contract.output_schema is Schema.ARTIFACTS else (output,)
             for where, engine in engines:
-                if output not in engine.exposed_outputs:
+                if not set(wanted) & set(engine.exposed_outputs):
                     problems.append(
                         Problem(
                             where,
-                            f"must expose an output '{output}' (what the {role} writes); "
-                            f"it exposes: {', '.join(engine.exposed_outputs) or 'nothing'}",
+                            f"must expose an output {' or '.join(repr(w) for w in wanted)} (what the {role} "
+                            f"writes); it exposes: {', '.join(engine.exposed_outputs) or 'nothing'}",
                         )
                     )
         return problems

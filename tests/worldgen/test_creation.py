@@ -286,3 +286,17 @@ def test_a_world_that_sounds_with_stable_audio(tmp_path):
         ConfigError, match=r"generation\.0\.sample_rate: pipeline 'text_to_audio' makes 16 Hz audio"
     ):
         world.step()
+
+
+def test_each_creator_pipeline_must_make_an_image_a_video_or_a_sound():
+    config = moving_config()
+    assert World.check(config).validate() == []  # image, video and audio pipelines
+    config["stages"]["creator"]["pipelines"]["words"] = {
+        "name": "words",
+        "nodes": {"say": {"type": "toy/text"}},
+        "inputs": {"prompt": "say.text"},
+        "outputs": {"text": "say.text"},
+    }
+    (problem,) = World.check(config).validate()
+    assert problem.where == "stages.creator.pipelines.words"
+    assert problem.message.startswith("must expose an output 'image' or 'video' or 'audio'")
