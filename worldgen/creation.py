@@ -39,8 +39,6 @@ from worldgen.state import (
 )
 from worldgen.storage import WorldStorage
 
-KINDS = ("image", "video", "audio")  # what a Creator's pipeline makes: the output it exposes by that name
-
 # The request field each pipeline input comes from (the others are named alike).
 _FIELDS = {"guidance_scale": "guidance", SOURCE_INPUT: "source"} | {
     name: name for name in ("prompt", "negative_prompt", "steps", "width", "height", "frames", "duration")

@@ -133,15 +133,15 @@ REFERENCE_INPUTS: dict[str, tuple[str, str, str]] = {
 }
 
 
-SOURCE_INPUT = (
-    "image"  # the input an image-to-video pipeline takes a clip's first frame from (block 2's `source`)
-)
+KINDS = ("image", "video", "audio")  # what a Creator's pipeline makes: the output it exposes by that name
+# the input an image-to-video pipeline takes a clip's first frame from (block 2's `source`)
+SOURCE_INPUT = "image"
 
 
 def pipeline_kind(engine: Engine) -> str:
     """What a pipeline makes, from its outputs: a `video` or `audio` output, else images."""
     outputs = engine.exposed_outputs
-    return next((kind for kind in ("video", "audio") if kind in outputs), "image")
+    return next((kind for kind in KINDS[1:] if kind in outputs), "image")
 
 
 def reference_input(name: str, k: int) -> str:

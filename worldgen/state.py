@@ -50,6 +50,10 @@ ImageSide = Annotated[
     int, Field(ge=8, le=4096, description="pixels, a multiple of 8"), AfterValidator(_multiple_of_8)
 ]
 Steps = Annotated[int, Field(ge=1, le=500)]
+# The same for a clip's frames and frame rate and a sound's length (block 2's requests, `generation_defaults`).
+Frames = Annotated[int, Field(ge=1, le=1024)]
+Fps = Annotated[float, Field(gt=0, le=MAX_FPS)]
+Seconds = Annotated[float, Field(gt=0, le=600)]
 Guidance = Annotated[float, Field(ge=0.0, le=50.0)]
 
 
@@ -173,8 +177,8 @@ class VideoRequest(BaseModel):
     negative_prompt: NegativePrompt = ""
     width: ImageSide = 512
     height: ImageSide = 512
-    frames: int = Field(17, ge=1, le=1024, description="frames in each clip")
-    fps: float = Field(16.0, gt=0, le=MAX_FPS, description="frames per second of the file written")
+    frames: Frames = Field(17, description="frames in each clip")
+    fps: Fps = Field(16.0, description="frames per second of the file written")
     steps: Steps = 30
     guidance: Guidance = 5.0
     seed: Seed = None
@@ -194,7 +198,7 @@ class AudioRequest(BaseModel):
     pipeline: str = Field("text_to_audio", description="name of one of the Creator's pipelines")
     prompt: Prompt
     negative_prompt: NegativePrompt = ""
-    duration: float = Field(5.0, gt=0, le=600, description="seconds of each sound")
+    duration: Seconds = Field(5.0, description="seconds of each sound")
     sample_rate: int | None = Field(
         None, ge=8000, le=192_000, description="samples per second of the file (None: the model's own)"
     )

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ValidationError
 from worldgen.config import dump_config, load_config_file
 from worldgen.errors import ConfigError, WorldgenError, format_validation_error
 from worldgen.images import png_bytes, to_pil
-from worldgen.media import Media, probe, write_audio, write_preview, write_video
+from worldgen.media import Media, MediaInfo, media_type, write_audio, write_preview, write_video
 from worldgen.report import episode_markdown, report_html, report_markdown
 from worldgen.state import ArtifactRef, EpisodeMeta, Progress, ReferenceUse, WorldContent, WorldState
 from worldgen.storage_io import atomic_write_bytes, atomic_write_text
@@ -343,20 +343,22 @@ class WorldStorage:
         target = folder / f"{index:03d}.{medium.suffix}"
         preview = None
         if medium.kind == "image":
-            atomic_write_bytes(target, png_bytes(_pictures(medium.data)[0]), durable=False)
-        elif medium.kind == "video":
-            write_video(target, medium.data, fps=medium.fps or 16.0)
+            picture = _pictures(medium.data)[0]
+            atomic_write_bytes(target, png_bytes(picture), durable=False)
+            info = MediaInfo("image", media_type(target), picture.width, picture.height)
+        elif medium.kind == "video":  # the writers say what they wrote: the file is not read back again
+            info = write_video(target, medium.data, fps=medium.fps or 16.0)
             preview = folder / f"{index:03d}.preview.webp"
             write_preview(preview, medium.data, fps=medium.fps or 16.0)
         else:
-            write_audio(target, medium.data, sample_rate=medium.sample_rate or 44_100)
+            info = write_audio(target, medium.data, sample_rate=medium.sample_rate or 44_100)
         return ArtifactRef(
             path=self._rel(target),
             sha256=hashlib.sha256(target.read_bytes()).hexdigest(),
             preview=self._rel(preview) if preview else None,
             request=medium.request,
             source=medium.source,
-            **probe(target).fields(),
+            **info.fields(),
         )
 
     def artifact_path(self, ref: ArtifactRef | str) -> Path:

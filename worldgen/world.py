@@ -28,16 +28,19 @@ from worldgen.errors import (
     format_validation_error,
 )
 from worldgen.limits import LimitExceeded, Limits, applying, time_limit, within
-from worldgen.media import MAX_FPS, read_media
+from worldgen.media import read_media
 from worldgen.plan import Problem
 from worldgen.reference import reference_inputs
 from worldgen.registry import build_world_template, check_executor
-from worldgen.stage import CONTRACTS, CYCLE, REFERENCE_INPUTS, Schema, Stage, build_item, role_that
+from worldgen.stage import CONTRACTS, CYCLE, KINDS, REFERENCE_INPUTS, Schema, Stage, build_item, role_that
 from worldgen.state import (
+    Fps,
+    Frames,
     Generation,
     Guidance,
     ImageSide,
     Progress,
+    Seconds,
     Steps,
     WorldContent,
     WorldState,
@@ -68,9 +71,9 @@ class GenerationDefaults(BaseModel):
     height: ImageSide = 512
     steps: Steps = 30
     guidance: Guidance = 7.5
-    frames: int = Field(17, ge=1, le=1024, description="frames of a clip (video requests)")
-    fps: float = Field(16.0, gt=0, le=MAX_FPS, description="frames per second of a clip")
-    duration: float = Field(5.0, gt=0, le=600, description="seconds of a sound (audio requests)")
+    frames: Frames = Field(17, description="frames of a clip (video requests)")
+    fps: Fps = Field(16.0, description="frames per second of a clip")
+    duration: Seconds = Field(5.0, description="seconds of a sound (audio requests)")
 
 
 class WorldSettings(BaseModel):
@@ -340,7 +343,7 @@ class World:
                 else [(f"stages.{role}", stage)]
             )
             # the Creator's pipelines each make one kind of artifact: an `image`, `video` or `audio` output
-            wanted = creation.KINDS if stage.contract.output_schema is Schema.ARTIFACTS else (output,)
+            wanted = KINDS if stage.contract.output_schema is Schema.ARTIFACTS else (output,)
             for where, engine in engines:
                 if not set(wanted) & set(engine.exposed_outputs):
                     problems.append(
