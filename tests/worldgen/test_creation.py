@@ -141,9 +141,9 @@ def test_block_3_holds_a_picture_a_clip_from_it_and_a_sound(moved):
 def test_the_philosopher_is_given_every_artifact(moved):
     state, _ = moved.storage.load_episode(1)
     description = state.description or ""
-    assert (
-        "Image 1" in description
-    )  # vlm/image_stats: the picture (videos and sounds: worldgen/nodes/vision.py)
+    lines = [line.split(":")[0] for line in description.splitlines()]
+    assert lines == ["Image 1", "Video 2", "Audio 3"], description  # vlm/image_stats measured all three
+    assert "6 frames, 12 fps" in description and "dBFS" in description
 
 
 def test_a_bad_request_is_refused_before_any_model_runs_and_nothing_changes(moved, tmp_path):
