@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
 
 import diffusers
 import pytest
@@ -13,6 +18,19 @@ from worldgen.models.tiny import preset_pipeline_components, save_preset_pipelin
 
 PROMPT = "a harbor at dawn"
 SERVER_KEY_ENV = "WORLDGEN_TEST_SERVER_KEY"
+S3_BUCKET = "worldgen-test"
+
+# Worlds on the S3-compatible test server (`s3_server`) sign with these; set before Ray starts, so its workers
+# (world drivers) inherit them as an operator's nodes inherit theirs. No instance-metadata lookups here.
+for _name, _value in {
+    "AWS_ACCESS_KEY_ID": "worldgen-test",
+    "AWS_SECRET_ACCESS_KEY": "worldgen-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ.setdefault(_name, _value)
+# local working copies of worlds on a store: a folder of this session, not the user's cache
+os.environ.setdefault("WORLDGEN_CACHE_DIR", tempfile.mkdtemp(prefix="worldgen-cache-"))
 
 # worldgen solver name -> (diffusers scheduler class, extra config) as a diffusers user would set it up
 SOLVER_SCHEDULERS = {
@@ -142,3 +160,66 @@ def serve_url(ray_session):
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API over HTTP on 127.0.0.1 (moto's server mode, a separate process) with the test bucket; its
+    endpoint `host:port`. Stopped by its PID."""
+    import urllib.request
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{endpoint}/", timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None, "the moto S3 server exited at start"
+                assert time.monotonic() < deadline, "the moto S3 server did not answer in 60 s"
+                time.sleep(0.2)
+        import pyarrow.fs as pafs
+
+        pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir(
+            S3_BUCKET
+        )
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def s3_uri(endpoint: str, path: str) -> str:
+    """A world root on the test server: `s3://<bucket>/<path>?endpoint_override=...`."""
+    return f"s3://{S3_BUCKET}/{path}?endpoint_override={endpoint}&scheme=http"
+
+
+@pytest.fixture
+def s3_root(s3_server):
+    """A fresh, empty root on the test S3 server (a unique prefix of its bucket)."""
+    return s3_uri(s3_server, f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["local", "s3"])
+def world_dir(request, tmp_path):
+    """A world's location, once on local disk and once on the S3-compatible test server: the world tests run
+    on both."""
+    if request.param == "local":
+        return tmp_path / "w"
+    return _s3_world(request.getfixturevalue("s3_root"))
+
+
+def _s3_world(root: str) -> str:
+    from worldgen.stores import child_uri
+
+    return child_uri(root, "w")

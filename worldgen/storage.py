@@ -20,6 +20,17 @@ This module is the only one that knows these names: others ask `WorldStorage` (`
 Every file is written atomically (temp file + fsync + rename); an episode is assembled in `episodes/.tmp-<id>/` and
 renamed into place, so a crash leaves either no episode or a complete one. Episodes are saved exactly once per state
 id. One writer per world directory is assumed (the world driver); readers may look at any time.
+
+A root may also be a URI every node of a cluster reaches (`s3://bucket/worlds/harbor`, `gs://...`; see
+worldgen/stores.py). The store then holds the same layout and is the truth; the writer works in a local cache
+(`cache_root()`: models and the Philosopher read files) and publishes each file as one whole object, so nothing
+on the store is renamed or appended:
+- `progress.jsonl` holds one line, the resume point, rewritten whole after every stage;
+- an episode's files are uploaded to `episodes/NNNNNN/`, then made visible by one commit object
+  `commits/NNNNNN.<state id>.json` (listing its files and sizes): readers list `commits/` and ignore episode files
+  without one, and the commits are the episode index (no index.jsonl);
+- in-flight artifacts are uploaded as they are made, so a driver restarted on another node resumes the step;
+- readers read the store (artifacts in byte ranges), never the cache of another process.
 """
 
 from __future__ import annotations
@@ -49,11 +60,13 @@ from worldgen.media import Media, MediaInfo, media_type, write_audio, write_prev
 from worldgen.report import episode_markdown, report_html, report_markdown
 from worldgen.state import ArtifactRef, EpisodeMeta, Progress, ReferenceUse, WorldContent, WorldState
 from worldgen.storage_io import atomic_write_bytes, atomic_write_text
+from worldgen.stores import Store, StoreError, child_uri, is_uri, local_path, open_store
 
 __all__ = [
     "Damage",
     "EpisodeFolder",
     "StorageError",
+    "StoreError",
     "UnsafePathError",
     "WorldDamagedError",
     "WorldExistsError",
@@ -66,6 +79,28 @@ _EPISODE_DIR = re.compile(r"^\d{6,}$")
 _TMP_PREFIX = ".tmp-"
 _PROGRESS_LOG_LIMIT = 64 * 1024
 _CONFIG_FILE = "world.yaml"
+_COMMITS = "commits"  # on a store: one commit object per visible episode
+_COMMIT = re.compile(r"^(\d{6,})\.([A-Za-z0-9][A-Za-z0-9_.-]{0,127})\.json$")
+
+
+def cache_root() -> Path:
+    """Where worlds stored on a URI keep their local working copies: WORLDGEN_CACHE_DIR, else the user's cache
+    folder. Only a cache: the store is the truth, and a new process (a driver restarted on another node)
+    fetches what it needs."""
+    explicit = os.environ.get("WORLDGEN_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "worldgen"
+
+
+def world_location(directory: str | os.PathLike[str]) -> str:
+    """A world's location as one string: the URI as given (without a trailing '/'), or the resolved local path.
+    Names that must be equal on every node (a world's driver) are made from it."""
+    text = os.fspath(directory)
+    if is_uri(text):
+        return text.rstrip("/")
+    return str(local_path(text).expanduser().resolve())
 
 
 class _Layout:
@@ -142,8 +177,19 @@ class EpisodeFolder:
 class WorldStorage:
     """The directory of one world: everything a person may want to open is a plain file (see the module doc)."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, *, setting: str = "the world root"):
+        """`root`: a local directory, or a store URI (`s3://...`); `setting` names where it came from in errors
+        (a store that cannot be used raises StoreError naming it, at the first operation that needs it)."""
+        self.store: Store | None = None
+        if is_uri(root):
+            self.uri = os.fspath(root).rstrip("/")
+            self.store = Store(self.uri, setting=setting)
+            digest = hashlib.sha1(self.uri.encode()).hexdigest()[:16]
+            self.root = cache_root() / "worlds" / f"{Path(self.store.base).name or 'world'}-{digest}"
+        else:
+            self.uri = None
+            self.root = local_path(root)
+        self._fresh: set[str] = set()  # (store roots) keys whose cached file is known to equal the store's
         self._root_resolved: Path | None = None
         self._progress_size: int | None = None  # bytes in progress.jsonl when it ends with a whole line
         # (signature, state id -> episode number, last number), valid while the episodes folder is unchanged since
@@ -154,16 +200,28 @@ class WorldStorage:
 
     @staticmethod
     def is_world(path: str | Path) -> bool:
-        """True when a world lives in the directory `path` (its config is there)."""
-        return (Path(path) / _CONFIG_FILE).is_file()
+        """True when a world lives in the directory (or under the URI) `path` (its config is there)."""
+        if is_uri(path):
+            return Store(os.fspath(path)).exists(_CONFIG_FILE)
+        return (local_path(path) / _CONFIG_FILE).is_file()
 
     @classmethod
-    def world_dirs(cls, root: str | Path) -> list[Path]:
-        """The world directories directly under `root`, sorted ([] when `root` is not a folder)."""
-        root = Path(root)
+    def world_dirs(cls, root: str | Path, *, setting: str = "the worlds root") -> list[Path] | list[str]:
+        """The world directories directly under `root`, sorted ([] when `root` is not a folder); under a store
+        URI, the worlds' URIs."""
+        if is_uri(root):
+            store = open_store(os.fspath(root), setting=setting)
+            names = [key.rstrip("/") for key in store.list() if key.endswith("/")]
+            return [child_uri(store.uri, n) for n in names if store.exists(f"{n}/{_CONFIG_FILE}")]
+        root = local_path(root)
         if not root.is_dir():
             return []
         return sorted(p for p in root.iterdir() if cls.is_world(p))
+
+    @property
+    def location(self) -> str:
+        """Where the world lives: its URI, or its local directory (see `world_location`)."""
+        return self.uri or str(self.root)
 
     config_path = _Layout(_CONFIG_FILE)
     content_path = _Layout("content.json")
@@ -191,12 +249,84 @@ class WorldStorage:
         return EpisodeFolder(self.episode_dir(number))
 
     def __repr__(self) -> str:
-        return f"WorldStorage({str(self.root)!r})"
+        return f"WorldStorage({self.location!r})"
+
+    # ---------------------------------------------------------------- the store (URI roots)
+
+    def _key(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def _publish(self, *paths: Path | None) -> None:
+        """Upload local files to the same keys on the store, each as one whole object (URI roots only)."""
+        if self.store is None:
+            return
+        for path in paths:
+            if path is not None:
+                key = self._key(path)
+                self.store.put(key, path.read_bytes())
+                self._fresh.add(key)
+
+    def _fetch(self, path: Path) -> bool:
+        """Make the local copy of a store file current (URI roots; a no-op locally); False when the store has
+        no such file (the local copy, if any, is then removed: it is not the world's)."""
+        if self.store is None:
+            return path.exists()
+        key = self._key(path)
+        if key in self._fresh and path.is_file():
+            return True
+        data = self.store.get(key)
+        if data is None:
+            path.unlink(missing_ok=True)
+            return False
+        atomic_write_bytes(path, data, durable=False)
+        self._fresh.add(key)
+        return True
+
+    def publish_tree(self, folder: Path) -> None:
+        """Upload every file under a local `folder` of the world (its weights after `save_weights`); URI roots
+        only."""
+        if self.store is not None and folder.is_dir():
+            self._publish(*(p for p in sorted(folder.rglob("*")) if p.is_file()))
+
+    def fetch_tree(self, folder: Path) -> Path:
+        """`folder` of the world with the store's files in it (URI roots: a world's prompts, its weights); a
+        local folder as it is."""
+        if self.store is not None:
+            for key in self.store.list(self._key(folder), recursive=True):
+                self._fetch(self.root / key)
+        return folder
+
+    def _read(self, path: Path) -> bytes | None:
+        """A file of the world: from the store for URI roots (the truth), else from disk; None when missing."""
+        if self.store is not None:
+            return self.store.get(self._key(path))
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise ConfigError(f"cannot read: {err}", file=str(path)) from None
+
+    def _label(self, path: Path) -> str:
+        """A file's name in messages: its URI on a store, else its path."""
+        return f"{self.uri}/{self._key(path)}" if self.uri else str(path)
+
+    def _commits(self) -> list[tuple[int, str]]:
+        """(episode, state id) of every committed episode on the store, ascending."""
+        assert self.store is not None
+        found = []
+        for key in self.store.list(_COMMITS):
+            match = _COMMIT.match(key.rpartition("/")[2])
+            if match:
+                found.append((int(match.group(1)), match.group(2)))
+        return sorted(found)
 
     # ---------------------------------------------------------------- config
 
     def exists(self) -> bool:
         """True when a world lives here (its world.yaml is there)."""
+        if self.store is not None:
+            return self.store.exists(_CONFIG_FILE)
         return self.is_world(self.root)
 
     def check_same_world(self, config: Mapping[str, Any]) -> bool:
@@ -232,7 +362,14 @@ class WorldStorage:
         return True
 
     def _claim(self, config: Mapping[str, Any]) -> bool:
-        """Write world.yaml only if there is none: True when this call wrote it."""
+        """Write world.yaml only if there is none: True when this call wrote it. On a store the check and the
+        write are two requests (pyarrow has no conditional PUT): one driver per world (named from its URI)
+        makes concurrent creates of one world there unlikely, not impossible."""
+        if self.store is not None:
+            if self.store.exists(_CONFIG_FILE):
+                return False
+            self.save_config(config)
+            return True
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{self.config_path.name}"
         dump_config(_plain(config), tmp)  # whole and fsynced before it gets its name: readers never see half
@@ -257,11 +394,12 @@ class WorldStorage:
     def save_config(self, config: Mapping[str, Any]) -> None:
         """Write world.yaml atomically, as given (never pass a config with resolved secrets)."""
         dump_config(_plain(config), self.config_path)
+        self._publish(self.config_path)
 
     def load_config(self) -> dict[str, Any]:
         """Read world.yaml; a missing or malformed file raises an error naming it."""
-        if not self.exists():
-            raise StorageError(f"no world at {self.root} (world.yaml is missing)")
+        if not (self._fetch(self.config_path) if self.store else self.exists()):
+            raise StorageError(f"no world at {self.location} (world.yaml is missing)")
         return load_config_file(self.config_path)
 
     # ---------------------------------------------------------------- content and progress
@@ -269,17 +407,28 @@ class WorldStorage:
     def save_content(self, content: WorldContent) -> None:
         """Write content.json atomically."""
         _write_model(self.content_path, content)
+        self._publish(self.content_path)
 
     def load_content(self) -> WorldContent | None:
         """The world's content, or None when none was saved yet."""
-        return _read_model(self.content_path, WorldContent)
+        return self._read_model(self.content_path, WorldContent)
+
+    def _read_model(self, path: Path, cls: type[_M]) -> _M | None:
+        """A JSON file of the world parsed into `cls` (from the store for URI roots); None when missing."""
+        if self.store is None:
+            return _read_model(path, cls)
+        data = self._read(path)
+        return None if data is None else _parse_model(data, cls, self._label(path))
 
     def save_progress(self, progress: Progress) -> None:
         """Record the resume point: one JSON line appended to progress.jsonl (an append, unlike a rename over an
         existing file, costs no flush), or the file rewritten atomically with just this line when it has grown
         past 64 KiB or does not end with a whole line. Not fsynced: after an OS crash an older resume point only
-        means a stage runs again, and episodes and content are applied exactly once by state id."""
+        means a stage runs again, and episodes and content are applied exactly once by state id. On a store the
+        object holds just this line, written whole (a store has no append)."""
         line = (progress.model_dump_json() + "\n").encode()
+        if self.store is not None:
+            self.store.put(self._key(self.progress_path), line)
         if self._progress_size is None and self.progress_path.is_file():
             with open(self.progress_path, "rb") as fh:
                 size = fh.seek(0, os.SEEK_END)
@@ -296,12 +445,10 @@ class WorldStorage:
 
     def load_progress(self) -> Progress | None:
         """The resume point (the last whole line of progress.jsonl), or None when the world never ran."""
-        try:
-            lines = self.progress_path.read_bytes().splitlines()
-        except FileNotFoundError:
+        data = self._read(self.progress_path)
+        if data is None:
             return None
-        except OSError as err:
-            raise ConfigError(f"cannot read: {err}", file=str(self.progress_path)) from None
+        lines = data.splitlines()
         for number in range(len(lines), 0, -1):
             try:
                 data = json.loads(lines[number - 1])
@@ -312,11 +459,11 @@ class WorldStorage:
             except ValidationError as err:
                 raise ConfigError(
                     f"not a valid Progress: {format_validation_error(err)}",
-                    file=str(self.progress_path),
+                    file=self._label(self.progress_path),
                     path=f"line {number}",
                 ) from None
         if any(line.strip() for line in lines):
-            raise ConfigError("malformed JSON: no whole line", file=str(self.progress_path))
+            raise ConfigError("malformed JSON: no whole line", file=self._label(self.progress_path))
         return None
 
     # ---------------------------------------------------------------- artifacts
@@ -331,11 +478,18 @@ class WorldStorage:
         earlier call of this state wrote, kept: the new files are numbered after them)."""
         folder = self.artifacts_dir / _check_id(state_id)
         refs = list(after or [])
-        refs += [self._save_medium(folder, len(refs) + i, medium) for i, medium in enumerate(_media(items))]
+        made = [self._save_medium(folder, len(refs) + i, medium) for i, medium in enumerate(_media(items))]
+        refs += made
         keep = {PurePosixPath(name).name for r in refs for name in (r.path, r.preview) if name}
         for stale in folder.iterdir() if folder.is_dir() else ():
             if stale.name not in keep and not stale.name.startswith("."):
                 stale.unlink(missing_ok=True)
+        if self.store is not None:  # a driver resumed on another node reads them from the store
+            prefix = self._key(folder)
+            for key in self.store.list(prefix, recursive=True):
+                if PurePosixPath(key).name not in keep:
+                    self.store.delete(key)
+            self._publish(*(self.root / name for r in made for name in (r.path, r.preview) if name))
         return refs
 
     def _save_medium(self, folder: Path, index: int, medium: Media) -> ArtifactRef:
@@ -380,18 +534,37 @@ class WorldStorage:
             raise UnsafePathError(f"artifact path {raw!r} leads outside {self.root} (through a symlink)")
         return target
 
+    def local_artifact(self, ref: ArtifactRef | str) -> Path:
+        """`artifact_path`, with the file there: for a world on a store, fetched into the local cache first (the
+        Philosopher and the Creator read artifacts as files)."""
+        target = self.artifact_path(ref)
+        if self.store is not None:
+            self._fetch(target)
+        return target
+
     def read_artifact(self, path: str, start: int = 0, stop: int | None = None) -> bytes:
         """The bytes of one of the world's artifacts (a file under episodes/ or artifacts/). Only a regular file
         inside the world whose every name is the world's own is read: a path leaving the root (see
         `artifact_path`), anything but a regular file, or a file hard-linked from outside the world raises
         UnsafePathError; a missing file raises FileNotFoundError. `start`/`stop`: only bytes [start, stop) are
-        read (a player seeking in a long clip asks for a slice, not the whole file)."""
+        read (a player seeking in a long clip asks for a slice, not the whole file). On a store the slice is
+        one ranged read of the object, and only committed episodes' files and in-flight artifacts are served."""
+        if self.store is not None:
+            data = self.store.get(self._store_artifact_key(path), start, stop)
+            if data is None:
+                raise FileNotFoundError(path)
+            return data
         with self._open_artifact(path) as fh:
             fh.seek(max(0, start))
             return fh.read(-1 if stop is None else max(0, stop - max(0, start)))
 
     def artifact_size(self, path: str) -> int:
         """The size in bytes of one of the world's artifacts (checked as `read_artifact` checks it)."""
+        if self.store is not None:
+            size = self.store.size(self._store_artifact_key(path))
+            if size is None:
+                raise FileNotFoundError(path)
+            return size
         with self._open_artifact(path) as fh:
             return os.fstat(fh.fileno()).st_size
 
@@ -409,6 +582,19 @@ class WorldStorage:
             fh.close()
             raise UnsafePathError(f"artifact {path!r} {problem}")
         return fh
+
+    def _store_artifact_key(self, path: str) -> str:
+        """The store key of an artifact path, checked as on disk (inside the world, under episodes/ or
+        artifacts/); an episode's file only once its episode is committed."""
+        parts = PurePosixPath(path.replace("\\", "/")).parts
+        if parts[:1] not in (("episodes",), ("artifacts",)):
+            raise UnsafePathError(f"artifact path {path!r}: expected a file under episodes/ or artifacts/")
+        key = self._key(self.artifact_path(path))
+        if parts[0] == "episodes" and (len(parts) < 3 or not parts[1].isdigit()):
+            raise FileNotFoundError(path)
+        if parts[0] == "episodes" and int(parts[1]) not in {n for n, _ in self._commits()}:
+            raise FileNotFoundError(path)  # written, not committed: not the world's yet
+        return key
 
     def _file_problem(self, target: Path, info: os.stat_result) -> str | None:
         """Why the world would not serve `target` (a resolved path inside the root), or None."""
@@ -430,7 +616,10 @@ class WorldStorage:
 
     def discard_artifacts(self, state_id: str) -> None:
         """Remove the in-flight artifacts of a state (one that was dropped, or whose episode is saved)."""
-        shutil.rmtree(self.artifacts_dir / _check_id(state_id), ignore_errors=True)
+        folder = self.artifacts_dir / _check_id(state_id)
+        shutil.rmtree(folder, ignore_errors=True)
+        if self.store is not None:
+            self.store.delete_prefix(self._key(folder))
 
     # ---------------------------------------------------------------- episodes
 
@@ -465,7 +654,7 @@ class WorldStorage:
         final = self.episode_dir(number)
         tmp = self.episodes_dir / f"{_TMP_PREFIX}{state_id}"
         # every artifact path is checked before anything is written
-        sources = [self.artifact_path(ref) for ref in state.artifacts or []]
+        sources = [self.local_artifact(ref) for ref in state.artifacts or []]
         try:
             tmp.mkdir(parents=True)
             saved = self._assemble(
@@ -480,21 +669,38 @@ class WorldStorage:
                 references=references or [],
             )
             _fsync_dir(tmp)
+            if self.store is not None:  # a local leftover of an attempt that was never committed
+                shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(self.episodes_dir)
-        # a crash before this line is repaired by _index (it rebuilds an index that disagrees with the folders)
-        with open(self.index_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"episode": number, "state_id": saved.id}) + "\n")
+        if self.store is not None:
+            self._commit(number, saved.id, final)
+        else:
+            # a crash before this line is repaired by _index (it rebuilds an index that disagrees with the folders)
+            with open(self.index_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"episode": number, "state_id": saved.id}) + "\n")
         index[saved.id] = number
         self._index_cache = (self._episodes_signature(), index, number)
         self.discard_artifacts(state_id)
         return number
 
+    def _commit(self, number: int, state_id: str, folder: Path) -> None:
+        """Publish an assembled episode on the store: its files first, then the one commit object that makes it
+        visible (a crash in between leaves files no reader looks at; the next attempt overwrites them)."""
+        assert self.store is not None
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        self._publish(*files)
+        listing = {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
+        commit = {"episode": number, "state_id": state_id, "files": listing}
+        self.store.put(f"{_COMMITS}/{number:06d}.{state_id}.json", json.dumps(commit, indent=1).encode())
+
     def episodes(self) -> list[int]:
-        """Numbers of the saved episodes, ascending."""
+        """Numbers of the saved episodes, ascending (on a store: the committed ones)."""
+        if self.store is not None:
+            return [n for n, _ in self._commits()]
         if not self.episodes_dir.is_dir():
             return []
         return sorted(
@@ -508,7 +714,8 @@ class WorldStorage:
         return state, meta.recorded()
 
     def _load_episode(self, number: int) -> tuple[WorldState, EpisodeMeta]:
-        if not self.episode_dir(number).is_dir():
+        present = number in self.episodes() if self.store is not None else self.episode_dir(number).is_dir()
+        if not present:
             raise StorageError(f"no episode {number} in {self.episodes_dir}")
         state, meta, damage = self._read_episode(number)
         if damage:
@@ -526,8 +733,12 @@ class WorldStorage:
         """Everything wrong in the directory, read-only: a bad content.json, bad lines in the progress journal (a
         line cut short at the end by a crash is normal, not damage), missing or unreadable episode files, gaps in
         the episode numbering, missing artifacts (or ones that are not the world's own regular files), missing
-        episode.md files and an index.jsonl out of step with the episode folders."""
+        episode.md files and an index.jsonl out of step with the episode folders. On a store (where files are
+        published whole and episodes committed last) it reads no episode: it checks the content, the resume
+        point, gaps in the numbering and that each committed episode's state.json and meta.json are there."""
         damage = self._content_damage() + self._progress_damage()
+        if self.store is not None:
+            return damage + self._store_damage()
         numbers = self.episodes()
         present = set(numbers)
         for n in range(1, numbers[-1] if numbers else 0):
@@ -552,10 +763,28 @@ class WorldStorage:
             )
         return damage
 
+    def _store_damage(self) -> list[Damage]:
+        assert self.store is not None
+        numbers = self.episodes()
+        damage = [
+            Damage(f"{self._rel(self.episode_dir(n))}/", "is missing (a gap in the numbering)", n)
+            for n in sorted(set(range(1, numbers[-1] if numbers else 0)) - set(numbers))
+        ]
+        keys = set(self.store.list(self._key(self.episodes_dir), recursive=True))
+        for n in numbers:
+            files = self.episode_folder(n)
+            for path in (files.state_path, files.meta_path):
+                if self._key(path) not in keys:
+                    damage.append(Damage(self._rel(path), "is missing", n))
+        return damage
+
     def repair(self) -> tuple[list[Damage], list[Damage]]:
         """Rebuild what the rest of the world determines: episodes/index.jsonl, missing episode.md files, a progress
         journal with bad lines (rewritten as its resume point) and, when every episode is readable, report.md and
-        report.html. Never deletes an episode. Returns (what was repaired, the damage that remains)."""
+        report.html. Never deletes an episode. Returns (what was repaired, the damage that remains). A world on a
+        store has nothing repairable (its files are published whole)."""
+        if self.store is not None:
+            return [], self.check()
         repaired = [d for d in self.check() if d.repairable]
         for d in repaired:
             if d.file == self._rel(self.index_path):
@@ -582,7 +811,7 @@ class WorldStorage:
     def _read_state(self, number: int) -> WorldState | None:
         """An episode's state, or None when its state.json is missing or unreadable (`check` says which)."""
         try:
-            return _read_model(self.episode_folder(number).state_path, WorldState)
+            return self._read_model(self.episode_folder(number).state_path, WorldState)
         except ConfigError:
             return None
 
@@ -592,14 +821,14 @@ class WorldStorage:
         damage: list[Damage] = []
         state = meta = None
         try:
-            state = _read_model(files.state_path, WorldState)
+            state = self._read_model(files.state_path, WorldState)
         except ConfigError as err:
             damage.append(Damage(self._rel(files.state_path), f"is unreadable: {err.detail}", number))
         else:
             if state is None:
                 damage.append(Damage(self._rel(files.state_path), "is missing", number))
         try:
-            meta = files.read_meta()
+            meta = self._read_model(files.meta_path, EpisodeMeta)
         except ConfigError as err:
             damage.append(Damage(self._rel(files.meta_path), f"is unreadable: {err.detail}", number))
         else:
@@ -638,11 +867,12 @@ class WorldStorage:
     def _progress_damage(self) -> list[Damage]:
         """Bad lines of the progress journal; repairable when the resume point (its last good line) is readable."""
         try:
-            lines = self.progress_path.read_bytes().split(b"\n")
-        except FileNotFoundError:
+            data = self._read(self.progress_path)
+        except ConfigError as err:
+            return [Damage(self._rel(self.progress_path), f"is unreadable: {err.detail}")]
+        if data is None:
             return []
-        except OSError as err:
-            return [Damage(self._rel(self.progress_path), f"is unreadable: {err.strerror}")]
+        lines = data.split(b"\n")
         bad = []
         for number, line in enumerate(lines[:-1], 1):  # lines[-1] is b"" or a line cut short by a crash
             try:
@@ -666,7 +896,9 @@ class WorldStorage:
         content = self.load_content() or WorldContent()
         episodes = [(n, *self._load_episode(n)) for n in self.episodes()]
         atomic_write_text(self.report_markdown_path, report_markdown(content, episodes, link=self._link))
-        return atomic_write_text(self.report_path, report_html(content, episodes, link=self._link))
+        atomic_write_text(self.report_path, report_html(content, episodes, link=self._link))
+        self._publish(self.report_markdown_path, self.report_path)
+        return self.report_path
 
     # ---------------------------------------------------------------- internals
 
@@ -745,11 +977,19 @@ class WorldStorage:
         return (info.st_mtime_ns, info.st_nlink)
 
     def _index_is_cached(self) -> bool:
+        if self.store is not None:  # the one writer keeps its own: built once per process from the commits
+            return self._index_cache is not None
         return self._index_cache is not None and self._index_cache[0] == self._episodes_signature()
 
     def _index(self) -> dict[str, int]:
         """state id -> episode number: from memory while the episodes folder is unchanged, else from
         index.jsonl when it agrees with the folders, else rebuilt from the episodes' state.json and rewritten."""
+        if self.store is not None:
+            if self._index_cache is None:
+                commits = self._commits()
+                index = {state_id: n for n, state_id in commits}
+                self._index_cache = ((0, 0), index, commits[-1][0] if commits else 0)
+            return dict(self._index_cache[1])
         signature = self._episodes_signature()
         if self._index_cache is not None and self._index_cache[0] == signature:
             return dict(self._index_cache[1])
@@ -792,6 +1032,8 @@ class WorldStorage:
             target = self.artifact_path(ref)
         except UnsafePathError:
             return None
+        if self.store is not None:  # the report links committed episodes' files, which the commit says exist
+            return quote(self._key(target))
         if not target.is_file():
             return None
         return quote(target.relative_to(self._resolved_root()).as_posix())
@@ -854,13 +1096,25 @@ def _read_model(path: Path, cls: type[_M]) -> _M | None:
     """Parse a JSON file into `cls`; None when missing; a bad file raises ConfigError naming file and field."""
     if not path.is_file():
         return None
-    data = _read_json(path)
+    return _validate(_read_json(path), cls, str(path))
+
+
+def _parse_model(data: bytes, cls: type[_M], label: str) -> _M:
+    """Parse JSON bytes (a file read from a store, `label` its URI) into `cls`."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"malformed JSON: {err.msg}", file=label, path=f"line {err.lineno}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"cannot read: {err}", file=label) from None
+    return _validate(value, cls, label)
+
+
+def _validate(data: Any, cls: type[_M], label: str) -> _M:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(
-            f"not a valid {cls.__name__}: {format_validation_error(err)}", file=str(path)
-        ) from None
+        raise ConfigError(f"not a valid {cls.__name__}: {format_validation_error(err)}", file=label) from None
 
 
 def _media(items: Any) -> list[Media]:

@@ -163,7 +163,7 @@ class World:
         # the atomic claim: of concurrent creates in one directory exactly one starts the world; a different
         # world there raises WorldExistsError
         if not world.storage.create(world.config):
-            return cls.load(world.storage.root, limits=limits)
+            return cls.load(world.storage.location, limits=limits)
         world._start()
         world.created = True
         return world
@@ -210,7 +210,8 @@ class World:
         if settings.prompts:
             from worldgen.prompts import set_prompt_dirs
 
-            local = Path(directory) / "prompts" if directory is not None else None
+            # a world's own copy (see `_start`); for a world on a store, in its local cache
+            local = WorldStorage(directory).root / "prompts" if directory is not None else None
             prompts = local if local is not None and local.is_dir() else (base / settings.prompts).resolve()
             set_prompt_dirs([prompts])
         missing = [role for role in CYCLE if role not in settings.stages]
@@ -230,7 +231,8 @@ class World:
                 ) from None
             except WorldgenError as err:
                 raise ConfigError(str(err), file=file, path=f"stages.{role}") from None
-        directory = Path(directory) if directory is not None else Path("worlds") / settings.name
+        if directory is None:
+            directory = Path("worlds") / settings.name
         world = cls(settings, stages, directory, config, limits)
         world.prompts_dir = prompts
         return world
@@ -289,17 +291,18 @@ class World:
 
         storage = WorldStorage(directory)
         if not storage.exists():
+            where = storage.uri or storage.root.resolve()
             raise ConfigError(
-                f"no world here (no {storage.config_path.name} in {storage.root.resolve()})",
-                file=str(directory),
+                f"no world here (no {storage.config_path.name} in {where})", file=str(directory)
             )
         damage = [d for d in storage.check() if not d.repairable]  # named here, not steps later
         if damage:
-            raise WorldDamagedError(storage.root, damage)
+            raise WorldDamagedError(storage.location, damage)
+        storage.fetch_tree(storage.root / "prompts")  # a world on a store: its own prompts, into the cache
         world = cls._build(storage.load_config(), str(storage.config_path), storage.root, directory, limits)
         world.content = storage.load_content() or world.content
         world.progress = storage.load_progress() or world.progress
-        if storage.checkpoints_dir.exists():
+        if storage.fetch_tree(storage.checkpoints_dir).exists():
             load_weights(world.named_blocks(), storage.checkpoints_dir)
         return world
 
@@ -312,6 +315,7 @@ class World:
             and self.prompts_dir.resolve() != local.resolve()
         ):
             shutil.copytree(self.prompts_dir, local, dirs_exist_ok=True)
+            self.storage.publish_tree(local)
         self.storage.save_config(self.config)
         self.storage.save_content(self.content)
         self.storage.save_progress(self.progress)
@@ -322,6 +326,7 @@ class World:
 
         self._start()
         save_weights(self.named_blocks(), self.storage.checkpoints_dir)
+        self.storage.publish_tree(self.storage.checkpoints_dir)
         self.write_report()
         return self.storage.root
 
@@ -362,6 +367,8 @@ class World:
 
     @property
     def directory(self) -> Path:
+        """The world's local directory (for a world on a store: its local cache; `storage.location` is the
+        URI)."""
         return self.storage.root
 
     def step(self, action: str | None = None, state: WorldState | Mapping | None = None) -> StepReport:
@@ -467,7 +474,7 @@ class World:
     def _inputs(self, role: str, engine: Any, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The inputs `engine` exposes, from what the world offers a stage plus `given` (a request's)."""
         state = self.progress.state
-        available = world_inputs(self._context(role), state, self.storage.artifact_path) | dict(given or {})
+        available = world_inputs(self._context(role), state, self.storage.local_artifact) | dict(given or {})
         inputs = {}
         for name, exposed in engine.exposed_inputs.items():
             if name in available:

@@ -99,8 +99,8 @@ def check_row(world: World, blocks: int, environment_ran: list[str], saved: bool
     TABLE,
     ids=[f"blocks_1-{b}" if b else "empty" for b, _, _ in TABLE],
 )
-def test_user_supplied_state_table_local(tmp_path, picture, blocks, environment_ran, saved):
-    world = World.from_config(fast_config(), directory=tmp_path / "w")
+def test_user_supplied_state_table_local(world_dir, picture, blocks, environment_ran, saved):
+    world = World.from_config(fast_config(), directory=world_dir)
     check_row(world, blocks, environment_ran, saved, picture)
 
 
@@ -121,8 +121,8 @@ def test_user_supplied_state_table_ray(ray_session, tmp_path, picture, blocks, e
         assert any(name.endswith("-" + block.model_class().__name__) for name in hosts), (block, hosts)
 
 
-def test_empty_start_saves_the_first_episode_on_step_two(tmp_path):
-    world = World.from_config(fast_config(), directory=tmp_path / "w")
+def test_empty_start_saves_the_first_episode_on_step_two(world_dir):
+    world = World.from_config(fast_config(), directory=world_dir)
     first = world.step()
     assert first.episode is None and first.state.filled() == {1, 2, 3}
     second = world.step()
@@ -142,11 +142,11 @@ def test_empty_start_saves_the_first_episode_on_step_two(tmp_path):
     )
 
 
-def test_action_goes_only_to_development(tmp_path):
+def test_action_goes_only_to_development(world_dir):
     config = fast_config()
     for role in ["author", "world_update", "development"]:
         config["stages"][role]["nodes"]["llm"]["config"]["template"] = f"{role} sees action={{{{ action }}}}"
-    world = World.from_config(config, directory=tmp_path / "w")
+    world = World.from_config(config, directory=world_dir)
     world.step(action="open the gate")
     assert world.state.happening == "development sees action=open the gate"
     world.step()
@@ -156,7 +156,7 @@ def test_action_goes_only_to_development(tmp_path):
     assert meta["action"] == "open the gate" and world.storage.load_progress().step == 2
 
 
-def test_the_action_goes_where_the_contracts_say(tmp_path, monkeypatch):
+def test_the_action_goes_where_the_contracts_say(world_dir, monkeypatch):
     """Who hears the user's action is a contract field, not a role name: moved to the Author, the Author's
     text shows it and Development's does not."""
     monkeypatch.setitem(CONTRACTS, "development", replace(CONTRACTS["development"], receives_action=False))
@@ -164,7 +164,7 @@ def test_the_action_goes_where_the_contracts_say(tmp_path, monkeypatch):
     config = fast_config()
     for role in ["author", "development"]:
         config["stages"][role]["nodes"]["llm"]["config"]["template"] = f"{role} sees action={{{{ action }}}}"
-    world = World.from_config(config, directory=tmp_path / "w")
+    world = World.from_config(config, directory=world_dir)
     world.step(action="open the gate")
     assert world.state.happening == "development sees action=None"
     world.step(action="close it")
@@ -176,8 +176,8 @@ def test_the_action_goes_where_the_contracts_say(tmp_path, monkeypatch):
     assert context["action"] == "a"  # training rebuilds the same context (worldgen.training)
 
 
-def test_world_resumes_after_a_failed_stage_without_losing_or_repeating(tmp_path, monkeypatch):
-    world = World.from_config(fast_config(), directory=tmp_path / "w")
+def test_world_resumes_after_a_failed_stage_without_losing_or_repeating(tmp_path, world_dir, monkeypatch):
+    world = World.from_config(fast_config(), directory=world_dir)
     world.run(2)  # episode 1 saved
     original = World._update_world
     calls = {"n": 0}
@@ -191,7 +191,9 @@ def test_world_resumes_after_a_failed_stage_without_losing_or_repeating(tmp_path
     with pytest.raises(RuntimeError, match="power cut"):
         world.step()
     monkeypatch.setattr(World, "_update_world", original)
-    again = World.load(tmp_path / "w")  # a new process picks up from storage
+    # a new process picks up from storage (on a store: on another node, whose cache holds nothing)
+    monkeypatch.setenv("WORLDGEN_CACHE_DIR", str(tmp_path / "another-node"))
+    again = World.load(world_dir)
     assert again.progress.stage_index == 2  # philosopher, author done; world update in flight
     with pytest.raises(wg.StepInFlightError, match="finish it with step"):  # a new state: finish first
         again.step(state={1: "a calm sea"})
@@ -212,7 +214,7 @@ def test_world_resumes_after_a_failed_stage_without_losing_or_repeating(tmp_path
     with pytest.raises(RuntimeError, match="power cut"):
         again.step(action="a storm")
     monkeypatch.setattr(World, "_run", original_run)
-    again = World.load(tmp_path / "w")
+    again = World.load(world_dir)
     in_flight = again.progress.model_copy()
     with pytest.raises(wg.StepInFlightError, match="in flight past Development"):
         again.step(action="another storm")
@@ -220,15 +222,15 @@ def test_world_resumes_after_a_failed_stage_without_losing_or_repeating(tmp_path
     assert again.progress == in_flight and again.step().step == 4
 
 
-def test_same_directory_continues_and_a_different_world_is_refused(tmp_path):
-    world = World.from_config(fast_config(), directory=tmp_path / "w")
+def test_same_directory_continues_and_a_different_world_is_refused(world_dir):
+    world = World.from_config(fast_config(), directory=world_dir)
     world.step()
-    again = World.from_config(fast_config(), directory=tmp_path / "w")
+    again = World.from_config(fast_config(), directory=world_dir)
     assert again.progress.step == 1 and again.state.filled() == {1, 2, 3}
     other = fast_config() | {"seed": 99}
     with pytest.raises(wg.ConfigError, match="already holds a different world"):
-        World.from_config(other, directory=tmp_path / "w")
-    assert WorldStorage(tmp_path / "w").load_progress().step == 1  # nothing was lost
+        World.from_config(other, directory=world_dir)
+    assert WorldStorage(world_dir).load_progress().step == 1  # nothing was lost
 
 
 def test_bad_world_configs_name_the_yaml_path(tmp_path):
@@ -251,8 +253,8 @@ def test_bad_world_configs_name_the_yaml_path(tmp_path):
         World.check(config)
 
 
-def test_invalid_state_from_the_user_is_refused_clearly(tmp_path):
-    world = World.from_config(fast_config(), directory=tmp_path / "w")
+def test_invalid_state_from_the_user_is_refused_clearly(world_dir):
+    world = World.from_config(fast_config(), directory=world_dir)
     with pytest.raises(
         wg.ConfigError, match=r"state.generation.0.width: Value error, must be a multiple of 8"
     ):
@@ -317,9 +319,9 @@ def test_openai_stages_over_http_never_save_the_key(tmp_path, monkeypatch, world
     assert "${env:WG_TEST_LLM_KEY}" in (tmp_path / "w" / "world.yaml").read_text()
 
 
-def test_world_from_template(tmp_path):
+def test_world_from_template(world_dir):
     world = wg.World.from_template(
-        "offline_world", directory=tmp_path / "w", title="Glass Orchard", preset="tiny", size=32, steps=2
+        "offline_world", directory=world_dir, title="Glass Orchard", preset="tiny", size=32, steps=2
     )
     assert world.content.title == "Glass Orchard"
     reports = world.run(2)
@@ -448,13 +450,13 @@ def slow_stage(seconds: float) -> dict:
     return config
 
 
-def test_a_stage_past_its_time_limit_fails_cleanly_and_the_world_resumes(tmp_path):
+def test_a_stage_past_its_time_limit_fails_cleanly_and_the_world_resumes(world_dir):
     import tests.toy_blocks  # noqa: F401 - registers the toy blocks
     from worldgen.limits import DeadlineExceeded, Limits
 
     config = fast_config()
     config["stages"]["architect"] = slow_stage(0.4)
-    world = World.from_config(config, directory=tmp_path / "w", limits=Limits(stage_seconds=0.5))
+    world = World.from_config(config, directory=world_dir, limits=Limits(stage_seconds=0.5))
     with pytest.raises(DeadlineExceeded) as err:
         world.step()
     message = str(err.value)
@@ -462,12 +464,12 @@ def test_a_stage_past_its_time_limit_fails_cleanly_and_the_world_resumes(tmp_pat
         "stage 'architect': node 'main': node 'slow2': the stage ran past its time limit"
     )
     assert err.value.limit == "stage_seconds" and message.endswith("(limit 'stage_seconds')")
-    saved = WorldStorage(tmp_path / "w").load_progress()
+    saved = WorldStorage(world_dir).load_progress()
     assert saved.stage_index == 4 and saved.state.filled() == {
         1
     }  # Development kept, nothing of the Architect
 
-    again = World.load(tmp_path / "w", limits=Limits(stage_seconds=30))  # a restarted driver, a bigger limit
+    again = World.load(world_dir, limits=Limits(stage_seconds=30))  # a restarted driver, a bigger limit
     report = again.step()
     assert report.ran == ["development", "architect", "creator"] and report.state.filled() == {1, 2, 3}
     assert report.state.happening == saved.state.happening  # Development was not run again
@@ -475,7 +477,7 @@ def test_a_stage_past_its_time_limit_fails_cleanly_and_the_world_resumes(tmp_pat
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
-def test_block_2_can_name_a_pipeline_of_any_family(family, tmp_path):
+def test_block_2_can_name_a_pipeline_of_any_family(family, world_dir):
     """The Creator holds one pipeline per family; the Architect's block 2 picks one by name and it draws."""
     config = fast_config()
     config["stages"]["creator"] = {
@@ -487,7 +489,7 @@ def test_block_2_can_name_a_pipeline_of_any_family(family, tmp_path):
     config["stages"]["architect"]["nodes"]["llm"]["config"]["template"] = (
         f'{{"pipeline": "{family}", "prompt": "a ship at dawn", "width": 32, "height": 48, "steps": 2}}'  # a short prompt: the tiny T5 vocabulary spells most words letter by letter, past T5's 256 tokens
     )
-    world = World.from_config(config, directory=tmp_path / "w")
+    world = World.from_config(config, directory=world_dir)
     world.run(2)
     state, _ = world.storage.load_episode(1)
     assert state.generation[0].pipeline == family
