@@ -28,8 +28,9 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 
@@ -45,7 +46,8 @@ from actors.cluster import (
 from worldgen.errors import ConfigError
 from worldgen.limits import Limits
 from worldgen.media import MEDIA_TYPES, kind_of
-from worldgen.storage import WorldStorage
+from worldgen.storage import WorldStorage, world_location
+from worldgen.stores import is_uri
 
 PREFIX = "wg-world-"
 _START_ATTEMPTS = 3  # tries to reach a driver that concurrent creates of one world keep replacing
@@ -54,12 +56,13 @@ Config = Mapping[str, Any] | str | Path
 
 
 # ---- naming and config checks --------------------------------------------------------------------------
-def _resolve(directory: str | Path) -> Path:
-    return Path(directory).expanduser().resolve()
+def _resolve(directory: str | Path) -> str:
+    """The world's location: a store URI as given, a local directory resolved (`world_location`)."""
+    return world_location(directory)
 
 
 def _dir_hash(directory: str | Path) -> str:
-    return hashlib.sha1(str(_resolve(directory)).encode()).hexdigest()[:10]
+    return hashlib.sha1(_resolve(directory).encode()).hexdigest()[:10]
 
 
 def _load(config: Config) -> dict[str, Any]:
@@ -69,7 +72,7 @@ def _load(config: Config) -> dict[str, Any]:
     return stored_config(config)
 
 
-def _check(directory: Path, config: Config | None) -> None:
+def _check(directory: str | Path, config: Config | None) -> None:
     """Refuses a missing config for a new directory and (WorldExistsError, `WorldStorage.check_same_world`) a
     config that differs from the world already there."""
     storage = WorldStorage(directory)
@@ -87,9 +90,11 @@ def _check(directory: Path, config: Config | None) -> None:
 def driver_name(directory: str | Path) -> str:
     """The driver's actor name: `wg-world-<directory name>-<short hash of the resolved directory>`, from the
     directory alone (nothing is read: a driver is found before, or without, opening its world). Two worlds
-    of one directory name in different places get different drivers."""
-    directory = _resolve(directory)
-    return f"{PREFIX}{name_slug(directory.name)}-{_dir_hash(directory)}"
+    of one directory name in different places get different drivers; a world on a store URI gets the same
+    name on every node."""
+    location = _resolve(directory)
+    name = urlsplit(location).path if is_uri(location) else location
+    return f"{PREFIX}{name_slug(PurePosixPath(name).name)}-{_dir_hash(location)}"
 
 
 def name_slug(name: object) -> str:
@@ -140,7 +145,7 @@ class WorldDriver:
         limits: Mapping[str, Any] | None = None,
         claim: str | None = None,
     ):
-        self.directory = str(_resolve(directory))
+        self.directory = _resolve(directory)
         self.limits = Limits.model_validate(limits) if limits is not None else None
         self.created = False  # True when this driver created the world's directory
         self._claim = claim  # the token of the create call that started this driver (see `created_for`)
@@ -173,7 +178,7 @@ class WorldDriver:
         self.resumed = WorldStorage(self.directory).exists()
         if self.restarted:  # the world was opened before: its world.yaml is the config, nothing else is read
             return World.load(self.directory, limits=self.limits)
-        _check(Path(self.directory), config)  # config required for a new world; the same world for an old one
+        _check(self.directory, config)  # config required for a new world; the same world for an old one
         if self.resumed:
             return World.load(self.directory, limits=self.limits)
         world = World.from_config(config, self.directory, limits=self.limits)
