@@ -223,3 +223,45 @@ def _s3_world(root: str) -> str:
     from worldgen.stores import child_uri
 
     return child_uri(root, "w")
+
+
+# ---- the simulated multi-node cluster (tests/sim_cluster.py) ------------------------------------------------
+SIM_CLUSTER = "sim_cluster"
+_sim: list = []  # the session's SimCluster while it runs
+
+
+@pytest.hookimpl(trylast=True)  # after any plugin that reorders (pytest-randomly): ours has the last word
+def pytest_collection_modifyitems(items):
+    """The tests on the simulated cluster run first, together: one process cannot be on two clusters, and
+    `ray_session` (a local Ray for every other Ray test) starts only after the simulated cluster is gone."""
+    items.sort(key=lambda item: SIM_CLUSTER not in getattr(item, "fixturenames", ()))  # stable
+
+
+@pytest.fixture(scope="session")
+def sim_cluster():
+    """A head with `CPU: 0` (dashboard on), one fake-GPU worker and a gateway node, this process connected to it
+    (tests/sim_cluster.py). Stopped after the last test that uses it (below), so `ray_session` can start."""
+    from tests.sim_cluster import SimCluster
+
+    if not _sim:
+        cluster = SimCluster()
+        _sim.append(cluster)
+        cluster.start()
+    yield _sim[0]
+    _stop_sim_cluster()
+
+
+def _stop_sim_cluster() -> None:
+    if _sim:
+        leftover = _sim.pop().stop()
+        assert not leftover, f"the simulated-cluster tests left named actors behind: {leftover}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last simulated-cluster test (its fixtures torn down): the cluster goes, before `ray_session`."""
+    result = yield
+    uses = SIM_CLUSTER in getattr(item, "fixturenames", ())
+    if uses and (nextitem is None or SIM_CLUSTER not in getattr(nextitem, "fixturenames", ())):
+        _stop_sim_cluster()
+    return result
