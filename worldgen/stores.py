@@ -14,9 +14,11 @@ are each a StoreError naming the root and the setting to fix, before any world s
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from worldgen.errors import ConfigError
@@ -66,14 +68,12 @@ class Store:
     `get`/`size`, which return None for a key that does not exist."""
 
     def __init__(self, uri: str, *, setting: str = "the world root"):
-        import pyarrow.fs as pafs
-
         self.uri, self.setting = uri.rstrip("/"), setting
         scheme = urlsplit(uri).scheme.lower()
         if scheme in ("s3", "s3a"):
             self._check_aws_credentials()
         try:
-            self.fs, base = pafs.FileSystem.from_uri(self.uri)
+            self.fs, base = _filesystem(self.uri)
         except Exception as err:  # ArrowInvalid / ArrowNotImplementedError / ValueError from pyarrow
             text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if "Unrecognized filesystem" in text or "not implemented" in text.lower():
@@ -190,7 +190,7 @@ class Store:
 
         return self._info(key).type == pafs.FileType.File
 
-    def _info(self, key: str):  # noqa: ANN202 (a pyarrow FileInfo)
+    def _info(self, key: str) -> Any:  # a pyarrow FileInfo
         try:
             return self.fs.get_file_info(self._path(key))
         except Exception as err:
@@ -232,6 +232,15 @@ def child_uri(uri: str, name: str) -> str:
     """`uri` with `/name` added to its path (the query stays at the end)."""
     parts = urlsplit(uri)
     return parts._replace(path=f"{parts.path.rstrip('/')}/{name.strip('/')}").geturl()
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """pyarrow's filesystem for a URI, made once per process (making one may ask the store for the bucket's
+    region); pyarrow filesystems are safe to share between threads."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
 
 
 def _missing(err: Exception) -> bool:
