@@ -66,5 +66,7 @@ def test_a_variant_reads_its_own_files_and_non_float_tensors_keep_their_size(tmp
 
 def test_a_damaged_header_is_a_clear_error_naming_the_file(tmp_path):
     (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
-    with pytest.raises(ModelLoadError, match="diffusion_pytorch_model.safetensors' is not a safetensors file"):
+    with pytest.raises(
+        ModelLoadError, match="diffusion_pytorch_model.safetensors' is not a safetensors file"
+    ):
         model_bytes(ModelRef(source=str(tmp_path)), UNet2DConditionModel)
