@@ -16,7 +16,9 @@ from worldgen.models.runtime import apply_runtime
 def unet(**runtime):
     from diffusers import UNet2DConditionModel
 
-    return load_component(ModelRef(source="preset:tiny", subfolder="unet", runtime=runtime), UNet2DConditionModel)
+    return load_component(
+        ModelRef(source="preset:tiny", subfolder="unet", runtime=runtime), UNet2DConditionModel
+    )
 
 
 def unet_out(model) -> torch.Tensor:
@@ -33,7 +35,9 @@ def conv_weights(model) -> list[torch.Tensor]:
 
 def test_channels_last_changes_the_conv_weights_layout_not_the_output():
     plain, fast = unet(), unet(channels_last=True)
-    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(plain) if w.shape[-1] > 1)
+    assert not any(
+        w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(plain) if w.shape[-1] > 1
+    )
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(fast))
     torch.testing.assert_close(unet_out(fast), unet_out(plain), atol=1e-5, rtol=0)
 
