@@ -30,9 +30,16 @@ from actors.cluster import (
     named_actors,
     set_torch_threads,
 )
+from actors.placement import (
+    HostResources,
+    InfeasiblePlacement,
+    cluster_nodes,
+    gpu_memory_from_env,
+    host_resources,
+)
 from worldgen.block import Block, ModelBlock
 from worldgen.callbacks import RunOptions
-from worldgen.errors import ConfigError, WorldgenError
+from worldgen.errors import WorldgenError
 from worldgen.execution.local import call_in_port_order, in_port_order, run_local
 from worldgen.limits import DEFAULT_LIMITS, Deadline, current_deadline, current_limits, within
 from worldgen.model_ref import ModelRef, Placement
@@ -70,18 +77,32 @@ def host_name(block: ModelBlock) -> str:
 class ModelHost:
     """Holds one model; runs the blocks (and fused loops) that use it."""
 
-    def __init__(self, ref: dict[str, Any], class_path: str, model: Any = None):
-        from worldgen.models.loading import load_component, resolve_device
+    def __init__(
+        self, ref: dict[str, Any], class_path: str, model: Any = None, sizing: dict[str, Any] | None = None
+    ):
+        import torch
+
+        from worldgen.models.loading import load_component, resolve_dtype
+        from worldgen.models.runtime import apply_runtime
 
         self.ref = ModelRef(**ref)
         self.class_path = class_path
-        set_torch_threads(self.ref.placement.num_cpus)
+        self.sizing = sizing or {}
+        reserved = self.sizing.get("num_cpus", self.ref.placement.num_cpus)
+        set_torch_threads(reserved)
+        self.device = host_device(self.ref.device)
         started = time.perf_counter()
         if model is None:
-            model = load_component(self.ref, _import(class_path))
-        elif hasattr(model, "to"):
-            model = model.to(resolve_device(self.ref.device))
+            model = load_component(self.ref, _import(class_path), device=self.device)
+        elif isinstance(
+            model, torch.nn.Module
+        ):  # handed over: to this host's device, and its runtime options
+            model = model.to(self.device, resolve_dtype(self.ref.dtype, self.device))
+            model = apply_runtime(model, self.ref.runtime, f"model '{self.ref.source}'")
         self.model = model
+        # On a GPU, calls run under inference mode (no autograd bookkeeping, no version counters); on a CPU they
+        # stay as they are (no_grad in the blocks), so CPU runs match the local executor exactly.
+        self.inference_mode = self.device.type == "cuda"
         self.load_seconds = time.perf_counter() - started
         self.loads = 1  # per process: a restarted host counts its reload as a new process
         self.calls = 0
@@ -107,10 +128,13 @@ class ModelHost:
     ) -> Any:
         """Run one block; returns its outputs in `ports` order (one value when there is one port). A call
         queued past the caller's `deadline` fails at once instead of running for a run that has ended."""
+        import torch
+
         if deadline is not None:
             deadline.check()
         self.calls += 1
-        return call_in_port_order(self._bind(block), node_id, ports, inputs, " on its model host")
+        with torch.inference_mode(self.inference_mode):
+            return call_in_port_order(self._bind(block), node_id, ports, inputs, " on its model host")
 
     def run_subgraph(
         self,
@@ -124,12 +148,14 @@ class ModelHost:
     ) -> Any:
         """Run a whole (loop) subgraph here with the local executor; outputs in `ports` order. Under the
         caller's `deadline` the loop stops between iterations once it has passed (DeadlineExceeded)."""
+        import torch
+
         self.calls += 1
         if key not in self._subgraphs:
             for node_id, block in graph.blocks():
                 graph.replace_block(node_id, self._bind(block))
             self._subgraphs[key] = graph
-        with within(deadline):
+        with within(deadline), torch.inference_mode(self.inference_mode):
             options = RunOptions(seed=seed, iterations=iterations)
             outputs = run_local(self._subgraphs[key], inputs, options)  # errors name the node
         return in_port_order(outputs, ports)
@@ -147,9 +173,25 @@ class ModelHost:
             "load_seconds": round(self.load_seconds, 3),
             "calls": self.calls,
             "parameters": params,
+            "device": str(self.device),
+            "dtype": str(getattr(self.model, "dtype", "")).removeprefix("torch.") or None,
+            "inference_mode": self.inference_mode,
+            "placement": self.sizing,  # what the host asked Ray for, and why
             "adapters": sorted(getattr(self.model, "__dict__", {}).get("_worldgen_adapters", ())),
             "pid": os.getpid(),
         }
+
+
+def host_device(device: str | None) -> Any:
+    """The device this host process puts its model on: the reference's, else CUDA when Ray gave this actor a
+    GPU (share) and torch sees one, else the CPU. Ray (2.60) leaves CUDA_VISIBLE_DEVICES alone for an actor
+    without GPUs, so torch would see the node's GPUs: a CPU host must not use a GPU it did not reserve."""
+    import torch
+
+    if device:
+        return torch.device(device)
+    assigned = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    return torch.device("cuda" if assigned and torch.cuda.is_available() else "cpu")
 
 
 class HostedBlock(Block):
@@ -206,7 +248,8 @@ def host_for(block: ModelBlock) -> Any:
         except ValueError:
             model = ray.put(block.model)
     if handle is None:
-        placement = ref.placement
+        sized = plan_host(block)
+        placement = sized.placement
         options: dict[str, Any] = {
             "name": name,
             "namespace": NAMESPACE,
@@ -222,7 +265,7 @@ def host_for(block: ModelBlock) -> Any:
             options["resources"] = dict(placement.resources)
         fits = fits_a_node(block, placement)  # before creating: Ray would keep an unplaceable host pending
         handle = ModelHost.options(**options).remote(
-            ref.model_dump(mode="json"), _class_path(block.model_class()), model
+            ref.model_dump(mode="json"), _class_path(block.model_class()), model, sized.info()
         )
         if not fits:  # only a node the cluster adds can take it: wait for one, but not forever
             _await_placement(handle, block, placement)
@@ -231,9 +274,37 @@ def host_for(block: ModelBlock) -> Any:
 
 
 # ---- placement -----------------------------------------------------------------------------------------
-class InfeasiblePlacement(ConfigError):
-    """A model host asks for resources (`placement`) that no node of the cluster has, or that no node
-    started to provide within `placement_seconds` on a cluster that may grow."""
+def plan_host(block: ModelBlock) -> HostResources:
+    """What the host of this block's model reserves on the connected cluster (actors/placement.py): the
+    placement as given, or a GPU share sized from the model's bytes. The model is sized only when a share is
+    to be sized (a GPU cluster, or mode gpu), from its files; weights handed over are counted as they are."""
+    placement = block.config.model.placement
+    nodes = cluster_nodes()
+    sized_needed = placement.mode != "cpu" and not (placement.num_gpus > 0 or placement.memory)
+    has_gpu = any(n.get("Resources", {}).get("GPU", 0) for n in nodes)
+    grow = placement.mode == "gpu" and not has_gpu and sized_needed and may_add_nodes()
+    size = _model_bytes(block) if sized_needed and (has_gpu or grow) else None
+    return host_resources(
+        placement, size, nodes, may_grow=grow, who=_who(block), default_gpu_memory_gb=gpu_memory_from_env()
+    )
+
+
+def _model_bytes(block: ModelBlock) -> int | None:
+    from worldgen.models.sizing import dtype_bytes, model_bytes
+
+    ref = block.config.model
+    if block.model_origin is not None:  # weights from a checkpoint, in memory: count them
+        import torch
+
+        model = block.model
+        if not isinstance(model, torch.nn.Module):
+            return 0
+        element = dtype_bytes(ref.dtype)
+        return sum(
+            t.numel() * (element if t.is_floating_point() else t.element_size())
+            for t in model.state_dict().values()
+        )
+    return model_bytes(ref, block.model_class())
 
 
 def placement_request(placement: Placement) -> dict[str, float]:

@@ -342,6 +342,12 @@ def get_or_create_driver(
     `claim`: a token of the caller's own; `handle.created_for.remote(claim)` then tells whether this call's
     driver created the world (see `WorldDriver.created_for`).
     A new driver runs its world under `limits` (None: no budget); a running one keeps the limits it has.
+
+    Resources: `num_cpus=None` is Ray's actor default, on purpose: 1 CPU to be *placed*, none held while it
+    runs. So a driver never lands on a node without CPUs (the head of cluster.yaml has `CPU: 0`), and the
+    worlds a gateway keeps open (mostly idle, between steps) do not fence off the CPUs their steps' Ray tasks
+    need; a driver's own work (inline blocks, storage writes, the loop) is light, the models run on their
+    hosts. A number reserves that many CPUs for the driver's life (`driver_num_cpus` of the gateway).
     """
     connect()
     directory = _resolve(directory)
@@ -359,7 +365,7 @@ def get_or_create_driver(
         "max_restarts": max_restarts,
         "max_task_retries": 0,
     }
-    if num_cpus is not None:
+    if num_cpus is not None:  # None: Ray's default, 1 CPU to place and 0 to hold (see above)
         options["num_cpus"] = num_cpus
     if num_gpus is not None:
         options["num_gpus"] = num_gpus

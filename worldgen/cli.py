@@ -373,18 +373,26 @@ DEFAULT_WORLD = Path(__file__).resolve().parents[1] / "configs" / "worlds" / "de
 def cmd_run_world(args: argparse.Namespace) -> int:
     import time
 
+    from worldgen.stores import is_uri
     from worldgen.world import World
 
-    spec = Path(args.file) if args.file else DEFAULT_WORLD
-    if not spec.exists():
-        raise _CliError(f"{spec}: no such file or directory")
     if args.steps < 0:
         raise _CliError(f"--steps must be 0 or more, got {args.steps}")
+    # a world to continue: a directory, or a store URI (s3://...) holding one
+    stored = args.file if args.file and is_uri(args.file) else None
+    spec = Path(args.file) if args.file and not stored else DEFAULT_WORLD
+    if not stored and not spec.exists():
+        raise _CliError(f"{spec}: no such file or directory")
     if args.address:
-        return _run_world_remote(args, spec)
-    world = World.load(spec) if spec.is_dir() else World.from_config(spec, directory=args.out)
+        return _run_world_remote(args, stored or spec)
+    if stored:
+        world = World.load(stored)
+    elif spec.is_dir():
+        world = World.load(spec)
+    else:
+        world = World.from_config(spec, directory=args.out)
     print(
-        f"{PROG}: world '{world.settings.name}' in {world.directory} (step {world.progress.step} so far)",
+        f"{PROG}: world '{world.settings.name}' in {world.storage.location} (step {world.progress.step} so far)",
         file=sys.stderr,
     )
     started = [time.perf_counter()]
@@ -401,21 +409,21 @@ def cmd_run_world(args: argparse.Namespace) -> int:
         saved = f", saved episode {report.episode}" if report.episode else ""
         print(f"{PROG}: step {report.step} ran {len(report.ran)} stage(s){saved}", file=sys.stderr)
     world.write_report()
-    return _world_summary(world.directory)
+    return _world_summary(world.storage.location)
 
 
-def _run_world_remote(args: argparse.Namespace, spec: Path) -> int:
+def _run_world_remote(args: argparse.Namespace, spec: Path | str) -> int:
     from actors.cluster import connect_existing
     from actors.world_driver import RemoteWorld
     from worldgen.config import load_config_file
 
     connect_existing(None if args.address == "auto" else args.address)
-    if spec.is_dir():
+    if isinstance(spec, str) or spec.is_dir():
         remote = RemoteWorld(spec)
     else:
         config = load_config_file(spec)
-        directory = Path(args.out) if args.out else Path("worlds") / str(config.get("name", "world"))
-        remote = RemoteWorld(directory.resolve(), config)
+        directory = args.out or Path("worlds") / str(config.get("name", "world"))
+        remote = RemoteWorld(directory, config)
     info = remote.info()
     print(
         f"{PROG}: world '{info['name']}' on its driver actor, directory {info['directory']}", file=sys.stderr
@@ -425,17 +433,21 @@ def _run_world_remote(args: argparse.Namespace, spec: Path) -> int:
         saved = f", saved episode {report['episode']}" if report["episode"] else ""
         print(f"{PROG}: step {report['step']}: ran {', '.join(report['ran'])}{saved}", file=sys.stderr)
     remote.report()
-    return _world_summary(Path(info["directory"]))
+    return _world_summary(info["directory"])
 
 
-def _world_summary(directory: Path) -> int:
+def _world_summary(location: str | Path) -> int:
+    """Say how many episodes the world has and print where its report is (the path, or its URI on a store)."""
     from worldgen.storage import WorldStorage
+    from worldgen.stores import child_uri
 
-    storage = WorldStorage(directory)
+    storage = WorldStorage(location)
     episodes = storage.episodes()
-    report = storage.report_path
-    print(f"{PROG}: {len(episodes)} episode(s) in {directory}", file=sys.stderr)
-    print(report if report.exists() else directory)
+    print(f"{PROG}: {len(episodes)} episode(s) in {location}", file=sys.stderr)
+    if storage.uri:
+        print(child_uri(storage.uri, storage.report_path.name))
+    else:
+        print(storage.report_path if storage.report_path.exists() else location)
     return 0
 
 
@@ -704,10 +716,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Development -> Architect -> Creator. Episodes and report.html go to the world directory (--out). A "
         "directory that already holds the world is continued where it stopped.",
     )
-    p.add_argument("file", metavar="WORLD", nargs="?", help="world YAML, or a world directory to continue")
+    p.add_argument(
+        "file", metavar="WORLD", nargs="?", help="world YAML, or a world directory (or store URI) to continue"
+    )
     p.add_argument("--steps", type=int, default=3, help="steps to run (default: 3)")
     p.add_argument("--action", help="the user's action, given to Development in the first step")
-    p.add_argument("--out", metavar="DIR", help="world directory (default: worlds/<name>)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="world directory, or a store URI every node reaches (s3://bucket/worlds/x; default: worlds/<name>)",
+    )
     p.add_argument(
         "--address",
         metavar="ADDR",

@@ -309,7 +309,7 @@ class WorldStorage:
 
     def _label(self, path: Path) -> str:
         """A file's name in messages: its URI on a store, else its path."""
-        return f"{self.uri}/{self._key(path)}" if self.uri else str(path)
+        return child_uri(self.uri, self._key(path)) if self.uri else str(path)
 
     def _commits(self) -> list[tuple[int, str]]:
         """(episode, state id) of every committed episode on the store, ascending."""

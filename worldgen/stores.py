@@ -14,10 +14,12 @@ are each a StoreError naming the root and the setting to fix, before any world s
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 from worldgen.errors import ConfigError
 
@@ -66,14 +68,12 @@ class Store:
     `get`/`size`, which return None for a key that does not exist."""
 
     def __init__(self, uri: str, *, setting: str = "the world root"):
-        import pyarrow.fs as pafs
-
         self.uri, self.setting = uri.rstrip("/"), setting
         scheme = urlsplit(uri).scheme.lower()
         if scheme in ("s3", "s3a"):
             self._check_aws_credentials()
         try:
-            self.fs, base = pafs.FileSystem.from_uri(self.uri)
+            self.fs, base = _filesystem(self.uri)
         except Exception as err:  # ArrowInvalid / ArrowNotImplementedError / ValueError from pyarrow
             text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if "Unrecognized filesystem" in text or "not implemented" in text.lower():
@@ -85,11 +85,11 @@ class Store:
         self.base = base.rstrip("/")
 
     def __repr__(self) -> str:
-        return f"Store({self.uri!r})"
+        return f"Store({self._shown()!r})"
 
     # ---- errors -----------------------------------------------------------------------------------------
     def _error(self, problem: str) -> StoreError:
-        return StoreError(f"{self.setting} {self._shown()!r}: {problem}", path=self.setting)
+        return StoreError(f"{self.setting} {self._shown()!r}: {problem}")
 
     def _shown(self) -> str:
         """The URI without its query (an endpoint may carry credentials in the userinfo: never shown)."""
@@ -118,10 +118,12 @@ class Store:
 
     def _check_aws_credentials(self) -> None:
         """Refuse at once when no AWS credential source is configured, instead of the SDK's slow lookups and an
-        unsigned request the store rejects with a confusing message. `anonymous=true` needs none."""
-        query = parse_qs(urlsplit(self.uri).query)
-        if query.get("anonymous", ["false"])[0].lower() in ("1", "true", "yes"):
-            return
+        unsigned request the store rejects with a confusing message."""
+        if urlsplit(self.uri).username:
+            raise self._error(
+                "credentials in the URI would be written wherever the world's location is (logs, actor names): "
+                "give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) instead"
+            )
         if any(os.environ.get(name) for name in (*_AWS_ENV, _AWS_ENV_RELATIVE)):
             return
         files = [os.environ.get("AWS_SHARED_CREDENTIALS_FILE"), os.environ.get("AWS_CONFIG_FILE")]
@@ -133,8 +135,8 @@ class Store:
             return  # an EC2 instance: its role's credentials come from the metadata service
         raise self._error(
             "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the "
-            "environment of every node (Ray workers inherit it from `ray start`), give the node an instance "
-            "role, or add ?anonymous=true for a public bucket"
+            "environment of every node (Ray workers inherit it from `ray start`), or give the nodes an "
+            "instance role"
         )
 
     # ---- keys --------------------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ class Store:
 
         return self._info(key).type == pafs.FileType.File
 
-    def _info(self, key: str):  # noqa: ANN202 (a pyarrow FileInfo)
+    def _info(self, key: str) -> Any:  # a pyarrow FileInfo
         try:
             return self.fs.get_file_info(self._path(key))
         except Exception as err:
@@ -230,6 +232,15 @@ def child_uri(uri: str, name: str) -> str:
     """`uri` with `/name` added to its path (the query stays at the end)."""
     parts = urlsplit(uri)
     return parts._replace(path=f"{parts.path.rstrip('/')}/{name.strip('/')}").geturl()
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """pyarrow's filesystem for a URI, made once per process (making one may ask the store for the bucket's
+    region); pyarrow filesystems are safe to share between threads."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
 
 
 def _missing(err: Exception) -> bool:

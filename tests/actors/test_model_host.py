@@ -138,7 +138,12 @@ def test_unload_hosts(clean_hosts):
     wg.Graph.from_template("text_to_image", preset="tiny", steps=2).run(
         {"prompt": PROMPT}, seed=0, executor="ray"
     )
-    assert len(list_hosts()) == 3  # text encoder, UNet, VAE (the tokenizer runs inline)
+    hosts = list_hosts()
+    assert len(hosts) == 3  # text encoder, UNet, VAE (the tokenizer runs inline)
+    for host in hosts:  # placement auto on this GPU-less session: CPU hosts, saying why
+        assert host["placement"]["num_gpus"] == 0 and host["device"] == "cpu", host
+        assert host["placement"]["reason"] == "placement mode 'auto' on a cluster without GPUs", host
+        assert not host["inference_mode"]  # CPU calls stay as the local executor makes them (exact parity)
     assert len(unload_hosts()) == 3
     assert list_hosts() == []
 
@@ -199,18 +204,24 @@ from actors.cluster import may_add_nodes
 from tests.actors.test_model_host import gpu_graph, PROMPT
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-cluster.add_node(num_cpus=1, num_gpus=1)  # a fake GPU: Ray places by it, torch still runs on the CPU
+# fake GPUs: Ray places by them, torch still runs on the CPU; the accelerator type sizes the auto shares
+cluster.add_node(num_cpus=1, num_gpus=2, resources={"accelerator_type:L4": 1})
 ray.init(address=cluster.address, logging_level="warning")
 try:
     assert not may_add_nodes()  # several raylets, no autoscaler: nothing will join
-    image = gpu_graph({"num_gpus": 1}).run({"prompt": PROMPT, "height": 32, "width": 32}, seed=0, executor="ray")
+    graph = gpu_graph({"num_gpus": 1})
+    image = graph.run({"prompt": PROMPT, "height": 32, "width": 32}, seed=0, executor="ray")
     assert tuple(image["image"].shape[-2:]) == (32, 32)
+    # the other models ask for no placement (mode auto): tiny, each a 0.05 share of the L4s
+    for node, share in (("unet", 1.0), ("te", 0.05), ("vae", 0.05)):
+        info = ray.get(model_host.host_for(graph.block(node)).info.remote())
+        assert info["placement"]["num_gpus"] == share and info["device"] == "cpu", (node, info)
     started = time.perf_counter()
     try:  # a private host (reuse off): the shared UNet host above would serve the call whatever its placement
-        gpu_graph({"num_gpus": 2}, reuse=False).run({"prompt": PROMPT}, seed=0, executor="ray")
-        raise SystemExit("two GPUs on one node must not be placed")
+        gpu_graph({"num_gpus": 3}, reuse=False).run({"prompt": PROMPT}, seed=0, executor="ray")
+        raise SystemExit("three GPUs on one node must not be placed")
     except model_host.InfeasiblePlacement as err:
-        assert "asks for {GPU: 2}" in str(err) and "GPU: 1" in str(err), err
+        assert "asks for {GPU: 3}" in str(err) and "GPU: 2" in str(err), err
     print(f"ok: fits on the GPU node; infeasible in {time.perf_counter() - started:.2f} s")
 finally:  # the cluster's hosts go with it (no dashboard here for unload_hosts' state API)
     ray.shutdown()
@@ -219,8 +230,9 @@ finally:  # the cluster's hosts go with it (no dashboard here for unload_hosts' 
 
 
 def test_placement_on_a_cluster_whose_one_gpu_node_fits(tmp_path):
-    """Several raylets (ray.cluster_utils.Cluster), one with a fake GPU: a host asking for one GPU lands there
-    and runs; one asking for two fails at once, naming what the nodes have. Own process: one Ray per process."""
+    """Several raylets (ray.cluster_utils.Cluster), one with two fake L4s: a host asking for one GPU lands there
+    and runs, the graph's other hosts (placement auto) take 0.05 shares; one asking for three fails at once,
+    naming what the nodes have. Own process: one Ray per process."""
     import subprocess
     import sys
     from pathlib import Path

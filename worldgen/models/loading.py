@@ -31,17 +31,38 @@ _DTYPES: dict[str, torch.dtype] = {
 _ARCH_META = "worldgen_architecture.json"
 
 
+AUTO = "auto"
+
+
 def dtype_from_name(name: str) -> torch.dtype:
-    """Torch dtype for a name such as 'float32', 'fp16'/'float16', 'bfloat16'/'bf16'."""
+    """Torch dtype for a name such as 'float32', 'fp16'/'float16', 'bfloat16'/'bf16'.
+
+    'auto' (a model reference's, copied into a graph's noise node) is float32 here: values made outside a model
+    (noise, on the CPU) stay exact and are cast to the model's dtype where the model is (`resolve_dtype`).
+    """
     key = str(name).lower().removeprefix("torch.")
+    if key == AUTO:
+        return torch.float32
     if key not in _DTYPES:
         raise ModelLoadError(
-            f"unknown dtype '{name}'{did_you_mean(key, _DTYPES)}; expected one of: {', '.join(_DTYPES)}"
+            f"unknown dtype '{name}'{did_you_mean(key, [*_DTYPES, AUTO])}; expected one of: "
+            f"{', '.join([*_DTYPES, AUTO])}"
         )
     return _DTYPES[key]
 
 
-def _kind(cls: type) -> str:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype a model is loaded in on `device`: the named one, or for 'auto' bfloat16 on a CUDA device that
+    supports it (float16 on older ones: half the bytes of float32, tensor cores) and float32 elsewhere (CPUs
+    have no fast half-precision kernels, and float32 keeps CPU runs exact)."""
+    if str(name).lower() != AUTO:
+        return dtype_from_name(name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def component_kind(cls: type) -> str:
     """'diffusers_model', 'scheduler', 'transformers_model' or 'tokenizer' (anything else loads like a tokenizer)."""
     from diffusers import ModelMixin
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -66,13 +87,13 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _finish(obj: Any, kind: str, dtype: torch.dtype, device: str | None = None) -> Any:
+def _finish(obj: Any, kind: str, dtype: torch.dtype, device: str | torch.device | None = None) -> Any:
     """Cast models to the requested dtype and device and put them in eval mode (inference is the default)."""
     if kind in ("diffusers_model", "transformers_model"):
         # Cast only when needed: diffusers warns on every `.to(dtype)` call, even a no-op one.
         if obj.dtype != dtype:
             obj = obj.to(dtype)
-        target = resolve_device(device)
+        target = torch.device(device) if device is not None else resolve_device(None)
         if obj.device != target:
             obj = obj.to(target)
         obj.eval()
@@ -135,7 +156,9 @@ def component_config(source: str, subfolder: str, revision: str | None, cls: typ
         return preset_config(source[len(PRESET_PREFIX) :], subfolder)
     try:
         path = str(Path(source).expanduser())
-        if _kind(cls) == "transformers_model":  # a text encoder: transformers' own config class reads it
+        if (
+            component_kind(cls) == "transformers_model"
+        ):  # a text encoder: transformers' own config class reads it
             config = cls.config_class.from_pretrained(path, subfolder=subfolder, revision=revision)
             return config.to_dict()
         return dict(cls.load_config(path, subfolder=subfolder, revision=revision))
@@ -143,18 +166,28 @@ def component_config(source: str, subfolder: str, revision: str | None, cls: typ
         raise ModelLoadError(f"cannot read {subfolder}/config.json of '{source}': {err}") from None
 
 
-def load_component(ref: ModelRef, cls: type) -> Any:
+def load_component(ref: ModelRef, cls: type, device: str | torch.device | None = None) -> Any:
     """Load the component of class `cls` that `ref` points to (preset, local directory or hub id).
 
     `cls` is a diffusers model or scheduler class, a transformers model class, or a tokenizer class.
-    Models come back cast to `ref.dtype` and in eval mode; schedulers are built from the stored config with
-    `cls.from_config`, so any compatible scheduler class can be asked for.
+    Models come back on `device` (the reference's when None, else a GPU when this process has one) in
+    `ref.dtype` ('auto' resolved for that device), in eval mode, with `ref.runtime`'s options applied;
+    schedulers are built from the stored config with `cls.from_config`, so any compatible scheduler class can be
+    asked for.
     """
-    dtype = dtype_from_name(ref.dtype)
-    kind = _kind(cls)
+    from worldgen.models.runtime import apply_runtime
+
+    target = torch.device(device) if device is not None else resolve_device(ref.device)
+    dtype = resolve_dtype(ref.dtype, target)
+    obj = _load(ref, cls, dtype, target)
+    return apply_runtime(obj, ref.runtime, _where(ref, cls))
+
+
+def _load(ref: ModelRef, cls: type, dtype: torch.dtype, device: torch.device) -> Any:
+    kind = component_kind(cls)
     if ref.source.startswith(PRESET_PREFIX):
         try:
-            return _finish(_load_preset(ref, cls, kind, dtype), kind, dtype, ref.device)
+            return _finish(_load_preset(ref, cls, kind, dtype), kind, dtype, device)
         except ModelLoadError:
             raise
         except Exception as exc:
@@ -190,14 +223,14 @@ def load_component(ref: ModelRef, cls: type) -> Any:
             f"{'scheduler config' if kind == 'scheduler' else 'checkpoint'} there "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from exc
-    return _finish(obj, kind, dtype, ref.device)
+    return _finish(obj, kind, dtype, device)
 
 
 def save_architecture(obj: Any, directory: str | Path) -> None:
     """Write what is needed to rebuild `obj` without its weights (its config, or a tokenizer's files)."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    kind = _kind(type(obj))
+    kind = component_kind(type(obj))
     if kind in ("diffusers_model", "scheduler"):
         obj.save_config(path)
     elif kind == "transformers_model":
@@ -213,7 +246,7 @@ def save_architecture(obj: Any, directory: str | Path) -> None:
 def build_from_architecture(cls: type, directory: str | Path) -> Any:
     """Rebuild a component of class `cls` from `save_architecture` output: models get fresh (random) weights."""
     path = Path(directory)
-    kind = _kind(cls)
+    kind = component_kind(cls)
     try:
         meta_file = path / _ARCH_META
         meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
