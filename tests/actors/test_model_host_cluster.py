@@ -54,7 +54,9 @@ def test_hosts_land_on_gpu_nodes_with_a_share_one_per_model(no_hosts, s3_root):
         for host in hosts:
             assert host["node_id"] in gpu_nodes, (host["name"], host["node_id"], gpu_nodes)
             assert host["node_id"] != cluster.head.node_id
+            # what Ray reserved for it, and what the host says it asked for (sized on the L4s, runs on the CPU)
             assert required(host["actor_id"]).get("GPU") == pytest.approx(TINY_GPU_SHARE), host["name"]
+            assert host["placement"]["num_gpus"] == TINY_GPU_SHARE and host["device"] == "cpu", host
         calls = {h["name"]: h["calls"] for h in hosts}
 
         # a graph run from this process (on the head, which runs nothing) finds the same hosts by name
