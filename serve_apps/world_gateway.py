@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import json
 import re
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -75,6 +74,7 @@ from worldgen.errors import ConfigError, StepInFlightError, WorldgenError, forma
 from worldgen.limits import DeadlineExceeded, Limits
 from worldgen.media import MEDIA_TYPES, media_type
 from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
+from worldgen.stores import is_uri
 from worldgen.trust import TrustPolicy, admit_config
 
 WORLD_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -118,7 +118,10 @@ class GatewaySettings(BaseModel):
     """`args` of the application (a Serve config's `args:` or `serve run ... key=value`)."""
 
     model_config = ConfigDict(extra="forbid")
-    root: str = Field("worlds", description="folder holding one directory per world")
+    root: str = Field(
+        "worlds",
+        description="folder holding one directory per world, or a store URI every node reaches (s3://bucket/worlds)",
+    )
     token_env: str = Field("WORLDGEN_API_TOKEN", description="env var with the bearer token (unset: no auth)")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="larger request bodies get 413")
     page_limit: int = Field(100, gt=0, description="the most episodes one page may ask for")
@@ -307,12 +310,13 @@ class WorldGateway:
         api.state.max_body_bytes = self.settings.max_body_bytes
 
     # ---- helpers ---------------------------------------------------------------------------------------
-    def directory(self, world_id: str) -> Path:
+    def directory(self, world_id: str) -> Path | str:
+        """Where the world `world_id` lives under the root: a directory, or a URI on a store."""
         if not _WORLD_ID.match(world_id):
             raise HTTPException(404, f"no world {world_id!r} (ids match {WORLD_ID})")
-        return self.root / world_id
+        return WorldStorage.join(self.root, world_id)
 
-    def world(self, world_id: str) -> Path:
+    def world(self, world_id: str) -> Path | str:
         """The directory of an existing world (404 when there is none)."""
         directory = self.directory(world_id)
         if not WorldStorage.is_world(directory):
@@ -368,7 +372,7 @@ class WorldGateway:
             claim=claim,
         )
 
-    def world_dirs(self) -> list[Path]:
+    def world_dirs(self) -> list[Path] | list[str]:
         """The directories of the worlds under the root, sorted."""
         return WorldStorage.world_dirs(self.root)
 
@@ -433,7 +437,7 @@ class WorldGateway:
         # 409, not 429: the refusal is about the server's state (the worlds it holds), waiting does not lift it
         # (a DELETE does), and clients retry a 429 on their own.
         limit = self.settings.limits.max_worlds
-        if not directory.exists() and len(self.world_dirs()) >= limit:
+        if not WorldStorage.is_world(directory) and len(self.world_dirs()) >= limit:
             raise HTTPException(
                 409, f"this server holds {limit} worlds, its most (limit 'max_worlds'); delete one first"
             )
@@ -445,8 +449,9 @@ class WorldGateway:
             if _status(err) == 409:  # a damaged world there: kept as it is
                 raise _http_error(err) from None
             # a world that never opened leaves no folder; one that is not empty belongs to another request
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+            if isinstance(directory, Path):  # nothing is written on a store before the claim
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
             message = format_validation_error(err) if isinstance(err, ValidationError) else str(err)
             raise HTTPException(400, f"cannot create the world: {message}") from None
         if not await self.call(handle.created_for.remote(claim)):
@@ -457,7 +462,7 @@ class WorldGateway:
     async def all_worlds(self) -> dict[str, Any]:
         worlds = []
         for directory in self.world_dirs():
-            entry: dict[str, Any] = {"id": directory.name}
+            entry: dict[str, Any] = {"id": WorldStorage.name_of(directory)}
             try:
                 handle = get_named(driver_name(directory))
                 entry |= {
@@ -627,7 +632,7 @@ class WorldGateway:
         if not WorldStorage(directory).exists():
             raise HTTPException(404, f"no world {world_id!r}")
         stop_world(directory)  # none running: nothing to stop. A step in flight fails (503).
-        await asyncio.to_thread(shutil.rmtree, directory, True)
+        await asyncio.to_thread(WorldStorage(directory).remove)
         return Response(status_code=204)
 
 
@@ -637,7 +642,10 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         settings = GatewaySettings.model_validate(dict(args or {}))
     except ValidationError as err:
         raise ValueError(f"world gateway args: {format_validation_error(err)}") from None
-    settings.root = str(Path(settings.root).expanduser().resolve())
+    if is_uri(settings.root):  # a store that cannot be used is refused here, naming the setting
+        open_root(settings.root)
+    else:  # replicas may start in another working directory
+        settings.root = str(Path(settings.root).expanduser().resolve())
     digest = token_digest(settings.token_env)
     try:
         options = deployment_options(

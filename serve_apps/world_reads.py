@@ -13,11 +13,15 @@ from typing import Any
 
 from worldgen.state import WorldState
 from worldgen.storage import WorldStorage
+from worldgen.stores import is_uri, open_store
 
 
-def open_root(root: str) -> Path:
-    """The gateway's world root, made ready to hold worlds. The one place the gateway turns its `root` setting
-    into a location: a local (or NFS) folder today, created when missing; a URI root changes only this."""
+def open_root(root: str) -> Path | str:
+    """The gateway's world root, made ready to hold worlds: a local (or NFS) folder, created when missing, or a
+    store URI (s3://...) every replica on every node reaches, checked to answer (a StoreError naming `root`)."""
+    if is_uri(root):
+        open_store(root, setting="the gateway's root")
+        return root.rstrip("/")
     path = Path(root).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
