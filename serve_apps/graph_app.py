@@ -28,7 +28,7 @@ the field); 400 for inputs the graph refuses or a budget they exceed (`{detail: 
 message naming the input and the limit); 500 only when the run itself fails (the message says where).
 
 Args (`app_builder`, validated by `GraphAppArgs`): `graph` (file, saved directory or template:NAME), `params`
-(template parameters), `executor`, `num_replicas`, `ray_actor_options`, `limits`, `max_body_bytes`, and
+(template parameters), `executor`, `num_replicas` or `autoscaling` (serve_apps/scaling.py), `ray_actor_options`, `limits`, `max_body_bytes`, and
 `token_env`: the environment variable holding a bearer token every request must carry (default
 WORLDGEN_API_TOKEN, as the world gateway; read where the app is built, only its SHA-256 reaches replicas). With no
 token the endpoint is open to whoever reaches Serve's HTTP port, and says so loudly in the logs.
@@ -70,6 +70,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_apps.auth import token_digest
 from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
+from serve_apps.scaling import Autoscaling, deployment_options
 from worldgen.config import load_config_file
 from worldgen.engine import Engine
 from worldgen.errors import ConfigError, GraphError, WorldgenError, format_validation_error
@@ -649,6 +650,10 @@ class GraphAppArgs(BaseModel):
         "actors; default: the graph's own (local)",
     )
     num_replicas: int | Literal["auto"] = Field(1, description="replicas (or 'auto' for autoscaling)")
+    autoscaling: Autoscaling | None = Field(
+        None,
+        description="Serve autoscaling (min/max replicas, target ongoing requests) instead of num_replicas",
+    )
     ray_actor_options: dict[str, Any] = Field(
         default_factory=dict, description="per replica, e.g. {num_cpus: 1, num_gpus: 1}"
     )
@@ -705,9 +710,15 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
             config.graph,
             config.token_env or "WORLDGEN_API_TOKEN (args.token_env)",
         )
-    options: dict[str, Any] = {"num_replicas": config.num_replicas}
-    if config.ray_actor_options:
-        options["ray_actor_options"] = config.ray_actor_options
+    try:
+        options = deployment_options(
+            config.num_replicas,
+            config.autoscaling,
+            config.ray_actor_options,
+            num_replicas_given="num_replicas" in config.model_fields_set,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err), file="serve_apps.graph_app", path="args.autoscaling") from None
     deployment = GraphEndpoint.options(**options)
     return deployment.bind(
         config.graph,

@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_apps.auth import token_digest
 from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
 from serve_apps.llm_runtime import DType, GenerationRequest, ModelRuntime, RequestError, ServedModel
+from serve_apps.scaling import Autoscaling, deployment_options
 from worldgen.errors import format_validation_error
 from worldgen.limits import LimitExceeded, Limits
 
@@ -82,6 +83,10 @@ class LLMServerArgs(BaseModel):
         description="environment variable holding the API key (unset: no auth); never the key itself",
     )
     num_replicas: int = Field(1, ge=1, description="replicas of the model deployment")
+    autoscaling: Autoscaling | None = Field(
+        None,
+        description="Serve autoscaling of the model deployment (min/max replicas) instead of num_replicas",
+    )
     ray_actor_options: dict[str, Any] | None = Field(
         None, description="the model deployment's actor options, e.g. {num_gpus: 1} (default: Serve's)"
     )
@@ -375,8 +380,9 @@ def _openapi_without_422() -> dict[str, Any]:
 api.openapi = _openapi_without_422  # type: ignore[method-assign]
 
 
-# The ingress only waits on the model replicas (streams included): no CPU reserved, many requests at once.
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+# The ingress only waits on the model replicas (streams included): a sliver of a CPU, many requests at once.
+# Not 0: a replica that asks for no CPU may land on a head with CPU: 0 (cluster.yaml), whose work is the cluster's.
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(api)
 class LLMServer:
     """The HTTP side: OpenAI request checking and budgets, routing by model id, OpenAI-shaped answers (the
@@ -582,9 +588,15 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         name: (a.base, str(Path(a.path).expanduser().resolve())) for name, a in settings.adapters.items()
     }
     key_sha256 = token_digest(settings.api_key_env)
-    options: dict[str, Any] = {"num_replicas": settings.num_replicas}
-    if settings.ray_actor_options is not None:
-        options["ray_actor_options"] = settings.ray_actor_options
+    try:
+        options = deployment_options(
+            settings.num_replicas,
+            settings.autoscaling,
+            settings.ray_actor_options,
+            num_replicas_given="num_replicas" in settings.model_fields_set,
+        )
+    except ValueError as err:
+        raise ValueError(f"llm server args: autoscaling: {err}") from None
     model_deployment = LLMModels.options(**options).bind(
         models, adapters, settings.max_models_per_replica, settings.dtype, settings.default_max_tokens
     )

@@ -4,7 +4,12 @@
 
 Every world lives in `<root>/<world id>/` and is owned by its world driver actor (actors/world_driver.py); the
 gateway only talks to drivers, so steps on one world are serialised by its driver while different worlds step
-in parallel, and any gateway replica reaches the same driver by name.
+in parallel, and any gateway replica reaches the same driver by name: a replica holds no per-world state, so
+the gateway runs several (`num_replicas`, or `autoscaling`) and each answer names its replica (`X-Replica-Id`).
+
+While a world's driver is down (crashed, restarting, not running, or silent past `driver_timeout_s`), the GET
+routes answer from the world's storage (serve_apps/world_reads.py; `info()["driver"]` says "unavailable") and a
+step answers 503 with `Retry-After` (`retry_after_s`). Reads never start a driver; a step does.
 
     POST   /v1/worlds                          create: {"id"?, "config": {...}} or {"id"?, "template", "params"};
                                                201, or 200 when the id holds the same world, 409 another
@@ -39,9 +44,8 @@ import asyncio
 import contextlib
 import json
 import re
-import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,21 +54,27 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from actors.cluster import get_named
 from actors.world_driver import (
     ArtifactNotFound,
+    artifact_size,
     driver_name,
     get_or_create_driver,
     name_slug,
+    read_artifact,
     stop_world,
 )
 from serve_apps.auth import token_digest
 from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
+from serve_apps.scaling import Autoscaling, deployment_options
+from serve_apps.world_reads import open_root, saved_episodes, saved_info, saved_state
 from worldgen.errors import ConfigError, StepInFlightError, WorldgenError, format_validation_error
 from worldgen.limits import DeadlineExceeded, Limits
 from worldgen.media import MEDIA_TYPES, media_type
 from worldgen.storage import WorldDamagedError, WorldExistsError, WorldStorage
+from worldgen.stores import is_uri
 from worldgen.trust import TrustPolicy, admit_config
 
 WORLD_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -108,11 +118,29 @@ class GatewaySettings(BaseModel):
     """`args` of the application (a Serve config's `args:` or `serve run ... key=value`)."""
 
     model_config = ConfigDict(extra="forbid")
-    root: str = Field("worlds", description="folder holding one directory per world")
+    root: str = Field(
+        "worlds",
+        description="folder holding one directory per world, or a store URI every node reaches (s3://bucket/worlds)",
+    )
     token_env: str = Field("WORLDGEN_API_TOKEN", description="env var with the bearer token (unset: no auth)")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="larger request bodies get 413")
     page_limit: int = Field(100, gt=0, description="the most episodes one page may ask for")
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(
+        1, ge=1, description="replicas (or `autoscaling`): any replica answers any world"
+    )
+    autoscaling: Autoscaling | None = Field(
+        None, description="Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests)"
+    )
+    ray_actor_options: dict[str, Any] | None = Field(
+        None, description="per replica, e.g. {num_cpus: 1} (default: Serve's, one CPU)"
+    )
+    driver_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="a driver that does not answer a read or a readiness probe in this time counts as down: "
+        "reads are answered from the world's storage, steps get 503 + Retry-After",
+    )
+    retry_after_s: int = Field(5, ge=1, description="the Retry-After of a 503 while a world's driver is down")
     max_ongoing_requests: int = Field(200, ge=1, description="per replica (a streamed step holds one)")
     driver_num_cpus: float | None = Field(None, ge=0, description="CPUs reserved by each world driver")
     trust: TrustPolicy = Field(
@@ -145,7 +173,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     },
     413: {"model": ErrorResponse, "description": "request body over `max_body_bytes`"},
     500: {"model": ErrorResponse, "description": "the world failed (the message says where)"},
-    503: {"model": ErrorResponse, "description": "the world's driver is restarting; retry"},
+    503: {
+        "model": ErrorResponse,
+        "description": "the world's driver is down or restarting: retry after `Retry-After` seconds (reads are "
+        "answered from the world's storage meanwhile)",
+    },
     504: {"model": ErrorResponse, "description": "a stage ran past `stage_seconds`; stepping again resumes"},
 }
 
@@ -159,6 +191,28 @@ api.state.max_body_bytes = GatewaySettings.model_fields["max_body_bytes"].defaul
 api.state.token_sha256 = None
 api.add_middleware(BodyLimit)
 api.add_middleware(BearerAuth)  # the last added runs first: no token, no body read
+
+
+@api.middleware("http")
+async def _replica_header(request: Request, call_next: Any) -> Response:
+    """Every answer names the replica that gave it (`X-Replica-Id`): any replica answers any world, and an
+    operator (or a test) can see which did."""
+    response = await call_next(request)
+    with contextlib.suppress(RayServeException):  # outside a replica (a test's TestClient): no header
+        response.headers["X-Replica-Id"] = serve.get_replica_context().replica_id.unique_id
+    return response
+
+
+class DriverUnavailable(HTTPException):
+    """The world's driver cannot answer now (dead, restarting, not running, too slow): 503 with Retry-After.
+    Read routes catch it and answer from the world's storage instead (`WorldGateway.read`)."""
+
+    def __init__(self, why: str, retry_after_s: int):
+        super().__init__(
+            503,
+            f"the world's driver is unavailable ({why}); retry",
+            headers={"Retry-After": str(retry_after_s)},
+        )
 
 
 # One event of a streamed step (OpenAPI 3.1: a text/event-stream schema describes each event).
@@ -247,34 +301,67 @@ def _event(name: str, data: Any) -> str:
 @serve.ingress(api)
 class WorldGateway:
     def __init__(self, settings: dict[str, Any], token_sha256: str | None):
+        # No per-world state lives in a replica (no cached handles, locks or counters): a driver is found by its
+        # name, which the world's directory gives, and a world's facts are its driver's or its storage's, so any
+        # replica answers any world and a replica that goes away loses nothing.
         self.settings = GatewaySettings.model_validate(settings)
-        self.root = Path(self.settings.root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.handles: dict[str, Any] = {}  # world id -> driver handle (saves a name lookup)
+        self.root = open_root(self.settings.root)
         api.state.token_sha256 = token_sha256
         api.state.max_body_bytes = self.settings.max_body_bytes
 
     # ---- helpers ---------------------------------------------------------------------------------------
-    def directory(self, world_id: str) -> Path:
+    def directory(self, world_id: str) -> Path | str:
+        """Where the world `world_id` lives under the root: a directory, or a URI on a store."""
         if not _WORLD_ID.match(world_id):
             raise HTTPException(404, f"no world {world_id!r} (ids match {WORLD_ID})")
-        return self.root / world_id
+        return WorldStorage.join(self.root, world_id)
 
-    async def driver(self, world_id: str) -> Any:
-        """The world's driver: the running one, or one started to continue the world from its directory."""
+    def world(self, world_id: str) -> Path | str:
+        """The directory of an existing world (404 when there is none)."""
         directory = self.directory(world_id)
         if not WorldStorage.is_world(directory):
-            self.handles.pop(world_id, None)
             raise HTTPException(404, f"no world {world_id!r}")
-        if world_id not in self.handles:
+        return directory
+
+    async def driver(self, world_id: str) -> Any:
+        """The world's driver, up and answering, for a step: the running one (503 + Retry-After when it does
+        not answer a readiness probe within `driver_timeout_s`: restarting), or one started to continue the
+        world from its directory."""
+        directory = self.world(world_id)
+        try:
+            handle = get_named(driver_name(directory))
+        except ValueError:
             try:
-                self.handles[world_id] = get_named(driver_name(directory))
-            except ValueError:
-                try:
-                    self.handles[world_id] = await asyncio.to_thread(self._start, directory, None)
-                except WorldgenError as err:  # a damaged world (409), one that cannot be opened (4xx/5xx)
-                    raise _http_error(err) from None
-        return self.handles[world_id]
+                return await asyncio.to_thread(self._start, directory, None)
+            except WorldgenError as err:  # a damaged world (409), one that cannot be opened (4xx/5xx)
+                raise _http_error(err) from None
+        await self.call(handle.ready.remote(), timeout=self.settings.driver_timeout_s)
+        return handle
+
+    async def read(
+        self, world_id: str, ask: Callable[[Any], Any], saved: Callable[[WorldStorage], Any]
+    ) -> Any:
+        """A read of a world: `ask(driver)` (a driver call) when its driver is running and answers within
+        `driver_timeout_s`, else `saved(storage)` from the world's storage. Reads never start a driver, so a
+        world whose driver is down (crashed, restarting, on a lost node) keeps answering what it saved."""
+        directory = self.world(world_id)
+        try:
+            handle = get_named(driver_name(directory))
+        except ValueError:
+            handle = None  # not running
+        if handle is not None:
+            try:
+                return await self.call(ask(handle), timeout=self.settings.driver_timeout_s)
+            except DriverUnavailable:
+                pass
+        try:
+            return await asyncio.to_thread(saved, WorldStorage(directory))
+        except WorldgenError as err:  # damage (409), a missing episode or artifact (404)
+            raise _http_error(err) from None
+        except OSError as err:  # the storage itself cannot be read now: the same answer as a driver down
+            raise DriverUnavailable(
+                f"and its storage cannot be read: {err}", self.settings.retry_after_s
+            ) from None
 
     def _start(self, directory: Path, config: dict[str, Any] | None, claim: str | None = None) -> Any:
         return get_or_create_driver(
@@ -285,21 +372,24 @@ class WorldGateway:
             claim=claim,
         )
 
-    def world_dirs(self) -> list[Path]:
+    def world_dirs(self) -> list[Path] | list[str]:
         """The directories of the worlds under the root, sorted."""
         return WorldStorage.world_dirs(self.root)
 
-    @staticmethod
-    async def call(ref: Any) -> Any:
+    async def call(self, ref: Any, timeout: float | None = None) -> Any:
         """Await a driver call; world errors become 4xx/5xx with their message (a damaged world, or another
-        world where one was expected: 409), a dead driver 503."""
+        world where one was expected: 409), a dead driver (or one silent past `timeout`) DriverUnavailable."""
         try:
-            return await ref
+            return await (ref if timeout is None else asyncio.wait_for(ref, timeout))
         except ray.exceptions.RayTaskError as err:
             raise _http_error(err.cause) from None
         except ray.exceptions.RayActorError as err:
-            raise HTTPException(
-                503, f"the world's driver is restarting ({type(err).__name__}); retry"
+            raise DriverUnavailable(
+                f"restarting: {type(err).__name__}", self.settings.retry_after_s
+            ) from None
+        except TimeoutError:
+            raise DriverUnavailable(
+                f"no answer within {timeout} s (setting 'driver_timeout_s')", self.settings.retry_after_s
             ) from None
 
     def with_urls(self, request: Request, world_id: str, episode: dict[str, Any]) -> dict[str, Any]:
@@ -347,7 +437,7 @@ class WorldGateway:
         # 409, not 429: the refusal is about the server's state (the worlds it holds), waiting does not lift it
         # (a DELETE does), and clients retry a 429 on their own.
         limit = self.settings.limits.max_worlds
-        if not directory.exists() and len(self.world_dirs()) >= limit:
+        if not WorldStorage.is_world(directory) and len(self.world_dirs()) >= limit:
             raise HTTPException(
                 409, f"this server holds {limit} worlds, its most (limit 'max_worlds'); delete one first"
             )
@@ -359,11 +449,11 @@ class WorldGateway:
             if _status(err) == 409:  # a damaged world there: kept as it is
                 raise _http_error(err) from None
             # a world that never opened leaves no folder; one that is not empty belongs to another request
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+            if isinstance(directory, Path):  # nothing is written on a store before the claim
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
             message = format_validation_error(err) if isinstance(err, ValidationError) else str(err)
             raise HTTPException(400, f"cannot create the world: {message}") from None
-        self.handles[world_id] = handle
         if not await self.call(handle.created_for.remote(claim)):
             response.status_code = 200  # this same world was there already, or another request just made it
         return {"id": world_id, **await self.call(handle.info.remote())}
@@ -372,10 +462,13 @@ class WorldGateway:
     async def all_worlds(self) -> dict[str, Any]:
         worlds = []
         for directory in self.world_dirs():
-            entry: dict[str, Any] = {"id": directory.name}
+            entry: dict[str, Any] = {"id": WorldStorage.name_of(directory)}
             try:
                 handle = get_named(driver_name(directory))
-                entry |= {"running": True, **await self.call(handle.info.remote())}
+                entry |= {
+                    "running": True,
+                    **await self.call(handle.info.remote(), timeout=self.settings.driver_timeout_s),
+                }
             except (ValueError, HTTPException, WorldgenError):
                 entry |= {"running": False, "episodes": len(WorldStorage(directory).episodes())}
             worlds.append(entry)
@@ -383,13 +476,20 @@ class WorldGateway:
 
     @api.get("/v1/worlds/{world_id}")
     async def info(self, world_id: str) -> dict[str, Any]:
-        handle = await self.driver(world_id)
-        return {"id": world_id, **await self.call(handle.info.remote())}
+        """The world's info; `driver`: "running" (its driver answered) or "unavailable" (from its storage)."""
+        directory = str(self.world(world_id))
+
+        def saved(storage: WorldStorage) -> dict[str, Any]:
+            return {**saved_info(storage, directory), "driver": "unavailable"}
+
+        async def ask(handle: Any) -> dict[str, Any]:
+            return {**await handle.info.remote(), "driver": "running"}
+
+        return {"id": world_id, **await self.read(world_id, ask, saved)}
 
     @api.get("/v1/worlds/{world_id}/state")
     async def state(self, world_id: str) -> dict[str, Any]:
-        handle = await self.driver(world_id)
-        return await self.call(handle.state.remote())
+        return await self.read(world_id, lambda handle: handle.state.remote(), saved_state)
 
     @api.post(
         "/v1/worlds/{world_id}/step",
@@ -447,15 +547,22 @@ class WorldGateway:
             # in FastAPI's validation-error shape, as the document promises for 422
             message = f"at most {self.settings.page_limit} episodes per page (setting 'page_limit')"
             raise HTTPException(422, [{"loc": ["query", "limit"], "msg": message, "type": "value_error"}])
-        handle = await self.driver(world_id)
-        page = await self.call(handle.episodes.remote(offset, limit))
+        page = await self.read(
+            world_id,
+            lambda handle: handle.episodes.remote(offset, limit),
+            lambda storage: saved_episodes(storage, offset, limit),
+        )
         page["items"] = [self.with_urls(request, world_id, e) for e in page["items"]]
         return page
 
     @api.get("/v1/worlds/{world_id}/episodes/{number}")
     async def episode(self, world_id: str, number: int, request: Request) -> dict[str, Any]:
-        handle = await self.driver(world_id)
-        page = await self.call(handle.episodes.remote(max(number - 1, 0), 1))
+        start = max(number - 1, 0)
+        page = await self.read(
+            world_id,
+            lambda handle: handle.episodes.remote(start, 1),
+            lambda storage: saved_episodes(storage, start, 1),
+        )
         if number < 1 or not page["items"] or page["items"][0]["episode"] != number:
             raise HTTPException(404, f"world {world_id!r} has no episode {number} ({page['total']} saved)")
         return self.with_urls(request, world_id, page["items"][0])
@@ -476,16 +583,15 @@ class WorldGateway:
         """A media file with its MIME type. One byte range (`bytes=a-b`, `bytes=a-`, `bytes=-n`) is answered
         206 with that slice alone, read from the file as such (seeking in a long clip never sends it whole); a
         Range header this does not understand (or several ranges) is ignored, as HTTP allows: 200, the file."""
-        handle = await self.driver(world_id)
         headers = {"Accept-Ranges": "bytes"}
         wanted = parse_range(request.headers.get("range"))
         if wanted is None:
-            data = await self.call(handle.artifact.remote(path))
+            data = await self.artifact_bytes(world_id, path)
             return Response(data, media_type=media_type(path), headers=headers)
-        size = await self.call(handle.artifact_size.remote(path))
+        size = await self.artifact_length(world_id, path)
         span = resolve_range(wanted, size)
         if span is not None:
-            data = await self.call(handle.artifact.remote(path, *span))
+            data = await self.artifact_bytes(world_id, path, *span)
             if data:  # empty only when the file shrank since its size was read: past the end after all
                 headers["Content-Range"] = f"bytes {span[0]}-{span[0] + len(data) - 1}/{size}"
                 return Response(data, status_code=206, media_type=media_type(path), headers=headers)
@@ -495,11 +601,28 @@ class WorldGateway:
             headers=headers | {"Content-Range": f"bytes */{size}"},
         )
 
+    async def artifact_bytes(
+        self, world_id: str, path: str, start: int = 0, stop: int | None = None
+    ) -> bytes:
+        """An artifact's bytes (or [start, stop)), from the driver or, when it is down, the storage (the same
+        checks: `actors.world_driver.read_artifact`)."""
+        return await self.read(
+            world_id,
+            lambda handle: handle.artifact.remote(path, start, stop),
+            lambda storage: read_artifact(storage, path, start, stop),
+        )
+
+    async def artifact_length(self, world_id: str, path: str) -> int:
+        return await self.read(
+            world_id,
+            lambda handle: handle.artifact_size.remote(path),
+            lambda storage: artifact_size(storage, path),
+        )
+
     @api.head("/v1/worlds/{world_id}/artifacts/{path:path}", include_in_schema=False)
     async def artifact_head(self, world_id: str, path: str) -> Response:
         """What GET would answer, without the body: a player asks for the size before it asks for ranges."""
-        handle = await self.driver(world_id)
-        size = await self.call(handle.artifact_size.remote(path))
+        size = await self.artifact_length(world_id, path)
         headers = {"Accept-Ranges": "bytes", "Content-Length": str(size)}
         return Response(media_type=media_type(path), headers=headers)
 
@@ -508,9 +631,8 @@ class WorldGateway:
         directory = self.directory(world_id)
         if not WorldStorage(directory).exists():
             raise HTTPException(404, f"no world {world_id!r}")
-        self.handles.pop(world_id, None)
         stop_world(directory)  # none running: nothing to stop. A step in flight fails (503).
-        await asyncio.to_thread(shutil.rmtree, directory, True)
+        await asyncio.to_thread(WorldStorage(directory).remove)
         return Response(status_code=204)
 
 
@@ -520,9 +642,19 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         settings = GatewaySettings.model_validate(dict(args or {}))
     except ValidationError as err:
         raise ValueError(f"world gateway args: {format_validation_error(err)}") from None
-    settings.root = str(Path(settings.root).expanduser().resolve())
+    if is_uri(settings.root):  # a store that cannot be used is refused here, naming the setting
+        open_root(settings.root)
+    else:  # replicas may start in another working directory
+        settings.root = str(Path(settings.root).expanduser().resolve())
     digest = token_digest(settings.token_env)
-    deployment = WorldGateway.options(
-        num_replicas=settings.num_replicas, max_ongoing_requests=settings.max_ongoing_requests
-    )
+    try:
+        options = deployment_options(
+            settings.num_replicas,
+            settings.autoscaling,
+            settings.ray_actor_options,
+            num_replicas_given="num_replicas" in settings.model_fields_set,
+        )
+    except ValueError as err:
+        raise ValueError(f"world gateway args: autoscaling: {err}") from None
+    deployment = WorldGateway.options(**options, max_ongoing_requests=settings.max_ongoing_requests)
     return deployment.bind(settings.model_dump(), digest)

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -390,6 +390,24 @@ class WorldStorage:
             tmp.unlink(missing_ok=True)
         _fsync_dir(self.root)
         return True
+
+    def remove(self) -> None:
+        """Delete the whole world: its directory, or (on a store) every object under its URI and the local
+        cache. Its driver must be stopped first."""
+        if self.store is not None:
+            self.store.delete_prefix("")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    @staticmethod
+    def join(root: str | Path, name: str) -> Path | str:
+        """The location of the world `name` under a root of worlds: a subdirectory, or a URI one level down."""
+        return child_uri(os.fspath(root), name) if is_uri(root) else local_path(root) / name
+
+    @staticmethod
+    def name_of(location: str | Path) -> str:
+        """The last part of a world's location (its directory's name; the last segment of a URI's path)."""
+        text = os.fspath(location)
+        return PurePosixPath(urlsplit(text).path).name if is_uri(text) else local_path(text).name
 
     def save_config(self, config: Mapping[str, Any]) -> None:
         """Write world.yaml atomically, as given (never pass a config with resolved secrets)."""

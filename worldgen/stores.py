@@ -19,7 +19,7 @@ import os
 import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from worldgen.errors import ConfigError
 
@@ -230,8 +230,8 @@ class Store:
 
 def child_uri(uri: str, name: str) -> str:
     """`uri` with `/name` added to its path (the query stays at the end)."""
-    parts = urlsplit(uri)
-    return parts._replace(path=f"{parts.path.rstrip('/')}/{name.strip('/')}").geturl()
+    scheme, netloc, path, query, fragment = urlsplit(uri)
+    return urlunsplit((scheme, netloc, f"{path.rstrip('/')}/{name.strip('/')}", query, fragment))
 
 
 @functools.lru_cache(maxsize=64)

@@ -38,26 +38,98 @@ def _settings(args: dict, default: object) -> dict:
 def test_the_world_gateway_config_builds(tmp_path, monkeypatch):
     from ray.serve import Application
 
+    from serve_apps.scaling import Autoscaling
     from serve_apps.world_gateway import GatewaySettings
 
     monkeypatch.setenv("WORLDGEN_API_TOKEN", "s3cret-token")
     (app_config,) = load_serve_config(REPO / "configs" / "serve" / "worlds.yaml").applications
     assert app_config.name == "worlds" and app_config.route_prefix == "/"
-    args = {**app_config.args, "root": str(tmp_path), "num_replicas": 2, "max_ongoing_requests": 7}
+    args = {**app_config.args, "root": str(tmp_path), "max_ongoing_requests": 7}
     app = build_application(app_config.import_path, args)
     assert isinstance(app, Application)
     # what Serve will run: one deployment, the gateway, with the config's options and args (Ray has no public
-    # accessor for an application's bound deployment)
+    # accessor for an application's bound deployment, nor for its autoscaling config)
     deployment = app._bound_deployment
     assert deployment.name == "WorldGateway"
-    assert (deployment.num_replicas, deployment.max_ongoing_requests) == (2, 7)
+    assert deployment.max_ongoing_requests == 7
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (
+        scaling.min_replicas >= 2 and scaling.max_replicas >= scaling.min_replicas
+    )  # any replica, any world
+    assert deployment.ray_actor_options["num_cpus"] > 0  # off cluster.yaml's head
     settings, digest = deployment.init_args
     assert deployment.init_kwargs == {}
-    assert settings == _settings(args, GatewaySettings().model_dump())  # every arg of the file, nothing lost
+    expected = _settings(args, GatewaySettings().model_dump())
+    expected["autoscaling"] = Autoscaling.model_validate(args["autoscaling"]).model_dump()
+    assert settings == expected  # every arg of the file, nothing lost
     assert settings["limits"]["max_worlds"] == 32 and settings["limits"]["stage_seconds"] == 900
     assert settings["trust"] == {"roots": [], "project_configs": False, "env": [], "urls": [], "models": []}
     # the token is read where the app is built, and only its digest travels to the replicas
     assert digest == hashlib.sha256(b"s3cret-token").hexdigest() and "s3cret" not in json.dumps(settings)
+
+
+def _deployments(app: object) -> list:
+    """The deployments an application runs: its ingress and those bound into its arguments."""
+    from ray.serve import Application
+
+    deployment = app._bound_deployment
+    found = [deployment]
+    for arg in [*deployment.init_args, *deployment.init_kwargs.values()]:
+        if isinstance(arg, Application):
+            found += _deployments(arg)
+    return found
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_every_serve_replica_asks_for_cpus_so_none_lands_on_the_head(path, monkeypatch):
+    """cluster.yaml's head has CPU: 0: a replica that asks for a CPU (or a share of one) is placed on workers."""
+    monkeypatch.chdir(REPO)  # the graph config names its graph relative to the repository
+    for application in load_serve_config(path).applications:
+        app = build_application(application.import_path, application.args, file=str(path))
+        for deployment in _deployments(app):
+            assert deployment.ray_actor_options.get("num_cpus", 1) > 0, (path.name, deployment.name)
+
+
+def test_the_llm_replicas_ask_for_gpus_and_scale():
+    (application,) = load_serve_config(REPO / "configs" / "serve" / "llm.yaml").applications
+    models = [
+        d
+        for d in _deployments(build_application(application.import_path, application.args))
+        if d.name == "LLMModels"
+    ]
+    (deployment,) = models
+    assert deployment.ray_actor_options["num_gpus"] == 1
+    assert deployment._deployment_config.autoscaling_config.max_replicas > 1
+
+
+@pytest.mark.parametrize(
+    ("import_path", "base"),
+    [
+        ("serve_apps.world_gateway:app_builder", {}),
+        ("serve_apps.graph_app:app_builder", {"graph": str(REPO / "configs/graphs/text_to_image_tiny.yaml")}),
+        ("serve_apps.llm_server:app_builder", {"models": {"m": "models/m"}}),
+    ],
+    ids=["gateway", "graph", "llm"],
+)
+def test_replicas_are_counted_or_autoscaled_and_bad_scaling_names_the_field(import_path, base):
+    fixed = build_application(import_path, {**base, "num_replicas": 3})
+    assert _deployments(fixed)[-1].num_replicas == 3  # the replicated deployment (the LLM's models: last)
+    scaled = build_application(
+        import_path,
+        {**base, "autoscaling": {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 3}},
+    )
+    config = _deployments(scaled)[-1]._deployment_config.autoscaling_config
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (2, 5, 3)
+    with pytest.raises(ConfigError, match=r"autoscaling\.max_replicas"):
+        build_application(import_path, {**base, "autoscaling": {"min_replicas": 1}})
+    with pytest.raises(ConfigError, match=r"autoscaling.*min_replicas \(4\) is more than max_replicas \(2\)"):
+        build_application(import_path, {**base, "autoscaling": {"min_replicas": 4, "max_replicas": 2}})
+    with pytest.raises(ConfigError, match=r"autoscaling\.target_ongoing_requests"):
+        build_application(
+            import_path, {**base, "autoscaling": {"max_replicas": 2, "target_ongoing_requests": 0}}
+        )
+    with pytest.raises(ConfigError, match="either `num_replicas` or `autoscaling`, not both"):
+        build_application(import_path, {**base, "num_replicas": 2, "autoscaling": {"max_replicas": 2}})
 
 
 def test_bad_serve_configs_name_the_file_and_field(tmp_path):

@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -246,13 +247,14 @@ def test_driver_errors_map_to_statuses_by_type(cause, status):
     import ray
     from fastapi import HTTPException
 
-    from serve_apps.world_gateway import WorldGateway
+    from serve_apps.world_gateway import GatewaySettings, WorldGateway
 
     async def failing():
         raise ray.exceptions.RayTaskError("step", "Traceback: ...", cause)
 
+    gateway = SimpleNamespace(settings=GatewaySettings())  # `call` reads only the settings
     with pytest.raises(HTTPException) as err:
-        asyncio.run(WorldGateway.func_or_class.call(failing()))
+        asyncio.run(WorldGateway.func_or_class.call(gateway, failing()))
     assert err.value.status_code == status and str(cause) in err.value.detail
 
 
@@ -305,7 +307,8 @@ def test_creates_are_exclusive(gateway):
 
 
 def _restart_driver(client: Client, root, world_id: str) -> requests.Response:
-    """Kill the world's driver as a crash would (Ray restarts it); the first answer that is not a 503."""
+    """Kill the world's driver as a crash would (Ray restarts it); the first answer of the restarted driver (not
+    a 503, nor one the gateway read from storage while the driver was down)."""
     import ray
 
     from actors.cluster import NAMESPACE
@@ -313,7 +316,9 @@ def _restart_driver(client: Client, root, world_id: str) -> requests.Response:
 
     crash_actor(ray.get_actor(driver_name(root / world_id), namespace=NAMESPACE))
     deadline = time.monotonic() + 120
-    while (answer := client.get(f"/v1/worlds/{world_id}")).status_code == 503:
+    while (answer := client.get(f"/v1/worlds/{world_id}")).status_code == 503 or (
+        answer.ok and answer.json()["driver"] == "unavailable"
+    ):
         assert time.monotonic() < deadline, "the driver did not come back"
         time.sleep(0.2)
     return answer
