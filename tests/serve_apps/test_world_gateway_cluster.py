@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 import threading
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = "gateway-cluster"
 TIMEOUT_S = 600  # one request or job, on a busy 2-core machine
 READS = ("", "/state", "/episodes")
+TOKEN_ENV = "WORLDGEN_API_TOKEN"
+TOKEN = "gateway-cluster-token"
 
 
 class Client(requests.Session):
@@ -51,18 +54,24 @@ def gateway(sim_cluster, s3_server):
     (none on a GPU node, so losing one never takes the gateway with it); its root on the S3 test server."""
     from ray import serve
 
-    from serve_apps.world_gateway import GatewaySettings, WorldGateway
+    from serve_apps.world_gateway import app_builder
     from tests.conftest import s3_uri
 
     root = s3_uri(s3_server, f"gw-{secrets.token_hex(6)}")
     port = free_port()
+    # one proxy, on the head: every node of this cluster is on 127.0.0.1, so proxies on each would share a port
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    settings = GatewaySettings(root=root, num_replicas=2)
-    app = WorldGateway.options(
-        num_replicas=2, ray_actor_options={"num_cpus": 0, "resources": {GATEWAY_RESOURCE: 1}}
-    ).bind(settings.model_dump(), None)
+    replica = {"num_cpus": 0, "resources": {GATEWAY_RESOURCE: 1}}
+    os.environ[TOKEN_ENV] = TOKEN  # read where the app is built, as in production
+    try:
+        app = app_builder(
+            {"root": root, "num_replicas": 2, "ray_actor_options": replica, "token_env": TOKEN_ENV}
+        )
+    finally:
+        del os.environ[TOKEN_ENV]
     serve.run(app, name=APP, route_prefix="/")
     client = Client(f"http://127.0.0.1:{port}")
+    client.headers["Authorization"] = f"Bearer {TOKEN}"
     try:
         yield client, root
     finally:
