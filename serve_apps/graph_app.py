@@ -70,7 +70,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_apps.auth import token_digest
 from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
-from serve_apps.scaling import Autoscaling, deployment_options
+from serve_apps.scaling import Scaling
 from worldgen.config import load_config_file
 from worldgen.engine import Engine
 from worldgen.errors import ConfigError, GraphError, WorldgenError, format_validation_error
@@ -635,7 +635,7 @@ class GraphEndpoint:
         )
 
 
-class GraphAppArgs(BaseModel):
+class GraphAppArgs(Scaling):
     """`args` of the application (a Serve config's `args:`, or `serve run ... key=value`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -648,14 +648,6 @@ class GraphAppArgs(BaseModel):
         None,
         description="a registered executor: 'local' runs in the replica, 'ray' on the cluster's model host "
         "actors; default: the graph's own (local)",
-    )
-    num_replicas: int | Literal["auto"] = Field(1, description="replicas (or 'auto' for autoscaling)")
-    autoscaling: Autoscaling | None = Field(
-        None,
-        description="Serve autoscaling (min/max replicas, target ongoing requests) instead of num_replicas",
-    )
-    ray_actor_options: dict[str, Any] = Field(
-        default_factory=dict, description="per replica, e.g. {num_cpus: 1, num_gpus: 1}"
     )
     token_env: str | None = Field(
         "WORLDGEN_API_TOKEN",
@@ -677,8 +669,6 @@ class GraphAppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "GraphAppArgs":
-        if isinstance(self.num_replicas, int) and self.num_replicas < 1:
-            raise ValueError("num_replicas must be at least 1 (or 'auto')")
         if not self.graph.startswith(TEMPLATE_PREFIX):
             # Replicas may start in another working directory: pin the path where the app is built.
             self.graph = str(Path(self.graph).expanduser().resolve())
@@ -710,16 +700,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
             config.graph,
             config.token_env or "WORLDGEN_API_TOKEN (args.token_env)",
         )
-    try:
-        options = deployment_options(
-            config.num_replicas,
-            config.autoscaling,
-            config.ray_actor_options,
-            num_replicas_given="num_replicas" in config.model_fields_set,
-        )
-    except ValueError as err:
-        raise ConfigError(str(err), file="serve_apps.graph_app", path="args.autoscaling") from None
-    deployment = GraphEndpoint.options(**options)
+    deployment = GraphEndpoint.options(**config.deployment_options())
     return deployment.bind(
         config.graph,
         config.params,

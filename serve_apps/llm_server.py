@@ -50,7 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_apps.auth import token_digest
 from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
 from serve_apps.llm_runtime import DType, GenerationRequest, ModelRuntime, RequestError, ServedModel
-from serve_apps.scaling import Autoscaling, deployment_options
+from serve_apps.scaling import Scaling
 from worldgen.errors import format_validation_error
 from worldgen.limits import LimitExceeded, Limits
 
@@ -64,7 +64,7 @@ class AdapterArgs(BaseModel):
     path: str = Field(description="the peft adapter directory (adapter_config.json + weights)")
 
 
-class LLMServerArgs(BaseModel):
+class LLMServerArgs(Scaling):
     """`args` of the application (in a Serve config file, or `serve run ... key=value`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -81,14 +81,6 @@ class LLMServerArgs(BaseModel):
         "WORLDGEN_LLM_API_KEY",
         pattern=ENV_NAME,
         description="environment variable holding the API key (unset: no auth); never the key itself",
-    )
-    num_replicas: int = Field(1, ge=1, description="replicas of the model deployment")
-    autoscaling: Autoscaling | None = Field(
-        None,
-        description="Serve autoscaling of the model deployment (min/max replicas) instead of num_replicas",
-    )
-    ray_actor_options: dict[str, Any] | None = Field(
-        None, description="the model deployment's actor options, e.g. {num_gpus: 1} (default: Serve's)"
     )
     dtype: DType = Field("auto", description="weights' dtype; auto: the checkpoint's on GPU, float32 on CPU")
     default_max_tokens: int = Field(512, ge=1, description="tokens generated when a request sets no limit")
@@ -588,16 +580,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         name: (a.base, str(Path(a.path).expanduser().resolve())) for name, a in settings.adapters.items()
     }
     key_sha256 = token_digest(settings.api_key_env)
-    try:
-        options = deployment_options(
-            settings.num_replicas,
-            settings.autoscaling,
-            settings.ray_actor_options,
-            num_replicas_given="num_replicas" in settings.model_fields_set,
-        )
-    except ValueError as err:
-        raise ValueError(f"llm server args: autoscaling: {err}") from None
-    model_deployment = LLMModels.options(**options).bind(
+    model_deployment = LLMModels.options(**settings.deployment_options()).bind(
         models, adapters, settings.max_models_per_replica, settings.dtype, settings.default_max_tokens
     )
     catalog: dict[str, str | None] = {name: None for name in models} | {

@@ -9,12 +9,12 @@ Every application (the world gateway, the graph endpoint, the LLM server) takes 
       target_ongoing_requests: 4
     ray_actor_options: {num_cpus: 1}   # per replica; a positive num_cpus keeps replicas off a head with CPU: 0
 
-`deployment_options` turns them into the keyword arguments of `Deployment.options`.
+`Scaling.deployment_options` turns them into the keyword arguments of `Deployment.options`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -51,22 +51,38 @@ class Autoscaling(BaseModel):
         return self
 
 
-def deployment_options(
-    num_replicas: int | str,
-    autoscaling: Autoscaling | None,
-    ray_actor_options: dict[str, Any] | None,
-    *,
-    num_replicas_given: bool,
-) -> dict[str, Any]:
-    """`Deployment.options(**...)` for these settings. Serve takes either a replica count or an autoscaling
-    config: both given (`num_replicas_given`: the args named num_replicas) is a ValueError naming both."""
-    if autoscaling is not None and num_replicas_given and num_replicas != "auto":
-        raise ValueError("give either `num_replicas` or `autoscaling`, not both")
-    options: dict[str, Any] = {}
-    if autoscaling is not None:
-        options["autoscaling_config"] = autoscaling.model_dump(exclude_none=True)
-    else:
-        options["num_replicas"] = num_replicas
-    if ray_actor_options:
-        options["ray_actor_options"] = dict(ray_actor_options)
-    return options
+class Scaling(BaseModel):
+    """The replica settings every application's args share (the world gateway's, the graph endpoint's, the LLM
+    server's settings are Scaling with their own fields added)."""
+
+    num_replicas: int | Literal["auto"] = Field(
+        1, description="replicas (a count, or 'auto': Serve's default autoscaling); or give `autoscaling`"
+    )
+    autoscaling: Autoscaling | None = Field(
+        None,
+        description="Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests) instead of "
+        "num_replicas",
+    )
+    ray_actor_options: dict[str, Any] | None = Field(
+        None, description="per replica, e.g. {num_cpus: 1, num_gpus: 1} (default: Serve's, one CPU)"
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_scale(self) -> Scaling:
+        if isinstance(self.num_replicas, int) and self.num_replicas < 1:
+            raise ValueError("num_replicas must be at least 1 (or 'auto')")
+        # Serve takes a replica count or an autoscaling config, not both
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("give either `num_replicas` or `autoscaling`, not both")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """`Deployment.options(**...)` for these settings."""
+        options: dict[str, Any] = {}
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        else:
+            options["num_replicas"] = self.num_replicas
+        if self.ray_actor_options:
+            options["ray_actor_options"] = dict(self.ray_actor_options)
+        return options

@@ -68,7 +68,7 @@ from actors.world_driver import (
 )
 from serve_apps.auth import token_digest
 from serve_apps.guard import DEFAULT_MAX_BODY_BYTES, BearerAuth, BodyLimit
-from serve_apps.scaling import Autoscaling, deployment_options
+from serve_apps.scaling import Scaling
 from serve_apps.world_reads import open_root, saved_episodes, saved_info, saved_state
 from worldgen.errors import ConfigError, StepInFlightError, WorldgenError, format_validation_error
 from worldgen.limits import DeadlineExceeded, Limits
@@ -114,7 +114,7 @@ class StepRequest(BaseModel):
     )
 
 
-class GatewaySettings(BaseModel):
+class GatewaySettings(Scaling):
     """`args` of the application (a Serve config's `args:` or `serve run ... key=value`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -125,15 +125,6 @@ class GatewaySettings(BaseModel):
     token_env: str = Field("WORLDGEN_API_TOKEN", description="env var with the bearer token (unset: no auth)")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="larger request bodies get 413")
     page_limit: int = Field(100, gt=0, description="the most episodes one page may ask for")
-    num_replicas: int = Field(
-        1, ge=1, description="replicas (or `autoscaling`): any replica answers any world"
-    )
-    autoscaling: Autoscaling | None = Field(
-        None, description="Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests)"
-    )
-    ray_actor_options: dict[str, Any] | None = Field(
-        None, description="per replica, e.g. {num_cpus: 1} (default: Serve's, one CPU)"
-    )
     driver_timeout_s: float = Field(
         2.0,
         gt=0,
@@ -647,14 +638,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     else:  # replicas may start in another working directory
         settings.root = str(Path(settings.root).expanduser().resolve())
     digest = token_digest(settings.token_env)
-    try:
-        options = deployment_options(
-            settings.num_replicas,
-            settings.autoscaling,
-            settings.ray_actor_options,
-            num_replicas_given="num_replicas" in settings.model_fields_set,
-        )
-    except ValueError as err:
-        raise ValueError(f"world gateway args: autoscaling: {err}") from None
-    deployment = WorldGateway.options(**options, max_ongoing_requests=settings.max_ongoing_requests)
+    deployment = WorldGateway.options(
+        **settings.deployment_options(), max_ongoing_requests=settings.max_ongoing_requests
+    )
     return deployment.bind(settings.model_dump(), digest)
