@@ -36,7 +36,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from gpu_families import parity, timed  # noqa: E402 - this folder
+from gpu_families import build_model, parity, timed  # noqa: E402 - this folder
 
 TARGET = 1.03
 PROMPT = "a photo of an old harbor at dawn"
@@ -113,28 +113,6 @@ TINY = {"sd15": "tiny", "sdxl": "sdxl-tiny"}  # --smoke: the built-in presets of
 
 
 # ---- building ------------------------------------------------------------------------------------------
-def _class(path: str) -> type:
-    import importlib
-
-    library, _, name = path.partition(".")
-    return getattr(importlib.import_module(library), name)
-
-
-def _build(cls_path: str, config: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
-    """A model constructed on the device in its dtype (random weights); a scheduler from its config."""
-    cls = _class(cls_path)
-    if "Scheduler" in cls.__name__:
-        return cls.from_config(config)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(cls.config_class(**config)) if cls_path.startswith("transformers.") else cls(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype).eval()
-
-
 def _preset(name: str, smoke: bool) -> str:
     """The preset the graphs are built from: the family's tiny one (smoke), or one named after the real
     architecture, registered here so the templates size their graphs from the real configs."""
@@ -175,7 +153,7 @@ def pair(name: str, device: str, dtype: torch.dtype, steps: int, smoke: bool) ->
             if isinstance(models[sub], torch.nn.Module):
                 models[sub] = models[sub].to(device=device, dtype=dtype)
         else:
-            models[sub] = _build(*spec["components"][sub], device, dtype)
+            models[sub] = build_model(*spec["components"][sub], device, dtype)
     for _, block in graph.blocks():
         if isinstance(block, ModelBlock) and block.config.model.subfolder in models:
             block.set_model(models[block.config.model.subfolder])
@@ -315,7 +293,9 @@ def memory(device: str, dtype: torch.dtype, steps: int, smoke: bool) -> dict[str
     if smoke:
         save_preset_pipeline("tiny", directory)
     else:
-        models = {sub: _build(cls, config, "cpu", dtype) for sub, (cls, config) in SD15["components"].items()}
+        models = {
+            sub: build_model(cls, config, "cpu", dtype) for sub, (cls, config) in SD15["components"].items()
+        }
         from worldgen.models.tiny import build_tokenizer
 
         pipe = diffusers.StableDiffusionPipeline(**models, tokenizer=build_tokenizer(), **SD15["extra"])

@@ -128,7 +128,7 @@ def _register_real_preset(family: str, spec: dict[str, Any]) -> str:
     return name
 
 
-def _build_model(cls_path: str, config: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
+def build_model(cls_path: str, config: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
     """Construct directly on the device in the target dtype (a 12B transformer never exists in fp32 on the host)."""
     cls = _class(cls_path)
     if "Scheduler" in cls.__name__:
@@ -175,7 +175,7 @@ def real_pair(
         if smoke or name not in spec["components"]:
             models[name] = build_preset_component(preset, name)  # tokenizers (and everything when smoke)
         else:
-            models[name] = _build_model(*spec["components"][name], device, spec["dtype"])
+            models[name] = build_model(*spec["components"][name], device, spec["dtype"])
     built_s = time.perf_counter() - started
     for _, block in graph.blocks():
         if isinstance(block, ModelBlock) and block.config.model.subfolder in models:
