@@ -641,4 +641,6 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     deployment = WorldGateway.options(
         **settings.deployment_options(), max_ongoing_requests=settings.max_ongoing_requests
     )
-    return deployment.bind(settings.model_dump(), digest)
+    # a replica needs its settings, not how many of it run (re-validated there, both would read as given)
+    replica_settings = settings.model_dump(exclude={"num_replicas", "autoscaling", "ray_actor_options"})
+    return deployment.bind(replica_settings, digest)
