@@ -36,7 +36,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from gpu_families import build_model, parity, timed  # noqa: E402 - this folder
+from gpu_families import SDXL_BASE, build_model, parity, timed  # noqa: E402 - this folder
 
 TARGET = 1.03
 PROMPT = "a photo of an old harbor at dawn"
@@ -90,14 +90,7 @@ SDXL = {
     "family": "sdxl", "pipeline": "StableDiffusionXLPipeline", "size": 1024, "guidance": 5.0,
     "extra": {"force_zeros_for_empty_prompt": True},
     "components": {
-        "unet": ("diffusers.UNet2DConditionModel", {
-            "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
-            "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            "in_channels": 4, "layers_per_block": 2, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
-            "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
-            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
-        }),
+        "unet": SDXL_BASE["components"]["unet"],  # the published SDXL UNet config, as gpu_families.py has it
         "vae": ("diffusers.AutoencoderKL", {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025,
                                             "force_upcast": True}),
         "text_encoder": ("transformers.CLIPTextModel", {**_CLIP_L, "num_hidden_layers": 12}),
@@ -105,7 +98,7 @@ SDXL = {
             **_CLIP_L, "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
             "num_hidden_layers": 32, "projection_dim": 1280, "hidden_act": "gelu",
         }),
-        "scheduler": ("diffusers.EulerDiscreteScheduler", _SCHEDULER),
+        "scheduler": SDXL_BASE["components"]["scheduler"],
     },
 }  # fmt: skip
 REAL = {"sd15": SD15, "sdxl": SDXL}

@@ -214,15 +214,11 @@ def s3_root(s3_server):
 def world_dir(request, tmp_path):
     """A world's location, once on local disk and once on the S3-compatible test server: the world tests run
     on both."""
-    if request.param == "local":
-        return tmp_path / "w"
-    return _s3_world(request.getfixturevalue("s3_root"))
-
-
-def _s3_world(root: str) -> str:
     from worldgen.stores import child_uri
 
-    return child_uri(root, "w")
+    if request.param == "local":
+        return tmp_path / "w"
+    return child_uri(request.getfixturevalue("s3_root"), "w")
 
 
 # ---- the simulated multi-node cluster (tests/sim_cluster.py) ------------------------------------------------

@@ -445,8 +445,9 @@ class WorldStorage:
         means a stage runs again, and episodes and content are applied exactly once by state id. On a store the
         object holds just this line, written whole (a store has no append)."""
         line = (progress.model_dump_json() + "\n").encode()
-        if self.store is not None:
+        if self.store is not None:  # the store's copy is the one read (`load_progress`): no local journal
             self.store.put(self._key(self.progress_path), line)
+            return
         if self._progress_size is None and self.progress_path.is_file():
             with open(self.progress_path, "rb") as fh:
                 size = fh.seek(0, os.SEEK_END)

@@ -106,8 +106,10 @@ class Store:
             hint = (
                 "the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the role)"
             )
-        elif any(
-            s in lowered for s in ("no such bucket", "nosuchbucket", "bucket") if "not found" in lowered
+        elif (
+            "nosuchbucket" in lowered
+            or "no such bucket" in lowered
+            or ("bucket" in lowered and "not found" in lowered)
         ):
             hint = "the bucket does not exist: create it first"
         elif any(s in lowered for s in ("connect", "resolve", "timed out", "timeout", "unreachable", "curl")):
